@@ -1,0 +1,33 @@
+import type { AppSpec } from "../supervisor/app_spec.ts";
+import type { LogLevel } from "../supervisor/log.ts";
+
+/** A static folder served at a URL prefix without Python (`--url-alias`). */
+export interface UrlAlias {
+  /** URL prefix, starting with "/" and without a trailing "/" (unless it is "/"). */
+  url: string;
+  /** Absolute host path of a folder or a single file. */
+  path: string;
+}
+
+/** Everything the command line sets for one server. */
+export interface ServerOptions {
+  /** @default "127.0.0.1" */
+  host: string;
+  /** @default 8000 */
+  port: number;
+  /** Isolates in the embedded pool. @default navigator.hardwareConcurrency */
+  threads: number;
+  /** URL prefix the application is mounted at: "" for the root, else "/prefix". @default "" */
+  mountPoint: string;
+  urlAliases: UrlAlias[];
+  /** Write one line per request to standard output. @default false */
+  accessLog: boolean;
+  /** @default "info" */
+  logLevel: LogLevel;
+  /**
+   * Requests that may wait for a free isolate before new ones get 503.
+   * @default 100
+   */
+  queueLimit: number;
+  app: AppSpec;
+}

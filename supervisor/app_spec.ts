@@ -1,0 +1,43 @@
+/**
+ * What an isolate needs to know to load and run one WSGI application.
+ *
+ * The same object travels from the command line to the pool and into every
+ * isolate's worker, so it holds plain data only (it is structured-cloned).
+ */
+
+/** Python versions wsgirun can run, each backed by one pinned Pyodide release. */
+export const PYTHON_VERSIONS = ["3.12", "3.14"] as const;
+export type PythonVersion = typeof PYTHON_VERSIONS[number];
+
+/** The Pyodide npm package (an import-map name in deno.json) behind each Python version. */
+export const PYODIDE_PACKAGE: Record<PythonVersion, string> = {
+  "3.12": "pyodide-py312",
+  "3.14": "pyodide-py314",
+};
+
+export interface AppSpec {
+  /** Name used in log lines, for example the script's file name. */
+  name: string;
+  /**
+   * Absolute path of a WSGI script file (mod_wsgi style). Unset when
+   * `module` names the application instead.
+   */
+  scriptPath?: string;
+  /** Dotted module name (gunicorn style `package.module:callable`). */
+  module?: string;
+  /** Name of the WSGI callable in the script or module. @default "application" */
+  callable: string;
+  python: PythonVersion;
+  /**
+   * Absolute host folders added to `sys.path`, in order. The script's own
+   * folder (or the working folder for a module) comes first.
+   */
+  pythonPath: string[];
+  /** Import the application when the isolate starts instead of on its first request. */
+  preload: boolean;
+}
+
+/** Every host folder an isolate of `app` must be able to read, besides Pyodide's own files. */
+export function appReadPaths(app: AppSpec): string[] {
+  return [...new Set(app.pythonPath)];
+}

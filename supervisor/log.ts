@@ -1,0 +1,84 @@
+/**
+ * Leveled logging for the server, its pools and its isolates.
+ *
+ * Lines go to standard error as `<ISO time> <LEVEL> [key=value ...] message`,
+ * so they can be read by people and split by scripts. Context keys carry the
+ * ids the guide asks every line to have: app, group, process (pid), isolate
+ * and request.
+ */
+
+export const LOG_LEVELS = ["debug", "info", "warning", "error", "critical"] as const;
+export type LogLevel = typeof LOG_LEVELS[number];
+
+const LEVEL_RANK: Record<LogLevel, number> = {
+  debug: 10,
+  info: 20,
+  warning: 30,
+  error: 40,
+  critical: 50,
+};
+
+export type LogContext = Record<string, string | number | undefined>;
+
+/** Destination of finished log lines; tests replace it to capture output. */
+export type LogSink = (line: string) => void;
+
+const encoder = new TextEncoder();
+
+function writeStderr(line: string): void {
+  Deno.stderr.writeSync(encoder.encode(line + "\n"));
+}
+
+function formatContext(context: LogContext): string {
+  const parts: string[] = [];
+  for (const [key, value] of Object.entries(context)) {
+    if (value !== undefined) parts.push(`${key}=${value}`);
+  }
+  return parts.length ? `[${parts.join(" ")}] ` : "";
+}
+
+export class Logger {
+  #minRank: number;
+  #context: LogContext;
+  #sink: LogSink;
+
+  constructor(level: LogLevel = "info", context: LogContext = {}, sink: LogSink = writeStderr) {
+    this.#minRank = LEVEL_RANK[level];
+    this.#context = context;
+    this.#sink = sink;
+  }
+
+  /** Returns a logger that adds `context` to every line of this one. */
+  child(context: LogContext): Logger {
+    const logger = new Logger("debug", { ...this.#context, ...context }, this.#sink);
+    logger.#minRank = this.#minRank;
+    return logger;
+  }
+
+  enabled(level: LogLevel): boolean {
+    return LEVEL_RANK[level] >= this.#minRank;
+  }
+
+  log(level: LogLevel, message: string, context: LogContext = {}): void {
+    if (!this.enabled(level)) return;
+    const time = new Date().toISOString();
+    const ids = formatContext({ ...this.#context, ...context });
+    this.#sink(`${time} ${level.toUpperCase()} ${ids}${message}`);
+  }
+
+  debug(message: string, context?: LogContext): void {
+    this.log("debug", message, context);
+  }
+  info(message: string, context?: LogContext): void {
+    this.log("info", message, context);
+  }
+  warning(message: string, context?: LogContext): void {
+    this.log("warning", message, context);
+  }
+  error(message: string, context?: LogContext): void {
+    this.log("error", message, context);
+  }
+  critical(message: string, context?: LogContext): void {
+    this.log("critical", message, context);
+  }
+}
