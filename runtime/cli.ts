@@ -1,0 +1,740 @@
+/**
+ * Command-line parser for `wsgirun SCRIPT [options]`.
+ *
+ * One table, {@linkcode OPTIONS}, lists every option with its values, help text and
+ * handler, so the parser and {@linkcode HELP_TEXT} cannot drift apart. Parsing does no
+ * I/O except checking that named files and directories exist, which also turns them
+ * into absolute real paths.
+ *
+ * The conventions follow most Unix tools. An option that takes a value accepts both
+ * `--option VALUE` and `--option=VALUE`. A single-valued option given twice keeps the
+ * last value. Arguments after `--` are never read as options.
+ *
+ * @module
+ */
+
+import { basename, dirname, resolve } from "node:path";
+import { type AppSpec, PYTHON_VERSIONS, type PythonVersion } from "../supervisor/app_spec.ts";
+import { LOG_LEVELS, type LogLevel } from "../supervisor/log.ts";
+import type { ServerOptions, UrlAlias } from "./options.ts";
+
+export const WSGIRUN_VERSION = "0.1.0";
+
+/** Exit status for an invalid command line, the one Python's argparse uses too. */
+export const USAGE_EXIT_CODE = 2;
+
+/** An invalid command line. The message is one line that names the option, the value and what is accepted. */
+export class UsageError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "UsageError";
+  }
+}
+
+/**
+ * Formats a usage error as the line to print on standard error.
+ *
+ * @example Print the error and exit
+ * ```ts
+ * try {
+ *   parseCommandLine(Deno.args, { cwd: Deno.cwd(), cpus: navigator.hardwareConcurrency });
+ * } catch (error) {
+ *   if (!(error instanceof UsageError)) throw error;
+ *   console.error(formatUsageError(error)); // wsgirun: invalid value for --port: ...
+ *   Deno.exit(USAGE_EXIT_CODE);
+ * }
+ * ```
+ */
+export function formatUsageError(error: UsageError): string {
+  return `wsgirun: ${error.message}`;
+}
+
+/** Facts about the process that the defaults depend on. */
+export interface ParseEnvironment {
+  /** Absolute working directory that relative paths and modules are resolved against. */
+  cwd: string;
+  /** Number of CPU cores, the default for `--threads`. */
+  cpus: number;
+}
+
+/** Result of parsing: the server options, or the help or version text to print. */
+export type CommandLine =
+  | { kind: "serve"; options: ServerOptions }
+  | { kind: "help"; text: string }
+  | { kind: "version"; text: string };
+
+/** Option values collected before SCRIPT is resolved. */
+export interface OptionValues {
+  host: string;
+  port: number;
+  threads: number;
+  python: PythonVersion;
+  /** Absolute real paths from `--python-path`, in the order given. */
+  pythonPath: string[];
+  callableObject?: string;
+  mountPoint: string;
+  urlAliases: UrlAlias[];
+  accessLog: boolean;
+  logLevel: LogLevel;
+  preload: boolean;
+  queueLimit: number;
+}
+
+/** One command-line option: its names, the values it takes, its help and its handler. */
+export interface OptionSpec {
+  /** Long name with its dashes, such as "--port". */
+  name: string;
+  /** Single-letter alias with its dash, such as "-h". */
+  shortName?: string;
+  /** Names of the values the option takes, as the help shows them. Empty for a flag. */
+  valueNames: readonly string[];
+  /** Help paragraph that says what the option sets and in what unit. */
+  help: string;
+  /** Default as the help shows it, unset when the option has none. */
+  defaultText?: string;
+  /** Whether each use adds a value instead of replacing the previous one. */
+  repeatable: boolean;
+  /** The result that this option returns at once, for `--help` and `--version`. */
+  result?: "help" | "version";
+  /** Validates the values and stores them in `draft`. Relative paths resolve against `cwd`. */
+  apply?: (values: readonly string[], draft: OptionValues, cwd: string) => void;
+}
+
+const MAX_THREADS = 256;
+const MAX_QUEUE_LIMIT = 100_000;
+
+/** Every option wsgirun accepts, in the order the help lists them. */
+export const OPTIONS: readonly OptionSpec[] = [
+  {
+    name: "--host",
+    valueNames: ["HOST"],
+    help: "IP address or host name to listen on. Use 0.0.0.0 (or :: for IPv6) " +
+      "to accept connections from other machines.",
+    defaultText: "127.0.0.1",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.host = parseHost(value);
+    },
+  },
+  {
+    name: "--port",
+    valueNames: ["N"],
+    help: "TCP port to listen on, from 0 to 65535. Port 0 lets the system pick a free port.",
+    defaultText: "8000",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.port = parseInteger("--port", value, 0, 65535);
+    },
+  },
+  {
+    name: "--threads",
+    valueNames: ["N"],
+    help: "Number of Python isolates (one Pyodide interpreter on its own worker thread " +
+      `each) that serve requests in parallel, from 1 to ${MAX_THREADS}.`,
+    defaultText: `the number of CPU cores, at most ${MAX_THREADS}`,
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.threads = parseInteger("--threads", value, 1, MAX_THREADS);
+    },
+  },
+  {
+    name: "--python",
+    valueNames: ["VERSION"],
+    help: `Python version to run: ${listAlternatives(PYTHON_VERSIONS)}.`,
+    defaultText: "3.14",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.python = parseChoice("--python", value, PYTHON_VERSIONS);
+    },
+  },
+  {
+    name: "--python-path",
+    valueNames: ["DIR"],
+    help: "Directory to add to sys.path after the script's own directory (the working " +
+      "directory for a module). Directories are searched in the order given.",
+    repeatable: true,
+    apply: ([value], draft, cwd) => {
+      draft.pythonPath.push(parseExistingPath("--python-path", value, cwd, "directory"));
+    },
+  },
+  {
+    name: "--callable-object",
+    valueNames: ["NAME"],
+    help: "Name of the WSGI callable that SCRIPT defines. Cannot be combined with the " +
+      "package.module:callable form of SCRIPT.",
+    defaultText: "application",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.callableObject = parseIdentifier("--callable-object", value);
+    },
+  },
+  {
+    name: "--mount-point",
+    valueNames: ["PREFIX"],
+    help: "URL path prefix the application is mounted at, such as /app. A trailing / " +
+      "is ignored, and / mounts the application at the root.",
+    defaultText: "/",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.mountPoint = parseUrlPrefix("--mount-point", value);
+    },
+  },
+  {
+    name: "--url-alias",
+    valueNames: ["URL", "PATH"],
+    help: "Serve the file or directory PATH under the URL path prefix URL without " +
+      "Python, for example static files at /static.",
+    repeatable: true,
+    apply: ([url, path], draft, cwd) => {
+      draft.urlAliases.push(parseUrlAlias(url, path, cwd, draft.urlAliases));
+    },
+  },
+  {
+    name: "--access-log",
+    valueNames: [],
+    help: "Write one line per request to standard output.",
+    defaultText: "off",
+    repeatable: false,
+    apply: (_values, draft) => {
+      draft.accessLog = true;
+    },
+  },
+  {
+    name: "--log-level",
+    valueNames: ["LEVEL"],
+    help: "Lowest level of the log messages written to standard error: " +
+      `${listAlternatives(LOG_LEVELS)}.`,
+    defaultText: "info",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.logLevel = parseChoice("--log-level", value, LOG_LEVELS);
+    },
+  },
+  {
+    name: "--preload",
+    valueNames: [],
+    help: "Import the application when each isolate starts instead of on its first " +
+      "request, so that import errors show before the first request.",
+    defaultText: "off",
+    repeatable: false,
+    apply: (_values, draft) => {
+      draft.preload = true;
+    },
+  },
+  {
+    name: "--queue-limit",
+    valueNames: ["N"],
+    help: "Maximum number of requests that wait for a free isolate, from 0 to " +
+      `${MAX_QUEUE_LIMIT}. Requests beyond it get 503 Service Unavailable.`,
+    defaultText: "100",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.queueLimit = parseInteger("--queue-limit", value, 0, MAX_QUEUE_LIMIT);
+    },
+  },
+  {
+    name: "--help",
+    shortName: "-h",
+    valueNames: [],
+    help: "Print this help and exit.",
+    repeatable: false,
+    result: "help",
+  },
+  {
+    name: "--version",
+    valueNames: [],
+    help: "Print the version and exit.",
+    repeatable: false,
+    result: "version",
+  },
+];
+
+// ---------------------------------------------------------------------------
+// Help text
+
+const HELP_WIDTH = 80;
+/** Column where option descriptions start. */
+const HELP_COLUMN = 26;
+
+const HELP_HEAD = `Usage: wsgirun SCRIPT [options]
+       wsgirun --help | --version
+
+Serve one Python WSGI application over HTTP. The application runs in Pyodide
+isolates (CPython compiled to WebAssembly) on worker threads of this process.
+
+SCRIPT names the application in one of two forms:
+  FILE                    Path of a Python file that defines the WSGI callable,
+                          as mod_wsgi loads it, such as app.wsgi. The file's
+                          directory comes first on sys.path.
+  package.module[:callable]
+                          Module to import, as gunicorn names it, such as
+                          mysite.wsgi:application. The working directory comes
+                          first on sys.path.
+An existing file wins over the module form. A name that ends in .py or .wsgi
+must be an existing file.`;
+
+const HELP_TAIL = `Options that take a value accept both '--option VALUE' and '--option=VALUE'.
+Arguments after '--' are never read as options.
+
+Examples:
+  wsgirun app.wsgi
+      Serve app.wsgi at http://127.0.0.1:8000/ with one isolate per CPU core.
+  wsgirun app.wsgi --threads 4 --python 3.12 --python-path ./pylib
+      Run four Python 3.12 isolates that can also import modules from ./pylib.
+  wsgirun mysite.wsgi:application --url-alias /static ./static
+      Serve the callable 'application' of the module mysite/wsgi.py, and the
+      files of ./static at /static without Python.`;
+
+/** Full `--help` output, at most 80 columns wide. */
+export const HELP_TEXT: string = [
+  HELP_HEAD,
+  "",
+  "Options:",
+  ...OPTIONS.flatMap(formatOptionHelp),
+  "",
+  HELP_TAIL,
+].join("\n");
+
+/** Returns how an option is written, such as "--url-alias URL PATH" or "-h, --help". */
+export function optionSynopsis(spec: OptionSpec): string {
+  const names = spec.shortName ? `${spec.shortName}, ${spec.name}` : spec.name;
+  return [names, ...spec.valueNames].join(" ");
+}
+
+function formatOptionHelp(spec: OptionSpec): string[] {
+  const synopsis = `  ${optionSynopsis(spec)}`;
+  const indent = " ".repeat(HELP_COLUMN);
+  const sentences = spec.repeatable ? `${spec.help} May be given more than once.` : spec.help;
+  const lines = wrapWords(sentences, HELP_WIDTH - HELP_COLUMN);
+  if (spec.defaultText !== undefined) {
+    lines.push(...wrapWords(`Default: ${spec.defaultText}`, HELP_WIDTH - HELP_COLUMN));
+  }
+
+  // A synopsis that reaches into the description column gets a line of its own.
+  if (synopsis.length + 2 > HELP_COLUMN) {
+    return [synopsis, ...lines.map((line) => indent + line)];
+  }
+  const [first, ...rest] = lines;
+  return [synopsis.padEnd(HELP_COLUMN) + first, ...rest.map((line) => indent + line)];
+}
+
+/** Breaks `text` into lines of at most `width` characters at spaces; longer words stay whole. */
+function wrapWords(text: string, width: number): string[] {
+  const lines: string[] = [];
+  let line = "";
+  for (const word of text.split(/\s+/).filter((w) => w !== "")) {
+    if (line === "") {
+      line = word;
+    } else if (line.length + 1 + word.length <= width) {
+      line += ` ${word}`;
+    } else {
+      lines.push(line);
+      line = word;
+    }
+  }
+  if (line !== "") lines.push(line);
+  return lines;
+}
+
+function listAlternatives(values: readonly string[]): string {
+  if (values.length === 1) return values[0];
+  return `${values.slice(0, -1).join(", ")} or ${values[values.length - 1]}`;
+}
+
+// ---------------------------------------------------------------------------
+// Parsing
+
+/**
+ * Parses the arguments after the program name.
+ *
+ * `--help` or `--version` anywhere before `--` returns that result, even when other
+ * arguments are invalid. Otherwise every option is validated in order, then SCRIPT.
+ * Relative paths and the module form resolve against `env.cwd`.
+ *
+ * @param args Arguments without the program name, such as `Deno.args`.
+ * @param env Working directory and CPU count the defaults depend on.
+ * @returns The server options, or the help or version text to print.
+ * @throws {UsageError} An option, value or SCRIPT is unknown, missing or invalid.
+ *
+ * @example Parse a script with two options
+ * ```ts
+ * const line = parseCommandLine(["app.wsgi", "--port=9000", "--threads", "2"], {
+ *   cwd: Deno.cwd(),
+ *   cpus: navigator.hardwareConcurrency,
+ * });
+ * if (line.kind === "serve") console.log(line.options.port); // 9000
+ * ```
+ */
+export function parseCommandLine(args: readonly string[], env: ParseEnvironment): CommandLine {
+  const tokens = tokenize(args);
+
+  const action = tokens.uses.find((use) => use.spec.result !== undefined)?.spec.result;
+  if (action === "help") return { kind: "help", text: HELP_TEXT };
+  if (action === "version") return { kind: "version", text: `wsgirun ${WSGIRUN_VERSION}` };
+  if (tokens.error) throw tokens.error;
+
+  const scriptArgument = selectScriptArgument(tokens.positionals);
+
+  const cwd = resolve(env.cwd);
+  const draft = defaultOptionValues(env);
+  for (const use of tokens.uses) use.spec.apply?.(use.values, draft, cwd);
+
+  const script = resolveScript(scriptArgument, cwd);
+  const app: AppSpec = {
+    name: script.name,
+    callable: selectCallable(scriptArgument, script.callable, draft.callableObject),
+    python: draft.python,
+    pythonPath: [...new Set([script.directory, ...draft.pythonPath])],
+    preload: draft.preload,
+  };
+  if (script.scriptPath !== undefined) app.scriptPath = script.scriptPath;
+  if (script.module !== undefined) app.module = script.module;
+
+  const options: ServerOptions = {
+    host: draft.host,
+    port: draft.port,
+    threads: draft.threads,
+    mountPoint: draft.mountPoint,
+    urlAliases: draft.urlAliases,
+    accessLog: draft.accessLog,
+    logLevel: draft.logLevel,
+    queueLimit: draft.queueLimit,
+    app,
+  };
+  return { kind: "serve", options };
+}
+
+function defaultOptionValues(env: ParseEnvironment): OptionValues {
+  return {
+    host: "127.0.0.1",
+    port: 8000,
+    threads: Math.min(MAX_THREADS, Math.max(1, Math.floor(env.cpus) || 1)),
+    python: "3.14",
+    pythonPath: [],
+    mountPoint: "",
+    urlAliases: [],
+    accessLog: false,
+    logLevel: "info",
+    preload: false,
+    queueLimit: 100,
+  };
+}
+
+interface OptionUse {
+  spec: OptionSpec;
+  values: string[];
+}
+
+interface Tokens {
+  uses: OptionUse[];
+  positionals: string[];
+  /** First structural error, thrown only when no `--help` or `--version` follows it. */
+  error?: UsageError;
+}
+
+/** Splits arguments into option uses and positionals without validating any value. */
+function tokenize(args: readonly string[]): Tokens {
+  const tokens: Tokens = { uses: [], positionals: [] };
+  const fail = (error: UsageError) => {
+    tokens.error ??= error;
+  };
+
+  let index = 0;
+  while (index < args.length) {
+    const arg = args[index++];
+    if (arg === "--") {
+      tokens.positionals.push(...args.slice(index));
+      break;
+    }
+    // "-" alone is an ordinary argument, as in most Unix tools.
+    if (!arg.startsWith("-") || arg === "-") {
+      tokens.positionals.push(arg);
+      continue;
+    }
+
+    const { name, inlineValue } = splitInlineValue(arg);
+    const spec = findOption(name);
+    if (!spec) {
+      fail(new UsageError(`unknown option '${name}'; run 'wsgirun --help' for the list`));
+      continue;
+    }
+    if (inlineValue !== undefined && spec.valueNames.length === 0) {
+      fail(invalidValue(name, inlineValue, `no value, because ${name} is a flag`));
+      continue;
+    }
+
+    const values = inlineValue === undefined ? [] : [inlineValue];
+    while (values.length < spec.valueNames.length && index < args.length) {
+      if (looksLikeOption(args[index])) break;
+      values.push(args[index++]);
+    }
+    if (values.length < spec.valueNames.length) {
+      fail(missingValue(spec, values));
+      continue;
+    }
+    tokens.uses.push({ spec, values });
+  }
+  return tokens;
+}
+
+/** Splits "--port=80" into its name and value. Short options never carry a value. */
+function splitInlineValue(arg: string): { name: string; inlineValue?: string } {
+  const equals = arg.indexOf("=");
+  if (!arg.startsWith("--") || equals < 0) return { name: arg };
+  return { name: arg.slice(0, equals), inlineValue: arg.slice(equals + 1) };
+}
+
+function findOption(name: string): OptionSpec | undefined {
+  return OPTIONS.find((spec) => spec.name === name || spec.shortName === name);
+}
+
+/**
+ * Reports whether an argument ends the values of the option before it. Values that
+ * start with a single dash, such as "-1", are kept so that their check names them.
+ */
+function looksLikeOption(arg: string): boolean {
+  return arg.startsWith("--") || OPTIONS.some((spec) => spec.shortName === arg);
+}
+
+function missingValue(spec: OptionSpec, given: readonly string[]): UsageError {
+  const missing = spec.valueNames.slice(given.length);
+  const what = spec.valueNames.length === 1 ? "value" : missing.join(" and ");
+  const after = given.map((value) => ` ${quote(value)}`).join("");
+  return new UsageError(
+    `missing ${what} for ${spec.name}${after} (expected ${optionSynopsis(spec)})`,
+  );
+}
+
+function selectScriptArgument(positionals: readonly string[]): string {
+  if (positionals.length === 0) {
+    throw new UsageError("missing SCRIPT: name a WSGI script file or package.module:callable");
+  }
+  if (positionals.length > 1) {
+    throw new UsageError(
+      `unexpected argument ${quote(positionals[1])} after SCRIPT ${quote(positionals[0])} ` +
+        "(give one SCRIPT, and quote a path that contains spaces)",
+    );
+  }
+  return positionals[0];
+}
+
+function selectCallable(
+  scriptArgument: string,
+  scriptCallable: string | undefined,
+  callableObject: string | undefined,
+): string {
+  if (scriptCallable !== undefined && callableObject !== undefined) {
+    throw new UsageError(
+      `conflicting callables: SCRIPT ${quote(scriptArgument)} names ${quote(scriptCallable)} ` +
+        `and --callable-object names ${quote(callableObject)} (give the callable only once)`,
+    );
+  }
+  return scriptCallable ?? callableObject ?? "application";
+}
+
+// ---------------------------------------------------------------------------
+// SCRIPT
+
+/** Dotted module name with an optional callable, as gunicorn accepts it. */
+const MODULE_PATTERN = /^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*)?$/;
+/** Names that can only mean a script file, never the module form. */
+const SCRIPT_FILE_SUFFIX = /\.(py|wsgi)$/;
+
+interface ResolvedScript {
+  /** Name for log lines: the file's base name or the module name. */
+  name: string;
+  scriptPath?: string;
+  module?: string;
+  /** Callable named after the colon of the module form. */
+  callable?: string;
+  /** Directory that comes first on sys.path. */
+  directory: string;
+}
+
+/**
+ * Decides whether SCRIPT is a script file or a module. An existing file wins, so
+ * a file called "app" is never read as the module "app".
+ */
+function resolveScript(value: string, cwd: string): ResolvedScript {
+  const path = resolve(cwd, value);
+  const kind = statPathKind(path);
+
+  if (kind === "file") {
+    const realPath = Deno.realPathSync(path);
+    return { name: basename(path), scriptPath: realPath, directory: dirname(realPath) };
+  }
+  if (!SCRIPT_FILE_SUFFIX.test(value) && MODULE_PATTERN.test(value)) {
+    const [module, callable] = value.split(":");
+    return { name: module, module, callable, directory: realPathOrSelf(cwd) };
+  }
+  if (kind === "missing") throw scriptNotFound(value, path);
+  throw new UsageError(
+    `invalid SCRIPT: ${quote(value)} (expected a WSGI script file, but ${quote(path)} ` +
+      `is a ${kind === "directory" ? "directory" : "special file"})`,
+  );
+}
+
+function scriptNotFound(value: string, path: string): UsageError {
+  let hint = "";
+  // Django names its module mysite.wsgi, so that name may mean the module, not a file.
+  if (value.endsWith(".wsgi") && MODULE_PATTERN.test(value)) {
+    hint = `, or write '${value}:application' for the module ${value}`;
+  }
+  return new UsageError(
+    `script file not found: ${quote(value)} (no file at ${quote(path)}${hint})`,
+  );
+}
+
+// ---------------------------------------------------------------------------
+// Value checks
+
+type PathKind = "file" | "directory" | "special" | "missing";
+
+function statPathKind(path: string): PathKind {
+  try {
+    const info = Deno.statSync(path);
+    if (info.isFile) return "file";
+    return info.isDirectory ? "directory" : "special";
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound || error instanceof Deno.errors.NotADirectory) {
+      return "missing";
+    }
+    const reason = error instanceof Error ? error.message : String(error);
+    throw new UsageError(`failed to check ${quote(path)}: ${reason}`);
+  }
+}
+
+/** Returns the real path of `path`, or `path` itself when it cannot be resolved. */
+function realPathOrSelf(path: string): string {
+  try {
+    return Deno.realPathSync(path);
+  } catch {
+    // A removed working directory has no real path. Keeping the path as given lets the
+    // module import report the failure.
+    return path;
+  }
+}
+
+/** Checks that `value` names an existing path of the given kind and returns its real path. */
+function parseExistingPath(
+  option: string,
+  value: string,
+  cwd: string,
+  expected: "directory" | "file or directory",
+): string {
+  const path = resolve(cwd, value);
+  const kind = statPathKind(path);
+  const accepted = kind === "directory" || (kind === "file" && expected !== "directory");
+  if (accepted) return Deno.realPathSync(path);
+
+  const found = kind === "missing"
+    ? "does not exist"
+    : `is a ${kind === "file" ? "file" : "special file"}`;
+  throw invalidValue(option, value, `an existing ${expected}, but ${quote(path)} ${found}`);
+}
+
+function parseUrlAlias(
+  url: string,
+  path: string,
+  cwd: string,
+  existing: readonly UrlAlias[],
+): UrlAlias {
+  const prefix = parseUrlPrefix("--url-alias", url);
+  if (prefix === "") {
+    throw invalidValue(
+      "--url-alias",
+      url,
+      "a URL path prefix other than '/', such as '/static'. Use --mount-point to choose " +
+        "where the application is served",
+    );
+  }
+  if (existing.some((alias) => alias.url === prefix)) {
+    throw invalidValue("--url-alias", url, "a URL that no other --url-alias uses");
+  }
+  return { url: prefix, path: parseExistingPath("--url-alias", path, cwd, "file or directory") };
+}
+
+/** Characters allowed in a URL path segment by RFC 3986 (pchar), without percent-encoding. */
+const URL_PATH_CHARACTERS = /^[A-Za-z0-9\-._~!$&'()*+,;=:@/]*$/;
+
+/**
+ * Normalizes a URL path prefix: "/app/" becomes "/app" and "/" becomes "".
+ *
+ * The front compares prefixes with the raw request target, so a prefix must already
+ * be in the form a request carries. Percent-encoding, queries and dot segments would
+ * never match. Empty segments and ".." could make two prefixes overlap unnoticed.
+ */
+function parseUrlPrefix(option: string, value: string): string {
+  if (!value.startsWith("/")) {
+    throw invalidValue(option, value, "a URL path that starts with '/', such as '/app'");
+  }
+  if (/[?#%]/.test(value)) {
+    throw invalidValue(option, value, "a decoded URL path without '?', '#' or '%'");
+  }
+  if (!URL_PATH_CHARACTERS.test(value)) {
+    throw invalidValue(
+      option,
+      value,
+      "a URL path of ASCII letters, digits, '/' and -._~!$&'()*+,;=:@",
+    );
+  }
+  if (value.includes("//")) {
+    throw invalidValue(option, value, "a URL path without empty segments ('//')");
+  }
+  const prefix = value.endsWith("/") ? value.slice(0, -1) : value;
+  if (prefix.split("/").some((segment) => segment === "." || segment === "..")) {
+    throw invalidValue(option, value, "a URL path without '.' or '..' segments");
+  }
+  return prefix;
+}
+
+function parseHost(value: string): string {
+  const expected = "a host name or IP address, such as 127.0.0.1, 0.0.0.0 or ::1";
+  if (value.startsWith("[") && value.endsWith("]")) {
+    throw invalidValue("--host", value, "an IPv6 address without brackets, such as ::1");
+  }
+  // '%' belongs to IPv6 zone ids such as fe80::1%eth0.
+  if (!/^[A-Za-z0-9._:%-]+$/.test(value) || value.startsWith("-")) {
+    throw invalidValue("--host", value, expected);
+  }
+  return value;
+}
+
+function parseInteger(option: string, value: string, min: number, max: number): number {
+  const expected = `an integer from ${min} to ${max}`;
+  // Number() would also accept "", " 8", "0x1f" and "1e3".
+  if (!/^[0-9]+$/.test(value)) throw invalidValue(option, value, expected);
+
+  const number = Number(value);
+  if (number < min || number > max) throw invalidValue(option, value, expected);
+  return number;
+}
+
+function parseChoice<T extends string>(option: string, value: string, choices: readonly T[]): T {
+  const choice = choices.find((candidate) => candidate === value);
+  if (choice === undefined) throw invalidValue(option, value, listAlternatives(choices));
+  return choice;
+}
+
+function parseIdentifier(option: string, value: string): string {
+  // NOTE: Python also allows non-ASCII identifiers, but this check rejects them.
+  if (!/^[A-Za-z_]\w*$/.test(value)) {
+    throw invalidValue(option, value, "a Python identifier, such as 'application' or 'app'");
+  }
+  return value;
+}
+
+function invalidValue(option: string, value: string, expected: string): UsageError {
+  return new UsageError(`invalid value for ${option}: ${quote(value)} (expected ${expected})`);
+}
+
+/** Quotes a value for a one-line message, escaping control characters. */
+function quote(value: string): string {
+  // deno-lint-ignore no-control-regex -- control characters are exactly what must be escaped
+  const escaped = value.replace(/[\x00-\x1f\x7f]/g, (character) => {
+    if (character === "\n") return "\\n";
+    if (character === "\t") return "\\t";
+    return `\\x${character.charCodeAt(0).toString(16).padStart(2, "0")}`;
+  });
+  return `'${escaped}'`;
+}

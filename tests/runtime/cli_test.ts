@@ -1,0 +1,687 @@
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import {
+  formatUsageError,
+  HELP_TEXT,
+  OPTIONS,
+  optionSynopsis,
+  parseCommandLine,
+  UsageError,
+  WSGIRUN_VERSION,
+} from "../../runtime/cli.ts";
+import type { ServerOptions } from "../../runtime/options.ts";
+
+/** A temporary working directory with a script, two directories and a file to point options at. */
+interface Fixture extends AsyncDisposable {
+  /** Real path of the working directory. */
+  dir: string;
+  env: { cwd: string; cpus: number };
+}
+
+async function makeFixture(): Promise<Fixture> {
+  const dir = await Deno.realPath(await Deno.makeTempDir({ prefix: "wsgirun_cli_test_" }));
+  await Deno.writeTextFile(join(dir, "app.wsgi"), "def application(environ, start_response):\n");
+  await Deno.mkdir(join(dir, "pylib"));
+  await Deno.mkdir(join(dir, "static"));
+  await Deno.writeTextFile(join(dir, "static", "logo.txt"), "logo");
+  return {
+    dir,
+    env: { cwd: dir, cpus: 3 },
+    [Symbol.asyncDispose]: () => Deno.remove(dir, { recursive: true }),
+  };
+}
+
+/** Parses `args` and returns the server options, failing when the result is help or version. */
+function serve(args: string[], env: Fixture["env"]): ServerOptions {
+  const result = parseCommandLine(args, env);
+  assert.equal(result.kind, "serve");
+  if (result.kind !== "serve") throw new Error("unreachable");
+  return result.options;
+}
+
+/** Parses `args` and returns the UsageError it throws. */
+function usageError(args: string[], env: Fixture["env"]): UsageError {
+  try {
+    parseCommandLine(args, env);
+  } catch (error) {
+    if (error instanceof UsageError) return error;
+    throw error;
+  }
+  assert.fail(`expected a UsageError for ${JSON.stringify(args)}`);
+}
+
+// ---------------------------------------------------------------------------
+// Defaults
+
+Deno.test("parseCommandLine defaults for a script", async () => {
+  await using fixture = await makeFixture();
+  const options = serve(["app.wsgi"], fixture.env);
+
+  assert.equal(options.host, "127.0.0.1");
+  assert.equal(options.port, 8000);
+  assert.equal(options.threads, 3);
+  assert.equal(options.mountPoint, "");
+  assert.deepEqual(options.urlAliases, []);
+  assert.equal(options.accessLog, false);
+  assert.equal(options.logLevel, "info");
+  assert.equal(options.queueLimit, 100);
+  assert.equal(options.app.name, "app.wsgi");
+  assert.equal(options.app.scriptPath, join(fixture.dir, "app.wsgi"));
+  assert.equal(options.app.module, undefined);
+  assert.equal(options.app.callable, "application");
+  assert.equal(options.app.python, "3.14");
+  assert.deepEqual(options.app.pythonPath, [fixture.dir]);
+  assert.equal(options.app.preload, false);
+});
+
+Deno.test("parseCommandLine threads default clamped", async () => {
+  await using fixture = await makeFixture();
+
+  assert.equal(serve(["app.wsgi"], { ...fixture.env, cpus: 0 }).threads, 1);
+  assert.equal(serve(["app.wsgi"], { ...fixture.env, cpus: 1000 }).threads, 256);
+});
+
+Deno.test("parseCommandLine script path absolute", async () => {
+  await using fixture = await makeFixture();
+  const options = serve([join(fixture.dir, "app.wsgi")], { cwd: "/", cpus: 1 });
+
+  assert.equal(options.app.scriptPath, join(fixture.dir, "app.wsgi"));
+  assert.deepEqual(options.app.pythonPath, [fixture.dir]);
+});
+
+Deno.test("parseCommandLine script symlink resolved", async () => {
+  await using fixture = await makeFixture();
+  await Deno.mkdir(join(fixture.dir, "links"));
+  await Deno.symlink(join(fixture.dir, "app.wsgi"), join(fixture.dir, "links", "site.wsgi"));
+  const options = serve(["links/site.wsgi"], fixture.env);
+
+  assert.equal(options.app.scriptPath, join(fixture.dir, "app.wsgi"));
+  assert.equal(options.app.name, "site.wsgi");
+  assert.deepEqual(options.app.pythonPath, [fixture.dir]);
+});
+
+// ---------------------------------------------------------------------------
+// Valid option values
+
+interface ValidCase {
+  args: string[];
+  read: (options: ServerOptions, dir: string) => unknown;
+  expected: (dir: string) => unknown;
+}
+
+const VALID_CASES: ValidCase[] = [
+  { args: ["--host", "0.0.0.0"], read: (o) => o.host, expected: () => "0.0.0.0" },
+  { args: ["--host", "::1"], read: (o) => o.host, expected: () => "::1" },
+  { args: ["--host", "localhost"], read: (o) => o.host, expected: () => "localhost" },
+  { args: ["--port", "0"], read: (o) => o.port, expected: () => 0 },
+  { args: ["--port", "65535"], read: (o) => o.port, expected: () => 65535 },
+  { args: ["--threads", "1"], read: (o) => o.threads, expected: () => 1 },
+  { args: ["--threads", "256"], read: (o) => o.threads, expected: () => 256 },
+  { args: ["--python", "3.12"], read: (o) => o.app.python, expected: () => "3.12" },
+  { args: ["--python", "3.14"], read: (o) => o.app.python, expected: () => "3.14" },
+  {
+    args: ["--python-path", "pylib"],
+    read: (o) => o.app.pythonPath,
+    expected: (dir) => [dir, join(dir, "pylib")],
+  },
+  { args: ["--callable-object", "app"], read: (o) => o.app.callable, expected: () => "app" },
+  { args: ["--callable-object", "_wsgi2"], read: (o) => o.app.callable, expected: () => "_wsgi2" },
+  { args: ["--mount-point", "/app"], read: (o) => o.mountPoint, expected: () => "/app" },
+  { args: ["--mount-point", "/app/"], read: (o) => o.mountPoint, expected: () => "/app" },
+  { args: ["--mount-point", "/a/b-c.d"], read: (o) => o.mountPoint, expected: () => "/a/b-c.d" },
+  { args: ["--mount-point", "/"], read: (o) => o.mountPoint, expected: () => "" },
+  {
+    args: ["--url-alias", "/static", "static"],
+    read: (o) => o.urlAliases,
+    expected: (dir) => [{ url: "/static", path: join(dir, "static") }],
+  },
+  {
+    args: ["--url-alias", "/static/", "./static"],
+    read: (o) => o.urlAliases,
+    expected: (dir) => [{ url: "/static", path: join(dir, "static") }],
+  },
+  {
+    args: ["--url-alias", "/logo.txt", "static/logo.txt"],
+    read: (o) => o.urlAliases,
+    expected: (dir) => [{ url: "/logo.txt", path: join(dir, "static", "logo.txt") }],
+  },
+  { args: ["--access-log"], read: (o) => o.accessLog, expected: () => true },
+  { args: ["--log-level", "debug"], read: (o) => o.logLevel, expected: () => "debug" },
+  { args: ["--log-level", "warning"], read: (o) => o.logLevel, expected: () => "warning" },
+  { args: ["--log-level", "critical"], read: (o) => o.logLevel, expected: () => "critical" },
+  { args: ["--preload"], read: (o) => o.app.preload, expected: () => true },
+  { args: ["--queue-limit", "0"], read: (o) => o.queueLimit, expected: () => 0 },
+  { args: ["--queue-limit", "100000"], read: (o) => o.queueLimit, expected: () => 100000 },
+];
+
+for (const testCase of VALID_CASES) {
+  Deno.test(`option ${testCase.args.join(" ")}`, async () => {
+    await using fixture = await makeFixture();
+    const options = serve(["app.wsgi", ...testCase.args], fixture.env);
+
+    assert.deepEqual(testCase.read(options, fixture.dir), testCase.expected(fixture.dir));
+  });
+
+  // The same case written as "--option=VALUE", with any second value as its own argument.
+  if (testCase.args.length < 2) continue;
+  const [name, first, ...rest] = testCase.args;
+  const inlineArgs = [`${name}=${first}`, ...rest];
+  Deno.test(`option ${inlineArgs.join(" ")}`, async () => {
+    await using fixture = await makeFixture();
+    const options = serve(["app.wsgi", ...inlineArgs], fixture.env);
+
+    assert.deepEqual(testCase.read(options, fixture.dir), testCase.expected(fixture.dir));
+  });
+}
+
+Deno.test("option before SCRIPT", async () => {
+  await using fixture = await makeFixture();
+  const options = serve(["--port", "9000", "app.wsgi"], fixture.env);
+
+  assert.equal(options.port, 9000);
+  assert.equal(options.app.scriptPath, join(fixture.dir, "app.wsgi"));
+});
+
+Deno.test("option inline value keeps later equals signs", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--host=a=b"], fixture.env);
+
+  // Only the first '=' ends the name, so the check receives the whole value.
+  assert.match(error.message, /^invalid value for --host: 'a=b'/);
+});
+
+// ---------------------------------------------------------------------------
+// Repeated options
+
+Deno.test("python-path repeated keeps order", async () => {
+  await using fixture = await makeFixture();
+  const options = serve(
+    ["app.wsgi", "--python-path", "static", "--python-path=pylib"],
+    fixture.env,
+  );
+
+  assert.deepEqual(options.app.pythonPath, [
+    fixture.dir,
+    join(fixture.dir, "static"),
+    join(fixture.dir, "pylib"),
+  ]);
+});
+
+Deno.test("python-path duplicates removed", async () => {
+  await using fixture = await makeFixture();
+  const options = serve(
+    ["app.wsgi", "--python-path", ".", "--python-path", "pylib", "--python-path", "./pylib/"],
+    fixture.env,
+  );
+
+  assert.deepEqual(options.app.pythonPath, [fixture.dir, join(fixture.dir, "pylib")]);
+});
+
+Deno.test("python-path symlink resolved", async () => {
+  await using fixture = await makeFixture();
+  await Deno.symlink(join(fixture.dir, "pylib"), join(fixture.dir, "lib-link"));
+  const options = serve(["app.wsgi", "--python-path", "lib-link"], fixture.env);
+
+  assert.deepEqual(options.app.pythonPath, [fixture.dir, join(fixture.dir, "pylib")]);
+});
+
+Deno.test("url-alias repeated keeps order", async () => {
+  await using fixture = await makeFixture();
+  const options = serve(
+    ["app.wsgi", "--url-alias", "/static", "static", "--url-alias", "/lib", "pylib"],
+    fixture.env,
+  );
+
+  assert.deepEqual(options.urlAliases, [
+    { url: "/static", path: join(fixture.dir, "static") },
+    { url: "/lib", path: join(fixture.dir, "pylib") },
+  ]);
+});
+
+Deno.test("url-alias same URL twice rejected", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(
+    ["app.wsgi", "--url-alias", "/static", "static", "--url-alias", "/static/", "pylib"],
+    fixture.env,
+  );
+
+  assert.match(error.message, /--url-alias/);
+  assert.match(error.message, /'\/static\/'/);
+});
+
+Deno.test("single-valued option repeated keeps last", async () => {
+  await using fixture = await makeFixture();
+  const options = serve(["app.wsgi", "--port", "9000", "--port=9001"], fixture.env);
+
+  assert.equal(options.port, 9001);
+});
+
+// ---------------------------------------------------------------------------
+// Invalid option values
+
+interface InvalidCase {
+  args: string[];
+  option: string;
+  value: string;
+}
+
+const INVALID_CASES: InvalidCase[] = [
+  { args: ["--host", ""], option: "--host", value: "" },
+  { args: ["--host", "[::1]"], option: "--host", value: "[::1]" },
+  { args: ["--host", "my host"], option: "--host", value: "my host" },
+  { args: ["--host", "-x"], option: "--host", value: "-x" },
+  { args: ["--port", "abc"], option: "--port", value: "abc" },
+  { args: ["--port", "65536"], option: "--port", value: "65536" },
+  { args: ["--port", "-1"], option: "--port", value: "-1" },
+  { args: ["--port", "80.5"], option: "--port", value: "80.5" },
+  { args: ["--port", "0x50"], option: "--port", value: "0x50" },
+  { args: ["--port", "1e3"], option: "--port", value: "1e3" },
+  { args: ["--port", " 80"], option: "--port", value: " 80" },
+  { args: ["--port="], option: "--port", value: "" },
+  { args: ["--threads", "0"], option: "--threads", value: "0" },
+  { args: ["--threads", "257"], option: "--threads", value: "257" },
+  { args: ["--threads", "two"], option: "--threads", value: "two" },
+  { args: ["--python", "3.13"], option: "--python", value: "3.13" },
+  { args: ["--python", "python3"], option: "--python", value: "python3" },
+  { args: ["--python-path", "missing"], option: "--python-path", value: "missing" },
+  { args: ["--python-path", "app.wsgi"], option: "--python-path", value: "app.wsgi" },
+  { args: ["--callable-object", "my-app"], option: "--callable-object", value: "my-app" },
+  { args: ["--callable-object", "2app"], option: "--callable-object", value: "2app" },
+  { args: ["--callable-object", "a.b"], option: "--callable-object", value: "a.b" },
+  { args: ["--mount-point", "app"], option: "--mount-point", value: "app" },
+  { args: ["--mount-point", ""], option: "--mount-point", value: "" },
+  { args: ["--mount-point", "/app?x=1"], option: "--mount-point", value: "/app?x=1" },
+  { args: ["--mount-point", "/app#top"], option: "--mount-point", value: "/app#top" },
+  { args: ["--mount-point", "/my%20app"], option: "--mount-point", value: "/my%20app" },
+  { args: ["--mount-point", "/my app"], option: "--mount-point", value: "/my app" },
+  { args: ["--mount-point", "/caf\u00e9"], option: "--mount-point", value: "/caf\u00e9" },
+  { args: ["--mount-point", "/a//b"], option: "--mount-point", value: "/a//b" },
+  { args: ["--mount-point", "//"], option: "--mount-point", value: "//" },
+  { args: ["--mount-point", "/a/../b"], option: "--mount-point", value: "/a/../b" },
+  { args: ["--mount-point", "/.."], option: "--mount-point", value: "/.." },
+  { args: ["--mount-point", "/a/./b"], option: "--mount-point", value: "/a/./b" },
+  { args: ["--url-alias", "/", "static"], option: "--url-alias", value: "/" },
+  { args: ["--url-alias", "static", "static"], option: "--url-alias", value: "static" },
+  { args: ["--url-alias", "/s/../x", "static"], option: "--url-alias", value: "/s/../x" },
+  { args: ["--url-alias", "/static", "missing"], option: "--url-alias", value: "missing" },
+  { args: ["--log-level", "verbose"], option: "--log-level", value: "verbose" },
+  { args: ["--log-level", "INFO"], option: "--log-level", value: "INFO" },
+  { args: ["--queue-limit", "100001"], option: "--queue-limit", value: "100001" },
+  { args: ["--queue-limit", "-5"], option: "--queue-limit", value: "-5" },
+  { args: ["--access-log=yes"], option: "--access-log", value: "yes" },
+  { args: ["--preload=true"], option: "--preload", value: "true" },
+];
+
+for (const testCase of INVALID_CASES) {
+  Deno.test(`option ${JSON.stringify(testCase.args.join(" "))} rejected`, async () => {
+    await using fixture = await makeFixture();
+    const error = usageError(["app.wsgi", ...testCase.args], fixture.env);
+
+    assert.ok(
+      error.message.startsWith(
+        `invalid value for ${testCase.option}: '${testCase.value}' (expected `,
+      ),
+      error.message,
+    );
+    assert.ok(error.message.endsWith(")"), error.message);
+  });
+}
+
+Deno.test("port invalid message exact", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--port", "abc"], fixture.env);
+
+  assert.equal(
+    error.message,
+    "invalid value for --port: 'abc' (expected an integer from 0 to 65535)",
+  );
+});
+
+Deno.test("python invalid message lists versions", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--python", "2.7"], fixture.env);
+
+  assert.equal(error.message, "invalid value for --python: '2.7' (expected 3.12 or 3.14)");
+});
+
+Deno.test("python-path missing names resolved path", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--python-path", "nope"], fixture.env);
+
+  assert.match(error.message, /expected an existing directory/);
+  assert.ok(error.message.includes(`'${join(fixture.dir, "nope")}' does not exist`), error.message);
+});
+
+Deno.test("url-alias root URL names mount-point", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--url-alias", "/", "static"], fixture.env);
+
+  assert.match(error.message, /--mount-point/);
+});
+
+Deno.test("invalid value with newline stays one line", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--port", "80\n81"], fixture.env);
+
+  assert.equal(error.message.includes("\n"), false);
+  assert.match(error.message, /'80\\n81'/);
+});
+
+// ---------------------------------------------------------------------------
+// Missing values and unknown options
+
+Deno.test("option missing value at end", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--port"], fixture.env);
+
+  assert.equal(error.message, "missing value for --port (expected --port N)");
+});
+
+Deno.test("option missing value before option", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--host", "--port", "80"], fixture.env);
+
+  assert.equal(error.message, "missing value for --host (expected --host HOST)");
+});
+
+Deno.test("url-alias missing PATH", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--url-alias", "/static"], fixture.env);
+
+  assert.equal(
+    error.message,
+    "missing PATH for --url-alias '/static' (expected --url-alias URL PATH)",
+  );
+});
+
+Deno.test("url-alias missing PATH before option", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--url-alias", "/static", "--preload"], fixture.env);
+
+  assert.match(error.message, /^missing PATH for --url-alias '\/static'/);
+});
+
+Deno.test("url-alias inline URL missing PATH", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--url-alias=/static"], fixture.env);
+
+  assert.match(error.message, /^missing PATH for --url-alias '\/static'/);
+});
+
+Deno.test("url-alias missing URL and PATH", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--url-alias"], fixture.env);
+
+  assert.equal(
+    error.message,
+    "missing URL and PATH for --url-alias (expected --url-alias URL PATH)",
+  );
+});
+
+Deno.test("unknown long option", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--foo"], fixture.env);
+
+  assert.equal(error.message, "unknown option '--foo'; run 'wsgirun --help' for the list");
+});
+
+Deno.test("unknown option with inline value", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--foo=bar"], fixture.env);
+
+  assert.equal(error.message, "unknown option '--foo'; run 'wsgirun --help' for the list");
+});
+
+Deno.test("unknown short option", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "-p", "80"], fixture.env);
+
+  assert.equal(error.message, "unknown option '-p'; run 'wsgirun --help' for the list");
+});
+
+// ---------------------------------------------------------------------------
+// SCRIPT
+
+Deno.test("SCRIPT missing", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["--port", "80"], fixture.env);
+
+  assert.equal(error.message, "missing SCRIPT: name a WSGI script file or package.module:callable");
+});
+
+Deno.test("SCRIPT given twice", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "other.wsgi"], fixture.env);
+
+  assert.match(error.message, /^unexpected argument 'other.wsgi' after SCRIPT 'app.wsgi'/);
+});
+
+Deno.test("SCRIPT .wsgi not found", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["x.wsgi"], fixture.env);
+
+  assert.ok(error.message.startsWith("script file not found: 'x.wsgi'"), error.message);
+  assert.ok(error.message.includes(`'${join(fixture.dir, "x.wsgi")}'`), error.message);
+});
+
+Deno.test("SCRIPT .wsgi not found suggests module", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["mysite.wsgi"], fixture.env);
+
+  assert.match(error.message, /'mysite\.wsgi:application'/);
+});
+
+Deno.test("SCRIPT .py not found", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["site/app.py"], fixture.env);
+
+  assert.ok(error.message.startsWith("script file not found: 'site/app.py'"), error.message);
+});
+
+Deno.test("SCRIPT path not found", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["./serve-me"], fixture.env);
+
+  assert.ok(error.message.startsWith("script file not found: './serve-me'"), error.message);
+});
+
+Deno.test("SCRIPT directory rejected", async () => {
+  await using fixture = await makeFixture();
+  await Deno.mkdir(join(fixture.dir, "my-site"));
+  const error = usageError(["my-site"], fixture.env);
+
+  assert.match(error.message, /^invalid SCRIPT: 'my-site'/);
+  assert.match(error.message, /is a directory/);
+});
+
+Deno.test("SCRIPT .wsgi directory rejected", async () => {
+  await using fixture = await makeFixture();
+  await Deno.mkdir(join(fixture.dir, "site.wsgi"));
+  const error = usageError(["site.wsgi"], fixture.env);
+
+  assert.match(error.message, /^invalid SCRIPT: 'site.wsgi'/);
+});
+
+Deno.test("SCRIPT module with callable", async () => {
+  await using fixture = await makeFixture();
+  const options = serve(["mysite.wsgi:app"], fixture.env);
+
+  assert.equal(options.app.module, "mysite.wsgi");
+  assert.equal(options.app.callable, "app");
+  assert.equal(options.app.name, "mysite.wsgi");
+  assert.equal(options.app.scriptPath, undefined);
+  assert.deepEqual(options.app.pythonPath, [fixture.dir]);
+});
+
+Deno.test("SCRIPT module default callable", async () => {
+  await using fixture = await makeFixture();
+  const options = serve(["hello"], fixture.env);
+
+  assert.equal(options.app.module, "hello");
+  assert.equal(options.app.callable, "application");
+});
+
+Deno.test("SCRIPT module with callable-object", async () => {
+  await using fixture = await makeFixture();
+  const options = serve(["pkg.web", "--callable-object", "app"], fixture.env);
+
+  assert.equal(options.app.module, "pkg.web");
+  assert.equal(options.app.callable, "app");
+});
+
+Deno.test("SCRIPT module callable conflict", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["pkg.web:app", "--callable-object", "main"], fixture.env);
+
+  assert.match(error.message, /'pkg\.web:app'/);
+  assert.match(error.message, /--callable-object/);
+  assert.match(error.message, /'main'/);
+});
+
+Deno.test("SCRIPT module python-path after cwd", async () => {
+  await using fixture = await makeFixture();
+  const options = serve(["pkg.web:app", "--python-path", "pylib"], fixture.env);
+
+  assert.deepEqual(options.app.pythonPath, [fixture.dir, join(fixture.dir, "pylib")]);
+});
+
+Deno.test("SCRIPT package directory is module", async () => {
+  await using fixture = await makeFixture();
+  await Deno.mkdir(join(fixture.dir, "mysite"));
+  const options = serve(["mysite"], fixture.env);
+
+  assert.equal(options.app.module, "mysite");
+  assert.equal(options.app.scriptPath, undefined);
+});
+
+Deno.test("SCRIPT existing file wins over module", async () => {
+  await using fixture = await makeFixture();
+  await Deno.writeTextFile(join(fixture.dir, "hello"), "application = None\n");
+  const options = serve(["hello"], fixture.env);
+
+  assert.equal(options.app.scriptPath, join(fixture.dir, "hello"));
+  assert.equal(options.app.module, undefined);
+});
+
+Deno.test("SCRIPT after double dash", async () => {
+  await using fixture = await makeFixture();
+  await Deno.writeTextFile(join(fixture.dir, "-odd.wsgi"), "application = None\n");
+  const options = serve(["--port", "81", "--", "-odd.wsgi"], fixture.env);
+
+  assert.equal(options.app.scriptPath, join(fixture.dir, "-odd.wsgi"));
+  assert.equal(options.port, 81);
+});
+
+Deno.test("double dash ends options", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["app.wsgi", "--", "--port"], fixture.env);
+
+  assert.match(error.message, /^unexpected argument '--port'/);
+});
+
+// ---------------------------------------------------------------------------
+// Help and version
+
+Deno.test("help long form", async () => {
+  await using fixture = await makeFixture();
+
+  assert.deepEqual(parseCommandLine(["--help"], fixture.env), { kind: "help", text: HELP_TEXT });
+});
+
+Deno.test("help short form", async () => {
+  await using fixture = await makeFixture();
+
+  assert.deepEqual(parseCommandLine(["-h"], fixture.env), { kind: "help", text: HELP_TEXT });
+});
+
+Deno.test("help wins over invalid arguments", async () => {
+  await using fixture = await makeFixture();
+  const result = parseCommandLine(["x.wsgi", "--port", "abc", "--foo", "--help"], fixture.env);
+
+  assert.equal(result.kind, "help");
+});
+
+Deno.test("help after double dash is SCRIPT", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(["--", "--help"], fixture.env);
+
+  assert.match(error.message, /^script file not found: '--help'/);
+});
+
+Deno.test("version text", async () => {
+  await using fixture = await makeFixture();
+  const result = parseCommandLine(["--version"], fixture.env);
+
+  assert.deepEqual(result, { kind: "version", text: `wsgirun ${WSGIRUN_VERSION}` });
+});
+
+Deno.test("version number", () => {
+  assert.equal(WSGIRUN_VERSION, "0.1.0");
+});
+
+Deno.test("help text lists every option", () => {
+  for (const spec of OPTIONS) {
+    assert.ok(spec.help.trim() !== "", `${spec.name} has no help`);
+    assert.ok(HELP_TEXT.includes(optionSynopsis(spec)), `help lacks ${optionSynopsis(spec)}`);
+  }
+});
+
+Deno.test("help text states every default", () => {
+  for (const spec of OPTIONS) {
+    if (spec.defaultText === undefined) continue;
+    assert.ok(
+      HELP_TEXT.includes(`Default: ${spec.defaultText}`),
+      `help lacks ${spec.name} default`,
+    );
+  }
+});
+
+Deno.test("help text options have defaults", () => {
+  // Only repeatable options and the two that end parsing have nothing to default to.
+  const withoutDefault = OPTIONS.filter((spec) => spec.defaultText === undefined);
+
+  assert.deepEqual(
+    withoutDefault.map((spec) => spec.name),
+    ["--python-path", "--url-alias", "--help", "--version"],
+  );
+});
+
+Deno.test("help text fits 80 columns", () => {
+  for (const line of HELP_TEXT.split("\n")) {
+    assert.ok(line.length <= 80, `${line.length} columns: ${line}`);
+  }
+});
+
+Deno.test("help text examples", () => {
+  const lines = HELP_TEXT.split("\n");
+
+  assert.ok(lines.includes("  wsgirun app.wsgi"));
+  assert.ok(lines.includes("  wsgirun app.wsgi --threads 4 --python 3.12 --python-path ./pylib"));
+  assert.ok(lines.includes("  wsgirun mysite.wsgi:application --url-alias /static ./static"));
+});
+
+Deno.test("help text examples parse", async () => {
+  await using fixture = await makeFixture();
+  const examples = HELP_TEXT.split("\n")
+    .filter((line) => line.startsWith("  wsgirun "))
+    .map((line) => line.trim().split(" ").slice(1));
+
+  assert.equal(examples.length, 3);
+  for (const args of examples) {
+    assert.equal(parseCommandLine(args, fixture.env).kind, "serve", args.join(" "));
+  }
+});
+
+// ---------------------------------------------------------------------------
+// Error formatting
+
+Deno.test("formatUsageError prefixes program name", () => {
+  const error = new UsageError("missing value for --port (expected --port N)");
+
+  assert.equal(formatUsageError(error), "wsgirun: missing value for --port (expected --port N)");
+});
+
+Deno.test("UsageError name", () => {
+  assert.equal(new UsageError("x").name, "UsageError");
+  assert.ok(new UsageError("x") instanceof Error);
+});
