@@ -1,0 +1,201 @@
+/**
+ * The main-thread handle of one isolate: a Web Worker running Pyodide with
+ * Deno permissions narrowed to the application's folders.
+ */
+
+import { fileURLToPath } from "node:url";
+import { type AppSpec, appReadPaths, PYODIDE_PACKAGE, type PythonVersion } from "./app_spec.ts";
+import type { Logger } from "./log.ts";
+import type {
+  EndMessage,
+  FileMessage,
+  FromWorker,
+  RequestMessage,
+  StartMessage,
+} from "../wasm/protocol.ts";
+import type { BodyRing, RequestControl } from "../wasm/channel.ts";
+
+/** Where the response of one request goes, in the order the isolate produces it. */
+export interface ResponseSink {
+  start(message: StartMessage): void;
+  body(chunk: Uint8Array): void;
+  file(message: FileMessage): void;
+  end(message: EndMessage): void;
+  /** The request could not run or its isolate died; `status` is what the client should get. */
+  fail(status: number, reason: string): void;
+}
+
+/** One request as the pool schedules it. */
+export interface Job {
+  requestId: string;
+  method: string;
+  environ: string;
+  body: Uint8Array<ArrayBuffer> | null;
+  bodyRing: BodyRing | null;
+  control: RequestControl;
+  sink: ResponseSink;
+  /** Set by the front when the client left while the job was still queued. */
+  abandoned?: boolean;
+  /** Set when an isolate took the job. */
+  running?: boolean;
+}
+
+export interface IsolateOptions {
+  id: number;
+  app: AppSpec;
+  logger: Logger;
+  responseWindow: number;
+  multiprocess: boolean;
+  /** Called when the isolate is ready for its first job. */
+  onReady(isolate: Isolate): void;
+  /** Called when the job running on the isolate finished its response. */
+  onIdle(isolate: Isolate): void;
+  /** Called once when the isolate stops for good (failed start, crash, interpreter failure). */
+  onDead(isolate: Isolate, reason: string): void;
+}
+
+export type IsolateState = "starting" | "idle" | "busy" | "dead";
+
+/** The folder of a Pyodide npm package, which every isolate must be able to read. */
+export function pyodideFolder(python: PythonVersion): string {
+  const entry = import.meta.resolve(PYODIDE_PACKAGE[python]);
+  const folder = fileURLToPath(new URL(".", entry));
+  try {
+    return Deno.realPathSync(folder);
+  } catch {
+    // Inside a compiled binary the package lives in the embedded file system.
+    return folder;
+  }
+}
+
+const WORKER_URL = new URL("../wasm/isolate_worker.ts", import.meta.url);
+
+export class Isolate {
+  readonly id: number;
+  state: IsolateState = "starting";
+  job: Job | null = null;
+  /** Requests this isolate has served. */
+  served = 0;
+  /** performance.now() when the interpreter became ready; unset while starting. */
+  readyAt: number | undefined;
+  readonly startedAt = performance.now();
+  #worker: Worker;
+  #options: IsolateOptions;
+  #logger: Logger;
+
+  constructor(options: IsolateOptions) {
+    this.id = options.id;
+    this.#options = options;
+    this.#logger = options.logger.child({ isolate: options.id });
+    const readPaths = [pyodideFolder(options.app.python), ...appReadPaths(options.app)];
+    this.#worker = new Worker(WORKER_URL, {
+      type: "module",
+      deno: {
+        permissions: {
+          read: readPaths,
+          write: false,
+          net: false,
+          run: false,
+          env: false,
+          ffi: false,
+          sys: false,
+          import: false,
+        },
+      },
+    });
+    this.#worker.onmessage = (event: MessageEvent<FromWorker>) => this.#receive(event.data);
+    this.#worker.onerror = (event: ErrorEvent) => {
+      event.preventDefault();
+      this.#die(`the worker raised an uncaught error: ${event.message}`);
+    };
+    this.#worker.postMessage({
+      type: "init",
+      app: options.app,
+      isolateId: options.id,
+      readPaths,
+      responseWindow: options.responseWindow,
+      multiprocess: options.multiprocess,
+    });
+  }
+
+  /** Sends a job to the idle isolate. */
+  run(job: Job): void {
+    if (this.state !== "idle") throw new Error(`isolate ${this.id} is ${this.state}, not idle`);
+    this.state = "busy";
+    this.job = job;
+    job.running = true;
+    const message: RequestMessage = {
+      type: "request",
+      requestId: job.requestId,
+      method: job.method,
+      environ: job.environ,
+      body: job.body,
+      bodyRing: job.bodyRing?.buffer ?? null,
+      control: job.control.buffer,
+    };
+    this.#worker.postMessage(message);
+  }
+
+  /** Stops the worker at once; a running job fails with `status`. */
+  terminate(reason: string, status = 503): void {
+    if (this.state === "dead") return;
+    this.#worker.terminate();
+    this.#failJob(status, reason);
+    this.state = "dead";
+  }
+
+  #receive(message: FromWorker): void {
+    switch (message.type) {
+      case "ready":
+        this.#logger.info(
+          `isolate ready: Python ${message.pythonVersion} (Pyodide ${message.pyodideVersion}) in ${message.loadMs} ms`,
+        );
+        this.state = "idle";
+        this.readyAt = performance.now();
+        this.#options.onReady(this);
+        return;
+      case "fatal":
+        this.#die(message.message);
+        return;
+      case "log":
+        this.#logger.log(message.level, message.message, { request: message.requestId });
+        return;
+      case "start":
+        this.job?.sink.start(message);
+        if (message.complete) this.#finishJob();
+        return;
+      case "body":
+        this.job?.sink.body(message.chunk);
+        return;
+      case "file":
+        this.job?.sink.file(message);
+        return;
+      case "end":
+        this.job?.sink.end(message);
+        this.#finishJob();
+        return;
+    }
+  }
+
+  #finishJob(): void {
+    if (this.state !== "busy") return;
+    this.job = null;
+    this.served += 1;
+    this.state = "idle";
+    this.#options.onIdle(this);
+  }
+
+  #failJob(status: number, reason: string): void {
+    const job = this.job;
+    this.job = null;
+    job?.sink.fail(status, reason);
+  }
+
+  #die(reason: string): void {
+    if (this.state === "dead") return;
+    this.#worker.terminate();
+    this.#failJob(502, reason);
+    this.state = "dead";
+    this.#options.onDead(this, reason);
+  }
+}

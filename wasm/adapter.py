@@ -1,0 +1,538 @@
+"""PEP 3333 adapter that runs inside every wsgirun isolate.
+
+The worker calls `handle()` once per request. Everything the application
+sees (environ, wsgi.input, start_response, write, wsgi.errors,
+wsgi.file_wrapper) is built here, and every response goes out through the
+host functions of the `_wsgirun_host` module that the worker registers:
+
+    start(status, headers_json, body, complete)  status line and headers
+    send(chunk)          one body chunk; blocks while the client is slow and
+                         raises once the client has gone
+    cancelled()          whether the client has gone
+    send_file(path, offset, length)  the front sends a host file region
+    finish(error)        end of the response (error: abort the connection)
+    read(size)           up to `size` request body bytes, None at the end
+    log(level, message)  a line in the server's error log
+    host_path(path)      the host path of a file on a host mount, else None
+
+Validation follows what waitress and mod_wsgi enforce, because Deno's HTTP
+server must never see an invalid status or header (a control byte in a
+header value crashes the whole Deno process).
+"""
+
+import json
+import os
+import re
+import sys
+import traceback
+
+import _wsgirun_host as host
+
+# A header name is an RFC 9110 token.
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Control characters Deno rejects or crashes on; tab is allowed.
+_BAD_VALUE_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_STATUS = re.compile(r"^([1-9][0-9]{2}) ([^\x00-\x08\x0a-\x1f\x7f]*)$")
+
+# Hop-by-hop headers belong to one connection; the server owns them.
+_HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    )
+)
+
+_INPUT_CHUNK = 65536
+
+
+class _Settings:
+    """What the worker told this isolate at start (see `configure`)."""
+
+    app_name = "app"
+    script_path = None
+    module = None
+    callable_name = "application"
+    multiprocess = True
+
+
+settings = _Settings()
+_application = None
+
+
+def configure(app_name, script_path, module, callable_name, python_path, multiprocess):
+    """Record the application's location and put its folders on sys.path."""
+    settings.app_name = app_name
+    settings.script_path = script_path or None
+    settings.module = module or None
+    settings.callable_name = callable_name
+    settings.multiprocess = bool(multiprocess)
+    for folder in reversed(list(python_path)):
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
+    if python_path:
+        os.chdir(python_path[0])
+
+
+def _load_script(path):
+    """Execute a WSGI script file as a fresh module, as mod_wsgi does."""
+    import types
+
+    name = "_wsgirun_script_" + re.sub(r"\W", "_", os.path.basename(path))
+    module = types.ModuleType(name)
+    module.__file__ = path
+    sys.modules[name] = module
+    try:
+        with open(path, "rb") as file:
+            source = file.read()
+        code = compile(source, path, "exec")
+        exec(code, module.__dict__)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def load_application():
+    """Import the application once; a failed import is retried next time."""
+    global _application
+    if _application is not None:
+        return _application
+
+    if settings.script_path:
+        module = _load_script(settings.script_path)
+        where = "script %r" % settings.script_path
+    else:
+        import importlib
+
+        module = importlib.import_module(settings.module)
+        where = "module %r" % settings.module
+
+    application = getattr(module, settings.callable_name, None)
+    if application is None:
+        raise LookupError(
+            "%s defines no %r; define it or name the callable with --callable-object"
+            % (where, settings.callable_name)
+        )
+    if not callable(application):
+        raise TypeError("%r in %s is not callable" % (settings.callable_name, where))
+    _application = application
+    return application
+
+
+class ErrorStream:
+    """`wsgi.errors`: text written here becomes error-log lines of the request."""
+
+    def __init__(self, request_id=None):
+        self._request_id = request_id
+        self._pending = ""
+
+    def write(self, text):
+        if not isinstance(text, str):
+            raise TypeError("wsgi.errors.write() takes str, not %s" % type(text).__name__)
+        self._pending += text
+        while "\n" in self._pending:
+            line, self._pending = self._pending.split("\n", 1)
+            host.log("error", line)
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        if self._pending:
+            host.log("error", self._pending)
+            self._pending = ""
+
+
+class InputStream:
+    """`wsgi.input` over the request body, which the front streams in.
+
+    Reads block until the client has sent enough bytes. The stream never
+    reads past the body because the front only ever writes the body's own
+    bytes and then marks the end.
+    """
+
+    def __init__(self, body):
+        # body: the whole body as bytes when the front read it ahead, else None.
+        self._buffer = bytearray(body) if body else bytearray()
+        self._position = 0
+        self._eof = body is not None
+
+    def _fill(self, want):
+        """Pull chunks from the host until `want` bytes are buffered or the body ends."""
+        while not self._eof and len(self._buffer) - self._position < want:
+            chunk = host.read(_INPUT_CHUNK)
+            if chunk is None:
+                self._eof = True
+                break
+            if self._position:
+                del self._buffer[: self._position]
+                self._position = 0
+            self._buffer += chunk.to_bytes()
+
+    def _take(self, size):
+        end = min(len(self._buffer), self._position + size)
+        data = bytes(self._buffer[self._position : end])
+        self._position = end
+        return data
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            while not self._eof:
+                self._fill(len(self._buffer) - self._position + _INPUT_CHUNK)
+            return self._take(len(self._buffer))
+        self._fill(size)
+        return self._take(size)
+
+    def readline(self, size=-1):
+        limit = None if size is None or size < 0 else size
+        scanned = self._position
+        while True:
+            newline = self._buffer.find(b"\n", scanned)
+            if newline >= 0:
+                end = newline + 1
+                break
+            buffered = len(self._buffer) - self._position
+            if limit is not None and buffered >= limit:
+                end = self._position + limit
+                break
+            if self._eof:
+                end = len(self._buffer)
+                break
+            scanned = len(self._buffer)
+            before = self._position
+            self._fill(buffered + 1)
+            scanned -= before - self._position
+        if limit is not None:
+            end = min(end, self._position + limit)
+        return self._take(end - self._position)
+
+    def readlines(self, hint=-1):
+        lines = []
+        total = 0
+        while True:
+            line = self.readline()
+            if not line:
+                break
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+
+class FileWrapper:
+    """`wsgi.file_wrapper`: the front sends real files itself, without Python."""
+
+    def __init__(self, filelike, blksize=8192):
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        data = self.filelike.read(self.blksize)
+        if data:
+            return data
+        raise StopIteration
+
+
+class ResponseError(Exception):
+    """The application broke the WSGI contract; the client gets a 500."""
+
+
+def _check_status(status):
+    if type(status) is not str:
+        raise ResponseError("status must be a str, not %s" % type(status).__name__)
+    match = _STATUS.match(status)
+    if not match:
+        raise ResponseError(
+            "invalid status %r: expected a 3-digit code, a space and a reason phrase" % status
+        )
+    code = int(match.group(1))
+    if not 200 <= code <= 599:
+        raise ResponseError("status %r is outside 200-599, which WSGI applications may send" % status)
+    return code
+
+
+def _check_headers(headers):
+    if type(headers) is not list:
+        raise ResponseError("headers must be a list, not %s" % type(headers).__name__)
+    flat = []
+    for item in headers:
+        if type(item) is not tuple or len(item) != 2:
+            raise ResponseError("each header must be a (name, value) tuple, got %r" % (item,))
+        name, value = item
+        if type(name) is not str or not _TOKEN.match(name):
+            raise ResponseError("invalid header name %r" % (name,))
+        if type(value) is not str:
+            raise ResponseError(
+                "header %r has a %s value; values must be str" % (name, type(value).__name__)
+            )
+        if _BAD_VALUE_CHAR.search(value):
+            raise ResponseError("header %r has a control character in its value %r" % (name, value))
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ResponseError(
+                "header %r value %r is not Latin-1; encode it (RFC 8187 or percent-encoding)"
+                % (name, value)
+            ) from None
+        if name.lower() in _HOP_BY_HOP:
+            raise ResponseError("hop-by-hop header %r is for the server to set" % name)
+        flat.append(name)
+        flat.append(value.strip(" \t"))
+    return flat
+
+
+class Response:
+    """The state of one response: what start_response set and what went out."""
+
+    def __init__(self, method):
+        self.method = method
+        self.status = None
+        self.code = 0
+        self.headers = None
+        self.headers_sent = False
+        self.content_length = None
+        self.bytes_sent = 0
+        self.finished = False
+
+    @property
+    def body_allowed(self):
+        return self.method != "HEAD" and self.code not in (204, 304) and self.code >= 200
+
+    def start_response(self, status, headers, exc_info=None):
+        if exc_info:
+            try:
+                if self.headers_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response() was already called; pass exc_info to call it again")
+
+        code = _check_status(status)
+        flat = _check_headers(headers)
+        self.status, self.code, self.headers = status, code, flat
+        self.content_length = None
+        for index in range(0, len(flat), 2):
+            if flat[index].lower() == "content-length":
+                try:
+                    self.content_length = int(flat[index + 1])
+                except ValueError:
+                    raise ResponseError("invalid Content-Length %r" % flat[index + 1]) from None
+                if self.content_length < 0:
+                    raise ResponseError("negative Content-Length %r" % flat[index + 1])
+        return self.write
+
+    def _limit(self, data):
+        """Cut `data` so the body never exceeds the declared Content-Length."""
+        if self.content_length is None:
+            return data
+        room = self.content_length - self.bytes_sent
+        return data if len(data) <= room else data[: max(room, 0)]
+
+    def _start(self, body, complete):
+        if self.status is None:
+            raise AssertionError("the application sent body data before calling start_response()")
+        self.headers_sent = True
+        host.start(self.code, json.dumps(self.headers), body, complete)
+        if body:
+            self.bytes_sent += len(body)
+        if complete:
+            self.finished = True
+
+    def write(self, data):
+        """The `write()` callable start_response returns; sends at once."""
+        if type(data) not in (bytes, bytearray, memoryview):
+            raise TypeError("write() takes bytes, not %s" % type(data).__name__)
+        self.send(bytes(data))
+
+    def send(self, data):
+        if not self.body_allowed:
+            data = b""
+        data = self._limit(data)
+        if not self.headers_sent:
+            self._start(data or None, False)
+        elif data:
+            host.send(data)
+            self.bytes_sent += len(data)
+
+    @property
+    def length_reached(self):
+        return self.content_length is not None and self.bytes_sent >= self.content_length
+
+
+def _error_response(response, message):
+    """A plain 500 for errors that happen before any byte went out."""
+    body = b"Internal Server Error\n"
+    response.status, response.code = "500 Internal Server Error", 500
+    response.headers = ["Content-Type", "text/plain; charset=utf-8", "Content-Length", str(len(body))]
+    response.content_length = len(body)
+    response._start(body, True)
+
+
+def build_environ(environ_json, body, request_id, errors):
+    environ = json.loads(environ_json)
+    environ["wsgi.version"] = (1, 0)
+    # body: a JS Uint8Array when the front read the body ahead, None when it streams.
+    environ["wsgi.input"] = InputStream(body.to_bytes() if body is not None else None)
+    # The front always marks the end of the body, chunked or not.
+    environ["wsgi.input_terminated"] = True
+    environ["wsgi.errors"] = errors
+    # One request at a time per isolate; other isolates are other interpreters.
+    environ["wsgi.multithread"] = False
+    environ["wsgi.multiprocess"] = settings.multiprocess
+    environ["wsgi.run_once"] = False
+    environ["wsgi.file_wrapper"] = FileWrapper
+    environ["wsgirun.request_id"] = request_id
+    return environ
+
+
+def _log_exception(prefix):
+    host.log("error", prefix + "\n" + traceback.format_exc().rstrip())
+
+
+def _send_file(response, wrapper):
+    """Hand a real file's remaining bytes to the front; False if it is no real file."""
+    filelike = wrapper.filelike
+    name = getattr(filelike, "name", None)
+    if not isinstance(name, str) or not hasattr(filelike, "fileno") or "b" not in getattr(filelike, "mode", ""):
+        return False
+    path = host.host_path(os.path.abspath(name))
+    if path is None:
+        return False
+    offset = filelike.tell()
+    length = -1
+    if response.content_length is not None:
+        length = max(response.content_length - response.bytes_sent, 0)
+    if not response.headers_sent:
+        response._start(None, False)
+    if response.body_allowed:
+        host.send_file(path, offset, length)
+    return True
+
+
+def _iterate(response, result):
+    if isinstance(result, FileWrapper) and response.status is not None and _send_file(response, result):
+        return
+    for chunk in result:
+        if type(chunk) is not bytes:
+            if isinstance(chunk, (bytearray, memoryview)):
+                chunk = bytes(chunk)
+            else:
+                raise TypeError("the application yielded %s; WSGI bodies are bytes" % type(chunk).__name__)
+        if not chunk:
+            continue
+        response.send(chunk)
+        if response.headers_sent and (not response.body_allowed or response.length_reached):
+            # Nothing more may be sent: stop early instead of running the rest.
+            break
+
+
+def _fast_body(result, response):
+    """Return the whole body of a list or tuple response as one bytes object, or None."""
+    if type(result) not in (list, tuple) or response.status is None or response.headers_sent:
+        return None
+    parts = []
+    for part in result:
+        if type(part) is not bytes:
+            return None
+        parts.append(part)
+    body = b"".join(parts) if len(parts) != 1 else parts[0]
+    if not response.body_allowed:
+        if response.method == "HEAD" and response.content_length is None and response.code not in (204, 304):
+            # Tell a HEAD client the length a GET would have had.
+            response.headers += ["Content-Length", str(len(body))]
+        return b""
+    if response.content_length is not None and len(body) != response.content_length:
+        # Too long is cut below; too short must reach the front as a stream so
+        # the connection is closed instead of Deno fixing the length.
+        if len(body) < response.content_length:
+            return None
+        body = body[: response.content_length]
+    return body
+
+
+def handle(method, environ_json, body, request_id):
+    """Run one request through the application. Never raises."""
+    errors = ErrorStream(request_id)
+    response = Response(method)
+    result = None
+    try:
+        try:
+            application = load_application()
+        except BaseException:
+            _log_exception("failed to import the application; the next request retries")
+            _error_response(response, "import failed")
+            return
+
+        environ = build_environ(environ_json, body, request_id, errors)
+        result = application(environ, response.start_response)
+
+        body_bytes = _fast_body(result, response)
+        if body_bytes is not None:
+            response._start(body_bytes, True)
+            return
+
+        _iterate(response, result)
+        if not response.headers_sent:
+            response._start(None, False)
+        if response.content_length is not None and response.bytes_sent < response.content_length and response.body_allowed:
+            host.log(
+                "warning",
+                "the application sent %d of the %d bytes its Content-Length declared; closing the connection"
+                % (response.bytes_sent, response.content_length),
+            )
+            response.finished = True
+            host.finish("short body: %d of %d bytes" % (response.bytes_sent, response.content_length))
+            return
+    except BaseException as error:
+        if host.cancelled():
+            # The client went away: the front already knows, nothing is sent.
+            host.log("info", "client closed the connection; the response was stopped")
+            response.finished = True
+            host.finish("client disconnected")
+            return
+        if isinstance(error, ResponseError):
+            host.log("error", "invalid response from the application: %s" % error)
+        else:
+            _log_exception("the application raised an exception")
+        if not response.headers_sent:
+            _error_response(response, str(error))
+        elif not response.finished:
+            response.finished = True
+            host.finish("the application failed after the response started: %s" % error.__class__.__name__)
+        return
+    finally:
+        errors.flush()
+        if result is not None and hasattr(result, "close"):
+            try:
+                result.close()
+            except BaseException:
+                _log_exception("the response iterable's close() raised")
+    if not response.finished:
+        response.finished = True
+        host.finish(None)

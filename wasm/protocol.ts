@@ -1,0 +1,101 @@
+/**
+ * Messages between the pool (main thread) and an isolate's worker.
+ *
+ * While Python runs a request the worker cannot receive messages, so
+ * everything the front must tell a running request (cancel, body bytes,
+ * window credit) goes through the shared buffers in channel.ts instead.
+ */
+
+import type { AppSpec } from "../supervisor/app_spec.ts";
+
+export interface InitMessage {
+  type: "init";
+  app: AppSpec;
+  isolateId: number;
+  /** Read permissions the worker was given, for error messages. */
+  readPaths: string[];
+  /** Bytes of response the worker may post before it waits for the client. */
+  responseWindow: number;
+  /** Whether the pool runs more than one isolate of this app (`wsgi.multiprocess`). */
+  multiprocess: boolean;
+}
+
+export interface RequestMessage {
+  type: "request";
+  requestId: string;
+  method: string;
+  /** The CGI/WSGI environ's string keys as a JSON object. */
+  environ: string;
+  /** The whole body when the front read it ahead; null when there is none or it streams. */
+  body: Uint8Array<ArrayBuffer> | null;
+  /** Ring the front streams the body into, when it was not read ahead. */
+  bodyRing: SharedArrayBuffer | null;
+  control: SharedArrayBuffer;
+}
+
+export type ToWorker = InitMessage | RequestMessage;
+
+export interface ReadyMessage {
+  type: "ready";
+  pythonVersion: string;
+  pyodideVersion: string;
+  loadMs: number;
+}
+
+/** The isolate could not start (Pyodide failed to load); it will not serve. */
+export interface FatalMessage {
+  type: "fatal";
+  message: string;
+}
+
+/** Status line and headers, sent once per request before any body. */
+export interface StartMessage {
+  type: "start";
+  requestId: string;
+  status: number;
+  /** Header pairs, flattened: name, value, name, value, ... */
+  headers: string[];
+  /** The whole body, when the response was complete before it was started. */
+  body?: Uint8Array<ArrayBuffer>;
+  /** True when `body` is the whole response: no "end" message follows. */
+  complete?: boolean;
+}
+
+export interface BodyMessage {
+  type: "body";
+  requestId: string;
+  chunk: Uint8Array<ArrayBuffer>;
+}
+
+/** A region of a host file the front sends itself (`wsgi.file_wrapper`). */
+export interface FileMessage {
+  type: "file";
+  requestId: string;
+  path: string;
+  offset: number;
+  /** Bytes to send, or -1 for the rest of the file. */
+  length: number;
+}
+
+export interface EndMessage {
+  type: "end";
+  requestId: string;
+  /** Set when the response failed after its headers went out: abort the connection. */
+  error?: string;
+}
+
+export interface LogMessage {
+  type: "log";
+  level: "debug" | "info" | "warning" | "error";
+  message: string;
+  requestId?: string;
+}
+
+export type FromWorker =
+  | ReadyMessage
+  | FatalMessage
+  | StartMessage
+  | BodyMessage
+  | FileMessage
+  | EndMessage
+  | LogMessage;
