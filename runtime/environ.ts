@@ -1,0 +1,165 @@
+/**
+ * Builds the CGI part of a WSGI environ from a Deno request.
+ *
+ * Deno gives the request target only inside `req.url`, as "http://" plus the
+ * Host header plus the raw target, with valid UTF-8 bytes already decoded to
+ * characters. Parsing `req.url` with `URL` would resolve dot segments, turn
+ * "\" into "/" and let a crafted Host move the path, so the raw target is cut
+ * out by its known prefix instead and decoded here exactly once.
+ */
+
+const encoder = new TextEncoder();
+
+/** Where the request arrived, for SERVER_* and REMOTE_* keys. */
+export interface ConnectionInfo {
+  serverName: string;
+  serverPort: number;
+  remoteAddr: string;
+  remotePort: number;
+}
+
+/** The request target split into its raw parts, as strings of byte values 0-255. */
+export interface RawTarget {
+  /** The raw path, still percent-encoded. */
+  path: string;
+  /** The raw query without "?", or "". */
+  query: string;
+  /** Path and query as sent ("/a%2Fb?x=1"). */
+  uri: string;
+}
+
+/** Returns the Latin-1 view of a string's UTF-8 bytes (one character per byte). */
+function latin1OfUtf8(text: string): string {
+  // ASCII is the common case and needs no work.
+  if (!/[^\x00-\x7f]/.test(text)) return text;
+  let out = "";
+  for (const byte of encoder.encode(text)) out += String.fromCharCode(byte);
+  return out;
+}
+
+/**
+ * Cuts the raw request target out of `req.url`.
+ * `host` is the Host header, or null when the request had none.
+ */
+export function rawTarget(url: string, host: string | null, listenPort: number): RawTarget {
+  const prefix = "http://" + (host ? host : `localhost:${listenPort}`);
+  let target: string;
+  if (url.startsWith(prefix) && (url.length === prefix.length || "/?*".includes(url[prefix.length]))) {
+    target = url.slice(prefix.length);
+  } else {
+    // Absolute-form request target ("GET http://other/x"): drop scheme and authority.
+    const afterScheme = url.indexOf("://");
+    const rest = afterScheme >= 0 ? url.slice(afterScheme + 3) : url;
+    const pathStart = rest.search(/[/?]/);
+    target = pathStart >= 0 ? rest.slice(pathStart) : "/";
+  }
+  if (target === "" || target.startsWith("?")) target = "/" + target;
+
+  const hash = target.indexOf("#");
+  if (hash >= 0) target = target.slice(0, hash);
+  const uri = latin1OfUtf8(target);
+  const question = uri.indexOf("?");
+  return question >= 0
+    ? { path: uri.slice(0, question), query: uri.slice(question + 1), uri }
+    : { path: uri, query: "", uri };
+}
+
+function hexValue(code: number): number {
+  if (code >= 48 && code <= 57) return code - 48;
+  const lower = code | 0x20;
+  if (lower >= 97 && lower <= 102) return lower - 87;
+  return -1;
+}
+
+/**
+ * Percent-decodes a raw path once. The result holds one character per byte
+ * (the Latin-1 view PEP 3333 asks for); invalid escapes stay as they are.
+ */
+export function decodePath(rawPath: string): string {
+  if (!rawPath.includes("%")) return rawPath;
+  let out = "";
+  for (let i = 0; i < rawPath.length; i++) {
+    const char = rawPath[i];
+    if (char === "%" && i + 2 < rawPath.length) {
+      const high = hexValue(rawPath.charCodeAt(i + 1));
+      const low = hexValue(rawPath.charCodeAt(i + 2));
+      if (high >= 0 && low >= 0) {
+        out += String.fromCharCode(high * 16 + low);
+        i += 2;
+        continue;
+      }
+    }
+    out += char;
+  }
+  return out;
+}
+
+/**
+ * Splits a decoded path at a mount point. Returns [SCRIPT_NAME, PATH_INFO],
+ * or undefined when the path is outside the mount. A mount matches only at a
+ * segment boundary: "/app" serves "/app" and "/app/x", never "/application".
+ */
+export function splitMount(path: string, mountPoint: string): [string, string] | undefined {
+  if (mountPoint === "") return ["", path];
+  if (path === mountPoint) return [mountPoint, ""];
+  if (path.startsWith(mountPoint + "/")) return [mountPoint, path.slice(mountPoint.length)];
+  return undefined;
+}
+
+/** Request headers whose WSGI keys have no HTTP_ prefix. */
+const UNPREFIXED: Record<string, string> = {
+  "content-type": "CONTENT_TYPE",
+  "content-length": "CONTENT_LENGTH",
+};
+
+/**
+ * Builds the string-valued environ keys of a request. The Python adapter adds
+ * the `wsgi.*` objects.
+ */
+export function buildEnviron(
+  request: Request,
+  target: RawTarget,
+  scriptName: string,
+  pathInfo: string,
+  connection: ConnectionInfo,
+): Record<string, string> {
+  const environ: Record<string, string> = {
+    REQUEST_METHOD: request.method,
+    SCRIPT_NAME: scriptName,
+    PATH_INFO: pathInfo,
+    QUERY_STRING: target.query,
+    REQUEST_URI: target.uri,
+    // Deno.serve does not tell the handler the HTTP version of the request.
+    SERVER_PROTOCOL: "HTTP/1.1",
+    SERVER_NAME: connection.serverName,
+    SERVER_PORT: String(connection.serverPort),
+    REMOTE_ADDR: connection.remoteAddr,
+    REMOTE_PORT: String(connection.remotePort),
+    "wsgi.url_scheme": "http",
+  };
+
+  for (const [name, value] of request.headers) {
+    const plain = UNPREFIXED[name];
+    if (plain) {
+      environ[plain] = value;
+      continue;
+    }
+    // "X_Auth" and "X-Auth" would both become HTTP_X_AUTH; a name with "_"
+    // could overwrite a header a proxy set, so it is dropped (as nginx and
+    // Apache 2.4 do).
+    if (name.includes("_")) continue;
+    environ["HTTP_" + name.toUpperCase().replaceAll("-", "_")] = value;
+  }
+  return environ;
+}
+
+/** Takes SERVER_NAME from the Host header (without its port), as mod_wsgi does by default. */
+export function serverName(host: string | null, fallback: string): string {
+  if (!host) return fallback;
+  if (host.startsWith("[")) {
+    const end = host.indexOf("]");
+    return end > 0 ? host.slice(0, end + 1) : host;
+  }
+  const colon = host.lastIndexOf(":");
+  return colon >= 0 ? host.slice(0, colon) : host;
+}

@@ -1,0 +1,146 @@
+/**
+ * The front: one `Deno.serve` listener that routes each request to a static
+ * alias, to the application's isolate pool, or to a 404.
+ */
+
+import { IsolatePool } from "../supervisor/pool.ts";
+import type { Logger } from "../supervisor/log.ts";
+import { buildEnviron, decodePath, rawTarget, serverName, splitMount } from "./environ.ts";
+import type { ServerOptions } from "./options.ts";
+import { matchAlias, serveStatic } from "./static_files.ts";
+import { errorResponse, type ResponseRecord } from "./wsgi_response.ts";
+import { handleWsgiRequest } from "./wsgi_request.ts";
+
+export interface RunningServer {
+  /** Where the server listens (the real port when --port 0 was given). */
+  addr: Deno.NetAddr;
+  pool: IsolatePool;
+  /** Resolves once the first isolate is ready; rejects if none can start. */
+  ready: Promise<void>;
+  /** Resolves when the listener has closed. */
+  finished: Promise<void>;
+  /** Stops accepting, lets running responses finish within `timeoutMs`, then stops the pool. */
+  shutdown(timeoutMs?: number): Promise<void>;
+}
+
+const encoder = new TextEncoder();
+const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+
+/** Formats a time as in Apache's access log: 04/Dec/2026:21:18:11 +0000. */
+function accessLogTime(date: Date): string {
+  const pad = (n: number) => String(n).padStart(2, "0");
+  return `${pad(date.getUTCDate())}/${MONTHS[date.getUTCMonth()]}/${date.getUTCFullYear()}:` +
+    `${pad(date.getUTCHours())}:${pad(date.getUTCMinutes())}:${pad(date.getUTCSeconds())} +0000`;
+}
+
+function quoted(value: string | null): string {
+  if (value === null) return "-";
+  return value.replace(/[\\"]/g, (c) => "\\" + c).replace(/[\x00-\x1f\x7f]/g, "?");
+}
+
+/** Writes one access log line in Apache's combined format plus the duration in microseconds. */
+function writeAccessLog(request: Request, uri: string, remote: string, record: ResponseRecord, startedMs: number) {
+  const micros = Math.round((performance.now() - startedMs) * 1000);
+  const line = `${remote} - - [${accessLogTime(new Date())}] "${request.method} ${quoted(uri)} HTTP/1.1" ` +
+    `${record.status} ${record.bytes || "-"} "${quoted(request.headers.get("referer"))}" ` +
+    `"${quoted(request.headers.get("user-agent"))}" ${micros}\n`;
+  Deno.stdout.writeSync(encoder.encode(line));
+}
+
+export function startServer(options: ServerOptions, logger: Logger): Promise<RunningServer> {
+  const app = options.app;
+  const appLogger = logger.child({ app: app.name, pid: Deno.pid });
+  const pool = new IsolatePool(app, {
+    size: options.threads,
+    queueLimit: options.queueLimit,
+    logger: appLogger,
+  });
+  const ready = pool.start();
+  let requestCount = 0;
+  const requestPrefix = Math.random().toString(36).slice(2, 6);
+
+  const handler = async (request: Request, info: Deno.ServeHandlerInfo<Deno.NetAddr>) => {
+    const started = performance.now();
+    const requestId = `${requestPrefix}-${++requestCount}`;
+    const requestLogger = appLogger.child({ request: requestId });
+    const host = request.headers.get("host");
+    const target = rawTarget(request.url, host, listenAddr.port);
+    const remote = info.remoteAddr.hostname;
+    const done = (record: ResponseRecord) => {
+      if (options.accessLog) writeAccessLog(request, target.uri, remote, record, started);
+    };
+
+    try {
+      const alias = matchAlias(options.urlAliases, target.path);
+      if (alias) {
+        const response = await serveStatic(request, alias.alias, alias.rest, { logger: requestLogger });
+        done({ status: response.status, bytes: Number(response.headers.get("content-length") ?? 0) });
+        return response;
+      }
+
+      const path = decodePath(target.path);
+      const split = splitMount(path, options.mountPoint);
+      if (!split) {
+        done({ status: 404, bytes: 0 });
+        return errorResponse(404, "Not Found");
+      }
+      const environ = buildEnviron(request, target, split[0], split[1], {
+        serverName: serverName(host, listenAddr.hostname),
+        serverPort: listenAddr.port,
+        remoteAddr: remote,
+        remotePort: info.remoteAddr.port,
+      });
+      return await handleWsgiRequest({
+        request,
+        requestId,
+        environ,
+        pool,
+        logger: requestLogger,
+        filePaths: app.pythonPath,
+        onDone: done,
+      });
+    } catch (error) {
+      requestLogger.error(`request failed in the server: ${error instanceof Error ? error.stack : error}`);
+      done({ status: 500, bytes: 0, error: String(error) });
+      return errorResponse(500, "Internal Server Error");
+    }
+  };
+
+  const { promise: listening, resolve: onListening } = Promise.withResolvers<Deno.NetAddr>();
+  let listenAddr: Deno.NetAddr;
+  const server = Deno.serve({
+    hostname: options.host,
+    port: options.port,
+    onListen: (addr) => onListening(addr as Deno.NetAddr),
+    onError: (error) => {
+      // The handler catches its own errors, so what reaches here is a
+      // response stream that was aborted on purpose and already logged.
+      appLogger.debug(`connection aborted: ${error}`);
+      return errorResponse(500, "Internal Server Error");
+    },
+  }, handler);
+
+  return listening.then((addr) => {
+    listenAddr = addr;
+    appLogger.info(
+      `listening on http://${addr.hostname}:${addr.port}${options.mountPoint || "/"} ` +
+        `(Python ${app.python}, ${options.threads} isolate${options.threads === 1 ? "" : "s"})`,
+    );
+    return {
+      addr,
+      pool,
+      ready,
+      finished: server.finished,
+      async shutdown(timeoutMs = 5000) {
+        appLogger.info("shutting down: no new connections");
+        const timeout = new Promise((resolve) => setTimeout(resolve, timeoutMs, "timeout"));
+        const result = await Promise.race([server.shutdown().then(() => "drained"), timeout]);
+        if (result === "timeout") {
+          appLogger.warning(`responses still running after ${timeoutMs} ms; stopping them`);
+        }
+        pool.stop();
+        appLogger.info("server stopped");
+      },
+    };
+  });
+}

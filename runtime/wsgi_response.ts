@@ -1,0 +1,272 @@
+/**
+ * Turns what an isolate sends for one request into a Deno `Response`.
+ *
+ * The isolate sends the status and headers only after the application's
+ * first non-empty body chunk (or its end), so an application that fails
+ * early still gets a clean 500. Body chunks then stream through a
+ * ReadableStream whose pulls hand window credit back to the isolate, which
+ * is how a slow client slows the application down instead of filling memory.
+ */
+
+import type { ResponseSink } from "../supervisor/isolate.ts";
+import type { Logger } from "../supervisor/log.ts";
+import type { RequestControl } from "../wasm/channel.ts";
+import type { EndMessage, FileMessage, StartMessage } from "../wasm/protocol.ts";
+
+const FILE_PIECE = 64 * 1024;
+
+type BodyItem =
+  | { kind: "chunk"; chunk: Uint8Array<ArrayBuffer> }
+  | { kind: "file"; message: FileMessage }
+  | { kind: "end"; error?: string };
+
+/** Summary of a finished response, for the access log. */
+export interface ResponseRecord {
+  status: number;
+  bytes: number;
+  /** Why the response was cut short, if it was. */
+  error?: string;
+}
+
+export interface ResponseBuilderOptions {
+  method: string;
+  control: RequestControl;
+  logger: Logger;
+  /** Host folders the application may hand to `wsgi.file_wrapper`. */
+  filePaths: string[];
+  /** Called once when the response has been fully sent or has failed. */
+  onDone(record: ResponseRecord): void;
+}
+
+/** Returns a plain-text error response. */
+export function errorResponse(status: number, text: string, headers: HeadersInit = {}): Response {
+  return new Response(text + "\n", {
+    status,
+    headers: { "content-type": "text/plain; charset=utf-8", ...headers },
+  });
+}
+
+function isInside(path: string, folders: string[]): boolean {
+  return folders.some((folder) => path === folder || path.startsWith(folder + "/"));
+}
+
+/** Status codes that never carry a body. */
+function bodyless(method: string, status: number): boolean {
+  return method === "HEAD" || status === 204 || status === 304;
+}
+
+export class ResponseBuilder implements ResponseSink {
+  /** Resolves with the Response as soon as the status and headers are known. */
+  readonly response: Promise<Response>;
+  #resolve: (response: Response) => void;
+  #options: ResponseBuilderOptions;
+  #items: BodyItem[] = [];
+  #wake: (() => void) | null = null;
+  #status = 0;
+  #bytes = 0;
+  #started = false;
+  #done = false;
+  #stream: ReadableStreamDefaultController<Uint8Array> | null = null;
+  #file: { handle: Deno.FsFile; remaining: number } | null = null;
+
+  constructor(options: ResponseBuilderOptions) {
+    this.#options = options;
+    const { promise, resolve } = Promise.withResolvers<Response>();
+    this.response = promise;
+    this.#resolve = resolve;
+  }
+
+  start(message: StartMessage): void {
+    this.#started = true;
+    this.#status = message.status;
+    const headers = new Headers();
+    for (let i = 0; i < message.headers.length; i += 2) {
+      headers.append(message.headers[i], message.headers[i + 1]);
+    }
+
+    if (bodyless(this.#options.method, message.status)) {
+      this.#resolve(new Response(null, { status: message.status, headers }));
+      if (message.complete) this.#finish();
+      return;
+    }
+    if (message.complete) {
+      const body = message.body ?? new Uint8Array(0);
+      this.#bytes = body.length;
+      this.#resolve(new Response(body, { status: message.status, headers }));
+      this.#finish();
+      return;
+    }
+    if (message.body?.length) this.#push({ kind: "chunk", chunk: message.body });
+    this.#resolve(new Response(this.#makeStream(), { status: message.status, headers }));
+  }
+
+  body(chunk: Uint8Array<ArrayBuffer>): void {
+    this.#push({ kind: "chunk", chunk });
+  }
+
+  file(message: FileMessage): void {
+    this.#push({ kind: "file", message });
+  }
+
+  end(message: EndMessage): void {
+    if (bodyless(this.#options.method, this.#status)) {
+      this.#finish(message.error);
+      return;
+    }
+    this.#push({ kind: "end", error: message.error });
+  }
+
+  fail(status: number, reason: string): void {
+    if (!this.#started) {
+      this.#started = true;
+      this.#status = status;
+      this.#options.logger.error(`request failed with ${status}: ${reason}`);
+      const headers: HeadersInit = status === 503 ? { "retry-after": "5" } : {};
+      this.#resolve(errorResponse(status, httpReason(status), headers));
+      this.#finish(reason);
+      return;
+    }
+    this.#push({ kind: "end", error: reason });
+  }
+
+  /** The client left before an isolate took the request (nginx logs this as 499). */
+  abandon(): void {
+    if (this.#started) return;
+    this.#started = true;
+    this.#status = 499;
+    this.#options.logger.info("client closed the connection while the request was queued");
+    this.#resolve(errorResponse(503, "Service Unavailable"));
+    this.#finish("client disconnected");
+  }
+
+  #push(item: BodyItem): void {
+    this.#items.push(item);
+    const wake = this.#wake;
+    this.#wake = null;
+    wake?.();
+  }
+
+  #next(): Promise<BodyItem> {
+    const item = this.#items.shift();
+    if (item) return Promise.resolve(item);
+    return new Promise((resolve) => {
+      this.#wake = () => resolve(this.#items.shift()!);
+    });
+  }
+
+  #makeStream(): ReadableStream<Uint8Array> {
+    return new ReadableStream<Uint8Array>({
+      start: (controller) => {
+        this.#stream = controller;
+      },
+      pull: (controller) => this.#pull(controller),
+      cancel: (reason) => this.#cancel(reason),
+    }, { highWaterMark: 0 });
+  }
+
+  /**
+   * Produces the next piece of the body. Every call must enqueue, close or
+   * error before it returns: a pull that returns with nothing leaves the
+   * reader waiting forever.
+   */
+  async #pull(controller: ReadableStreamDefaultController<Uint8Array>): Promise<void> {
+    for (;;) {
+      if (this.#file) {
+        const piece = await this.#readFilePiece();
+        if (piece) {
+          controller.enqueue(piece);
+          return;
+        }
+        continue;
+      }
+      const item = await this.#next();
+      switch (item.kind) {
+        case "chunk":
+          controller.enqueue(item.chunk);
+          this.#bytes += item.chunk.length;
+          this.#options.control.released(item.chunk.length);
+          return;
+        case "file":
+          await this.#openFile(item.message);
+          continue;
+        case "end":
+          if (item.error) {
+            this.#options.logger.error(`response aborted after its headers were sent: ${item.error}`);
+            // Erroring the stream makes Deno close the connection without the
+            // final chunk, so the client can tell the body is incomplete.
+            controller.error(new Error(item.error));
+          } else {
+            controller.close();
+          }
+          this.#finish(item.error);
+          return;
+      }
+    }
+  }
+
+  async #openFile(message: FileMessage): Promise<void> {
+    if (!isInside(message.path, this.#options.filePaths)) {
+      const error = `wsgi.file_wrapper path '${message.path}' is outside the application's folders`;
+      this.#items.unshift({ kind: "end", error });
+      return;
+    }
+    try {
+      const handle = await Deno.open(message.path, { read: true });
+      await handle.seek(message.offset, Deno.SeekMode.Start);
+      const remaining = message.length < 0 ? Infinity : message.length;
+      this.#file = { handle, remaining };
+    } catch (error) {
+      this.#items.unshift({ kind: "end", error: `cannot send file '${message.path}': ${error}` });
+    }
+  }
+
+  /** Reads the next piece of the file being sent; undefined (and closed) at its end. */
+  async #readFilePiece(): Promise<Uint8Array | undefined> {
+    const file = this.#file!;
+    const size = Math.min(FILE_PIECE, file.remaining);
+    const piece = new Uint8Array(size);
+    const count = size > 0 ? await file.handle.read(piece) : null;
+    if (count === null || count === 0) {
+      file.handle.close();
+      this.#file = null;
+      return undefined;
+    }
+    file.remaining -= count;
+    this.#bytes += count;
+    return count === size ? piece : piece.subarray(0, count);
+  }
+
+  #cancel(reason: unknown): void {
+    this.#options.control.cancel();
+    this.#file?.handle.close();
+    this.#file = null;
+    this.#options.logger.info(`client closed the connection during the response (${reason})`);
+    this.#finish("client disconnected");
+  }
+
+  /** Stops a streaming response that has not finished (the server is shutting down). */
+  abort(reason: string): void {
+    if (this.#done || !this.#stream) return;
+    this.#stream.error(new Error(reason));
+    this.#finish(reason);
+  }
+
+  #finish(error?: string): void {
+    if (this.#done) return;
+    this.#done = true;
+    this.#options.onDone({ status: this.#status, bytes: this.#bytes, error });
+  }
+}
+
+const REASONS: Record<number, string> = {
+  400: "Bad Request",
+  500: "Internal Server Error",
+  501: "Not Implemented",
+  502: "Bad Gateway",
+  503: "Service Unavailable",
+  504: "Gateway Timeout",
+};
+
+export function httpReason(status: number): string {
+  return REASONS[status] ?? `HTTP ${status}`;
+}
