@@ -9,10 +9,14 @@
 export const PYTHON_VERSIONS = ["3.12", "3.14"] as const;
 export type PythonVersion = typeof PYTHON_VERSIONS[number];
 
-/** The Pyodide npm package (an import-map name in deno.json) behind each Python version. */
-export const PYODIDE_PACKAGE: Record<PythonVersion, string> = {
-  "3.12": "pyodide-py312",
-  "3.14": "pyodide-py314",
+/**
+ * The Pyodide npm package behind each Python version. wasm/isolate_worker.ts
+ * imports the same specifiers as literals, so `deno compile` and the bundle
+ * see them; keep the two lists equal.
+ */
+export const PYODIDE_SPECIFIER: Record<PythonVersion, string> = {
+  "3.12": "npm:pyodide@0.27.8",
+  "3.14": "npm:pyodide@314.0.8",
 };
 
 export interface AppSpec {

@@ -4,7 +4,7 @@
  */
 
 import { fileURLToPath } from "node:url";
-import { type AppSpec, appReadPaths, PYODIDE_PACKAGE, type PythonVersion } from "./app_spec.ts";
+import { type AppSpec, appReadPaths, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
 import type { Logger } from "./log.ts";
 import type {
   EndMessage,
@@ -14,6 +14,7 @@ import type {
   StartMessage,
 } from "../wasm/protocol.ts";
 import type { BodyRing, RequestControl } from "../wasm/channel.ts";
+import { ISOLATE_WORKER_URL } from "./worker_url.ts";
 
 /** Where the response of one request goes, in the order the isolate produces it. */
 export interface ResponseSink {
@@ -58,7 +59,7 @@ export type IsolateState = "starting" | "idle" | "busy" | "dead";
 
 /** The folder of a Pyodide npm package, which every isolate must be able to read. */
 export function pyodideFolder(python: PythonVersion): string {
-  const entry = import.meta.resolve(PYODIDE_PACKAGE[python]);
+  const entry = import.meta.resolve(PYODIDE_SPECIFIER[python]);
   const folder = fileURLToPath(new URL(".", entry));
   try {
     return Deno.realPathSync(folder);
@@ -68,7 +69,6 @@ export function pyodideFolder(python: PythonVersion): string {
   }
 }
 
-const WORKER_URL = new URL("../wasm/isolate_worker.ts", import.meta.url);
 
 export class Isolate {
   readonly id: number;
@@ -88,7 +88,7 @@ export class Isolate {
     this.#options = options;
     this.#logger = options.logger.child({ isolate: options.id });
     const readPaths = [pyodideFolder(options.app.python), ...appReadPaths(options.app)];
-    this.#worker = new Worker(WORKER_URL, {
+    this.#worker = new Worker(ISOLATE_WORKER_URL, {
       type: "module",
       deno: {
         permissions: {

@@ -13,7 +13,17 @@
 import adapterSource from "./adapter.py" with { type: "text" };
 import { BodyRing, RequestControl } from "./channel.ts";
 import type { FromWorker, InitMessage, RequestMessage, ToWorker } from "./protocol.ts";
-import { PYODIDE_PACKAGE } from "../supervisor/app_spec.ts";
+import type { PythonVersion } from "../supervisor/app_spec.ts";
+
+/**
+ * Literal imports (not a computed specifier) so that `deno compile` embeds
+ * both Pyodide packages and the bundle leaves them to Deno.
+ */
+const PYODIDE_MODULES: Record<PythonVersion, () => Promise<{ loadPyodide: LoadPyodide }>> = {
+  "3.12": () => import("npm:pyodide@0.27.8"),
+  "3.14": () => import("npm:pyodide@314.0.8"),
+};
+type LoadPyodide = (options: Record<string, unknown>) => Promise<unknown>;
 
 /** The subset of Pyodide's API this worker uses; both pinned versions provide it. */
 interface Pyodide {
@@ -144,7 +154,7 @@ function mountFolders(folders: string[]): void {
 
 async function loadInterpreter(message: InitMessage): Promise<void> {
   const started = performance.now();
-  const { loadPyodide } = await import(PYODIDE_PACKAGE[message.app.python]);
+  const { loadPyodide } = await PYODIDE_MODULES[message.app.python]();
   pyodide = await loadPyodide({
     // The default reads from the server's terminal; input() should raise EOFError.
     stdin: () => undefined,
