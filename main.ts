@@ -1,57 +1,19 @@
 /**
- * wsgirun: serves a Python WSGI application from Pyodide isolates.
+ * wsgirun: serves Python WSGI applications from Pyodide isolates.
  *
- * Run `deno task wsgirun --help` for the options. Startup goes in stages:
- * parse the command line, start the isolate pool and the listener, then wait
- * for a signal to stop.
+ * Run `deno task wsgirun --help` for the options. The same program is also
+ * the entry of a daemon process: the server starts it again with the
+ * internal DAEMON_SUBCOMMAND argument. The two entries are imported lazily,
+ * so a daemon process loads none of the front's modules.
  */
 
-import { formatUsageError, parseCommandLine, UsageError } from "./runtime/cli.ts";
-import { type RunningServer, startServer } from "./runtime/server.ts";
-import { Logger } from "./supervisor/log.ts";
-
-/** Exit status for invalid command lines, as in most Unix tools. */
-const EXIT_USAGE = 2;
-
-function parseOrExit(args: string[]) {
-  try {
-    return parseCommandLine(args, { cwd: Deno.cwd(), cpus: navigator.hardwareConcurrency });
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(formatUsageError(error));
-    Deno.exit(EXIT_USAGE);
-  }
-}
-
-/** Stops gracefully on SIGINT or SIGTERM; a second signal stops at once. */
-function stopOnSignals(server: RunningServer): void {
-  let stopping = false;
-  const stop = async () => {
-    if (stopping) Deno.exit(1);
-    stopping = true;
-    await server.shutdown();
-    Deno.exit(0);
-  };
-  Deno.addSignalListener("SIGINT", stop);
-  Deno.addSignalListener("SIGTERM", stop);
-}
-
-async function main(args: string[]): Promise<void> {
-  const command = parseOrExit(args);
-  if (command.kind !== "serve") {
-    console.log(command.text);
-    return;
-  }
-  const options = command.options;
-  const logger = new Logger(options.logLevel);
-  const server = await startServer(options, logger);
-  stopOnSignals(server);
-  server.ready.catch((error) => {
-    logger.critical(`the application cannot start: ${error.message}`);
-  });
-  await server.finished;
-}
+import { DAEMON_SUBCOMMAND } from "./supervisor/daemon_protocol.ts";
 
 if (import.meta.main) {
-  await main(Deno.args);
+  if (Deno.args[0] === DAEMON_SUBCOMMAND) {
+    const { runDaemon } = await import("./supervisor/daemon_main.ts");
+    Deno.exit(await runDaemon());
+  }
+  const { runFront } = await import("./runtime/front_main.ts");
+  await runFront(Deno.args);
 }

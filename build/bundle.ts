@@ -8,6 +8,7 @@
  */
 
 import * as esbuild from "esbuild";
+import { PYODIDE_SPECIFIER } from "../supervisor/app_spec.ts";
 
 const root = new URL("../", import.meta.url).pathname;
 const outdir = Deno.args[0] ?? root + "dist";
@@ -23,6 +24,17 @@ const workerUrlPlugin: esbuild.Plugin = {
   },
 };
 
+/**
+ * Literal imports of every Pyodide package, put at the top of each output file and never run.
+ * The main thread finds Pyodide's folder with import.meta.resolve(), which returns the bare
+ * npm: specifier unless a literal import puts the package into Deno's module graph. This
+ * matters when the bundle runs outside this repository, where no node_modules folder applies.
+ * esbuild would drop such dead code from the source, so it goes into the banner.
+ */
+const pyodideImports = Object.values(PYODIDE_SPECIFIER)
+  .map((specifier) => `import("${specifier}");`)
+  .join(" ");
+
 const result = await esbuild.build({
   absWorkingDir: root,
   entryPoints: { wsgirun: "main.ts", isolate_worker: "wasm/isolate_worker.ts" },
@@ -34,6 +46,7 @@ const result = await esbuild.build({
   external: ["npm:*", "node:*"],
   loader: { ".py": "text" },
   plugins: [workerUrlPlugin],
+  banner: { js: `if (false) { ${pyodideImports} }` },
   logLevel: "warning",
   metafile: true,
 });

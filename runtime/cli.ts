@@ -16,7 +16,9 @@
 import { basename, dirname, resolve } from "node:path";
 import { type AppSpec, PYTHON_VERSIONS, type PythonVersion } from "../supervisor/app_spec.ts";
 import { LOG_LEVELS, type LogLevel } from "../supervisor/log.ts";
-import type { ServerOptions, UrlAlias } from "./options.ts";
+import { type DaemonGroupSpec, DaemonSpecError, parseDaemonSpec } from "../supervisor/daemon_spec.ts";
+import { assignProcessGroups, MountConfigError, splitProcessGroup } from "./mounts.ts";
+import type { MountSpec, ServerOptions, UrlAlias } from "./options.ts";
 
 export const WSGIRUN_VERSION = "0.1.0";
 
@@ -77,7 +79,12 @@ export interface OptionValues {
   accessLog: boolean;
   logLevel: LogLevel;
   preload: boolean;
+  snapshot: "app" | "runtime" | "off";
   queueLimit: number;
+  daemonGroups: DaemonGroupSpec[];
+  processGroup?: string;
+  /** `--mount` uses, with SCRIPT still unresolved. */
+  mounts: { mountPoint: string; script: string; processGroup?: string }[];
 }
 
 /** One command-line option: its names, the values it takes, its help and its handler. */
@@ -222,6 +229,44 @@ export const OPTIONS: readonly OptionSpec[] = [
     },
   },
   {
+    name: "--snapshot",
+    valueNames: ["MODE"],
+    help: "What new isolates start from. 'app' restores a memory snapshot taken after " +
+      "the application was imported, where that is safe (no open files or " +
+      "JavaScript objects kept at import); 'runtime' restores one taken before the " +
+      "import; 'off' starts Pyodide from scratch (about 2 s per isolate). Snapshots " +
+      "are cached in $WSGIRUN_CACHE_DIR, else $XDG_CACHE_HOME/wsgirun or " +
+      "~/.cache/wsgirun, and rebuilt when Pyodide, wsgirun or an imported file changes.",
+    defaultText: "app",
+    repeatable: false,
+    apply: ([value], draft) => {
+      if (value !== "app" && value !== "runtime" && value !== "off") {
+        throw new UsageError(`invalid value for --snapshot: '${value}' (expected app, runtime or off)`);
+      }
+      draft.snapshot = value;
+    },
+  },
+  {
+    name: "--snapshot-app",
+    valueNames: [],
+    help: "Same as --snapshot app.",
+    defaultText: "on",
+    repeatable: false,
+    apply: (_values, draft) => {
+      draft.snapshot = "app";
+    },
+  },
+  {
+    name: "--no-snapshot-app",
+    valueNames: [],
+    help: "Same as --snapshot runtime: every isolate imports the application itself.",
+    defaultText: "off",
+    repeatable: false,
+    apply: (_values, draft) => {
+      draft.snapshot = "runtime";
+    },
+  },
+  {
     name: "--queue-limit",
     valueNames: ["N"],
     help: "Maximum number of requests that wait for a free isolate, from 0 to " +
@@ -230,6 +275,56 @@ export const OPTIONS: readonly OptionSpec[] = [
     repeatable: false,
     apply: ([value], draft) => {
       draft.queueLimit = parseInteger("--queue-limit", value, 0, MAX_QUEUE_LIMIT);
+    },
+  },
+  {
+    name: "--daemon",
+    valueNames: ["SPEC"],
+    help: "Define a daemon process group: SPEC is group=NAME followed by ,key=value " +
+      "items with mod_wsgi's names. processes: processes in the group (default 1). " +
+      "threads: isolates per process, created on demand and retired when idle " +
+      "(default 15). user, group: the account the processes run as (the server " +
+      "must run as root, and a daemon never runs as root). home: working directory. " +
+      "python-path: DIR[:DIR...]. python: 3.12 or 3.14. display-name: the name ps " +
+      "shows (default (wsgi:NAME)). maximum-requests, restart-interval: replace a " +
+      "process after that many requests or seconds. Timeouts in seconds: " +
+      "inactivity-timeout (idle isolate retired, 60), request-timeout (504, 60), " +
+      "queue-timeout (503, 45), startup-timeout (30), graceful-timeout (a reload " +
+      "drains for this long, 15), shutdown-timeout (5). env=NAME=VALUE sets " +
+      "os.environ, allow-net=HOST[:PORT] and allow-write=DIR grant the application " +
+      "network and write access, which it has none of by default. With one SCRIPT " +
+      "and one group, SCRIPT runs in that group.",
+    repeatable: true,
+    apply: ([value], draft, cwd) => {
+      try {
+        draft.daemonGroups.push(parseDaemonSpec(value, cwd));
+      } catch (error) {
+        if (!(error instanceof DaemonSpecError)) throw error;
+        throw new UsageError(`invalid --daemon ${quote(value)}: ${error.message}`);
+      }
+    },
+  },
+  {
+    name: "--process-group",
+    valueNames: ["GROUP"],
+    help: "Run SCRIPT in the daemon process group GROUP, defined with --daemon. " +
+      "Without it, SCRIPT runs embedded unless it is the only application and " +
+      "exactly one group is defined.",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.processGroup = value;
+    },
+  },
+  {
+    name: "--mount",
+    valueNames: ["URL", "SCRIPT"],
+    help: "Serve another application at the URL path prefix URL. SCRIPT is a file or " +
+      "package.module[:callable], optionally followed by :process-group=GROUP to " +
+      "run it in a daemon group; without that it runs embedded. It shares " +
+      "--python, --python-path, --threads and --preload with SCRIPT.",
+    repeatable: true,
+    apply: ([url, script], draft) => {
+      draft.mounts.push({ mountPoint: parseUrlPrefix("--mount", url), ...splitProcessGroup(script) });
     },
   },
   {
@@ -283,7 +378,13 @@ Examples:
       Run four Python 3.12 isolates that can also import modules from ./pylib.
   wsgirun mysite.wsgi:application --url-alias /static ./static
       Serve the callable 'application' of the module mysite/wsgi.py, and the
-      files of ./static at /static without Python.`;
+      files of ./static at /static without Python.
+  wsgirun app.wsgi --daemon group=site1,processes=2,threads=15,user=www-data
+      Run app.wsgi in two daemon processes as the user www-data.
+  wsgirun app.wsgi --daemon group=old,python=3.12 --process-group old \\
+      --mount /new new.wsgi
+      Run app.wsgi in the group old on Python 3.12, and new.wsgi embedded at
+      /new.`;
 
 /** Full `--help` output, at most 80 columns wide. */
 export const HELP_TEXT: string = [
@@ -379,16 +480,23 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
   const draft = defaultOptionValues(env);
   for (const use of tokens.uses) use.spec.apply?.(use.values, draft, cwd);
 
-  const script = resolveScript(scriptArgument, cwd);
-  const app: AppSpec = {
-    name: script.name,
-    callable: selectCallable(scriptArgument, script.callable, draft.callableObject),
-    python: draft.python,
-    pythonPath: [...new Set([script.directory, ...draft.pythonPath])],
-    preload: draft.preload,
-  };
-  if (script.scriptPath !== undefined) app.scriptPath = script.scriptPath;
-  if (script.module !== undefined) app.module = script.module;
+  const app = buildApp(scriptArgument, draft, cwd, draft.callableObject);
+  const mounts: MountSpec[] = draft.mounts.map((mount) => ({
+    mountPoint: mount.mountPoint,
+    app: buildApp(mount.script, draft, cwd, undefined),
+    processGroup: mount.processGroup,
+  }));
+  let processGroup: string | undefined;
+  try {
+    processGroup = assignProcessGroups({
+      main: { mountPoint: draft.mountPoint, app, processGroup: draft.processGroup },
+      mounts,
+      groups: draft.daemonGroups,
+    });
+  } catch (error) {
+    if (!(error instanceof MountConfigError)) throw error;
+    throw new UsageError(error.message);
+  }
 
   const options: ServerOptions = {
     host: draft.host,
@@ -400,8 +508,32 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     logLevel: draft.logLevel,
     queueLimit: draft.queueLimit,
     app,
+    mounts,
+    daemonGroups: draft.daemonGroups,
   };
+  if (processGroup !== undefined) options.processGroup = processGroup;
   return { kind: "serve", options };
+}
+
+/** Resolves a SCRIPT argument into the application it names, with the shared options. */
+function buildApp(
+  scriptArgument: string,
+  draft: OptionValues,
+  cwd: string,
+  callableObject: string | undefined,
+): AppSpec {
+  const script = resolveScript(scriptArgument, cwd);
+  const app: AppSpec = {
+    name: script.name,
+    callable: selectCallable(scriptArgument, script.callable, callableObject),
+    python: draft.python,
+    pythonPath: [...new Set([script.directory, ...draft.pythonPath])],
+    preload: draft.preload,
+    snapshot: draft.snapshot,
+  };
+  if (script.scriptPath !== undefined) app.scriptPath = script.scriptPath;
+  if (script.module !== undefined) app.module = script.module;
+  return app;
 }
 
 function defaultOptionValues(env: ParseEnvironment): OptionValues {
@@ -416,7 +548,10 @@ function defaultOptionValues(env: ParseEnvironment): OptionValues {
     accessLog: false,
     logLevel: "info",
     preload: false,
+    snapshot: "app",
     queueLimit: 100,
+    daemonGroups: [],
+    mounts: [],
   };
 }
 

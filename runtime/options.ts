@@ -1,4 +1,5 @@
 import type { AppSpec } from "../supervisor/app_spec.ts";
+import type { DaemonGroupSpec } from "../supervisor/daemon_spec.ts";
 import type { LogLevel } from "../supervisor/log.ts";
 
 /** A static folder served at a URL prefix without Python (`--url-alias`). */
@@ -7,6 +8,15 @@ export interface UrlAlias {
   url: string;
   /** Absolute host path of a folder or a single file. */
   path: string;
+}
+
+/** A further application mounted at a URL prefix (`--mount URL SCRIPT`). */
+export interface MountSpec {
+  /** URL prefix, "" for the root, else "/prefix" without a trailing "/". */
+  mountPoint: string;
+  app: AppSpec;
+  /** Daemon process group that runs the application; embedded when unset. */
+  processGroup?: string;
 }
 
 /** Everything the command line sets for one server. */
@@ -30,4 +40,10 @@ export interface ServerOptions {
    */
   queueLimit: number;
   app: AppSpec;
+  /** Daemon process group that runs `app`; embedded when unset. */
+  processGroup?: string;
+  /** Applications mounted besides `app`, each embedded or in a group. */
+  mounts: MountSpec[];
+  /** Process groups from `--daemon`, each used by at least one mount. */
+  daemonGroups: DaemonGroupSpec[];
 }

@@ -1,11 +1,12 @@
 /**
  * The front: one `Deno.serve` listener that routes each request to a static
- * alias, to the application's isolate pool, or to a 404.
+ * alias, to the backend of the mount it falls under (embedded isolates or a
+ * daemon process group), or to a 404.
  */
 
-import { IsolatePool } from "../supervisor/pool.ts";
 import type { Logger } from "../supervisor/log.ts";
-import { buildEnviron, decodePath, rawTarget, serverName, splitMount } from "./environ.ts";
+import { buildEnviron, decodePath, rawTarget, serverName } from "./environ.ts";
+import { MountTable } from "./mounts.ts";
 import type { ServerOptions } from "./options.ts";
 import { matchAlias, serveStatic } from "./static_files.ts";
 import { errorResponse, type ResponseRecord } from "./wsgi_response.ts";
@@ -14,14 +15,23 @@ import { handleWsgiRequest } from "./wsgi_request.ts";
 export interface RunningServer {
   /** Where the server listens (the real port when --port 0 was given). */
   addr: Deno.NetAddr;
-  pool: IsolatePool;
-  /** Resolves once the first isolate is ready; rejects if none can start. */
+  mounts: MountTable;
+  /** Resolves once every mount can serve; rejects if one cannot start. */
   ready: Promise<void>;
   /** Resolves when the listener has closed. */
   finished: Promise<void>;
-  /** Stops accepting, lets running responses finish within `timeoutMs`, then stops the pool. */
+  /**
+   * Stops accepting, lets running responses finish within `timeoutMs` (by
+   * default the longest shutdown-timeout of the daemon groups, or 5 s), then
+   * stops every backend.
+   */
   shutdown(timeoutMs?: number): Promise<void>;
+  /** Starts fresh daemon processes for every group and drains the old ones (SIGHUP). */
+  reload(reason: string): void;
 }
+
+/** Grace period for running responses when the server stops and no group sets its own. */
+const DEFAULT_SHUTDOWN_MS = 5000;
 
 const encoder = new TextEncoder();
 const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
@@ -47,15 +57,29 @@ function writeAccessLog(request: Request, uri: string, remote: string, record: R
   Deno.stdout.writeSync(encoder.encode(line));
 }
 
+/** Logs one line for each mount besides the main one, and for each mount in a daemon group. */
+function logMounts(mounts: MountTable, options: ServerOptions, logger: Logger): void {
+  for (const mount of mounts.mounts) {
+    const url = mount.mountPoint || "/";
+    if (mount.backend.name === "embedded") {
+      if (mount.app === options.app) continue;
+      logger.info(`mounted ${mount.app.name} at ${url}: embedded, Python ${mount.app.python}, ${options.threads} isolates`);
+      continue;
+    }
+    logger.info(`mounted ${mount.app.name} at ${url}: daemon group '${mount.backend.name}' on Python ${mount.app.python}`);
+  }
+}
+
 export function startServer(options: ServerOptions, logger: Logger): Promise<RunningServer> {
   const app = options.app;
   const appLogger = logger.child({ app: app.name, pid: Deno.pid });
-  const pool = new IsolatePool(app, {
-    size: options.threads,
-    queueLimit: options.queueLimit,
-    logger: appLogger,
-  });
-  const ready = pool.start();
+  let mounts: MountTable;
+  try {
+    mounts = new MountTable(options, logger);
+  } catch (error) {
+    return Promise.reject(error);
+  }
+  const ready = mounts.start();
   let requestCount = 0;
   const requestPrefix = Math.random().toString(36).slice(2, 6);
 
@@ -79,12 +103,12 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
       }
 
       const path = decodePath(target.path);
-      const split = splitMount(path, options.mountPoint);
-      if (!split) {
+      const route = mounts.route(path);
+      if (!route) {
         done({ status: 404, bytes: 0 });
         return errorResponse(404, "Not Found");
       }
-      const environ = buildEnviron(request, target, split[0], split[1], {
+      const environ = buildEnviron(request, target, route.scriptName, route.pathInfo, {
         serverName: serverName(host, listenAddr.hostname),
         serverPort: listenAddr.port,
         remoteAddr: remote,
@@ -94,9 +118,9 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
         request,
         requestId,
         environ,
-        pool,
-        logger: requestLogger,
-        filePaths: app.pythonPath,
+        backend: route.mount.backend,
+        logger: route.mount.logger.child({ request: requestId }),
+        filePaths: route.mount.filePaths,
         onDone: done,
       });
     } catch (error) {
@@ -122,23 +146,26 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
 
   return listening.then((addr) => {
     listenAddr = addr;
-    appLogger.info(
-      `listening on http://${addr.hostname}:${addr.port}${options.mountPoint || "/"} ` +
-        `(Python ${app.python}, ${options.threads} isolate${options.threads === 1 ? "" : "s"})`,
-    );
+    const runsIn = options.processGroup === undefined
+      ? `Python ${app.python}, ${options.threads} isolate${options.threads === 1 ? "" : "s"}`
+      : `daemon group '${options.processGroup}'`;
+    appLogger.info(`listening on http://${addr.hostname}:${addr.port}${options.mountPoint || "/"} (${runsIn})`);
+    logMounts(mounts, options, appLogger);
+    const groupShutdownMs = Math.max(0, ...mounts.groups.map((group) => group.spec.shutdownTimeoutMs));
     return {
       addr,
-      pool,
+      mounts,
       ready,
       finished: server.finished,
-      async shutdown(timeoutMs = 5000) {
+      reload: (reason) => mounts.reload(reason),
+      async shutdown(timeoutMs = groupShutdownMs || DEFAULT_SHUTDOWN_MS) {
         appLogger.info("shutting down: no new connections");
         const timeout = new Promise((resolve) => setTimeout(resolve, timeoutMs, "timeout"));
         const result = await Promise.race([server.shutdown().then(() => "drained"), timeout]);
         if (result === "timeout") {
           appLogger.warning(`responses still running after ${timeoutMs} ms; stopping them`);
         }
-        pool.stop();
+        await mounts.stop();
         appLogger.info("server stopped");
       },
     };

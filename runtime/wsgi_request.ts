@@ -1,22 +1,19 @@
 /**
- * Hands one HTTP request to an application's isolate pool.
+ * Hands one HTTP request to the backend of its mount.
  *
  * Small bodies with a Content-Length are read whole before the request is
  * queued, so a slow client never holds an interpreter while it uploads them.
- * Larger or chunked bodies stream into a shared ring that `wsgi.input` reads
- * from, with backpressure in both directions.
+ * Larger or chunked bodies go to the backend as the client's stream, which
+ * it moves to the isolate with backpressure in both directions.
  */
 
-import { type IsolatePool, PoolUnavailableError } from "../supervisor/pool.ts";
-import type { Job } from "../supervisor/isolate.ts";
+import type { AppBackend, RequestHandle } from "../supervisor/backend.ts";
+import { PoolUnavailableError } from "../supervisor/pool.ts";
 import type { Logger } from "../supervisor/log.ts";
-import { BodyRing, RequestControl } from "../wasm/channel.ts";
 import { errorResponse, ResponseBuilder, type ResponseRecord } from "./wsgi_response.ts";
 
 /** Bodies up to this size are read before the request is queued. */
 export const READ_AHEAD_BYTES = 64 * 1024;
-/** Capacity of the ring a larger body streams through (a power of two). */
-const BODY_RING_BYTES = 256 * 1024;
 
 const EMPTY_BODY = new Uint8Array(0);
 
@@ -24,7 +21,7 @@ export interface WsgiRequest {
   request: Request;
   requestId: string;
   environ: Record<string, string>;
-  pool: IsolatePool;
+  backend: AppBackend;
   logger: Logger;
   /** Host folders `wsgi.file_wrapper` may send from. */
   filePaths: string[];
@@ -38,27 +35,6 @@ async function readSmallBody(request: Request, logger: Logger): Promise<Uint8Arr
   } catch (error) {
     logger.info(`client stopped sending the request body: ${error}`);
     return undefined;
-  }
-}
-
-/** Copies the client's body into the ring until it ends, fails or nobody reads. */
-async function pumpBody(body: ReadableStream<Uint8Array>, ring: BodyRing, logger: Logger) {
-  const reader = body.getReader();
-  try {
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) {
-        ring.end();
-        return;
-      }
-      if (!(await ring.write(value))) {
-        await reader.cancel();
-        return;
-      }
-    }
-  } catch (error) {
-    logger.info(`client stopped sending the request body: ${error}`);
-    ring.abort();
   }
 }
 
@@ -84,8 +60,7 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
     return errorResponse(501, "Transfer-Encoding not supported");
   }
 
-  let body: Uint8Array<ArrayBuffer> | null = EMPTY_BODY;
-  let ring: BodyRing | null = null;
+  let body: Uint8Array<ArrayBuffer> | ReadableStream<Uint8Array> = EMPTY_BODY;
   if (request.body !== null) {
     const length = declaredLength(request);
     if (length !== undefined && length <= READ_AHEAD_BYTES) {
@@ -96,34 +71,35 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
       }
       body = whole;
     } else {
-      body = null;
-      ring = BodyRing.create(BODY_RING_BYTES);
+      body = request.body;
     }
   }
 
-  const control = new RequestControl();
+  // The builder exists before the backend returns the handle it reports
+  // window credit and cancellation to; nothing reaches it before that.
+  let handle: RequestHandle | undefined;
   const builder = new ResponseBuilder({
     method: request.method,
-    control,
+    control: {
+      released: (bytes) => handle?.released(bytes),
+      cancel: () => handle?.cancel(),
+    },
     logger,
     filePaths: input.filePaths,
     onDone: (record) => {
-      ring?.closeReader();
+      handle?.close();
       input.onDone(record);
     },
   });
-  const job: Job = {
-    requestId: input.requestId,
-    method: request.method,
-    environ: JSON.stringify(input.environ),
-    body,
-    bodyRing: ring,
-    control,
-    sink: builder,
-  };
 
   try {
-    input.pool.submit(job);
+    handle = input.backend.submit({
+      requestId: input.requestId,
+      method: request.method,
+      environ: JSON.stringify(input.environ),
+      body,
+      sink: builder,
+    });
   } catch (error) {
     if (!(error instanceof PoolUnavailableError)) throw error;
     logger.warning(`request rejected with 503: ${error.message}`);
@@ -133,15 +109,12 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
     });
   }
 
-  if (ring && request.body) pumpBody(request.body, ring, logger);
-
+  const submitted = handle;
   request.signal.addEventListener("abort", () => {
     // Also fires after a response completed (Deno's default); cancelling a
     // finished request is harmless.
-    job.abandoned = true;
-    control.cancel();
-    ring?.abort();
-    if (!job.running) builder.abandon();
+    submitted.cancel();
+    if (!submitted.running) builder.abandon();
   }, { once: true });
 
   return await builder.response;

@@ -10,7 +10,7 @@
 
 import type { ResponseSink } from "../supervisor/isolate.ts";
 import type { Logger } from "../supervisor/log.ts";
-import type { RequestControl } from "../wasm/channel.ts";
+import type { RequestHandle } from "../supervisor/backend.ts";
 import type { EndMessage, FileMessage, StartMessage } from "../wasm/protocol.ts";
 
 const FILE_PIECE = 64 * 1024;
@@ -30,7 +30,8 @@ export interface ResponseRecord {
 
 export interface ResponseBuilderOptions {
   method: string;
-  control: RequestControl;
+  /** Where window credit and cancellation go: the backend's handle on the request. */
+  control: Pick<RequestHandle, "released" | "cancel">;
   logger: Logger;
   /** Host folders the application may hand to `wsgi.file_wrapper`. */
   filePaths: string[];
@@ -64,6 +65,8 @@ export class ResponseBuilder implements ResponseSink {
   #wake: (() => void) | null = null;
   #status = 0;
   #bytes = 0;
+  /** The response's Content-Length, or Infinity when it has none. */
+  #declaredLength = Infinity;
   #started = false;
   #done = false;
   #stream: ReadableStreamDefaultController<Uint8Array> | null = null;
@@ -83,9 +86,17 @@ export class ResponseBuilder implements ResponseSink {
     for (let i = 0; i < message.headers.length; i += 2) {
       headers.append(message.headers[i], message.headers[i + 1]);
     }
+    const declared = headers.get("content-length");
+    if (declared !== null) this.#declaredLength = Number(declared);
 
     if (bodyless(this.#options.method, message.status)) {
-      this.#resolve(new Response(null, { status: message.status, headers }));
+      // Deno adds "content-length: 0" to a HEAD response with a null body,
+      // which states that the GET body is empty. With an empty stream
+      // Deno sends no length, and a length the application set stays as is.
+      const body = this.#options.method === "HEAD" && !headers.has("content-length")
+        ? new ReadableStream({ start: (controller) => controller.close() })
+        : null;
+      this.#resolve(new Response(body, { status: message.status, headers }));
       if (message.complete) this.#finish();
       return;
     }
@@ -175,6 +186,12 @@ export class ResponseBuilder implements ResponseSink {
         const piece = await this.#readFilePiece();
         if (piece) {
           controller.enqueue(piece);
+          if (this.#bytes >= this.#declaredLength) {
+            this.#file?.handle.close();
+            this.#file = null;
+            controller.close();
+            this.#finish();
+          }
           return;
         }
         continue;
@@ -185,6 +202,12 @@ export class ResponseBuilder implements ResponseSink {
           controller.enqueue(item.chunk);
           this.#bytes += item.chunk.length;
           this.#options.control.released(item.chunk.length);
+          if (this.#bytes >= this.#declaredLength) {
+            // Deno stops at the Content-Length and never pulls again, and the
+            // adapter sends nothing past it, so the response is complete.
+            controller.close();
+            this.#finish();
+          }
           return;
         case "file":
           await this.#openFile(item.message);
@@ -237,6 +260,7 @@ export class ResponseBuilder implements ResponseSink {
   }
 
   #cancel(reason: unknown): void {
+    if (this.#done) return;
     this.#options.control.cancel();
     this.#file?.handle.close();
     this.#file = null;

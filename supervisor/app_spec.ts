@@ -39,9 +39,24 @@ export interface AppSpec {
   pythonPath: string[];
   /** Import the application when the isolate starts instead of on its first request. */
   preload: boolean;
+  /**
+   * What new isolates start from: "app" restores a memory snapshot taken
+   * after the application was imported (where that is possible), "runtime"
+   * one taken before, "off" loads Pyodide from scratch. @default "app"
+   */
+  snapshot?: "app" | "runtime" | "off";
+  /** Absolute host folder that becomes the working directory (a daemon group's `home`). */
+  home?: string;
+  /** Variables set in `os.environ` of every interpreter (a daemon group's `env`). */
+  environment?: Record<string, string>;
+  /** Absolute host folders the isolates may write to; none when unset. */
+  writePaths?: string[];
+  /** Hosts (HOST or HOST:PORT) the isolates may open connections to; none when unset. */
+  allowNet?: string[];
 }
 
 /** Every host folder an isolate of `app` must be able to read, besides Pyodide's own files. */
 export function appReadPaths(app: AppSpec): string[] {
-  return [...new Set(app.pythonPath)];
+  const home = app.home === undefined ? [] : [app.home];
+  return [...new Set([...app.pythonPath, ...home, ...(app.writePaths ?? [])])];
 }

@@ -15,6 +15,7 @@ import type {
 } from "../wasm/protocol.ts";
 import type { BodyRing, RequestControl } from "../wasm/channel.ts";
 import { ISOLATE_WORKER_URL } from "./worker_url.ts";
+import type { Boot } from "./snapshots.ts";
 
 /** Where the response of one request goes, in the order the isolate produces it. */
 export interface ResponseSink {
@@ -39,6 +40,8 @@ export interface Job {
   abandoned?: boolean;
   /** Set when an isolate took the job. */
   running?: boolean;
+  /** Called when an isolate takes the job. */
+  onRunning?: () => void;
 }
 
 export interface IsolateOptions {
@@ -53,6 +56,10 @@ export interface IsolateOptions {
   onIdle(isolate: Isolate): void;
   /** Called once when the isolate stops for good (failed start, crash, interpreter failure). */
   onDead(isolate: Isolate, reason: string): void;
+  /** The snapshot and compiled module the isolate starts from. */
+  boot?: Boot;
+  /** Called when the isolate has imported the application at start, with the error if it failed. */
+  onLoaded?(isolate: Isolate, error: string | undefined): void;
 }
 
 export type IsolateState = "starting" | "idle" | "busy" | "dead";
@@ -93,8 +100,8 @@ export class Isolate {
       deno: {
         permissions: {
           read: readPaths,
-          write: false,
-          net: false,
+          write: options.app.writePaths?.length ? options.app.writePaths : false,
+          net: options.app.allowNet?.length ? options.app.allowNet : false,
           run: false,
           env: false,
           ffi: false,
@@ -115,6 +122,8 @@ export class Isolate {
       readPaths,
       responseWindow: options.responseWindow,
       multiprocess: options.multiprocess,
+      snapshot: options.boot?.snapshot ?? null,
+      wasmModule: options.boot?.wasmModule ?? null,
     });
   }
 
@@ -156,6 +165,9 @@ export class Isolate {
         return;
       case "fatal":
         this.#die(message.message);
+        return;
+      case "loaded":
+        this.#options.onLoaded?.(this, message.error);
         return;
       case "log":
         this.#logger.log(message.level, message.message, { request: message.requestId });

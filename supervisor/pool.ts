@@ -1,21 +1,35 @@
 /**
- * A fixed-size pool of isolates for one application, with a bounded FIFO
- * queue in front of it.
+ * A pool of isolates for one application, with a bounded FIFO queue in front
+ * of it.
  *
- * Each isolate runs one request at a time. When all are busy, requests wait
- * in the queue; a full queue, or a request that waited longer than the queue
- * timeout, is answered 503 by the front. An isolate that dies is replaced
- * with growing delays, and a pool whose isolates keep failing to start
- * reports itself failed instead of retrying forever.
+ * Each isolate runs one request at a time. The pool starts `minSize`
+ * isolates, adds one whenever a request must wait and fewer than `size` run,
+ * and retires isolates above `minSize` that stayed idle for `idleTimeoutMs`.
+ * When all are busy, requests wait in the queue; a full queue, or a request
+ * that waited longer than the queue timeout, is answered 503 by the front. An
+ * isolate that dies is replaced with growing delays, and a pool whose
+ * isolates keep failing to start reports itself failed instead of retrying
+ * forever.
  */
 
 import type { AppSpec } from "./app_spec.ts";
-import { Isolate, type Job } from "./isolate.ts";
+import { Isolate, type Job, pyodideFolder } from "./isolate.ts";
+import { type Boot, prepareBoot } from "./snapshots.ts";
 import type { Logger } from "./log.ts";
 
 export interface PoolOptions {
-  /** Isolates kept running. */
+  /** Maximum isolates. */
   size: number;
+  /** Isolates started at once and kept running. @default size */
+  minSize?: number;
+  /** Milliseconds an isolate above `minSize` may stay idle before it is retired; 0 keeps it. @default 0 */
+  idleTimeoutMs?: number;
+  /** Milliseconds a request may run before its isolate is replaced and it fails with 504; 0 turns it off. @default 0 */
+  requestTimeoutMs?: number;
+  /** Value of `wsgi.multiprocess`. @default size > 1 */
+  multiprocess?: boolean;
+  /** Called when an isolate has imported the application at start (`preload`), with the error if it failed. */
+  onApplicationLoaded?: (error: string | undefined) => void;
   /** Jobs that may wait for an isolate. @default 100 */
   queueLimit?: number;
   /** Milliseconds a job may wait in the queue before it fails with 503. @default 45000 */
@@ -46,9 +60,11 @@ interface QueuedJob {
 
 const RESTART_DELAYS_MS = [100, 1000, 5000, 15000, 30000];
 
+type ResolvedPoolOptions = Required<Omit<PoolOptions, "onApplicationLoaded">> & Pick<PoolOptions, "onApplicationLoaded">;
+
 export class IsolatePool {
   readonly app: AppSpec;
-  #options: Required<PoolOptions>;
+  #options: ResolvedPoolOptions;
   #logger: Logger;
   #isolates = new Set<Isolate>();
   #queue: QueuedJob[] = [];
@@ -59,7 +75,13 @@ export class IsolatePool {
   #failedReason: string | null = null;
   #queueTimer: ReturnType<typeof setInterval> | undefined;
   #startupTimers = new Map<Isolate, ReturnType<typeof setTimeout>>();
+  /** performance.now() when each busy isolate took its job. */
+  #jobStartedAt = new Map<Isolate, number>();
+  /** performance.now() when each idle isolate finished its last job. */
+  #idleSince = new Map<Isolate, number>();
   #firstReady = Promise.withResolvers<void>();
+  /** What isolates start from; set once the snapshots are prepared. */
+  #boot: Boot | null = null;
 
   constructor(app: AppSpec, options: PoolOptions) {
     this.app = app;
@@ -69,6 +91,10 @@ export class IsolatePool {
       startupTimeoutMs: 120_000,
       responseWindow: 256 * 1024,
       maxFailedStarts: 3,
+      minSize: options.size,
+      idleTimeoutMs: 0,
+      requestTimeoutMs: 0,
+      multiprocess: options.size > 1,
       ...options,
     };
     this.#logger = options.logger;
@@ -76,11 +102,37 @@ export class IsolatePool {
     this.#firstReady.promise.catch(() => {});
   }
 
-  /** Starts every isolate; resolves when the first one is ready. */
+  /**
+   * Prepares the snapshot isolates start from, then starts `minSize`
+   * isolates; resolves when the first one is ready.
+   */
   start(): Promise<void> {
-    for (let i = 0; i < this.#options.size; i++) this.#spawn();
-    this.#queueTimer = setInterval(() => this.#expireQueued(), 1000);
+    this.#queueTimer = setInterval(() => this.#maintain(), 1000);
+    this.#prepareBoot().then(() => {
+      if (this.#stopping) return;
+      for (let i = 0; i < this.#options.minSize; i++) this.#spawn();
+      this.#grow();
+    });
     return this.#firstReady.promise;
+  }
+
+  async #prepareBoot(): Promise<void> {
+    try {
+      this.#boot = await prepareBoot({
+        app: this.app,
+        pyodideFolder: pyodideFolder(this.app.python),
+        logger: this.#logger,
+      });
+    } catch (error) {
+      this.#logger.error(`cannot prepare snapshots, isolates start from scratch: ${error}`);
+      this.#boot = { snapshot: null, wasmModule: null, kind: "none" };
+    }
+    this.#logger.debug(`isolates start from ${this.#boot.kind === "none" ? "scratch" : `the ${this.#boot.kind} snapshot`}`);
+  }
+
+  /** Isolates running or starting. */
+  get size(): number {
+    return this.#isolates.size;
   }
 
   get queued(): number {
@@ -99,7 +151,7 @@ export class IsolatePool {
     if (this.#stopping) throw new PoolUnavailableError("the server is shutting down", 5);
     const idle = this.#findIdle();
     if (idle && this.#queue.length === 0) {
-      idle.run(job);
+      this.#run(idle, job);
       return;
     }
     if (this.#queue.length >= this.#options.queueLimit) {
@@ -109,6 +161,7 @@ export class IsolatePool {
       );
     }
     this.#queue.push({ job, queuedAt: performance.now() });
+    this.#grow();
   }
 
   /** Stops every isolate; queued jobs fail with 503. */
@@ -119,6 +172,21 @@ export class IsolatePool {
     for (const { job } of this.#queue.splice(0)) job.sink.fail(503, "the server is shutting down");
     for (const isolate of this.#isolates) isolate.terminate("the server is shutting down");
     this.#isolates.clear();
+  }
+
+  #run(isolate: Isolate, job: Job): void {
+    this.#idleSince.delete(isolate);
+    this.#jobStartedAt.set(isolate, performance.now());
+    isolate.run(job);
+    job.onRunning?.();
+  }
+
+  /** Starts one more isolate when queued jobs outnumber the isolates still starting. */
+  #grow(): void {
+    if (!this.#boot || this.#isolates.size >= this.#options.size || this.#failedReason) return;
+    let starting = 0;
+    for (const isolate of this.#isolates) if (isolate.state === "starting") starting += 1;
+    if (this.#queue.length > starting) this.#spawn();
   }
 
   #findIdle(): Isolate | undefined {
@@ -132,9 +200,15 @@ export class IsolatePool {
       app: this.app,
       logger: this.#logger,
       responseWindow: this.#options.responseWindow,
-      multiprocess: this.#options.size > 1,
+      multiprocess: this.#options.multiprocess,
+      boot: this.#boot!,
       onReady: (ready) => this.#onReady(ready),
-      onIdle: (idle) => this.#dispatchNext(idle),
+      onIdle: (idle) => {
+        this.#jobStartedAt.delete(idle);
+        this.#idleSince.set(idle, performance.now());
+        this.#dispatchNext(idle);
+      },
+      onLoaded: (_isolate, error) => this.#options.onApplicationLoaded?.(error),
       onDead: (dead, reason) => this.#onDead(dead, reason),
     });
     this.#isolates.add(isolate);
@@ -153,6 +227,7 @@ export class IsolatePool {
   #onReady(isolate: Isolate): void {
     clearTimeout(this.#startupTimers.get(isolate));
     this.#startupTimers.delete(isolate);
+    this.#idleSince.set(isolate, performance.now());
     this.#failedStarts = 0;
     this.#firstReady.resolve();
     this.#dispatchNext(isolate);
@@ -162,13 +237,15 @@ export class IsolatePool {
     while (this.#queue.length > 0 && isolate.state === "idle") {
       const { job } = this.#queue.shift()!;
       if (job.abandoned) continue;
-      isolate.run(job);
+      this.#run(isolate, job);
     }
   }
 
   #onDead(isolate: Isolate, reason: string): void {
     clearTimeout(this.#startupTimers.get(isolate));
     this.#startupTimers.delete(isolate);
+    this.#jobStartedAt.delete(isolate);
+    this.#idleSince.delete(isolate);
     if (!this.#isolates.delete(isolate) || this.#stopping) return;
 
     const neverStarted = isolate.readyAt === undefined;
@@ -177,6 +254,10 @@ export class IsolatePool {
 
     if (this.#failedStarts >= this.#options.maxFailedStarts) {
       this.#markFailed(`${this.#failedStarts} isolates in a row failed to start; last error: ${reason}`);
+      return;
+    }
+    if (this.#isolates.size >= this.#options.minSize && this.#queue.length === 0) {
+      // Above the minimum, the next queued request starts an isolate if one is needed.
       return;
     }
     const delay = RESTART_DELAYS_MS[Math.min(this.#restarts, RESTART_DELAYS_MS.length - 1)];
@@ -192,6 +273,42 @@ export class IsolatePool {
     this.#logger.critical(`application marked failed: ${reason}`);
     this.#firstReady.reject(new Error(reason));
     for (const { job } of this.#queue.splice(0)) job.sink.fail(503, `application unavailable: ${reason}`);
+  }
+
+  /** Runs once a second: expires queued jobs, stops overdue requests, retires idle isolates. */
+  #maintain(): void {
+    this.#expireQueued();
+    this.#stopOverdueRequests();
+    this.#retireIdle();
+  }
+
+  #stopOverdueRequests(): void {
+    const timeout = this.#options.requestTimeoutMs;
+    if (timeout <= 0) return;
+    const now = performance.now();
+    for (const [isolate, startedAt] of [...this.#jobStartedAt]) {
+      if (now - startedAt < timeout) continue;
+      const reason = `request timed out after ${Math.round(now - startedAt)} ms (request-timeout ${timeout} ms)`;
+      this.#logger.error(`${reason}; replacing the isolate`, { isolate: isolate.id, request: isolate.job?.requestId });
+      isolate.terminate(reason, 504);
+      this.#onDead(isolate, reason);
+    }
+  }
+
+  #retireIdle(): void {
+    const timeout = this.#options.idleTimeoutMs;
+    if (timeout <= 0 || this.#queue.length > 0) return;
+    const now = performance.now();
+    for (const [isolate, idleSince] of [...this.#idleSince]) {
+      if (this.#isolates.size <= this.#options.minSize) return;
+      if (isolate.state !== "idle" || now - idleSince < timeout) continue;
+      this.#idleSince.delete(isolate);
+      this.#isolates.delete(isolate);
+      isolate.terminate("retired after being idle");
+      this.#logger.info(`isolate retired after ${Math.round((now - idleSince) / 1000)} s idle`, {
+        isolate: isolate.id,
+      });
+    }
   }
 
   #expireQueued(): void {

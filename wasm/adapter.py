@@ -27,6 +27,7 @@ import sys
 import traceback
 
 import _wsgirun_host as host
+from _wsgirun_app_loader import configure, load_application, settings  # noqa: F401 (the worker calls configure)
 
 # A header name is an RFC 9110 token.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -50,81 +51,6 @@ _HOP_BY_HOP = frozenset(
 )
 
 _INPUT_CHUNK = 65536
-
-
-class _Settings:
-    """What the worker told this isolate at start (see `configure`)."""
-
-    app_name = "app"
-    script_path = None
-    module = None
-    callable_name = "application"
-    multiprocess = True
-
-
-settings = _Settings()
-_application = None
-
-
-def configure(app_name, script_path, module, callable_name, python_path, multiprocess):
-    """Record the application's location and put its folders on sys.path."""
-    settings.app_name = app_name
-    settings.script_path = script_path or None
-    settings.module = module or None
-    settings.callable_name = callable_name
-    settings.multiprocess = bool(multiprocess)
-    for folder in reversed(list(python_path)):
-        if folder in sys.path:
-            sys.path.remove(folder)
-        sys.path.insert(0, folder)
-    if python_path:
-        os.chdir(python_path[0])
-
-
-def _load_script(path):
-    """Execute a WSGI script file as a fresh module, as mod_wsgi does."""
-    import types
-
-    name = "_wsgirun_script_" + re.sub(r"\W", "_", os.path.basename(path))
-    module = types.ModuleType(name)
-    module.__file__ = path
-    sys.modules[name] = module
-    try:
-        with open(path, "rb") as file:
-            source = file.read()
-        code = compile(source, path, "exec")
-        exec(code, module.__dict__)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
-
-
-def load_application():
-    """Import the application once; a failed import is retried next time."""
-    global _application
-    if _application is not None:
-        return _application
-
-    if settings.script_path:
-        module = _load_script(settings.script_path)
-        where = "script %r" % settings.script_path
-    else:
-        import importlib
-
-        module = importlib.import_module(settings.module)
-        where = "module %r" % settings.module
-
-    application = getattr(module, settings.callable_name, None)
-    if application is None:
-        raise LookupError(
-            "%s defines no %r; define it or name the callable with --callable-object"
-            % (where, settings.callable_name)
-        )
-    if not callable(application):
-        raise TypeError("%r in %s is not callable" % (settings.callable_name, where))
-    _application = application
-    return application
 
 
 class ErrorStream:
@@ -339,12 +265,12 @@ class Response:
         self.content_length = None
         for index in range(0, len(flat), 2):
             if flat[index].lower() == "content-length":
-                try:
-                    self.content_length = int(flat[index + 1])
-                except ValueError:
-                    raise ResponseError("invalid Content-Length %r" % flat[index + 1]) from None
-                if self.content_length < 0:
-                    raise ResponseError("negative Content-Length %r" % flat[index + 1])
+                value = flat[index + 1]
+                # RFC 9110 allows decimal digits only. int() also accepts "+5"
+                # and "1_0", and Deno drops such a header from the response.
+                if not (value.isascii() and value.isdigit()):
+                    raise ResponseError("invalid Content-Length %r: expected decimal digits only" % value)
+                self.content_length = int(value)
         return self.write
 
     def _limit(self, data):

@@ -11,19 +11,12 @@
 /// <reference lib="deno.worker" />
 
 import adapterSource from "./adapter.py" with { type: "text" };
+import appLoaderSource from "./app_loader.py" with { type: "text" };
 import { BodyRing, RequestControl } from "./channel.ts";
 import type { FromWorker, InitMessage, RequestMessage, ToWorker } from "./protocol.ts";
-import type { PythonVersion } from "../supervisor/app_spec.ts";
-
-/**
- * Literal imports (not a computed specifier) so that `deno compile` embeds
- * both Pyodide packages and the bundle leaves them to Deno.
- */
-const PYODIDE_MODULES: Record<PythonVersion, () => Promise<{ loadPyodide: LoadPyodide }>> = {
-  "3.12": () => import("npm:pyodide@0.27.8"),
-  "3.14": () => import("npm:pyodide@314.0.8"),
-};
-type LoadPyodide = (options: Record<string, unknown>) => Promise<unknown>;
+import { type AppSpec, appReadPaths } from "../supervisor/app_spec.ts";
+import { loadPyodideFor, mountHostFolders } from "./pyodide_loader.ts";
+import { buildSnapshot } from "./snapshot_builder.ts";
 
 /** The subset of Pyodide's API this worker uses; both pinned versions provide it. */
 interface Pyodide {
@@ -137,34 +130,20 @@ const host = {
   },
 };
 
-/**
- * Mounts each host folder at its own path. A folder inside one that is
- * already mounted needs no mount of its own.
- */
-function mountFolders(folders: string[]): void {
-  const sorted = [...new Set(folders)].sort((a, b) => a.length - b.length);
-  const mounted: string[] = [];
-  for (const folder of sorted) {
-    if (mounted.some((parent) => folder === parent || folder.startsWith(parent + "/"))) continue;
-    pyodide.FS.mkdirTree(folder);
-    pyodide.FS.mount(pyodide.FS.filesystems.NODEFS, { root: folder }, folder);
-    mounted.push(folder);
-  }
-}
-
 async function loadInterpreter(message: InitMessage): Promise<void> {
   const started = performance.now();
-  const { loadPyodide } = await PYODIDE_MODULES[message.app.python]();
-  pyodide = await loadPyodide({
-    // The default reads from the server's terminal; input() should raise EOFError.
-    stdin: () => undefined,
+  pyodide = await loadPyodideFor({
+    python: message.app.python,
+    snapshot: message.snapshot ? new Uint8Array(message.snapshot) : null,
+    wasmModule: message.wasmModule,
     stdout: (line: string) => log("info", line),
     stderr: (line: string) => log("warning", line),
   }) as Pyodide;
 
-  mountFolders(message.app.pythonPath);
+  mountHostFolders(pyodide.FS, appReadPaths(message.app));
   pyodide.registerJsModule("_wsgirun_host", host);
   pyodide.FS.mkdirTree("/lib/wsgirun");
+  pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_app_loader.py", appLoaderSource);
   pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_adapter.py", adapterSource);
   pyodide.runPython("import sys; sys.path.insert(0, '/lib/wsgirun')");
 
@@ -179,6 +158,7 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
     message.multiprocess,
   );
   handle = adapter.handle;
+  applyProcessSettings(app);
 
   const pythonVersion = String(pyodide.runPython("import sys; sys.version.split()[0]"));
   post({
@@ -191,11 +171,27 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
   if (app.preload) preloadApplication(adapter);
 }
 
+/**
+ * Sets the variables and working folder a daemon group gives its
+ * interpreters. They go into Python after the start, because Pyodide's `env`
+ * option does not survive a memory snapshot restore.
+ */
+function applyProcessSettings(app: AppSpec): void {
+  if (app.environment && Object.keys(app.environment).length > 0) {
+    // A JSON string literal is also a valid Python string literal.
+    const json = JSON.stringify(JSON.stringify(app.environment));
+    pyodide.runPython(`import json, os; os.environ.update(json.loads(${json}))`);
+  }
+  if (app.home) pyodide.runPython(`import os; os.chdir(${JSON.stringify(app.home)})`);
+}
+
 function preloadApplication(adapter: Record<string, PyProxyCallable>): void {
   try {
     adapter.load_application();
+    post({ type: "loaded" });
   } catch (error) {
     log("error", `failed to import the application at start; requests will retry: ${error}`);
+    post({ type: "loaded", error: String(error) });
   }
 }
 
@@ -221,6 +217,10 @@ self.onmessage = async (event: MessageEvent<ToWorker>) => {
   const message = event.data;
   if (message.type === "request") {
     runRequest(message);
+    return;
+  }
+  if (message.type === "build-snapshot") {
+    await buildSnapshot(message, post);
     return;
   }
   settings = message;

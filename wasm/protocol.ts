@@ -6,7 +6,7 @@
  * window credit) goes through the shared buffers in channel.ts instead.
  */
 
-import type { AppSpec } from "../supervisor/app_spec.ts";
+import type { AppSpec, PythonVersion } from "../supervisor/app_spec.ts";
 
 export interface InitMessage {
   type: "init";
@@ -18,6 +18,23 @@ export interface InitMessage {
   responseWindow: number;
   /** Whether the pool runs more than one isolate of this app (`wsgi.multiprocess`). */
   multiprocess: boolean;
+  /** Memory snapshot to restore (runtime or application), or null to start from scratch. */
+  snapshot?: SharedArrayBuffer | null;
+  /** `pyodide.asm.wasm` compiled once by the main thread. */
+  wasmModule?: WebAssembly.Module | null;
+}
+
+/** Asks a worker to build a memory snapshot and send it back. */
+export interface BuildSnapshotMessage {
+  type: "build-snapshot";
+  python: PythonVersion;
+  /** Standard library modules imported into a runtime snapshot. */
+  modules: string[];
+  /** The runtime snapshot an application snapshot starts from. */
+  base: SharedArrayBuffer | null;
+  wasmModule: WebAssembly.Module | null;
+  /** The application to import into the snapshot; unset for a runtime snapshot. */
+  app?: AppSpec;
 }
 
 export interface RequestMessage {
@@ -33,7 +50,7 @@ export interface RequestMessage {
   control: SharedArrayBuffer;
 }
 
-export type ToWorker = InitMessage | RequestMessage;
+export type ToWorker = InitMessage | RequestMessage | BuildSnapshotMessage;
 
 export interface ReadyMessage {
   type: "ready";
@@ -46,6 +63,12 @@ export interface ReadyMessage {
 export interface FatalMessage {
   type: "fatal";
   message: string;
+}
+
+/** The isolate imported the application at start (`preload`); `error` is set when that failed. */
+export interface LoadedMessage {
+  type: "loaded";
+  error?: string;
 }
 
 /** Status line and headers, sent once per request before any body. */
@@ -91,11 +114,27 @@ export interface LogMessage {
   requestId?: string;
 }
 
+export interface SnapshotMessage {
+  type: "snapshot";
+  bytes: Uint8Array<ArrayBuffer>;
+  /** Host files the application imported (application snapshots only). */
+  files: string[];
+}
+
+/** The snapshot could not be taken; `reason` says why, for the log. */
+export interface SnapshotFailedMessage {
+  type: "snapshot-failed";
+  reason: string;
+}
+
 export type FromWorker =
   | ReadyMessage
   | FatalMessage
+  | LoadedMessage
   | StartMessage
   | BodyMessage
   | FileMessage
   | EndMessage
-  | LogMessage;
+  | LogMessage
+  | SnapshotMessage
+  | SnapshotFailedMessage;

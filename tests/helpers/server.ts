@@ -8,6 +8,13 @@ const MAIN = ROOT + "main.ts";
 const CONFIG = ROOT + "deno.json";
 const decoder = new TextDecoder();
 
+/**
+ * Snapshot cache shared by every server the tests start, inside the
+ * repository's ignored .cache folder, so a run builds each runtime snapshot
+ * once and never touches the user's own cache.
+ */
+export const TEST_CACHE_DIR = ROOT + ".cache/test-snapshots";
+
 export interface TestServer extends AsyncDisposable {
   /** "http://127.0.0.1:PORT" */
   origin: string;
@@ -35,13 +42,14 @@ export function repoPath(relative: string): string {
 export async function startServer(
   script: string,
   args: string[] = [],
-  options: { waitForReady?: boolean; timeoutMs?: number } = {},
+  options: { waitForReady?: boolean; timeoutMs?: number; env?: Record<string, string> } = {},
 ): Promise<TestServer> {
   const command = new Deno.Command(Deno.execPath(), {
     args: ["run", "--allow-all", "--config", CONFIG, MAIN, script, "--port", "0", ...args],
     stdout: "piped",
     stderr: "piped",
     stdin: "null",
+    env: { WSGIRUN_CACHE_DIR: TEST_CACHE_DIR, ...options.env },
   });
   const process = command.spawn();
   let stderr = "";
@@ -92,10 +100,17 @@ export async function startServer(
     return status;
   };
 
+  // A server that exits during startup fails the wait at once, not after the timeout.
+  const exited = process.status.then((status) => {
+    throw new Error(`the server exited with code ${status.code} during startup; log:\n${stderr}`);
+  });
+  exited.catch(() => {});
+  const untilExit = <T>(wait: Promise<T>) => Promise.race([wait, exited]);
+
   try {
-    const listening = await waitForLog(/listening on http:\/\/[^:]+:(\d+)/, options.timeoutMs);
+    const listening = await untilExit(waitForLog(/listening on http:\/\/[^:]+:(\d+)/, options.timeoutMs));
     const port = Number(listening.match(/:(\d+)/)![1]);
-    if (options.waitForReady ?? true) await waitForLog(/isolate ready/, options.timeoutMs);
+    if (options.waitForReady ?? true) await untilExit(waitForLog(/isolate ready/, options.timeoutMs));
     return {
       origin: `http://127.0.0.1:${port}`,
       port,

@@ -1,0 +1,100 @@
+/**
+ * The server's main flow: parse the command line, start the mounts and the
+ * listener, then act on signals until the server stops.
+ *
+ * Signal handlers only queue the signal; one loop takes them in order:
+ * - SIGHUP: every daemon group starts fresh processes and drains the old ones.
+ * - SIGTERM, SIGINT: stop accepting, let running requests finish within the
+ *   shutdown timeout, stop the daemon processes and exit 0. A second one
+ *   exits at once with status 1; daemon processes then see their channel
+ *   close and stop too.
+ */
+
+import { DaemonConfigError } from "../supervisor/daemon_command.ts";
+import { Logger } from "../supervisor/log.ts";
+import { formatUsageError, parseCommandLine, UsageError } from "./cli.ts";
+import { type RunningServer, startServer } from "./server.ts";
+
+/** Exit status for invalid command lines and configurations, as in most Unix tools. */
+const EXIT_USAGE = 2;
+/** Exit status after a second stop signal cut the graceful stop short. */
+const EXIT_INTERRUPTED = 1;
+
+function parseOrExit(args: string[]) {
+  try {
+    return parseCommandLine(args, { cwd: Deno.cwd(), cpus: navigator.hardwareConcurrency });
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    console.error(formatUsageError(error));
+    Deno.exit(EXIT_USAGE);
+  }
+}
+
+/** Signals in the order they arrived; the handlers only append. */
+class SignalQueue {
+  #queue: Deno.Signal[] = [];
+  #wake: (() => void) | null = null;
+
+  constructor(signals: Deno.Signal[]) {
+    for (const signal of signals) {
+      Deno.addSignalListener(signal, () => {
+        this.#queue.push(signal);
+        this.#wake?.();
+      });
+    }
+  }
+
+  async next(): Promise<Deno.Signal> {
+    while (this.#queue.length === 0) {
+      await new Promise<void>((resolve) => (this.#wake = resolve));
+      this.#wake = null;
+    }
+    return this.#queue.shift()!;
+  }
+}
+
+/** Acts on signals until a stop signal has stopped the server; never returns. */
+async function handleSignals(server: RunningServer, logger: Logger): Promise<never> {
+  const signals = new SignalQueue(["SIGINT", "SIGTERM", "SIGHUP"]);
+  let stopping = false;
+  for (;;) {
+    const signal = await signals.next();
+    if (signal === "SIGHUP") {
+      logger.info("SIGHUP: reloading every daemon group");
+      server.reload("the server received SIGHUP");
+      continue;
+    }
+    if (stopping) {
+      logger.warning(`${signal} during the graceful stop: exiting at once`);
+      Deno.exit(EXIT_INTERRUPTED);
+    }
+    stopping = true;
+    logger.info(`${signal}: stopping gracefully`);
+    server.shutdown().then(() => Deno.exit(0));
+  }
+}
+
+async function start(options: Parameters<typeof startServer>[0], logger: Logger): Promise<RunningServer> {
+  try {
+    return await startServer(options, logger);
+  } catch (error) {
+    if (!(error instanceof DaemonConfigError)) throw error;
+    console.error(`wsgirun: ${error.message}`);
+    Deno.exit(EXIT_USAGE);
+  }
+}
+
+export async function runFront(args: string[]): Promise<void> {
+  const command = parseOrExit(args);
+  if (command.kind !== "serve") {
+    console.log(command.text);
+    return;
+  }
+  const options = command.options;
+  const logger = new Logger(options.logLevel);
+  const server = await start(options, logger);
+  server.ready.catch((error) => {
+    logger.critical(`the application cannot start: ${error.message}`);
+  });
+  await handleSignals(server, logger.child({ pid: Deno.pid }));
+}

@@ -1,0 +1,197 @@
+/**
+ * The server's mounts: which URL prefix runs which application, and whether
+ * it runs embedded (isolates in this process) or in a daemon process group.
+ *
+ * Parsing checks how mounts and groups fit together; at start each mount
+ * gets its backend, and each request is routed to the mount with the longest
+ * prefix that matches its path at a segment boundary.
+ */
+
+import type { AppSpec } from "../supervisor/app_spec.ts";
+import type { AppBackend } from "../supervisor/backend.ts";
+import { DaemonGroup } from "../supervisor/daemon_group.ts";
+import { type DaemonGroupSpec, groupAppSpec } from "../supervisor/daemon_spec.ts";
+import { EmbeddedBackend } from "../supervisor/embedded_backend.ts";
+import type { Logger } from "../supervisor/log.ts";
+import { IsolatePool } from "../supervisor/pool.ts";
+import { splitMount } from "./environ.ts";
+import type { MountSpec, ServerOptions } from "./options.ts";
+
+/** A mount whose groups do not fit the `--daemon` definitions. */
+export class MountConfigError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "MountConfigError";
+  }
+}
+
+const PROCESS_GROUP_SUFFIX = /:process-group=([^:]*)$/;
+
+/** Splits `SCRIPT:process-group=GROUP` into the script and the group name. */
+export function splitProcessGroup(value: string): { script: string; processGroup?: string } {
+  const match = value.match(PROCESS_GROUP_SUFFIX);
+  if (!match) return { script: value };
+  return { script: value.slice(0, match.index), processGroup: match[1] };
+}
+
+/** What parsing knows about the mounts before groups are checked. */
+export interface MountPlan {
+  main: { mountPoint: string; app: AppSpec; processGroup?: string };
+  mounts: MountSpec[];
+  groups: DaemonGroupSpec[];
+}
+
+/**
+ * Checks that every named group exists, every group serves exactly one
+ * application, and no two mounts share a prefix. With one group, no
+ * `--mount` and no `--process-group`, the main application goes to that
+ * group. Returns the main application's group.
+ *
+ * @throws {MountConfigError} With the option, the value and the fix.
+ */
+export function assignProcessGroups(plan: MountPlan): string | undefined {
+  const names = new Set<string>();
+  for (const group of plan.groups) {
+    if (names.has(group.name)) {
+      throw new MountConfigError(`group '${group.name}' is defined by more than one --daemon (rename one)`);
+    }
+    names.add(group.name);
+  }
+
+  let mainGroup = plan.main.processGroup;
+  if (mainGroup === undefined && plan.groups.length === 1 && plan.mounts.length === 0) {
+    mainGroup = plan.groups[0].name;
+  }
+  const all = [{ ...plan.main, processGroup: mainGroup }, ...plan.mounts];
+
+  const prefixes = new Set<string>();
+  for (const mount of all) {
+    if (prefixes.has(mount.mountPoint)) {
+      throw new MountConfigError(
+        `two applications are mounted at '${mount.mountPoint || "/"}' (give each --mount its own URL)`,
+      );
+    }
+    prefixes.add(mount.mountPoint);
+    if (mount.processGroup !== undefined && !names.has(mount.processGroup)) {
+      const defined = names.size ? [...names].join(", ") : "none";
+      throw new MountConfigError(
+        `process group '${mount.processGroup}' is not defined (define it with --daemon ` +
+          `group=${mount.processGroup},...; defined groups: ${defined})`,
+      );
+    }
+  }
+
+  for (const group of plan.groups) checkGroupUse(group.name, all);
+  return mainGroup;
+}
+
+function appIdentity(app: AppSpec): string {
+  return `${app.scriptPath ?? app.module}:${app.callable}`;
+}
+
+function checkGroupUse(name: string, mounts: { app: AppSpec; processGroup?: string }[]): void {
+  const users = mounts.filter((mount) => mount.processGroup === name);
+  if (users.length === 0) {
+    throw new MountConfigError(
+      `group '${name}' is not used by any mount (add --process-group ${name}, or ` +
+        `:process-group=${name} after a --mount SCRIPT)`,
+    );
+  }
+  const identities = new Set(users.map((mount) => appIdentity(mount.app)));
+  if (identities.size > 1) {
+    throw new MountConfigError(
+      `group '${name}' would run ${[...identities].join(" and ")}; a group runs one ` +
+        "application, so define one --daemon group per script",
+    );
+  }
+}
+
+/** One mount as the server routes to it. */
+export interface Mount {
+  mountPoint: string;
+  app: AppSpec;
+  backend: AppBackend;
+  /** Host folders `wsgi.file_wrapper` may send from (embedded mounts only). */
+  filePaths: string[];
+  /** Logger whose lines name the application and, for a daemon mount, its group. */
+  logger: Logger;
+}
+
+/** The mounts of a running server, longest prefix first. */
+export class MountTable {
+  readonly mounts: Mount[];
+  readonly groups: DaemonGroup[];
+
+  constructor(options: ServerOptions, logger: Logger) {
+    const groups = new Map<string, DaemonGroup>();
+    const specs = [
+      { mountPoint: options.mountPoint, app: options.app, processGroup: options.processGroup },
+      ...options.mounts,
+    ];
+    this.mounts = specs.map((spec) => this.#makeMount(spec, options, logger, groups));
+    this.mounts.sort((a, b) => b.mountPoint.length - a.mountPoint.length);
+    this.groups = [...groups.values()];
+  }
+
+  #makeMount(
+    spec: MountSpec,
+    options: ServerOptions,
+    logger: Logger,
+    groups: Map<string, DaemonGroup>,
+  ): Mount {
+    const groupSpec = options.daemonGroups.find((group) => group.name === spec.processGroup);
+    if (!groupSpec) {
+      const appLogger = logger.child({ app: spec.app.name, pid: Deno.pid });
+      const pool = new IsolatePool(spec.app, {
+        size: options.threads,
+        queueLimit: options.queueLimit,
+        logger: appLogger,
+      });
+      const backend = new EmbeddedBackend(pool, appLogger);
+      return { mountPoint: spec.mountPoint, app: spec.app, backend, filePaths: spec.app.pythonPath, logger: appLogger };
+    }
+
+    const app = groupAppSpec(spec.app, groupSpec);
+    const appLogger = logger.child({ app: app.name, group: groupSpec.name });
+    let group = groups.get(groupSpec.name);
+    if (!group) {
+      group = new DaemonGroup(groupSpec, app, {
+        logger: appLogger,
+        logLevel: options.logLevel,
+        queueLimit: options.queueLimit,
+      });
+      groups.set(groupSpec.name, group);
+    }
+    // A daemon sends file_wrapper files itself, so the front reads no file for it.
+    return { mountPoint: spec.mountPoint, app, backend: group, filePaths: [], logger: appLogger };
+  }
+
+  /** Every distinct backend, each once. */
+  get backends(): AppBackend[] {
+    return [...new Set(this.mounts.map((mount) => mount.backend))];
+  }
+
+  /** Returns the mount for a decoded path with its SCRIPT_NAME and PATH_INFO, or undefined. */
+  route(path: string): { mount: Mount; scriptName: string; pathInfo: string } | undefined {
+    for (const mount of this.mounts) {
+      const split = splitMount(path, mount.mountPoint);
+      if (split) return { mount, scriptName: split[0], pathInfo: split[1] };
+    }
+    return undefined;
+  }
+
+  /** Starts every backend; resolves when all can serve. */
+  start(): Promise<void> {
+    return Promise.all(this.backends.map((backend) => backend.start())).then(() => {});
+  }
+
+  /** Restarts every daemon group's processes (SIGHUP). */
+  reload(reason: string): void {
+    for (const group of this.groups) group.reload(reason);
+  }
+
+  /** Stops every backend at once. */
+  async stop(): Promise<void> {
+    await Promise.all(this.backends.map((backend) => backend.stop()));
+  }
+}

@@ -1,0 +1,51 @@
+/**
+ * The interface between the front and whatever runs a mount's application:
+ * an embedded isolate pool in the server process, or a daemon process group.
+ *
+ * The front reads small bodies ahead and passes larger ones as the client's
+ * stream; a backend moves the body to an isolate its own way (a shared ring
+ * in this process, frames over a pipe to a daemon) and reports the response
+ * to the request's sink.
+ */
+
+import type { ResponseSink } from "./isolate.ts";
+
+/** One request as the front hands it to a backend. */
+export interface BackendRequest {
+  requestId: string;
+  method: string;
+  /** The CGI/WSGI environ's string keys as a JSON object. */
+  environ: string;
+  /**
+   * The whole body when the front read it ahead, the client's stream when it
+   * did not, or null when the request has no body.
+   */
+  body: Uint8Array<ArrayBuffer> | ReadableStream<Uint8Array> | null;
+  sink: ResponseSink;
+}
+
+/** The front's handle on a submitted request. */
+export interface RequestHandle {
+  /** Whether an isolate has started running the request's application code. */
+  readonly running: boolean;
+  /** The client has taken `bytes` more of the response, so the isolate may send more. */
+  released(bytes: number): void;
+  /** The client has gone: stop reading its body and stop the application's response. */
+  cancel(): void;
+  /** The response has been sent or has failed; frees what the request still holds. */
+  close(): void;
+}
+
+/** Runs the application of one or more mounts. */
+export interface AppBackend {
+  /** Name for log lines: "embedded" or the process group's name. */
+  readonly name: string;
+  /** Starts the backend; resolves when it can serve, rejects when it cannot start at all. */
+  start(): Promise<void>;
+  /** Queues or runs a request. Throws PoolUnavailableError when it cannot take it. */
+  submit(request: BackendRequest): RequestHandle;
+  /** Replaces the backend's interpreters with fresh ones without dropping accepted requests. */
+  reload(reason: string): void;
+  /** Stops everything at once; requests still queued fail with 503. */
+  stop(): Promise<void>;
+}

@@ -1,0 +1,499 @@
+/**
+ * A daemon process group as the front supervises it: the arbiter that keeps
+ * `processes` daemon processes running and routes the group's requests to
+ * them.
+ *
+ * Requests wait in the group's queue until a ready process has room, so when
+ * a process dies only the requests its isolates were running fail (502); the
+ * ones it had not started go back to the queue for another process. Each
+ * lifecycle step has its own method, run from events and from a periodic
+ * tick in a fixed order:
+ * - spawn: start one process (with growing delays after crashes)
+ * - reap: handle a process's exit: requeue, fail, count, back off
+ * - murder: kill processes past startup-timeout or graceful-timeout
+ * - recycle: replace processes past maximum-requests or restart-interval
+ * - manage: start missing processes and retire replaced ones once their
+ *   replacements are ready
+ * - reload: replace every process (script touched, SIGHUP)
+ * - stop: end every process (server shutdown)
+ * A group whose processes fail to start MAX_FAILED_STARTS times in a row is
+ * marked failed and answers 503, instead of restarting forever, until its
+ * script changes or the server gets SIGHUP.
+ */
+
+import type { AppSpec } from "./app_spec.ts";
+import type { AppBackend, BackendRequest, RequestHandle } from "./backend.ts";
+import {
+  buildDaemonLaunch,
+  type DaemonCache,
+  type DaemonIdentity,
+  prepareDaemonCache,
+  resolveIdentity,
+} from "./daemon_command.ts";
+import { type DaemonConfig, DaemonExit } from "./daemon_protocol.ts";
+import { DaemonProcess, DaemonRequestHandle, type ProcessExit } from "./daemon_process.ts";
+import type { DaemonGroupSpec } from "./daemon_spec.ts";
+import type { Logger, LogLevel } from "./log.ts";
+import { PoolUnavailableError } from "./pool.ts";
+
+export interface DaemonGroupOptions {
+  /** Logger whose lines name the application and the group. */
+  logger: Logger;
+  logLevel: LogLevel;
+  /** Requests that may wait in the group's queue before new ones get 503. */
+  queueLimit: number;
+}
+
+/** Delays before restarting after the 1st, 2nd, ... crash in a row. */
+const RESTART_DELAYS_MS = [100, 1000, 5000, 15000, 30000];
+/** Failed starts in a row after which the group stops trying. */
+const MAX_FAILED_STARTS = 3;
+/** A process that ran this long before it crashed resets the restart delays. */
+const STABLE_MS = 30_000;
+/** Time between SIGTERM and SIGKILL for a process that does not stop. */
+const KILL_GRACE_MS = 2000;
+const TICK_MS = 500;
+/** Response bytes an isolate may have in flight before it waits for the client. */
+const RESPONSE_WINDOW = 256 * 1024;
+
+export class DaemonGroup implements AppBackend {
+  readonly name: string;
+  readonly spec: DaemonGroupSpec;
+  readonly app: AppSpec;
+  readonly identity: DaemonIdentity;
+  #options: DaemonGroupOptions;
+  #logger: Logger;
+  #config: DaemonConfig;
+  #processes = new Set<DaemonProcess>();
+  #queue: DaemonRequestHandle[] = [];
+  #serial = 0;
+  #failedStarts = 0;
+  #crashes = 0;
+  #nextSpawnAt = 0;
+  #spawnTimer: ReturnType<typeof setTimeout> | undefined;
+  #tick: ReturnType<typeof setInterval> | undefined;
+  /** Set when the group cannot serve at all; requests get 503 with it. */
+  #failedReason: string | null = null;
+  /** Set when a reload failed while older processes still serve: start no more until the next reload. */
+  #holdReason: string | null = null;
+  #stopping = false;
+  #scriptMtime: number | undefined;
+  #checkingScript = false;
+  #cache: DaemonCache | undefined;
+  #firstReady = Promise.withResolvers<void>();
+
+  /** @throws {DaemonConfigError} When the group's user cannot be used. */
+  constructor(spec: DaemonGroupSpec, app: AppSpec, options: DaemonGroupOptions) {
+    this.name = spec.name;
+    this.spec = spec;
+    this.app = app;
+    this.#options = options;
+    this.#logger = options.logger;
+    this.identity = resolveIdentity(spec);
+    this.#config = {
+      group: spec.name,
+      displayName: spec.displayName,
+      app,
+      logLevel: options.logLevel,
+      threads: spec.threads,
+      queueLimit: this.#capacity,
+      queueTimeoutMs: spec.queueTimeoutMs,
+      requestTimeoutMs: spec.requestTimeoutMs,
+      inactivityTimeoutMs: spec.inactivityTimeoutMs,
+      startupTimeoutMs: spec.startupTimeoutMs,
+      // Every isolate is its own interpreter, so one application object is
+      // never called by two threads (wsgi.multithread stays False), while
+      // several interpreters run side by side like processes.
+      multiprocess: spec.processes * spec.threads > 1,
+      responseWindow: RESPONSE_WINDOW,
+    };
+    this.#firstReady.promise.catch(() => {});
+  }
+
+  /**
+   * Requests one process may hold: one per isolate, plus as many again
+   * waiting in its own queue, so a finished request is followed at once
+   * without a round trip to the front. Requests that have not started
+   * running are handed back if the process dies.
+   */
+  get #capacity(): number {
+    return this.spec.threads + Math.max(2, this.spec.threads);
+  }
+
+  async start(): Promise<void> {
+    this.#cache = await prepareDaemonCache(this.identity);
+    if (Deno.build.standalone) {
+      this.#logger.warning(
+        "a compiled binary cannot narrow the Deno permissions of its daemon processes; " +
+          "only their isolates are narrowed",
+      );
+    }
+    this.#scriptMtime = await this.#readScriptMtime();
+    this.#tick = setInterval(() => this.#maintain(), TICK_MS);
+    this.#logger.info(
+      `starting ${this.spec.processes} daemon process${this.spec.processes === 1 ? "" : "es"} ` +
+        `as ${this.identity.description}, each with up to ${this.spec.threads} isolates`,
+    );
+    this.#manage();
+    return this.#firstReady.promise;
+  }
+
+  submit(request: BackendRequest): RequestHandle {
+    if (this.#failedReason) {
+      throw new PoolUnavailableError(`group '${this.name}' is unavailable: ${this.#failedReason}`, 30);
+    }
+    if (this.#stopping) throw new PoolUnavailableError("the server is shutting down", 5);
+    if (this.#queue.length >= this.#options.queueLimit && !this.#pickProcess()) {
+      throw new PoolUnavailableError(
+        `the queue of group '${this.name}' is full (${this.#options.queueLimit} waiting); ` +
+          "raise --queue-limit, processes or threads",
+        1,
+      );
+    }
+    const handle = new DaemonRequestHandle(request, (cancelled) => this.#dequeue(cancelled));
+    this.#queue.push(handle);
+    this.#dispatch();
+    return handle;
+  }
+
+  reload(reason: string): void {
+    if (this.#stopping) return;
+    const current = [...this.#processes].filter((p) => p.state === "starting" || p.state === "ready");
+    this.#logger.info(
+      `reloading: ${reason}; starting ${this.spec.processes} fresh processes, and ${current.length} ` +
+        `current ones finish their requests within graceful-timeout (${this.spec.gracefulTimeoutMs / 1000} s)`,
+    );
+    this.#failedReason = null;
+    this.#holdReason = null;
+    this.#failedStarts = 0;
+    this.#crashes = 0;
+    this.#nextSpawnAt = 0;
+    for (const process of current) process.replaced = true;
+    this.#manage();
+  }
+
+  async stop(): Promise<void> {
+    this.#stopping = true;
+    clearInterval(this.#tick);
+    clearTimeout(this.#spawnTimer);
+    for (const handle of this.#queue.splice(0)) handle.request.sink.fail(503, "the server is shutting down");
+
+    const processes = [...this.#processes];
+    for (const process of processes) {
+      process.stopReason = "was stopped because the server is shutting down";
+      process.retire(0);
+      process.closeInput();
+    }
+    const exited = Promise.all(processes.map((process) => process.exited));
+    if (await settlesWithin(exited, KILL_GRACE_MS)) return;
+    for (const process of processes) process.kill("SIGKILL");
+    await settlesWithin(exited, KILL_GRACE_MS);
+  }
+
+  // ---------------------------------------------------------------------------
+  // Routing
+
+  #dispatch(): void {
+    while (this.#queue.length > 0) {
+      const process = this.#pickProcess();
+      if (!process) return;
+      const handle = this.#queue.shift()!;
+      if (handle.cancelled) continue;
+      process.dispatch(handle);
+    }
+  }
+
+  /** The ready process with room and the fewest requests, preferring ones not being replaced. */
+  #pickProcess(): DaemonProcess | undefined {
+    let best: DaemonProcess | undefined;
+    for (const process of this.#processes) {
+      if (process.state !== "ready" || process.outstanding >= this.#capacity) continue;
+      if (
+        !best || (best.replaced && !process.replaced) ||
+        (best.replaced === process.replaced && process.outstanding < best.outstanding)
+      ) {
+        best = process;
+      }
+    }
+    return best;
+  }
+
+  #dequeue(handle: DaemonRequestHandle): void {
+    const index = this.#queue.indexOf(handle);
+    if (index >= 0) this.#queue.splice(index, 1);
+  }
+
+  // ---------------------------------------------------------------------------
+  // Lifecycle steps
+
+  #spawn(): void {
+    const serial = ++this.#serial;
+    let process: DaemonProcess;
+    try {
+      process = new DaemonProcess({
+        serial,
+        launch: buildDaemonLaunch(this.spec, this.app, this.identity, this.#cache!),
+        config: this.#config,
+        logger: this.#logger,
+        onReady: (ready) => this.#onReady(ready),
+        onExit: (exited, exit) => this.#reap(exited, exit),
+        onRequestDone: (done) => this.#onRequestDone(done),
+      });
+    } catch (error) {
+      this.#logger.error(`failed to start a daemon process: ${error}`);
+      this.#countFailedStart(`it could not be started: ${error}`);
+      return;
+    }
+    this.#processes.add(process);
+    process.logger.debug(`daemon process started (display name ${this.spec.displayName})`);
+  }
+
+  #onReady(process: DaemonProcess): void {
+    const ms = Math.round(performance.now() - process.startedAt);
+    process.logger.info(`daemon process ready in ${ms} ms`);
+    this.#failedStarts = 0;
+    this.#firstReady.resolve();
+    this.#manage();
+    this.#dispatch();
+  }
+
+  #onRequestDone(process: DaemonProcess): void {
+    const maximum = this.spec.maximumRequests;
+    if (maximum > 0 && process.served >= maximum && !process.replaced && process.state === "ready") {
+      this.#replace(process, `it served ${process.served} requests (maximum-requests ${maximum})`);
+    }
+    this.#dispatch();
+  }
+
+  /** Handles a process's exit: its waiting requests go back to the queue, then the group recovers. */
+  #reap(process: DaemonProcess, exit: ProcessExit): void {
+    this.#processes.delete(process);
+    const waiting = process.takeWaiting();
+    const running = process.outstanding;
+    const planned = process.replaced || process.stopReason !== undefined ||
+      (process.state === "retiring" && exit.code === 0 && !exit.signal);
+
+    if (this.#stopping) {
+      for (const handle of waiting) handle.request.sink.fail(503, "the server is shutting down");
+      process.logger.info(`daemon process ${exit.reason}`);
+      return;
+    }
+    this.#queue.unshift(...waiting);
+    this.#logExit(process, exit, running, waiting.length, planned);
+
+    if (!planned && !this.#failedReason) this.#countCrash(process, exit);
+    this.#manage();
+    this.#dispatch();
+  }
+
+  #logExit(process: DaemonProcess, exit: ProcessExit, running: number, waiting: number, planned: boolean) {
+    const parts = [`daemon process ${exit.reason} after serving ${process.served} requests`];
+    if (running > 0) parts.push(`${running} running request${running === 1 ? "" : "s"} fail with 502`);
+    if (waiting > 0) parts.push(`${waiting} request${waiting === 1 ? "" : "s"} not yet running go to another process`);
+    const message = parts.join("; ");
+    if (planned && running === 0) process.logger.info(message);
+    else if (exit.signal === "SIGTERM" || planned) process.logger.warning(message);
+    else process.logger.error(message);
+  }
+
+  #countCrash(process: DaemonProcess, exit: ProcessExit): void {
+    if (exit.code === DaemonExit.REFUSED_ROOT && !exit.signal) {
+      this.#markFailed(`a daemon process ${exit.reason}`);
+      return;
+    }
+    if (process.readyAt === undefined || exit.bootFailure) {
+      this.#countFailedStart(`the last one ${exit.reason}`);
+      return;
+    }
+    const uptime = performance.now() - process.readyAt;
+    this.#crashes = uptime > STABLE_MS ? 1 : this.#crashes + 1;
+    this.#scheduleRestart();
+  }
+
+  #countFailedStart(reason: string): void {
+    this.#failedStarts += 1;
+    this.#crashes += 1;
+    if (this.#failedStarts < MAX_FAILED_STARTS) {
+      this.#scheduleRestart();
+      return;
+    }
+    const summary = `${this.#failedStarts} daemon processes in a row failed to start; ${reason}`;
+    const serving = [...this.#processes].filter((p) => p.state === "ready");
+    if (serving.length === 0) {
+      this.#markFailed(summary);
+      return;
+    }
+    // A reload that fails leaves the processes started before it serving.
+    this.#holdReason = summary;
+    for (const process of serving) process.replaced = false;
+    this.#logger.critical(
+      `reload failed: ${summary}; the ${serving.length} processes started before keep serving. ` +
+        "Fix the application, then touch its script or send SIGHUP to try again",
+    );
+  }
+
+  #scheduleRestart(): void {
+    const base = RESTART_DELAYS_MS[Math.min(this.#crashes - 1, RESTART_DELAYS_MS.length - 1)];
+    // Up to 20% jitter, so that processes of several groups do not restart in step.
+    const delay = Math.round(base * (1 + Math.random() * 0.2));
+    this.#nextSpawnAt = performance.now() + delay;
+    this.#logger.info(`restarting a daemon process in ${delay} ms`);
+  }
+
+  #markFailed(reason: string): void {
+    this.#failedReason = reason;
+    this.#logger.critical(
+      `group marked failed: ${reason}. Requests get 503 until the script changes or the server gets SIGHUP`,
+    );
+    this.#firstReady.reject(new Error(`group '${this.name}' failed: ${reason}`));
+    for (const handle of this.#queue.splice(0)) {
+      handle.request.sink.fail(503, `group '${this.name}' is unavailable: ${reason}`);
+    }
+  }
+
+  /** Marks a process for replacement; it keeps serving until a fresh one is ready. */
+  #replace(process: DaemonProcess, why: string): void {
+    process.replaced = true;
+    process.logger.info(`replacing the daemon process: ${why}`);
+    this.#manage();
+  }
+
+  /** Starts missing processes and retires replaced ones as fresh ones become ready. */
+  #manage(): void {
+    if (this.#stopping) return;
+    const all = [...this.#processes];
+    const fresh = all.filter((p) => !p.replaced && (p.state === "starting" || p.state === "ready"));
+    const freshReady = fresh.filter((p) => p.state === "ready").length;
+
+    const replaced = all
+      .filter((p) => p.replaced && (p.state === "starting" || p.state === "ready"))
+      .sort((a, b) => a.startedAt - b.startedAt);
+    let keep = Math.max(0, this.spec.processes - freshReady);
+    for (const process of replaced) {
+      if (process.state === "ready" && keep > 0) {
+        keep -= 1;
+        continue;
+      }
+      this.#retire(process);
+    }
+
+    if (this.#failedReason || this.#holdReason) return;
+    const missing = this.spec.processes - fresh.length;
+    if (missing <= 0) return;
+    const wait = this.#nextSpawnAt - performance.now();
+    if (wait > 0) {
+      clearTimeout(this.#spawnTimer);
+      this.#spawnTimer = setTimeout(() => this.#manage(), wait);
+      return;
+    }
+    for (let i = 0; i < missing; i++) this.#spawn();
+  }
+
+  #retire(process: DaemonProcess): void {
+    const graceful = this.spec.gracefulTimeoutMs;
+    process.logger.info(
+      process.outstanding > 0
+        ? `retiring the daemon process: it finishes ${process.outstanding} requests within graceful-timeout (${graceful / 1000} s)`
+        : "retiring the daemon process",
+    );
+    process.retire(graceful);
+  }
+
+  /** Runs every TICK_MS: queue timeouts, overdue processes, recycling, script changes. */
+  #maintain(): void {
+    this.#expireQueue();
+    this.#murder();
+    this.#recycle();
+    this.#checkScript();
+  }
+
+  #expireQueue(): void {
+    const timeout = this.spec.queueTimeoutMs;
+    if (timeout <= 0) return;
+    const now = performance.now();
+    while (this.#queue.length > 0 && now - this.#queue[0].queuedAt >= timeout) {
+      const handle = this.#queue.shift()!;
+      if (handle.cancelled) continue;
+      const readyCount = [...this.#processes].filter((p) => p.state === "ready").length;
+      const state = readyCount === 0 ? "; no daemon process was ready (the group is restarting)" : "";
+      handle.request.sink.fail(
+        503,
+        `queue timed out: the request waited ${Math.round(now - handle.queuedAt)} ms in group ` +
+          `'${this.name}' (queue-timeout ${timeout / 1000} s)${state}`,
+      );
+    }
+  }
+
+  /** Kills processes that overran startup-timeout, graceful-timeout or the SIGTERM grace. */
+  #murder(): void {
+    const now = performance.now();
+    for (const process of this.#processes) {
+      if (process.terminatedAt !== undefined) {
+        if (now - process.terminatedAt > KILL_GRACE_MS) process.kill("SIGKILL");
+        continue;
+      }
+      if (process.state === "starting" && !process.replaced && now - process.startedAt > this.spec.startupTimeoutMs) {
+        const seconds = this.spec.startupTimeoutMs / 1000;
+        process.logger.error(`daemon process did not become ready within startup-timeout (${seconds} s); stopping it`);
+        process.stopReason = `was stopped: startup timed out after ${seconds} s`;
+        process.kill("SIGTERM");
+        continue;
+      }
+      if (process.state === "retiring" && now > process.retireDeadline) {
+        const seconds = this.spec.gracefulTimeoutMs / 1000;
+        process.logger.warning(
+          `daemon process still runs ${process.outstanding} requests after graceful-timeout (${seconds} s); stopping it`,
+        );
+        process.stopReason = `was stopped after graceful-timeout (${seconds} s)`;
+        process.kill("SIGTERM");
+      }
+    }
+  }
+
+  #recycle(): void {
+    const interval = this.spec.restartIntervalMs;
+    if (interval <= 0) return;
+    const now = performance.now();
+    for (const process of this.#processes) {
+      if (process.state !== "ready" || process.replaced || process.readyAt === undefined) continue;
+      if (now - process.readyAt >= interval) {
+        this.#replace(process, `it ran for ${Math.round((now - process.readyAt) / 1000)} s (restart-interval ${interval / 1000} s)`);
+      }
+    }
+  }
+
+  /** Reloads the group when its script file's modification time changes (touch to reload). */
+  async #checkScript(): Promise<void> {
+    if (this.#checkingScript || this.#stopping) return;
+    this.#checkingScript = true;
+    try {
+      const mtime = await this.#readScriptMtime();
+      // A script being replaced by an editor may be missing for a moment.
+      if (mtime === undefined || mtime === this.#scriptMtime) return;
+      this.#scriptMtime = mtime;
+      this.reload("the script file changed");
+    } finally {
+      this.#checkingScript = false;
+    }
+  }
+
+  async #readScriptMtime(): Promise<number | undefined> {
+    if (!this.app.scriptPath) return undefined;
+    try {
+      return (await Deno.stat(this.app.scriptPath)).mtime?.getTime();
+    } catch {
+      return undefined;
+    }
+  }
+}
+
+/** Resolves true when `promise` settles within `ms`, false otherwise. */
+async function settlesWithin(promise: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<false>((resolve) => (timer = setTimeout(resolve, ms, false)));
+  try {
+    return await Promise.race([promise.then(() => true, () => true), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}

@@ -1,0 +1,405 @@
+/**
+ * Entry of a daemon process: the same program started again by the front
+ * with the DAEMON_SUBCOMMAND argument, usually as another user and with
+ * narrowed Deno permissions.
+ *
+ * The process runs one isolate pool for its group's application and serves
+ * the requests the front sends over standard input, answering on standard
+ * output (see daemon_protocol.ts). Its log lines go to standard error, which
+ * it shares with the front. It imports nothing of the front.
+ *
+ * Life cycle: read the CONFIGURE frame, refuse to run as root, start the
+ * pool, send READY when the first isolate is ready (and, with preload, has
+ * imported the application), serve until standard input closes or SIGTERM
+ * arrives, then stop. SIGINT and SIGHUP are ignored: a terminal's Ctrl-C
+ * reaches the whole process group, and the front decides when daemons stop.
+ */
+
+import { appReadPaths } from "./app_spec.ts";
+import type { Job, ResponseSink } from "./isolate.ts";
+import { Logger } from "./log.ts";
+import { IsolatePool, PoolUnavailableError } from "./pool.ts";
+import {
+  BodyMode,
+  DaemonConfig,
+  DaemonExit,
+  decodeJson,
+  decodeRequest,
+  decodeUint32,
+  encodeFail,
+  encodeJson,
+  encodeStart,
+  encodeText,
+  encodeUint32,
+  Frame,
+  FrameWriter,
+  readFrames,
+  type ReadyInfo,
+} from "./daemon_protocol.ts";
+import { BodyRing, RequestControl } from "../wasm/channel.ts";
+import type { EndMessage, FileMessage, StartMessage } from "../wasm/protocol.ts";
+
+/** Capacity of the ring a streamed body passes through (a power of two). */
+const BODY_RING_BYTES = 256 * 1024;
+const FILE_PIECE = 64 * 1024;
+
+/** Why the process stops, as the main loop receives it. */
+type StopCause = { kind: "input closed" } | { kind: "signal"; signal: Deno.Signal } | {
+  kind: "exit";
+  code: number;
+};
+
+/**
+ * One request in this process: it feeds the request body into the isolate's
+ * ring and turns the isolate's response into frames for the front.
+ */
+class DaemonRequest implements ResponseSink {
+  readonly id: number;
+  readonly job: Job;
+  readonly control = new RequestControl();
+  readonly ring: BodyRing | null;
+  #daemon: Daemon;
+  #inbound: Uint8Array[] = [];
+  #inboundEnd: "open" | "end" | "abort" = "open";
+  #pumping = false;
+  /** Response bytes sent from the isolate's chunks that the client has not taken yet. */
+  #chunkBytesInFlight = 0;
+  /** Response bytes read from a file here that the client has not taken yet. */
+  #fileBytesInFlight = 0;
+  #wakeFileSender: (() => void) | null = null;
+  /** Set while a wsgi.file_wrapper file is being sent; later messages wait for it. */
+  #fileSending: Promise<void> | null = null;
+  #finished = false;
+
+  constructor(id: number, daemon: Daemon, method: string, environ: string, body: Uint8Array<ArrayBuffer> | null) {
+    this.id = id;
+    this.#daemon = daemon;
+    this.ring = body === null ? BodyRing.create(BODY_RING_BYTES) : null;
+    this.job = {
+      requestId: `${daemon.config.group}-${Deno.pid}-${id}`,
+      method,
+      environ,
+      body,
+      bodyRing: this.ring,
+      control: this.control,
+      sink: this,
+      onRunning: () => daemon.send(Frame.RUNNING, id),
+    };
+  }
+
+  // ---- request body, front to isolate ----
+
+  receiveBody(chunk: Uint8Array): void {
+    this.#inbound.push(chunk);
+    if (!this.#pumping) this.#pump();
+  }
+
+  endBody(how: "end" | "abort"): void {
+    this.#inboundEnd = how;
+    if (!this.#pumping) this.#pump();
+  }
+
+  async #pump(): Promise<void> {
+    const ring = this.ring;
+    if (!ring) return;
+    this.#pumping = true;
+    while (this.#inbound.length > 0) {
+      const chunk = this.#inbound.shift()!;
+      if (!(await ring.write(chunk))) {
+        // The application finished without reading the whole body.
+        this.#inbound = [];
+        break;
+      }
+      this.#daemon.send(Frame.BODY_CREDIT, this.id, encodeUint32(chunk.length));
+    }
+    this.#pumping = false;
+    if (this.#inbound.length > 0) return this.#pump();
+    if (this.#inboundEnd === "end") ring.end();
+    if (this.#inboundEnd === "abort") ring.abort();
+  }
+
+  // ---- response, isolate to front ----
+
+  start(message: StartMessage): void {
+    this.#whenFileSent(() => {
+      this.#daemon.send(
+        Frame.START,
+        this.id,
+        encodeStart(message.status, message.headers, message.complete === true, message.body),
+      );
+      if (message.complete) this.#finish();
+    });
+  }
+
+  body(chunk: Uint8Array): void {
+    this.#whenFileSent(() => {
+      this.#chunkBytesInFlight += chunk.length;
+      this.#daemon.send(Frame.RESPONSE_BODY, this.id, chunk);
+    });
+  }
+
+  file(message: FileMessage): void {
+    this.#whenFileSent(() => {
+      this.#fileSending = this.#sendFile(message).finally(() => (this.#fileSending = null));
+    });
+  }
+
+  end(message: EndMessage): void {
+    this.#whenFileSent(() => {
+      this.#daemon.send(Frame.END, this.id, message.error ? encodeText(message.error) : undefined);
+      this.#finish();
+    });
+  }
+
+  fail(status: number, reason: string): void {
+    this.#whenFileSent(() => {
+      this.#daemon.send(Frame.FAIL, this.id, encodeFail(status, reason));
+      this.#finish();
+    });
+  }
+
+  /** The client has taken `bytes` more of the response. */
+  credit(bytes: number): void {
+    const chunkShare = Math.min(bytes, this.#chunkBytesInFlight);
+    this.#chunkBytesInFlight -= chunkShare;
+    if (chunkShare > 0) this.control.released(chunkShare);
+    this.#fileBytesInFlight -= bytes - chunkShare;
+    const wake = this.#wakeFileSender;
+    this.#wakeFileSender = null;
+    wake?.();
+  }
+
+  /** The client has gone: stop the application, or drop the request if it has not run. */
+  cancel(): void {
+    this.job.abandoned = true;
+    this.control.cancel();
+    this.ring?.abort();
+    this.#wakeFileSender?.();
+    if (!this.job.running) this.end({ type: "end", requestId: this.job.requestId, error: "cancelled before it ran" });
+  }
+
+  #whenFileSent(action: () => void): void {
+    if (this.#finished) return;
+    if (this.#fileSending) {
+      this.#fileSending.then(() => this.#whenFileSent(action));
+      return;
+    }
+    action();
+  }
+
+  /**
+   * Sends a file region that the application passed to wsgi.file_wrapper.
+   * This process reads it with its own user and permissions, so a file the
+   * application may not read never leaves through the front.
+   */
+  async #sendFile(message: FileMessage): Promise<void> {
+    const folders = appReadPaths(this.#daemon.config.app);
+    if (!folders.some((folder) => message.path === folder || message.path.startsWith(folder + "/"))) {
+      this.#abortResponse(`wsgi.file_wrapper path '${message.path}' is outside the application's folders`);
+      return;
+    }
+    let file: Deno.FsFile | undefined;
+    try {
+      file = await Deno.open(message.path, { read: true });
+      await file.seek(message.offset, Deno.SeekMode.Start);
+      let remaining = message.length < 0 ? Infinity : message.length;
+      const window = this.#daemon.config.responseWindow;
+      while (remaining > 0 && !this.control.cancelled) {
+        while (this.#fileBytesInFlight > window && !this.control.cancelled) {
+          await new Promise<void>((resolve) => (this.#wakeFileSender = resolve));
+        }
+        const piece = new Uint8Array(Math.min(FILE_PIECE, remaining));
+        const count = await file.read(piece);
+        if (count === null || count === 0) break;
+        remaining -= count;
+        this.#fileBytesInFlight += count;
+        this.#daemon.send(Frame.RESPONSE_BODY, this.id, piece.subarray(0, count));
+      }
+    } catch (error) {
+      this.#abortResponse(`cannot send file '${message.path}': ${error}`);
+    } finally {
+      file?.close();
+    }
+  }
+
+  #abortResponse(error: string): void {
+    this.#daemon.logger.error(error, { request: this.job.requestId });
+    this.#daemon.send(Frame.END, this.id, encodeText(error));
+    this.#finish();
+  }
+
+  #finish(): void {
+    if (this.#finished) return;
+    this.#finished = true;
+    this.ring?.closeReader();
+    this.#daemon.forget(this.id);
+  }
+}
+
+/** The daemon process: its pool, its channel to the front and its requests. */
+class Daemon {
+  readonly config: DaemonConfig;
+  readonly logger: Logger;
+  readonly pool: IsolatePool;
+  #writer: FrameWriter;
+  #requests = new Map<number, DaemonRequest>();
+  #stop: (cause: StopCause) => void;
+  #readySent = false;
+
+  constructor(config: DaemonConfig, writer: FrameWriter, stop: (cause: StopCause) => void) {
+    this.config = config;
+    this.#writer = writer;
+    this.#stop = stop;
+    this.logger = new Logger(config.logLevel, { group: config.group, pid: Deno.pid });
+    this.pool = new IsolatePool(config.app, {
+      size: config.threads,
+      minSize: 1,
+      idleTimeoutMs: config.inactivityTimeoutMs,
+      requestTimeoutMs: config.requestTimeoutMs,
+      queueLimit: config.queueLimit,
+      queueTimeoutMs: config.queueTimeoutMs,
+      startupTimeoutMs: config.startupTimeoutMs,
+      responseWindow: config.responseWindow,
+      multiprocess: config.multiprocess,
+      logger: this.logger,
+      onApplicationLoaded: (error) => this.#onApplicationLoaded(error),
+    });
+  }
+
+  start(): void {
+    this.pool.start().then(
+      () => {
+        if (!this.config.app.preload) this.#sendReady();
+      },
+      (error) => {
+        this.logger.critical(`no isolate could start: ${error instanceof Error ? error.message : error}`);
+        this.#stop({ kind: "exit", code: DaemonExit.BOOT_FAILED });
+      },
+    );
+  }
+
+  #onApplicationLoaded(error: string | undefined): void {
+    if (this.#readySent) return;
+    if (error !== undefined) {
+      this.logger.critical(`the application failed to import at start: ${error}`);
+      this.#stop({ kind: "exit", code: DaemonExit.APP_LOAD_FAILED });
+      return;
+    }
+    this.#sendReady();
+  }
+
+  #sendReady(): void {
+    if (this.#readySent) return;
+    this.#readySent = true;
+    const info: ReadyInfo = { pid: Deno.pid };
+    this.send(Frame.READY, 0, encodeJson(info));
+  }
+
+  send(type: number, id: number, payload?: Uint8Array): void {
+    this.#writer.send(type, id, payload);
+  }
+
+  forget(id: number): void {
+    this.#requests.delete(id);
+  }
+
+  onFrame(type: number, id: number, payload: Uint8Array<ArrayBuffer>): void {
+    if (type === Frame.REQUEST) {
+      this.#startRequest(id, payload);
+      return;
+    }
+    const request = this.#requests.get(id);
+    if (!request) return; // The request has finished; late credit or cancels are harmless.
+    switch (type) {
+      case Frame.BODY:
+        request.receiveBody(payload);
+        return;
+      case Frame.BODY_END:
+        request.endBody("end");
+        return;
+      case Frame.BODY_ABORT:
+        request.endBody("abort");
+        return;
+      case Frame.CREDIT:
+        request.credit(decodeUint32(payload));
+        return;
+      case Frame.CANCEL:
+        request.cancel();
+        return;
+      default:
+        this.logger.warning(`ignored a frame of unknown type ${type}`);
+    }
+  }
+
+  #startRequest(id: number, payload: Uint8Array<ArrayBuffer>): void {
+    const decoded = decodeRequest(payload);
+    const body = decoded.bodyMode === BodyMode.WHOLE ? decoded.body : null;
+    const request = new DaemonRequest(id, this, decoded.method, decoded.environ, body);
+    this.#requests.set(id, request);
+    try {
+      this.pool.submit(request.job);
+    } catch (error) {
+      if (!(error instanceof PoolUnavailableError)) throw error;
+      request.fail(503, error.message);
+    }
+  }
+
+  /** Stops the pool; requests still running fail with 503. */
+  stop(): void {
+    this.pool.stop();
+  }
+}
+
+/** Ignores the signals the front handles for the whole server. */
+function ignoreForwardedSignals(): void {
+  for (const signal of ["SIGINT", "SIGHUP"] as const) Deno.addSignalListener(signal, () => {});
+}
+
+/** Reads the CONFIGURE frame, which the front sends before anything else. */
+function readConfig(stream: ReadableStream<Uint8Array<ArrayBuffer>>, onFrame: (type: number, id: number, payload: Uint8Array<ArrayBuffer>) => void) {
+  const { promise, resolve } = Promise.withResolvers<DaemonConfig | undefined>();
+  let configured = false;
+  const done = readFrames(stream, (type, id, payload) => {
+    if (configured) {
+      onFrame(type, id, payload);
+      return;
+    }
+    configured = true;
+    resolve(type === Frame.CONFIGURE ? decodeJson<DaemonConfig>(payload) : undefined);
+  }).finally(() => resolve(undefined));
+  return { config: promise, done };
+}
+
+/** Runs the daemon process until it is told to stop; returns the exit status. */
+export async function runDaemon(): Promise<number> {
+  ignoreForwardedSignals();
+  const stopped = Promise.withResolvers<StopCause>();
+  // Signal handlers only record the signal; the main flow below acts on it.
+  Deno.addSignalListener("SIGTERM", () => stopped.resolve({ kind: "signal", signal: "SIGTERM" }));
+
+  const writer = new FrameWriter(Deno.stdout.writable, () => stopped.resolve({ kind: "input closed" }));
+  let daemon: Daemon | undefined;
+  const input = readConfig(Deno.stdin.readable, (type, id, payload) => daemon?.onFrame(type, id, payload));
+  input.done.then(() => stopped.resolve({ kind: "input closed" }));
+
+  const config = await input.config;
+  if (!config) {
+    new Logger("info", { pid: Deno.pid }).critical("daemon process received no configuration; it is started by wsgirun only");
+    return DaemonExit.USAGE;
+  }
+  const logger = new Logger(config.logLevel, { group: config.group, pid: Deno.pid });
+  if (Deno.uid() === 0) {
+    logger.critical("daemon process refuses to run as root; give the group user=NAME");
+    return DaemonExit.REFUSED_ROOT;
+  }
+
+  daemon = new Daemon(config, writer, (cause) => stopped.resolve(cause));
+  daemon.start();
+  logger.debug(`daemon process started for ${config.app.name}`);
+
+  const cause = await stopped.promise;
+  daemon.stop();
+  if (cause.kind === "exit") return cause.code;
+  logger.debug(cause.kind === "signal" ? `stopping on ${cause.signal}` : "stopping: the front closed the channel");
+  return DaemonExit.OK;
+}

@@ -1,0 +1,361 @@
+/**
+ * The front's handle on one daemon process: it starts the child, sends it
+ * requests as frames, streams request bodies after the daemon reports that
+ * an isolate runs them, and hands response frames to each request's sink.
+ */
+
+import type { BackendRequest, RequestHandle } from "./backend.ts";
+import type { DaemonLaunch } from "./daemon_command.ts";
+import {
+  BODY_WINDOW,
+  type DaemonConfig,
+  DaemonExit,
+  decodeFail,
+  decodeStart,
+  decodeText,
+  decodeUint32,
+  encodeJson,
+  encodeRequest,
+  encodeUint32,
+  Frame,
+  FrameWriter,
+  MAX_BODY_FRAME,
+  readFrames,
+} from "./daemon_protocol.ts";
+import type { Logger } from "./log.ts";
+
+export type DaemonProcessState = "starting" | "ready" | "retiring" | "exited";
+
+/** How a daemon process ended, decoded from its exit status. */
+export interface ProcessExit {
+  code: number;
+  signal: Deno.Signal | null;
+  /** The cause in words, such as "was killed by signal SIGKILL". */
+  reason: string;
+  /** Whether the exit status says the process could not start at all. */
+  bootFailure: boolean;
+}
+
+export interface DaemonProcessOptions {
+  /** Number of the process within its group, for log lines. */
+  serial: number;
+  launch: DaemonLaunch;
+  config: DaemonConfig;
+  logger: Logger;
+  onReady(process: DaemonProcess): void;
+  onExit(process: DaemonProcess, exit: ProcessExit): void;
+  onRequestDone(process: DaemonProcess): void;
+}
+
+/** Decodes a child's exit status into words, using the daemon's named exit codes. */
+export function describeExit(status: Deno.CommandStatus): ProcessExit {
+  const { code, signal } = status;
+  if (signal) {
+    const hint = signal === "SIGKILL" ? " (kill -9, or the system ran out of memory)" : "";
+    return { code, signal, reason: `was killed by signal ${signal}${hint}`, bootFailure: false };
+  }
+  switch (code) {
+    case DaemonExit.BOOT_FAILED:
+      return { code, signal, reason: "failed to start: no isolate could load Pyodide (exit code 3)", bootFailure: true };
+    case DaemonExit.APP_LOAD_FAILED:
+      return { code, signal, reason: "failed to start: the application failed to import (exit code 4)", bootFailure: true };
+    case DaemonExit.REFUSED_ROOT:
+      return { code, signal, reason: "refused to run as root (exit code 5)", bootFailure: true };
+    case DaemonExit.USAGE:
+      return { code, signal, reason: "rejected its configuration (exit code 2)", bootFailure: true };
+    default:
+      return { code, signal, reason: `exited with code ${code}`, bootFailure: false };
+  }
+}
+
+/**
+ * One request routed to a daemon group: queued in the group, then sent to a
+ * process, until its response ends.
+ */
+export class DaemonRequestHandle implements RequestHandle {
+  readonly request: BackendRequest;
+  readonly queuedAt = performance.now();
+  process: DaemonProcess | null = null;
+  /** Frame id on the current process. */
+  id = 0;
+  running = false;
+  cancelled = false;
+  finished = false;
+  #onCancelQueued: (handle: DaemonRequestHandle) => void;
+  #bodyReader: ReadableStreamDefaultReader<Uint8Array> | null = null;
+  #bodyBytesInFlight = 0;
+  #wakeBody: (() => void) | null = null;
+
+  constructor(request: BackendRequest, onCancelQueued: (handle: DaemonRequestHandle) => void) {
+    this.request = request;
+    this.#onCancelQueued = onCancelQueued;
+  }
+
+  released(bytes: number): void {
+    if (this.process && !this.finished) this.process.send(Frame.CREDIT, this.id, encodeUint32(bytes));
+  }
+
+  cancel(): void {
+    if (this.finished || this.cancelled) return;
+    this.cancelled = true;
+    if (!this.process) {
+      this.#onCancelQueued(this);
+      return;
+    }
+    this.process.send(Frame.CANCEL, this.id);
+    this.#stopBody();
+  }
+
+  close(): void {
+    this.#stopBody();
+  }
+
+  /** The daemon runs the request: start streaming its body, if it has one. */
+  markRunning(logger: Logger): void {
+    this.running = true;
+    const body = this.request.body;
+    if (body instanceof ReadableStream && this.process) this.#pumpBody(body, this.process, this.id, logger);
+  }
+
+  bodyCredit(bytes: number): void {
+    this.#bodyBytesInFlight -= bytes;
+    this.#wake();
+  }
+
+  /** The response has ended, or the process is gone. */
+  finish(): void {
+    this.finished = true;
+    this.#stopBody();
+  }
+
+  #wake(): void {
+    const wake = this.#wakeBody;
+    this.#wakeBody = null;
+    wake?.();
+  }
+
+  #stopBody(): void {
+    this.#bodyReader?.cancel().catch(() => {});
+    this.#bodyReader = null;
+    this.#wake();
+  }
+
+  #bodyStopped(process: DaemonProcess): boolean {
+    return this.finished || this.cancelled || process.state === "exited" || this.#bodyReader === null;
+  }
+
+  /** Sends the client's body in frames, at most BODY_WINDOW bytes ahead of the daemon. */
+  async #pumpBody(body: ReadableStream<Uint8Array>, process: DaemonProcess, id: number, logger: Logger) {
+    const reader = body.getReader();
+    this.#bodyReader = reader;
+    try {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (this.#bodyStopped(process)) return;
+        if (done) {
+          process.send(Frame.BODY_END, id);
+          return;
+        }
+        for (let offset = 0; offset < value.length; offset += MAX_BODY_FRAME) {
+          const piece = value.subarray(offset, offset + MAX_BODY_FRAME);
+          while (this.#bodyBytesInFlight > 0 && this.#bodyBytesInFlight + piece.length > BODY_WINDOW) {
+            await new Promise<void>((resolve) => (this.#wakeBody = resolve));
+            if (this.#bodyStopped(process)) return;
+          }
+          this.#bodyBytesInFlight += piece.length;
+          process.send(Frame.BODY, id, piece);
+        }
+      }
+    } catch (error) {
+      if (this.#bodyStopped(process)) return;
+      logger.info(`client stopped sending the request body: ${error}`, { request: this.request.requestId });
+      process.send(Frame.BODY_ABORT, id);
+    }
+  }
+}
+
+export class DaemonProcess {
+  readonly serial: number;
+  readonly pid: number;
+  readonly startedAt = performance.now();
+  readyAt: number | undefined;
+  state: DaemonProcessState = "starting";
+  /** Set when a newer process should take this one's place (reload or recycling). */
+  replaced = false;
+  /** Requests finished on this process. */
+  served = 0;
+  /** performance.now() by which a retiring process must have finished its requests. */
+  retireDeadline = 0;
+  /** performance.now() when SIGTERM was sent, if it was. */
+  terminatedAt: number | undefined;
+  /** Why the front stopped the process on purpose, for the requests that fail with it. */
+  stopReason: string | undefined;
+  /** Resolves when the child has exited and its requests have been settled. */
+  readonly exited: Promise<ProcessExit>;
+  #child: Deno.ChildProcess;
+  #writer: FrameWriter;
+  #requests = new Map<number, DaemonRequestHandle>();
+  #nextId = 1;
+  #options: DaemonProcessOptions;
+  #logger: Logger;
+
+  /** Starts the child. Throws when the executable cannot be started at all. */
+  constructor(options: DaemonProcessOptions) {
+    this.serial = options.serial;
+    this.#options = options;
+    const { launch } = options;
+    const command = new Deno.Command(launch.command, {
+      args: launch.args,
+      cwd: launch.cwd,
+      env: launch.env,
+      clearEnv: true,
+      uid: launch.uid,
+      gid: launch.gid,
+      stdin: "piped",
+      stdout: "piped",
+      // The daemon writes its own log lines to the server's standard error.
+      stderr: "inherit",
+    });
+    this.#child = command.spawn();
+    this.pid = this.#child.pid;
+    this.#logger = options.logger.child({ process: this.pid });
+    this.#writer = new FrameWriter(this.#child.stdin, (error) => {
+      this.#logger.debug(`channel to the daemon process closed: ${error}`);
+    });
+    this.#writer.send(Frame.CONFIGURE, 0, encodeJson(options.config));
+    const frames = readFrames(this.#child.stdout, (type, id, payload) => this.#receive(type, id, payload))
+      .catch((error) => this.#logger.debug(`channel from the daemon process closed: ${error}`));
+    this.exited = Promise.all([this.#child.status, frames]).then(([status]) => this.#onExit(status));
+  }
+
+  /** Requests sent to this process that have not finished. */
+  get outstanding(): number {
+    return this.#requests.size;
+  }
+
+  get logger(): Logger {
+    return this.#logger;
+  }
+
+  send(type: number, id: number, payload?: Uint8Array): void {
+    this.#writer.send(type, id, payload);
+  }
+
+  /** Sends a request to the process. */
+  dispatch(handle: DaemonRequestHandle): void {
+    const id = this.#nextId++;
+    handle.process = this;
+    handle.id = id;
+    this.#requests.set(id, handle);
+    const { request } = handle;
+    const whole = request.body instanceof ReadableStream ? null : request.body ?? new Uint8Array(0);
+    this.send(Frame.REQUEST, id, encodeRequest(request.method, request.environ, whole));
+  }
+
+  /**
+   * Stops giving the process new requests; it exits once its requests are
+   * done, and is stopped if they take longer than `gracefulMs`.
+   */
+  retire(gracefulMs: number): void {
+    if (this.state === "retiring" || this.state === "exited") return;
+    this.state = "retiring";
+    this.retireDeadline = performance.now() + gracefulMs;
+    if (this.outstanding === 0) this.closeInput();
+  }
+
+  /** Closes the channel; the daemon stops when it reads the end of its input. */
+  closeInput(): void {
+    this.#writer.close();
+  }
+
+  /** Sends a signal; a process that has already exited is left alone. */
+  kill(signal: Deno.Signal): void {
+    if (signal === "SIGTERM") this.terminatedAt ??= performance.now();
+    try {
+      this.#child.kill(signal);
+    } catch {
+      // The process has already exited; its exit is being handled.
+    }
+  }
+
+  /** Takes back the requests that have not started running, for another process. */
+  takeWaiting(): DaemonRequestHandle[] {
+    const waiting: DaemonRequestHandle[] = [];
+    for (const [id, handle] of this.#requests) {
+      if (handle.running || handle.cancelled) continue;
+      this.#requests.delete(id);
+      handle.process = null;
+      waiting.push(handle);
+    }
+    return waiting;
+  }
+
+  #receive(type: number, id: number, payload: Uint8Array<ArrayBuffer>): void {
+    if (type === Frame.READY) {
+      this.#onReady();
+      return;
+    }
+    const handle = this.#requests.get(id);
+    if (!handle) return;
+    const sink = handle.request.sink;
+    const requestId = handle.request.requestId;
+    switch (type) {
+      case Frame.RUNNING:
+        handle.markRunning(this.#logger);
+        return;
+      case Frame.START: {
+        const start = decodeStart(payload);
+        sink.start({ type: "start", requestId, ...start });
+        if (start.complete) this.#finish(id, handle);
+        return;
+      }
+      case Frame.RESPONSE_BODY:
+        sink.body(payload);
+        return;
+      case Frame.END: {
+        const error = payload.length ? decodeText(payload) : undefined;
+        sink.end({ type: "end", requestId, error });
+        this.#finish(id, handle);
+        return;
+      }
+      case Frame.FAIL: {
+        const { status, reason } = decodeFail(payload);
+        this.#finish(id, handle);
+        sink.fail(status, `daemon process ${this.pid}: ${reason}`);
+        return;
+      }
+      case Frame.BODY_CREDIT:
+        handle.bodyCredit(decodeUint32(payload));
+        return;
+    }
+  }
+
+  #onReady(): void {
+    if (this.state !== "starting") return;
+    this.state = "ready";
+    this.readyAt = performance.now();
+    this.#options.onReady(this);
+  }
+
+  #finish(id: number, handle: DaemonRequestHandle): void {
+    this.#requests.delete(id);
+    handle.finish();
+    this.served += 1;
+    if (this.state === "retiring" && this.outstanding === 0) this.closeInput();
+    this.#options.onRequestDone(this);
+  }
+
+  /** Fails the requests that were running; the group requeues the others first. */
+  #onExit(status: Deno.CommandStatus): ProcessExit {
+    const exit = describeExit(status);
+    if (this.stopReason) exit.reason = `${this.stopReason} (it ${exit.reason})`;
+    this.state = "exited";
+    this.#options.onExit(this, exit);
+    for (const [id, handle] of this.#requests) {
+      this.#requests.delete(id);
+      handle.finish();
+      handle.request.sink.fail(502, `daemon process ${this.pid} ${exit.reason}`);
+    }
+    return exit;
+  }
+}

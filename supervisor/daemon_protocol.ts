@@ -1,0 +1,360 @@
+/**
+ * The private channel between the front and one daemon process: the child's
+ * standard input (front to daemon) and standard output (daemon to front)
+ * carry length-prefixed frames that multiplex every request of the process.
+ *
+ * Frame layout, little-endian: type (u8), request id (u32), payload length
+ * (u32), payload. Request id 0 is the process itself.
+ *
+ * Flow control keeps every buffer bounded. A request body flows front to
+ * daemon only after the daemon reports that an isolate runs the request, and
+ * at most BODY_WINDOW bytes go unacknowledged (BODY_CREDIT returns them). A
+ * response flows daemon to front within the isolate's response window, and
+ * CREDIT returns the bytes the client has taken.
+ */
+
+import type { AppSpec } from "./app_spec.ts";
+import type { LogLevel } from "./log.ts";
+
+/** First argument of a daemon process: the program re-entered as a daemon. */
+export const DAEMON_SUBCOMMAND = "__wsgirun_daemon";
+
+/** Exit statuses a daemon process uses to tell the front why it stopped. */
+export const DaemonExit = {
+  /** Stopped on request (standard input closed, or SIGTERM). */
+  OK: 0,
+  /** The command line or the configuration frame was invalid. */
+  USAGE: 2,
+  /** No isolate could start (Pyodide failed to load). */
+  BOOT_FAILED: 3,
+  /** The application failed to import at start (`--preload`). */
+  APP_LOAD_FAILED: 4,
+  /** The process found itself running as root and refused to serve. */
+  REFUSED_ROOT: 5,
+} as const;
+
+/** Frame types; the first group goes front to daemon, the second daemon to front. */
+export const Frame = {
+  /** JSON DaemonConfig; the first frame a daemon receives. */
+  CONFIGURE: 1,
+  /** A new request: see encodeRequest. */
+  REQUEST: 2,
+  /** A piece of the request body. */
+  BODY: 3,
+  /** The request body is complete. */
+  BODY_END: 4,
+  /** The client stopped sending the body before its end. */
+  BODY_ABORT: 5,
+  /** u32: the client has taken this many more response bytes. */
+  CREDIT: 6,
+  /** The client has gone. */
+  CANCEL: 7,
+
+  /** JSON ReadyInfo: the process can serve. */
+  READY: 20,
+  /** An isolate took the request; its body may flow now. */
+  RUNNING: 21,
+  /** Status and headers: see encodeStart. */
+  START: 22,
+  /** A piece of the response body. */
+  RESPONSE_BODY: 23,
+  /** The response is complete; a UTF-8 payload is the error that cut it short. */
+  END: 24,
+  /** u16 status, then a UTF-8 reason: the request failed before its response started. */
+  FAIL: 25,
+  /** u32: the daemon has taken this many more request body bytes. */
+  BODY_CREDIT: 26,
+} as const;
+
+/** Request body bytes the front may send before the daemon acknowledges them. */
+export const BODY_WINDOW = 256 * 1024;
+/** Largest piece of a body sent in one frame. */
+export const MAX_BODY_FRAME = 64 * 1024;
+
+const HEADER_BYTES = 9;
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** What the front tells a new daemon process in its CONFIGURE frame. */
+export interface DaemonConfig {
+  group: string;
+  displayName: string;
+  app: AppSpec;
+  logLevel: LogLevel;
+  threads: number;
+  /** Requests the process's pool may hold beyond its running isolates. */
+  queueLimit: number;
+  queueTimeoutMs: number;
+  requestTimeoutMs: number;
+  inactivityTimeoutMs: number;
+  startupTimeoutMs: number;
+  /** Value of `wsgi.multiprocess` for the group's interpreters. */
+  multiprocess: boolean;
+  /** Response bytes an isolate may have in flight before it waits for the client. */
+  responseWindow: number;
+}
+
+/** What a daemon reports in its READY frame. */
+export interface ReadyInfo {
+  pid: number;
+}
+
+/** Encodes one frame. */
+export function encodeFrame(type: number, id: number, payload?: Uint8Array): Uint8Array<ArrayBuffer> {
+  const length = payload?.length ?? 0;
+  const frame = new Uint8Array(HEADER_BYTES + length);
+  const view = new DataView(frame.buffer);
+  view.setUint8(0, type);
+  view.setUint32(1, id, true);
+  view.setUint32(5, length, true);
+  if (payload) frame.set(payload, HEADER_BYTES);
+  return frame;
+}
+
+export function encodeJson(value: unknown): Uint8Array {
+  return encoder.encode(JSON.stringify(value));
+}
+
+export function decodeJson<T>(payload: Uint8Array): T {
+  return JSON.parse(decoder.decode(payload)) as T;
+}
+
+export function encodeText(text: string): Uint8Array {
+  return encoder.encode(text);
+}
+
+export function decodeText(payload: Uint8Array): string {
+  return decoder.decode(payload);
+}
+
+export function encodeUint32(value: number): Uint8Array {
+  const bytes = new Uint8Array(4);
+  new DataView(bytes.buffer).setUint32(0, value, true);
+  return bytes;
+}
+
+export function decodeUint32(payload: Uint8Array): number {
+  return new DataView(payload.buffer, payload.byteOffset, payload.byteLength).getUint32(0, true);
+}
+
+/** How a REQUEST frame carries its body. */
+export const BodyMode = {
+  /** The whole body follows the environ in the REQUEST frame. */
+  WHOLE: 0,
+  /** BODY frames follow once the daemon sends RUNNING. */
+  STREAM: 1,
+} as const;
+
+export interface RequestPayload {
+  method: string;
+  environ: string;
+  bodyMode: number;
+  /** The whole body for BodyMode.WHOLE. */
+  body: Uint8Array<ArrayBuffer>;
+}
+
+/** REQUEST payload: body mode (u8), method length (u8), method, environ length (u32), environ, body. */
+export function encodeRequest(method: string, environ: string, body: Uint8Array | null): Uint8Array {
+  const methodBytes = encoder.encode(method);
+  const environBytes = encoder.encode(environ);
+  const bodyLength = body?.length ?? 0;
+  const payload = new Uint8Array(6 + methodBytes.length + environBytes.length + bodyLength);
+  const view = new DataView(payload.buffer);
+  view.setUint8(0, body ? BodyMode.WHOLE : BodyMode.STREAM);
+  view.setUint8(1, methodBytes.length);
+  payload.set(methodBytes, 2);
+  let offset = 2 + methodBytes.length;
+  view.setUint32(offset, environBytes.length, true);
+  offset += 4;
+  payload.set(environBytes, offset);
+  offset += environBytes.length;
+  if (body) payload.set(body, offset);
+  return payload;
+}
+
+export function decodeRequest(payload: Uint8Array<ArrayBuffer>): RequestPayload {
+  const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
+  const bodyMode = view.getUint8(0);
+  const methodLength = view.getUint8(1);
+  const method = decoder.decode(payload.subarray(2, 2 + methodLength));
+  let offset = 2 + methodLength;
+  const environLength = view.getUint32(offset, true);
+  offset += 4;
+  const environ = decoder.decode(payload.subarray(offset, offset + environLength));
+  // A copy of just the body: posting a view to a worker would clone the
+  // whole read buffer the view points into.
+  const body = payload.slice(offset + environLength);
+  return { method, environ, bodyMode, body };
+}
+
+export interface StartPayload {
+  status: number;
+  headers: string[];
+  complete: boolean;
+  body: Uint8Array<ArrayBuffer>;
+}
+
+/** START payload: status (u16), complete (u8), headers JSON length (u32), headers JSON, body. */
+export function encodeStart(status: number, headers: string[], complete: boolean, body?: Uint8Array): Uint8Array {
+  const headerBytes = encoder.encode(JSON.stringify(headers));
+  const bodyLength = body?.length ?? 0;
+  const payload = new Uint8Array(7 + headerBytes.length + bodyLength);
+  const view = new DataView(payload.buffer);
+  view.setUint16(0, status, true);
+  view.setUint8(2, complete ? 1 : 0);
+  view.setUint32(3, headerBytes.length, true);
+  payload.set(headerBytes, 7);
+  if (body) payload.set(body, 7 + headerBytes.length);
+  return payload;
+}
+
+export function decodeStart(payload: Uint8Array<ArrayBuffer>): StartPayload {
+  const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
+  const headerLength = view.getUint32(3, true);
+  return {
+    status: view.getUint16(0, true),
+    complete: view.getUint8(2) === 1,
+    headers: JSON.parse(decoder.decode(payload.subarray(7, 7 + headerLength))) as string[],
+    body: payload.subarray(7 + headerLength),
+  };
+}
+
+export function encodeFail(status: number, reason: string): Uint8Array {
+  const reasonBytes = encoder.encode(reason);
+  const payload = new Uint8Array(2 + reasonBytes.length);
+  new DataView(payload.buffer).setUint16(0, status, true);
+  payload.set(reasonBytes, 2);
+  return payload;
+}
+
+export function decodeFail(payload: Uint8Array): { status: number; reason: string } {
+  const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
+  return { status: view.getUint16(0, true), reason: decoder.decode(payload.subarray(2)) };
+}
+
+export type FrameHandler = (type: number, id: number, payload: Uint8Array<ArrayBuffer>) => void;
+
+/**
+ * Reads frames from `stream` and calls `onFrame` for each, in order, until
+ * the stream ends. A payload that arrived in one read is a view of that
+ * read's buffer, which the stream never reuses.
+ */
+export async function readFrames(stream: ReadableStream<Uint8Array<ArrayBuffer>>, onFrame: FrameHandler): Promise<void> {
+  const header = new Uint8Array(HEADER_BYTES);
+  const headerView = new DataView(header.buffer);
+  let headerFill = 0;
+  let payload: Uint8Array<ArrayBuffer> | null = null;
+  let payloadFill = 0;
+  let type = 0;
+  let id = 0;
+
+  for await (const chunk of stream) {
+    let offset = 0;
+    while (offset < chunk.length) {
+      if (payload === null) {
+        const take = Math.min(HEADER_BYTES - headerFill, chunk.length - offset);
+        header.set(chunk.subarray(offset, offset + take), headerFill);
+        headerFill += take;
+        offset += take;
+        if (headerFill < HEADER_BYTES) break;
+
+        headerFill = 0;
+        type = headerView.getUint8(0);
+        id = headerView.getUint32(1, true);
+        const length = headerView.getUint32(5, true);
+        if (chunk.length - offset >= length) {
+          // The whole payload is in this read: hand out a view, no copy.
+          onFrame(type, id, chunk.subarray(offset, offset + length));
+          offset += length;
+          continue;
+        }
+        payload = new Uint8Array(length);
+        payloadFill = 0;
+      }
+      const take = Math.min(payload.length - payloadFill, chunk.length - offset);
+      payload.set(chunk.subarray(offset, offset + take), payloadFill);
+      payloadFill += take;
+      offset += take;
+      if (payloadFill === payload.length) {
+        const complete = payload;
+        payload = null;
+        onFrame(type, id, complete);
+      }
+    }
+  }
+}
+
+/**
+ * Writes frames to a stream, joining the frames of one event loop turn into
+ * one write so that a busy channel makes few system calls.
+ */
+export class FrameWriter {
+  #writer: WritableStreamDefaultWriter<Uint8Array>;
+  #pending: Uint8Array[] = [];
+  #pendingBytes = 0;
+  #writing = false;
+  #closed = false;
+  #onError: (error: unknown) => void;
+
+  constructor(stream: WritableStream<Uint8Array>, onError: (error: unknown) => void) {
+    this.#writer = stream.getWriter();
+    this.#onError = onError;
+  }
+
+  /** Bytes waiting for the pipe. */
+  get pendingBytes(): number {
+    return this.#pendingBytes;
+  }
+
+  send(type: number, id: number, payload?: Uint8Array): void {
+    if (this.#closed) return;
+    const frame = encodeFrame(type, id, payload);
+    this.#pending.push(frame);
+    this.#pendingBytes += frame.length;
+    if (!this.#writing) {
+      this.#writing = true;
+      queueMicrotask(() => this.#flush());
+    }
+  }
+
+  async #flush(): Promise<void> {
+    try {
+      while (this.#pending.length > 0 && !this.#closed) {
+        const frames = this.#pending;
+        const total = this.#pendingBytes;
+        this.#pending = [];
+        this.#pendingBytes = 0;
+        await this.#writer.write(frames.length === 1 ? frames[0] : concat(frames, total));
+      }
+    } catch (error) {
+      this.#closed = true;
+      this.#pending = [];
+      this.#pendingBytes = 0;
+      this.#onError(error);
+    } finally {
+      this.#writing = false;
+    }
+  }
+
+  /** Closes the stream after the frames already sent; later frames are dropped. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    while (this.#writing) await new Promise((resolve) => setTimeout(resolve, 1));
+    this.#closed = true;
+    try {
+      await this.#writer.close();
+    } catch {
+      // The reader has already gone; nothing is left to close.
+    }
+  }
+}
+
+function concat(parts: Uint8Array[], total: number): Uint8Array {
+  const out = new Uint8Array(total);
+  let offset = 0;
+  for (const part of parts) {
+    out.set(part, offset);
+    offset += part.length;
+  }
+  return out;
+}

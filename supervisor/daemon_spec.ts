@@ -1,0 +1,341 @@
+/**
+ * Daemon process groups: what one `--daemon group=NAME,key=value,...`
+ * defines, with mod_wsgi's key names and meanings, and the parser that checks
+ * every key and value before anything starts.
+ *
+ * The parser reads the file system only to check that named folders exist
+ * (which also turns them into absolute real paths). User and group names are
+ * resolved later, when the server starts the group.
+ */
+
+import { resolve } from "node:path";
+import { type AppSpec, PYTHON_VERSIONS, type PythonVersion } from "./app_spec.ts";
+
+/** One daemon process group as the command line defines it. */
+export interface DaemonGroupSpec {
+  /** Unique name of the group, used by `--process-group` and in log lines. */
+  name: string;
+  /** Daemon processes kept running. @default 1 */
+  processes: number;
+  /** Maximum isolates (concurrent requests) per process, created on demand. @default 15 */
+  threads: number;
+  /** User name or numeric uid the processes run as (server started as root only). */
+  user?: string;
+  /** Group name or numeric gid the processes run as (server started as root only). */
+  group?: string;
+  /** Absolute real path of the working directory of the processes and their interpreters. */
+  home?: string;
+  /** Absolute real paths added to `sys.path` after the script's folder. */
+  pythonPath: string[];
+  /** Python version of the group; unset means the server's `--python`. */
+  python?: PythonVersion;
+  /** Name `ps` shows for the processes. @default "(wsgi:NAME)" */
+  displayName: string;
+  /** Requests after which a process is replaced; 0 turns it off. @default 0 */
+  maximumRequests: number;
+  /** Milliseconds after which a process is replaced; 0 turns it off. @default 0 */
+  restartIntervalMs: number;
+  /** Milliseconds an isolate may stay idle before it is retired; 0 keeps it. @default 60000 */
+  inactivityTimeoutMs: number;
+  /** Milliseconds a request may run before it fails with 504; 0 turns it off. @default 60000 */
+  requestTimeoutMs: number;
+  /** Milliseconds a request may wait for a free isolate before it fails with 503. @default 45000 */
+  queueTimeoutMs: number;
+  /** Milliseconds a process may take to become ready. @default 30000 */
+  startupTimeoutMs: number;
+  /** Milliseconds a replaced process may take to finish its requests. @default 15000 */
+  gracefulTimeoutMs: number;
+  /** Milliseconds the processes may take to finish their requests when the server stops. @default 5000 */
+  shutdownTimeoutMs: number;
+  /** Variables set in `os.environ` of the group's interpreters. */
+  environment: Record<string, string>;
+  /** Hosts (HOST or HOST:PORT) the application may connect to. */
+  allowNet: string[];
+  /** Absolute real paths of folders the application may write to. */
+  allowWrite: string[];
+}
+
+/** An invalid group definition; the message names the key, the value and the accepted form. */
+export class DaemonSpecError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "DaemonSpecError";
+  }
+}
+
+const MAX_PROCESSES = 64;
+const MAX_THREADS = 256;
+const MAX_SECONDS = 30 * 24 * 3600;
+
+/** Group names: what a log line, a file name and `ps` can show without quoting. */
+const GROUP_NAME = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$/;
+const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
+/** A user or group: a POSIX account name or a numeric id. */
+const ACCOUNT = /^([a-z_][a-z0-9_-]{0,31}\$?|[0-9]{1,10})$/i;
+/** A host name or IPv4 address, or an IPv6 address in brackets, with an optional port. */
+const NET_HOST = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))(:[0-9]{1,5})?$/;
+
+type KeyParser = (value: string, spec: DaemonGroupSpec, cwd: string) => void;
+
+interface KeySpec {
+  /** Accepted form, as error messages and the help show it. */
+  form: string;
+  /** Whether the key may be given more than once. */
+  repeatable: boolean;
+  parse: KeyParser;
+}
+
+/** Every key a group accepts, with mod_wsgi's name. */
+const KEYS: Record<string, KeySpec> = {
+  "processes": {
+    form: `an integer from 1 to ${MAX_PROCESSES}`,
+    repeatable: false,
+    parse: (value, spec) => {
+      spec.processes = parseInteger("processes", value, 1, MAX_PROCESSES);
+    },
+  },
+  "threads": {
+    form: `an integer from 1 to ${MAX_THREADS}`,
+    repeatable: false,
+    parse: (value, spec) => {
+      spec.threads = parseInteger("threads", value, 1, MAX_THREADS);
+    },
+  },
+  "user": {
+    form: "a user name or numeric uid",
+    repeatable: false,
+    parse: (value, spec) => {
+      spec.user = parseAccount("user", value);
+    },
+  },
+  "group": {
+    form: "a group name or numeric gid",
+    repeatable: false,
+    parse: (value, spec) => {
+      spec.group = parseAccount("group", value);
+    },
+  },
+  "home": {
+    form: "an existing directory",
+    repeatable: false,
+    parse: (value, spec, cwd) => {
+      spec.home = parseDirectory("home", value, cwd);
+    },
+  },
+  "python-path": {
+    form: "existing directories separated by ':'",
+    repeatable: true,
+    parse: (value, spec, cwd) => {
+      for (const part of value.split(":")) spec.pythonPath.push(parseDirectory("python-path", part, cwd));
+    },
+  },
+  "python": {
+    form: PYTHON_VERSIONS.join(" or "),
+    repeatable: false,
+    parse: (value, spec) => {
+      const version = PYTHON_VERSIONS.find((candidate) => candidate === value);
+      if (!version) throw invalidKey("python", value, PYTHON_VERSIONS.join(" or "));
+      spec.python = version;
+    },
+  },
+  "display-name": {
+    form: "printable ASCII without spaces; %{GROUP} stands for (wsgi:NAME)",
+    repeatable: false,
+    parse: (value, spec) => {
+      if (!/^[\x21-\x7e]{1,64}$/.test(value)) {
+        throw invalidKey("display-name", value, "1 to 64 printable ASCII characters without spaces");
+      }
+      spec.displayName = value.replaceAll("%{GROUP}", `(wsgi:${spec.name})`);
+    },
+  },
+  "maximum-requests": {
+    form: "an integer from 0 (off) to 1000000000",
+    repeatable: false,
+    parse: (value, spec) => {
+      spec.maximumRequests = parseInteger("maximum-requests", value, 0, 1_000_000_000);
+    },
+  },
+  "restart-interval": secondsKey("restart-interval", (spec, ms) => (spec.restartIntervalMs = ms)),
+  "inactivity-timeout": secondsKey("inactivity-timeout", (spec, ms) => (spec.inactivityTimeoutMs = ms)),
+  "request-timeout": secondsKey("request-timeout", (spec, ms) => (spec.requestTimeoutMs = ms)),
+  "queue-timeout": secondsKey("queue-timeout", (spec, ms) => (spec.queueTimeoutMs = ms)),
+  "startup-timeout": secondsKey("startup-timeout", (spec, ms) => (spec.startupTimeoutMs = ms)),
+  "graceful-timeout": secondsKey("graceful-timeout", (spec, ms) => (spec.gracefulTimeoutMs = ms)),
+  "shutdown-timeout": secondsKey("shutdown-timeout", (spec, ms) => (spec.shutdownTimeoutMs = ms)),
+  "env": {
+    form: "NAME=VALUE with NAME of letters, digits and '_'",
+    repeatable: true,
+    parse: (value, spec) => {
+      const equals = value.indexOf("=");
+      const name = equals < 0 ? value : value.slice(0, equals);
+      if (equals < 0 || !ENV_NAME.test(name)) {
+        throw invalidKey("env", value, "NAME=VALUE with NAME of letters, digits and '_'");
+      }
+      spec.environment[name] = value.slice(equals + 1);
+    },
+  },
+  "allow-net": {
+    form: "HOST or HOST:PORT, such as 127.0.0.1:5432 or [::1]:80",
+    repeatable: true,
+    parse: (value, spec) => {
+      const port = value.match(/:([0-9]+)$/)?.[1];
+      if (!NET_HOST.test(value) || (port !== undefined && Number(port) > 65535)) {
+        throw invalidKey("allow-net", value, "HOST or HOST:PORT, such as 127.0.0.1:5432 or [::1]:80");
+      }
+      spec.allowNet.push(value);
+    },
+  },
+  "allow-write": {
+    form: "an existing directory",
+    repeatable: true,
+    parse: (value, spec, cwd) => {
+      spec.allowWrite.push(parseDirectory("allow-write", value, cwd));
+    },
+  },
+};
+
+/** The accepted keys with their forms, one per line, for `--help`. */
+export const DAEMON_KEYS_HELP: string = Object.entries(KEYS)
+  .map(([key, spec]) => `${key}=${spec.repeatable ? " (repeatable)" : ""}: ${spec.form}`)
+  .join("\n");
+
+/** The keys a group accepts, in the order the help lists them. */
+export const DAEMON_KEYS: readonly string[] = Object.keys(KEYS);
+
+/** Returns a group with every default and no key applied. */
+export function defaultGroupSpec(name: string): DaemonGroupSpec {
+  return {
+    name,
+    processes: 1,
+    threads: 15,
+    pythonPath: [],
+    displayName: `(wsgi:${name})`,
+    maximumRequests: 0,
+    restartIntervalMs: 0,
+    inactivityTimeoutMs: 60_000,
+    requestTimeoutMs: 60_000,
+    queueTimeoutMs: 45_000,
+    // mod_wsgi-express uses 15 s; a cold Pyodide start takes 2-7 s on two
+    // busy cores, and several processes of a server start at the same time.
+    startupTimeoutMs: 30_000,
+    gracefulTimeoutMs: 15_000,
+    shutdownTimeoutMs: 5_000,
+    environment: {},
+    allowNet: [],
+    allowWrite: [],
+  };
+}
+
+/**
+ * Parses `group=NAME,key=value,...` (or mod_wsgi's `NAME,key=value,...`).
+ *
+ * The first item names the group. After it, `group=` is mod_wsgi's Unix
+ * group key. Values cannot contain ','; keys marked repeatable may be given
+ * more than once. Relative paths resolve against `cwd`.
+ *
+ * @throws {DaemonSpecError} An item is empty, a key unknown or repeated, or a value invalid.
+ */
+export function parseDaemonSpec(text: string, cwd: string): DaemonGroupSpec {
+  const [first, ...items] = text.split(",");
+  const name = first.startsWith("group=") ? first.slice("group=".length) : first;
+  if (first.includes("=") && !first.startsWith("group=")) {
+    throw new DaemonSpecError(
+      `the first item must name the group as group=NAME, not ${quote(first)}`,
+    );
+  }
+  if (!GROUP_NAME.test(name)) {
+    throw new DaemonSpecError(
+      `invalid group name ${quote(name)} (expected 1 to 64 letters, digits, '_', '.' or '-', ` +
+        "not starting with '.' or '-')",
+    );
+  }
+
+  const spec = defaultGroupSpec(name);
+  const seen = new Set<string>();
+  for (const item of items) {
+    const equals = item.indexOf("=");
+    if (equals <= 0) {
+      throw new DaemonSpecError(`invalid item ${quote(item)} (expected key=value, such as processes=2)`);
+    }
+    const key = item.slice(0, equals);
+    const value = item.slice(equals + 1);
+    const keySpec = Object.hasOwn(KEYS, key) ? KEYS[key] : undefined;
+    if (!keySpec) {
+      throw new DaemonSpecError(`unknown key ${quote(key)} (accepted keys: ${DAEMON_KEYS.join(", ")})`);
+    }
+    if (seen.has(key) && !keySpec.repeatable) {
+      throw new DaemonSpecError(`key ${quote(key)} is given twice (give it once)`);
+    }
+    seen.add(key);
+    keySpec.parse(value, spec, cwd);
+  }
+  return spec;
+}
+
+/**
+ * Returns the application as the group runs it: the group's Python version,
+ * its python-path after the script's own path, and its home, environment
+ * and permissions.
+ */
+export function groupAppSpec(app: AppSpec, group: DaemonGroupSpec): AppSpec {
+  const spec: AppSpec = {
+    ...app,
+    python: group.python ?? app.python,
+    pythonPath: [...new Set([...app.pythonPath, ...group.pythonPath])],
+    environment: { ...group.environment },
+    writePaths: [...group.allowWrite],
+    allowNet: [...group.allowNet],
+  };
+  if (group.home !== undefined) spec.home = group.home;
+  return spec;
+}
+
+function secondsKey(key: string, set: (spec: DaemonGroupSpec, ms: number) => void): KeySpec {
+  const form = `seconds from 0 to ${MAX_SECONDS}, such as 30 or 2.5`;
+  return {
+    form,
+    repeatable: false,
+    parse: (value, spec) => {
+      if (!/^[0-9]+(\.[0-9]{1,3})?$/.test(value) || Number(value) > MAX_SECONDS) {
+        throw invalidKey(key, value, form);
+      }
+      set(spec, Math.round(Number(value) * 1000));
+    },
+  };
+}
+
+function parseInteger(key: string, value: string, min: number, max: number): number {
+  const number = Number(value);
+  if (!/^[0-9]+$/.test(value) || number < min || number > max) {
+    throw invalidKey(key, value, `an integer from ${min} to ${max}`);
+  }
+  return number;
+}
+
+function parseAccount(key: "user" | "group", value: string): string {
+  if (!ACCOUNT.test(value)) {
+    throw invalidKey(key, value, key === "user" ? "a user name or numeric uid" : "a group name or numeric gid");
+  }
+  return value;
+}
+
+function parseDirectory(key: string, value: string, cwd: string): string {
+  const path = resolve(cwd, value);
+  let info: Deno.FileInfo;
+  try {
+    info = Deno.statSync(path);
+  } catch {
+    throw invalidKey(key, value, `an existing directory, but ${quote(path)} does not exist`);
+  }
+  if (!info.isDirectory) throw invalidKey(key, value, `an existing directory, but ${quote(path)} is a file`);
+  return Deno.realPathSync(path);
+}
+
+function invalidKey(key: string, value: string, expected: string): DaemonSpecError {
+  return new DaemonSpecError(`invalid value for ${key}: ${quote(value)} (expected ${expected})`);
+}
+
+function quote(value: string): string {
+  // deno-lint-ignore no-control-regex -- control characters are what must be escaped
+  return `'${value.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`)}'`;
+}

@@ -1,0 +1,92 @@
+/**
+ * Embedded mode: a mount's requests run in isolates on worker threads of the
+ * server process. A streamed request body crosses to the isolate through a
+ * shared ring with backpressure, and the response window through shared
+ * control words (see wasm/channel.ts).
+ */
+
+import type { AppBackend, BackendRequest, RequestHandle } from "./backend.ts";
+import type { Job } from "./isolate.ts";
+import type { Logger } from "./log.ts";
+import type { IsolatePool } from "./pool.ts";
+import { BodyRing, RequestControl } from "../wasm/channel.ts";
+
+/** Capacity of the ring a streamed body passes through (a power of two). */
+const BODY_RING_BYTES = 256 * 1024;
+
+/** Copies the client's body into the ring until it ends, fails or nobody reads. */
+async function pumpBody(body: ReadableStream<Uint8Array>, ring: BodyRing, logger: Logger) {
+  const reader = body.getReader();
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) {
+        ring.end();
+        return;
+      }
+      if (!(await ring.write(value))) {
+        await reader.cancel();
+        return;
+      }
+    }
+  } catch (error) {
+    logger.info(`client stopped sending the request body: ${error}`);
+    ring.abort();
+  }
+}
+
+export class EmbeddedBackend implements AppBackend {
+  readonly name = "embedded";
+  readonly pool: IsolatePool;
+  #logger: Logger;
+
+  constructor(pool: IsolatePool, logger: Logger) {
+    this.pool = pool;
+    this.#logger = logger;
+  }
+
+  start(): Promise<void> {
+    return this.pool.start();
+  }
+
+  submit(request: BackendRequest): RequestHandle {
+    const stream = request.body instanceof ReadableStream ? request.body : null;
+    const bytes = request.body instanceof Uint8Array ? request.body : null;
+    const ring = stream ? BodyRing.create(BODY_RING_BYTES) : null;
+    const control = new RequestControl();
+    const job: Job = {
+      requestId: request.requestId,
+      method: request.method,
+      environ: request.environ,
+      body: stream ? null : bytes ?? new Uint8Array(0),
+      bodyRing: ring,
+      control,
+      sink: request.sink,
+    };
+    this.pool.submit(job);
+    if (stream && ring) pumpBody(stream, ring, this.#logger.child({ request: request.requestId }));
+
+    return {
+      get running() {
+        return job.running === true;
+      },
+      released: (bytes) => control.released(bytes),
+      cancel: () => {
+        job.abandoned = true;
+        control.cancel();
+        ring?.abort();
+      },
+      close: () => ring?.closeReader(),
+    };
+  }
+
+  reload(reason: string): void {
+    // NOTE: embedded isolates keep running on a reload; only daemon groups restart.
+    this.#logger.info(`embedded isolates are not restarted (${reason})`);
+  }
+
+  stop(): Promise<void> {
+    this.pool.stop();
+    return Promise.resolve();
+  }
+}

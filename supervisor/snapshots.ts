@@ -1,0 +1,387 @@
+/**
+ * Memory snapshots that let a new isolate start in a few hundred
+ * milliseconds instead of seconds, and the interpreter's wasm module compiled
+ * once per process.
+ *
+ * Snapshots are built once and kept in the user's cache folder:
+ * `$WSGIRUN_CACHE_DIR`, else `$XDG_CACHE_HOME/wsgirun`, else
+ * `~/.cache/wsgirun`. A file's name carries a hash of everything that
+ * decides its content (Pyodide's version, the adapter's source, the module
+ * list, the application's location), so a change produces a new file
+ * instead of a stale restore. Each file starts with a header that records
+ * the SHA-256 of the snapshot, and a file whose hash does not match is
+ * rebuilt. Files are written under a temporary name and renamed, so two
+ * servers building the same snapshot at once never read a half-written one.
+ *
+ * An application snapshot also records the size and modification time of
+ * every host file the application imported; editing any of them rebuilds it.
+ */
+
+import { ISOLATE_WORKER_URL } from "./worker_url.ts";
+import { type AppSpec, appReadPaths, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
+import type { Logger } from "./log.ts";
+import type { BuildSnapshotMessage, FromWorker } from "../wasm/protocol.ts";
+import adapterSource from "../wasm/adapter.py" with { type: "text" };
+import appLoaderSource from "../wasm/app_loader.py" with { type: "text" };
+
+/** What isolates of one application start from. */
+export interface Boot {
+  snapshot: SharedArrayBuffer | null;
+  wasmModule: WebAssembly.Module | null;
+  /** "application", "runtime" or "none", for the log. */
+  kind: "application" | "runtime" | "none";
+}
+
+/** Standard library modules a runtime snapshot has imported: what the adapter and most frameworks load. */
+export const RUNTIME_MODULES = [
+  "json",
+  "re",
+  "traceback",
+  "types",
+  "importlib",
+  "io",
+  "os",
+  "urllib.parse",
+  "email.utils",
+  "http.cookies",
+  "datetime",
+  "hashlib",
+  "base64",
+  "wsgiref.util",
+];
+
+const MAGIC = "WSGIRUN-SNAPSHOT 1\n";
+/** Application snapshots kept per cache folder; the least recently used go first. */
+const MAX_APPLICATION_SNAPSHOTS = 16;
+const BUILD_TIMEOUT_MS = 180_000;
+
+interface SnapshotHeader {
+  key: string;
+  sha256: string;
+  bytes: number;
+  /** [path, size, mtime in ms] of each file the application imported. */
+  files?: [string, number, number][];
+}
+
+export function snapshotCacheDir(): string {
+  const explicit = Deno.env.get("WSGIRUN_CACHE_DIR");
+  if (explicit) return explicit;
+  const xdg = Deno.env.get("XDG_CACHE_HOME");
+  if (xdg) return `${xdg}/wsgirun`;
+  return `${Deno.env.get("HOME") ?? "/tmp"}/.cache/wsgirun`;
+}
+
+async function sha256Hex(data: Uint8Array | string): Promise<string> {
+  const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
+  const digest = await crypto.subtle.digest("SHA-256", bytes as Uint8Array<ArrayBuffer>);
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// ---- the compiled interpreter module ----
+
+const compiledModules = new Map<PythonVersion, Promise<WebAssembly.Module | null>>();
+
+/**
+ * Compiles `pyodide.asm.wasm` once per process. Workers that get the module
+ * skip reading and hashing 10 MB each. Returns null if the file cannot be
+ * read (the workers then read it themselves).
+ */
+export function compiledInterpreter(
+  python: PythonVersion,
+  pyodideFolder: string,
+  logger: Logger,
+): Promise<WebAssembly.Module | null> {
+  let compiled = compiledModules.get(python);
+  if (!compiled) {
+    compiled = Deno.readFile(`${pyodideFolder}/pyodide.asm.wasm`)
+      .then((bytes) => WebAssembly.compile(bytes))
+      .catch((error) => {
+        logger.warning(`cannot compile Pyodide's wasm module once for all isolates: ${error}`);
+        return null;
+      });
+    compiledModules.set(python, compiled);
+  }
+  return compiled;
+}
+
+// ---- cache files ----
+
+function encodeFile(header: SnapshotHeader, payload: Uint8Array): Uint8Array<ArrayBuffer> {
+  const head = new TextEncoder().encode(MAGIC + JSON.stringify(header) + "\n");
+  const out = new Uint8Array(head.length + payload.length);
+  out.set(head);
+  out.set(payload, head.length);
+  return out;
+}
+
+/** Returns the header and a SharedArrayBuffer copy of the snapshot, or a reason it is unusable. */
+async function readFile(
+  path: string,
+  key: string,
+): Promise<{ header: SnapshotHeader; snapshot: SharedArrayBuffer } | string> {
+  let data: Uint8Array;
+  try {
+    data = await Deno.readFile(path);
+  } catch (error) {
+    return error instanceof Deno.errors.NotFound ? "no cached snapshot" : `cannot read ${path}: ${error}`;
+  }
+  const magic = new TextDecoder().decode(data.subarray(0, MAGIC.length));
+  const headerEnd = data.indexOf(10, MAGIC.length);
+  if (magic !== MAGIC || headerEnd < 0) return `${path} is not a wsgirun snapshot`;
+
+  let header: SnapshotHeader;
+  try {
+    header = JSON.parse(new TextDecoder().decode(data.subarray(MAGIC.length, headerEnd)));
+  } catch {
+    return `${path} has a corrupt header`;
+  }
+  const payload = data.subarray(headerEnd + 1);
+  if (header.key !== key) return `${path} belongs to another build`;
+  if (payload.length !== header.bytes) {
+    return `${path} is truncated (${payload.length} of ${header.bytes} bytes)`;
+  }
+  if (await sha256Hex(payload) !== header.sha256) return `${path} is corrupt (SHA-256 mismatch)`;
+
+  const snapshot = new SharedArrayBuffer(payload.length);
+  new Uint8Array(snapshot).set(payload);
+  return { header, snapshot };
+}
+
+async function writeFile(path: string, header: SnapshotHeader, payload: Uint8Array): Promise<void> {
+  const folder = path.slice(0, path.lastIndexOf("/"));
+  await Deno.mkdir(folder, { recursive: true });
+  const temporary = `${path}.${Deno.pid}.${crypto.randomUUID().slice(0, 8)}.tmp`;
+  try {
+    await Deno.writeFile(temporary, encodeFile(header, payload));
+    await Deno.rename(temporary, path);
+  } catch (error) {
+    await Deno.remove(temporary).catch(() => {});
+    throw error;
+  }
+}
+
+// ---- building ----
+
+/** Runs one snapshot build in a worker with the isolates' read permissions. */
+function buildInWorker(
+  message: BuildSnapshotMessage,
+  readPaths: string[],
+  logger: Logger,
+): Promise<{ bytes: Uint8Array; files: string[] }> {
+  const worker = new Worker(ISOLATE_WORKER_URL, {
+    type: "module",
+    deno: {
+      permissions: {
+        read: readPaths,
+        write: false,
+        net: false,
+        run: false,
+        env: false,
+        ffi: false,
+        sys: false,
+        import: false,
+      },
+    },
+  });
+  const { promise, resolve, reject } = Promise.withResolvers<{ bytes: Uint8Array; files: string[] }>();
+  const timer = setTimeout(() => reject(new Error(`timed out after ${BUILD_TIMEOUT_MS} ms`)), BUILD_TIMEOUT_MS);
+  worker.onmessage = (event: MessageEvent<FromWorker>) => {
+    const reply = event.data;
+    if (reply.type === "snapshot") resolve({ bytes: reply.bytes, files: reply.files });
+    else if (reply.type === "snapshot-failed") reject(new Error(reply.reason));
+    else if (reply.type === "log") logger.log(reply.level, reply.message);
+  };
+  worker.onerror = (event) => {
+    event.preventDefault();
+    reject(new Error(event.message));
+  };
+  worker.postMessage(message);
+  return promise.finally(() => {
+    clearTimeout(timer);
+    worker.terminate();
+  });
+}
+
+async function fileStamps(files: string[]): Promise<[string, number, number][]> {
+  return await Promise.all(files.map(async (file): Promise<[string, number, number]> => {
+    const info = await Deno.stat(file);
+    return [file, info.size, info.mtime?.getTime() ?? 0];
+  }));
+}
+
+/** Returns the first imported file that changed since the snapshot, if any. */
+async function changedFile(files: [string, number, number][]): Promise<string | undefined> {
+  for (const [file, size, mtime] of files) {
+    try {
+      const info = await Deno.stat(file);
+      if (info.size !== size || (info.mtime?.getTime() ?? 0) !== mtime) return file;
+    } catch {
+      return file;
+    }
+  }
+  return undefined;
+}
+
+export interface BootOptions {
+  app: AppSpec;
+  pyodideFolder: string;
+  logger: Logger;
+}
+
+/** Hash of everything that decides a runtime snapshot's content. */
+function runtimeKey(python: PythonVersion): Promise<string> {
+  return sha256Hex(JSON.stringify({
+    pyodide: PYODIDE_SPECIFIER[python],
+    adapter: adapterSource,
+    loader: appLoaderSource,
+    modules: RUNTIME_MODULES,
+  }));
+}
+
+async function runtimeSnapshot(
+  options: BootOptions,
+  wasmModule: WebAssembly.Module | null,
+): Promise<{ key: string; snapshot: SharedArrayBuffer }> {
+  const { app, logger } = options;
+  const key = await runtimeKey(app.python);
+  const path = `${snapshotCacheDir()}/runtime-python${app.python}-${key.slice(0, 16)}.snapshot`;
+  const cached = await readFile(path, key);
+  if (typeof cached !== "string") return { key, snapshot: cached.snapshot };
+
+  logger.info(`building the Python ${app.python} runtime snapshot (${cached}); this happens once per version`);
+  const started = performance.now();
+  const built = await buildInWorker({
+    type: "build-snapshot",
+    python: app.python,
+    modules: RUNTIME_MODULES,
+    base: null,
+    wasmModule,
+  }, [options.pyodideFolder], logger);
+  await writeFile(path, { key, sha256: await sha256Hex(built.bytes), bytes: built.bytes.length }, built.bytes);
+  logger.info(`runtime snapshot built in ${Math.round(performance.now() - started)} ms: ${path}`);
+  const snapshot = new SharedArrayBuffer(built.bytes.length);
+  new Uint8Array(snapshot).set(built.bytes);
+  return { key, snapshot };
+}
+
+function applicationKey(app: AppSpec, runtime: string): Promise<string> {
+  return sha256Hex(JSON.stringify({
+    runtime,
+    script: app.scriptPath,
+    module: app.module,
+    callable: app.callable,
+    pythonPath: app.pythonPath,
+    home: app.home,
+    environment: app.environment,
+  }));
+}
+
+function applicationPath(app: AppSpec, key: string): string {
+  return `${snapshotCacheDir()}/app-${app.name.replace(/[^\w.-]/g, "_")}-${key.slice(0, 16)}.snapshot`;
+}
+
+/** Returns the cached application snapshot, or the reason it must be built. */
+async function cachedApplicationSnapshot(app: AppSpec, key: string): Promise<SharedArrayBuffer | string> {
+  const path = applicationPath(app, key);
+  const cached = await readFile(path, key);
+  if (typeof cached === "string") return cached;
+  const changed = await changedFile(cached.header.files ?? []);
+  if (changed) return `${changed} changed`;
+  // The modification time orders snapshots by last use for pruning.
+  const now = new Date();
+  await Deno.utime(path, now, now).catch(() => {});
+  return cached.snapshot;
+}
+
+/** Deletes the least recently used application snapshots beyond the limit. */
+async function pruneApplicationSnapshots(logger: Logger): Promise<void> {
+  const folder = snapshotCacheDir();
+  const snapshots: { path: string; used: number }[] = [];
+  for await (const entry of Deno.readDir(folder)) {
+    if (!entry.isFile || !entry.name.startsWith("app-") || !entry.name.endsWith(".snapshot")) continue;
+    const path = `${folder}/${entry.name}`;
+    const info = await Deno.stat(path).catch(() => null);
+    if (info) snapshots.push({ path, used: info.mtime?.getTime() ?? 0 });
+  }
+  snapshots.sort((a, b) => b.used - a.used);
+  for (const { path } of snapshots.slice(MAX_APPLICATION_SNAPSHOTS)) {
+    await Deno.remove(path).catch(() => {});
+    logger.debug(`removed the least recently used application snapshot ${path}`);
+  }
+}
+
+async function buildApplicationSnapshot(
+  options: BootOptions,
+  key: string,
+  runtime: SharedArrayBuffer,
+  wasmModule: WebAssembly.Module | null,
+  reason: string,
+): Promise<SharedArrayBuffer> {
+  const { app, logger } = options;
+  logger.info(`building the application snapshot (${reason})`);
+  const started = performance.now();
+  const built = await buildInWorker({
+    type: "build-snapshot",
+    python: app.python,
+    modules: [],
+    base: runtime,
+    wasmModule,
+    app,
+  }, [options.pyodideFolder, ...appReadPaths(app)], logger);
+  const files = await fileStamps(built.files);
+  const path = applicationPath(app, key);
+  await writeFile(path, { key, sha256: await sha256Hex(built.bytes), bytes: built.bytes.length, files }, built.bytes);
+  await pruneApplicationSnapshots(logger);
+  logger.info(
+    `application snapshot built in ${Math.round(performance.now() - started)} ms ` +
+      `(${files.length} imported files watched): ${path}`,
+  );
+  const snapshot = new SharedArrayBuffer(built.bytes.length);
+  new Uint8Array(snapshot).set(built.bytes);
+  return snapshot;
+}
+
+/**
+ * Prepares what the isolates of `options.app` start from: the application
+ * snapshot when allowed and possible, else the runtime snapshot, else
+ * nothing. Failures are logged with their reason and fall back one level.
+ */
+export async function prepareBoot(options: BootOptions): Promise<Boot> {
+  const { app, logger } = options;
+  const wasmModule = await compiledInterpreter(app.python, options.pyodideFolder, logger);
+  const mode = app.snapshot ?? "app";
+  if (mode === "off") return { snapshot: null, wasmModule, kind: "none" };
+
+  // A valid application snapshot needs no runtime snapshot: skip reading it.
+  let appKey: string | undefined;
+  let reason = "";
+  if (mode === "app") {
+    appKey = await applicationKey(app, await runtimeKey(app.python));
+    const cached = await cachedApplicationSnapshot(app, appKey);
+    if (typeof cached !== "string") return { snapshot: cached, wasmModule, kind: "application" };
+    reason = cached;
+  }
+
+  let runtime: { key: string; snapshot: SharedArrayBuffer };
+  try {
+    runtime = await runtimeSnapshot(options, wasmModule);
+  } catch (error) {
+    logger.warning(`cannot use a runtime snapshot, isolates start from scratch: ${errorText(error)}`);
+    return { snapshot: null, wasmModule, kind: "none" };
+  }
+  if (!appKey) return { snapshot: runtime.snapshot, wasmModule, kind: "runtime" };
+
+  try {
+    const snapshot = await buildApplicationSnapshot(options, appKey, runtime.snapshot, wasmModule, reason);
+    return { snapshot, wasmModule, kind: "application" };
+  } catch (error) {
+    logger.warning(
+      `no application snapshot, each isolate imports the application itself: ${errorText(error)}`,
+    );
+    return { snapshot: runtime.snapshot, wasmModule, kind: "runtime" };
+  }
+}
+
+function errorText(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}

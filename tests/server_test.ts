@@ -1,0 +1,603 @@
+/**
+ * End-to-end tests of the wsgirun server: a real server process, real
+ * isolates and real HTTP over loopback, with raw sockets where the exact
+ * bytes on the wire matter.
+ *
+ * Starting a server costs a few seconds, so each `Deno.test` starts one
+ * server and runs its cases as steps against it.
+ */
+
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { OPTIONS } from "../runtime/cli.ts";
+import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
+
+const APP_SCRIPT = repoPath("tests/fixtures/server_app.wsgi");
+const IMPORT_SCRIPT = repoPath("tests/fixtures/server_import.wsgi");
+const STATIC_DIR = repoPath("tests/fixtures/server_static");
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+/** A raw HTTP exchange: what came back, and whether the server closed the connection. */
+interface RawExchange {
+  head: string;
+  body: Uint8Array;
+  /** Every byte received, one character per byte. */
+  text: string;
+  /** True when the server closed (or reset) the connection before the timeout. */
+  closed: boolean;
+}
+
+/**
+ * Returns one character per byte. TextDecoder("latin1") would not do, because it
+ * decodes windows-1252, which maps 0x80-0x9F to other characters.
+ */
+function byteString(bytes: Uint8Array): string {
+  let text = "";
+  for (const byte of bytes) text += String.fromCharCode(byte);
+  return text;
+}
+
+function concat(chunks: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(chunks.reduce((sum, chunk) => sum + chunk.length, 0));
+  let offset = 0;
+  for (const chunk of chunks) {
+    out.set(chunk, offset);
+    offset += chunk.length;
+  }
+  return out;
+}
+
+function splitResponse(bytes: Uint8Array, closed: boolean): RawExchange {
+  const text = byteString(bytes);
+  const end = text.indexOf("\r\n\r\n");
+  const head = end < 0 ? text : text.slice(0, end);
+  const body = end < 0 ? new Uint8Array(0) : bytes.subarray(end + 4);
+  return { head, body, text, closed };
+}
+
+/**
+ * Sends `request` on a new connection and reads until the server closes it
+ * or `timeoutMs` passes.
+ */
+async function exchange(
+  port: number,
+  request: string | Uint8Array,
+  timeoutMs = 5000,
+): Promise<RawExchange> {
+  const connection = await Deno.connect({ hostname: "127.0.0.1", port });
+  const chunks: Uint8Array[] = [];
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    connection.close();
+  }, timeoutMs);
+  try {
+    await connection.write(typeof request === "string" ? encoder.encode(request) : request);
+    const buffer = new Uint8Array(65536);
+    for (;;) {
+      const count = await connection.read(buffer);
+      if (count === null) break;
+      chunks.push(buffer.slice(0, count));
+    }
+  } catch (error) {
+    // The server may abort a response with a reset. A closed handle means the timer fired.
+    if (!timedOut && !(error instanceof Deno.errors.ConnectionReset)) throw error;
+  } finally {
+    clearTimeout(timer);
+    if (!timedOut) connection.close();
+  }
+  return splitResponse(concat(chunks), !timedOut);
+}
+
+/**
+ * Builds a GET request that closes the connection after the response. The
+ * target may be raw bytes, and a Host in `headers` replaces "localhost".
+ */
+function getRequest(target: string | Uint8Array, headers: string[] = []): Uint8Array {
+  const host = headers.some((header) => /^host:/i.test(header)) ? [] : ["Host: localhost"];
+  const rest = ["", ...host, ...headers, "Connection: close", "", ""].join("\r\n");
+  const targetBytes = typeof target === "string" ? encoder.encode(target) : target;
+  return concat([encoder.encode("GET "), targetBytes, encoder.encode(" HTTP/1.1" + rest)]);
+}
+
+/** Sends `target` raw and returns the environ value `key` as the Latin-1 bytes the app encoded. */
+async function echoKey(
+  server: TestServer,
+  target: string | Uint8Array,
+  key: string,
+  headers: string[] = [],
+): Promise<Uint8Array> {
+  const response = await exchange(
+    server.port,
+    getRequest(target, [...headers, `X-Echo-Key: ${key}`]),
+  );
+  assert.match(response.head, /^HTTP\/1\.1 200 /, `status for ${key}`);
+  return response.body;
+}
+
+async function echoText(server: TestServer, target: string, key: string, headers: string[] = []) {
+  return byteString(await echoKey(server, target, key, headers));
+}
+
+async function getText(
+  server: TestServer,
+  path: string,
+): Promise<{ status: number; text: string }> {
+  const response = await fetch(server.origin + path);
+  return { status: response.status, text: await response.text() };
+}
+
+/** Returns how many times the app has been called, this call included. */
+async function appCalls(server: TestServer): Promise<number> {
+  return Number((await getText(server, "/app/do/count")).text);
+}
+
+/** Polls `read` every 50 ms until `done` accepts its value or `timeoutMs` passes. */
+async function pollUntil<T>(
+  read: () => T | Promise<T>,
+  done: (value: T) => boolean,
+  timeoutMs = 5000,
+): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let value = await read();
+  while (!done(value) && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    value = await read();
+  }
+  return value;
+}
+
+function randomToken(): string {
+  return crypto.randomUUID().replaceAll("-", "");
+}
+
+async function sha256Hex(bytes: Uint8Array<ArrayBuffer>): Promise<string> {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+  return Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
+
+function randomBytes(size: number): Uint8Array<ArrayBuffer> {
+  const bytes = new Uint8Array(size);
+  // getRandomValues fills at most 65536 bytes per call.
+  for (let offset = 0; offset < size; offset += 65536) {
+    crypto.getRandomValues(bytes.subarray(offset, Math.min(size, offset + 65536)));
+  }
+  return bytes;
+}
+
+// ---------------------------------------------------------------------------
+// One server for most cases
+
+/** Starts the shared server with WSGIRUN_TEST_SECRET in its environment, which it inherits. */
+async function startAppServer(secret: string): Promise<TestServer> {
+  Deno.env.set("WSGIRUN_TEST_SECRET", secret);
+  try {
+    return await startServer(APP_SCRIPT, [
+      "--callable-object",
+      "app",
+      "--threads",
+      "1",
+      "--queue-limit",
+      "1",
+      "--mount-point",
+      "/app",
+      "--url-alias",
+      "/static",
+      STATIC_DIR,
+      "--access-log",
+      "--preload",
+      // A cached application snapshot restores the imported app without running
+      // its import again, so the preload test could not see the import.
+      "--snapshot",
+      "runtime",
+    ]);
+  } finally {
+    Deno.env.delete("WSGIRUN_TEST_SECRET");
+  }
+}
+
+Deno.test("server with one isolate", async (t) => {
+  const secret = `secret-${randomToken()}`;
+  const outside = await Deno.makeTempDir({ prefix: "wsgirun_server_test_" });
+  const secretFile = join(outside, "secret.txt");
+  const fileSecret = `file-${randomToken()}`;
+  await Deno.writeTextFile(secretFile, fileSecret);
+
+  try {
+    await using server = await startAppServer(secret);
+
+    await t.step("preload imports at start", async () => {
+      await server.waitForLog(/server_app imported/, 10_000);
+      assert.equal(server.output(), "", "no request was served before the import");
+      await getText(server, "/app/do/hello");
+      assert.equal(server.log().match(/server_app imported/g)?.length, 1, "imported once");
+    });
+
+    await t.step("callable-object app serves", async () => {
+      const response = await getText(server, "/app/do/hello");
+      assert.equal(response.status, 200);
+      assert.equal(response.text, "hello");
+    });
+
+    // --- Paths and the environ
+
+    await t.step("percent-encoded UTF-8 path", async () => {
+      const bytes = await echoKey(server, "/app/caf%C3%A9", "PATH_INFO");
+      // PATH_INFO is "/cafÃ©": one character per byte, so Latin-1 gives the bytes back.
+      assert.deepEqual(bytes, encoder.encode("/café"));
+    });
+
+    await t.step("raw UTF-8 path", async () => {
+      const bytes = await echoKey(server, encoder.encode("/app/café"), "PATH_INFO");
+      assert.deepEqual(bytes, encoder.encode("/café"));
+    });
+
+    await t.step("encoded slash in path", async () => {
+      assert.equal(await echoText(server, "/app/a%2Fb", "PATH_INFO"), "/a/b");
+      assert.equal(await echoText(server, "/app/a%2Fb", "REQUEST_URI"), "/app/a%2Fb");
+    });
+
+    await t.step("dot segments stay unresolved", async () => {
+      // The server decodes percent escapes once and resolves no segment, so an
+      // app that maps PATH_INFO to files must reject ".." itself.
+      const cases: [string, string][] = [
+        ["/app/a/../b", "/a/../b"],
+        ["/app/a/./b", "/a/./b"],
+        ["/app/a/%2E%2E/b", "/a/../b"],
+        ["/app//a", "//a"],
+        ["/app/a\\b", "/a\\b"],
+      ];
+      for (const [target, pathInfo] of cases) {
+        assert.equal(await echoText(server, target, "PATH_INFO"), pathInfo, target);
+      }
+    });
+
+    await t.step("crafted Host keeps PATH_INFO", async () => {
+      const headers = ["Host: a.example/admin?x="];
+      assert.equal(await echoText(server, "/app/page", "PATH_INFO", headers), "/page");
+    });
+
+    await t.step("absolute-form target", async () => {
+      const target = "http://other.example/app/x?q=1";
+      assert.equal(await echoText(server, target, "PATH_INFO"), "/x");
+      assert.equal(await echoText(server, target, "QUERY_STRING"), "q=1");
+    });
+
+    await t.step("mount point is a segment", async () => {
+      const before = await appCalls(server);
+      const response = await getText(server, "/application");
+      assert.equal(response.status, 404);
+      assert.equal(await appCalls(server), before + 1, "the app was not called for /application");
+    });
+
+    await t.step("X_Auth cannot overwrite X-Auth", async () => {
+      const orders = [
+        ["X-Auth: dash", "X_Auth: underscore"],
+        ["X_Auth: underscore", "X-Auth: dash"],
+      ];
+      for (const headers of orders) {
+        assert.equal(await echoText(server, "/app/x", "HTTP_X_AUTH", headers), "dash", headers[0]);
+      }
+    });
+
+    // --- Request bodies
+
+    await t.step("chunked upload without length", async () => {
+      const payload = randomBytes(1024 * 1024);
+      const body = new ReadableStream<Uint8Array>({
+        start(controller) {
+          for (let offset = 0; offset < payload.length; offset += 65536) {
+            controller.enqueue(payload.slice(offset, offset + 65536));
+          }
+          controller.close();
+        },
+      });
+      const response = await fetch(server.origin + "/app/do/upload", { method: "POST", body });
+      const result = await response.json();
+      assert.equal(response.status, 200);
+      assert.equal(result.content_length, null, "no Content-Length reached the app");
+      assert.equal(result.length, payload.length);
+      assert.equal(result.sha256, await sha256Hex(payload));
+    });
+
+    await t.step("readline(3) mid-line", async () => {
+      const response = await fetch(server.origin + "/app/do/readline", {
+        method: "POST",
+        body: "abcdef\nxyz\n",
+      });
+      const [first, rest] = await response.json();
+      assert.equal(first, "abc");
+      assert.equal(rest, "def\n");
+    });
+
+    // --- Responses
+
+    await t.step("generator raising after first chunk", async () => {
+      // Keep-alive: only an aborted response makes the server close the connection.
+      const request = "GET /app/do/stream-fail HTTP/1.1\r\nHost: localhost\r\n\r\n";
+      const response = await exchange(server.port, request);
+      assert.match(response.head, /^HTTP\/1\.1 200 /);
+      assert.ok(response.text.includes("first chunk\n"), "first chunk received");
+      assert.ok(response.closed, "connection closed");
+      assert.ok(!response.text.includes("0\r\n\r\n"), "no final chunk");
+      assert.equal((await getText(server, "/app/do/hello")).text, "hello", "server still serves");
+    });
+
+    await t.step("client hangup runs close()", async () => {
+      const token = randomToken();
+      const connection = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+      await connection.write(
+        encoder.encode(`GET /app/do/endless?token=${token} HTTP/1.1\r\nHost: x\r\n\r\n`),
+      );
+      const buffer = new Uint8Array(65536);
+      const count = await connection.read(buffer);
+      assert.notEqual(count, null, "the endless response started");
+      connection.close();
+      await server.waitForLog(new RegExp(`iterable closed ${token}`), 5000);
+      assert.equal((await getText(server, "/app/do/hello")).text, "hello", "server still serves");
+    });
+
+    await t.step("CRLF in header value", async () => {
+      const response = await exchange(server.port, getRequest("/app/do/crlf-header"));
+      assert.match(response.head, /^HTTP\/1\.1 500 /);
+      assert.doesNotMatch(response.head, /^x-injected:/im);
+      assert.doesNotMatch(response.head, /^x-bad:/im);
+    });
+
+    await t.step("two Set-Cookie headers", async () => {
+      const response = await exchange(server.port, getRequest("/app/do/cookies"));
+      const cookies = response.head.split("\r\n").filter((line) => /^set-cookie:/i.test(line));
+      assert.deepEqual(cookies.map((line) => line.slice(line.indexOf(":") + 1).trim()), [
+        "a=1",
+        "b=2",
+      ]);
+    });
+
+    // --- Static files and the access log
+
+    await t.step("static alias bypasses Python", async () => {
+      const before = await appCalls(server);
+      const response = await getText(server, "/static/hello.txt");
+      assert.equal(response.status, 200);
+      assert.equal(response.text, await Deno.readTextFile(join(STATIC_DIR, "hello.txt")));
+      assert.equal(await appCalls(server), before + 1, "the app was not called for /static");
+    });
+
+    await t.step("other paths reach the app", async () => {
+      const response = await getText(server, "/app/not-static");
+      assert.equal(response.status, 200);
+      assert.equal(JSON.parse(response.text).PATH_INFO, "/not-static");
+    });
+
+    await t.step("access log line", async () => {
+      const token = randomToken();
+      await getText(server, `/app/logged?${token}`);
+      const output = await pollUntil(() => server.output(), (text) => text.includes(token));
+      const lines = output.split("\n").filter((line) => line.includes(token));
+      assert.equal(lines.length, 1, "one line for the request");
+      assert.ok(lines[0].includes(`"GET /app/logged?${token} HTTP/1.1" 200 `), lines[0]);
+    });
+
+    // --- Sandbox: the app requests host resources outside its folders
+
+    const sandbox = async (caseName: string, query = "") => {
+      const response = await getText(server, `/app/do/sandbox/${caseName}?${query}`);
+      assert.equal(response.status, 200, `status of ${caseName}`);
+      assert.ok(!response.text.includes(secret), `${caseName} shows the secret variable`);
+      assert.ok(!response.text.includes(fileSecret), `${caseName} shows the secret file`);
+      return response.text;
+    };
+    const pathQuery = `path=${encodeURIComponent(secretFile)}`;
+
+    await t.step("sandbox: open() outside folders", async () => {
+      // Only the app's folders are mounted, so the file does not exist for Python.
+      assert.match(await sandbox("open", pathQuery), /^denied: FileNotFoundError/);
+    });
+
+    await t.step("sandbox: Deno.readTextFileSync", async () => {
+      assert.match(await sandbox("deno-read", pathQuery), /^denied: JsException: NotCapable/);
+      assert.match(
+        await sandbox("deno-read", "path=/etc/hostname"),
+        /^denied: JsException: NotCapable/,
+      );
+    });
+
+    await t.step("sandbox: listing /", async () => {
+      // os.listdir shows Pyodide's own file system, never the host's root.
+      const listing = await sandbox("listdir");
+      assert.match(listing, /^allowed: /);
+      for (const hostOnly of ["bin", "etc", "root", "usr", "var"]) {
+        assert.ok(!listing.includes(`'${hostOnly}'`), `listing shows the host's /${hostOnly}`);
+      }
+      assert.match(await sandbox("deno-readdir"), /^denied: JsException: NotCapable/);
+    });
+
+    await t.step("sandbox: os.environ", async () => {
+      const environ = await sandbox("environ");
+      assert.match(environ, /^allowed: /);
+      assert.ok(!environ.includes("WSGIRUN_TEST_SECRET"), "os.environ names the server's variable");
+    });
+
+    await t.step("sandbox: Deno.env.get", async () => {
+      const result = await sandbox("deno-env", "name=WSGIRUN_TEST_SECRET");
+      assert.match(result, /^denied: JsException: NotCapable/);
+    });
+
+    await t.step("sandbox: Deno.Command", async () => {
+      // Deno 2 removed Deno.run, so Deno.Command is the API that starts a process.
+      assert.match(await sandbox("deno-command"), /^denied: JsException: NotCapable/);
+    });
+
+    await t.step("sandbox: fetch to loopback", async () => {
+      const url = encodeURIComponent(`${server.origin}/app/do/hello`);
+      // fetch() returns a promise the app cannot wait for inside a request,
+      // so the app records the outcome and a later request reads it.
+      assert.equal(await sandbox("fetch", `url=${url}`), "allowed: 'started'");
+      const outcome = await pollUntil(
+        async () => (await getText(server, "/app/do/fetch-outcome")).text,
+        (text) => text !== "pending",
+      );
+      assert.match(outcome, /^denied: NotCapable/);
+    });
+
+    // --- Queue limit: one isolate and one queue place
+
+    await t.step("full queue answers 503", async () => {
+      const slow = fetch(server.origin + "/app/do/slow");
+      await server.waitForLog(/slow request started/, 5000);
+
+      // One of the two waits in the queue and the other finds it full. Which one
+      // arrives first is up to the network, so the test accepts either order.
+      const responses = await Promise.all([
+        fetch(server.origin + "/app/do/hello"),
+        fetch(server.origin + "/app/do/hello"),
+      ]);
+      await Promise.all(responses.map((response) => response.text()));
+      const statuses = responses.map((response) => response.status).sort();
+      assert.deepEqual(statuses, [200, 503]);
+      const rejected = responses.find((response) => response.status === 503)!;
+      assert.match(rejected.headers.get("retry-after") ?? "", /^\d+$/, "Retry-After");
+      assert.match(server.log(), /request rejected with 503: request queue is full/);
+
+      const slowResponse = await slow;
+      assert.equal(await slowResponse.text(), "slow done");
+      assert.equal((await getText(server, "/app/do/hello")).status, 200, "served after the burst");
+    });
+
+    // --- Stop
+
+    await t.step("SIGTERM stops with 0", async () => {
+      const status = await server.stop();
+      assert.equal(status.code, 0);
+      assert.match(server.log(), /server stopped/);
+    });
+  } finally {
+    await Deno.remove(outside, { recursive: true });
+  }
+});
+
+// ---------------------------------------------------------------------------
+// Import failures: the script's behavior is chosen by mode.txt beside it
+
+Deno.test("server import failures", async (t) => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun_server_test_" });
+  const script = join(folder, "server_import.wsgi");
+  const setMode = (mode: string) => Deno.writeTextFile(join(folder, "mode.txt"), mode);
+  await Deno.copyFile(IMPORT_SCRIPT, script);
+  await setMode("raise");
+  try {
+    await using server = await startServer(script);
+
+    // The server may also import the script once at start (to build a
+    // snapshot), so the tests count the failures each request adds.
+    const importFailures = () =>
+      server.log().match(/RuntimeError: import failed on purpose/g)?.length ?? 0;
+    const requestImportFailure = async () => {
+      const before = importFailures();
+      const response = await getText(server, "/");
+      assert.equal(response.status, 500);
+      const after = await pollUntil(importFailures, (count) => count > before);
+      assert.equal(after, before + 1, "the request imported the script again");
+    };
+
+    await t.step("import error gives 500", async () => {
+      await requestImportFailure();
+      assert.match(server.log(), /Traceback \(most recent call last\)/);
+    });
+
+    await t.step("server runs after import error", async () => {
+      await requestImportFailure();
+    });
+
+    await t.step("missing application gives 500", async () => {
+      await setMode("missing");
+      const response = await getText(server, "/");
+      assert.equal(response.status, 500);
+      const line = await server.waitForLog(/defines no 'application'.*/, 5000);
+      assert.match(line, /--callable-object/);
+    });
+
+    await t.step("import retried after fix", async () => {
+      await setMode("ok");
+      const response = await getText(server, "/");
+      assert.equal(response.status, 200);
+      assert.equal(response.text, "imported");
+    });
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
+// ---------------------------------------------------------------------------
+// Python 3.12
+
+Deno.test("server on Python 3.12", async () => {
+  await using server = await startServer(APP_SCRIPT, [
+    "--python",
+    "3.12",
+    "--callable-object",
+    "app",
+  ]);
+  const hello = await getText(server, "/do/hello");
+  assert.equal(hello.text, "hello");
+  const version = await getText(server, "/do/version");
+  assert.match(version.text, /^3\.12\./);
+});
+
+// ---------------------------------------------------------------------------
+// Command line through the real entry point
+
+async function runCli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  const command = new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-all", "--config", repoPath("deno.json"), repoPath("main.ts"), ...args],
+    stdout: "piped",
+    stderr: "piped",
+    stdin: "null",
+    signal: AbortSignal.timeout(30_000),
+  });
+  const output = await command.output();
+  return {
+    code: output.code,
+    stdout: decoder.decode(output.stdout),
+    stderr: decoder.decode(output.stderr),
+  };
+}
+
+Deno.test("cli --help lists every option", async () => {
+  const result = await runCli(["--help"]);
+  assert.equal(result.code, 0);
+  for (const option of OPTIONS) {
+    assert.ok(result.stdout.includes(option.name), `help lists ${option.name}`);
+  }
+});
+
+Deno.test("cli invalid --port", async () => {
+  const result = await runCli([APP_SCRIPT, "--port", "abc"]);
+  assert.equal(result.code, 2);
+  const message = result.stderr.trim();
+  assert.ok(!message.includes("\n"), `one line: ${message}`);
+  assert.ok(message.includes("--port"), message);
+  assert.ok(message.includes("'abc'"), message);
+});
+
+Deno.test("cli missing script file", async () => {
+  const result = await runCli([repoPath("tests/fixtures/server_no_such_script.wsgi")]);
+  assert.equal(result.code, 2);
+  assert.ok(result.stderr.includes("server_no_such_script.wsgi"), result.stderr);
+});
+
+Deno.test("cli without script", async () => {
+  const result = await runCli([]);
+  assert.equal(result.code, 2);
+  assert.ok(result.stderr.includes("SCRIPT"), result.stderr);
+});
+
+Deno.test("cli unknown option", async () => {
+  const result = await runCli([APP_SCRIPT, "--no-such-option"]);
+  assert.equal(result.code, 2);
+  assert.ok(result.stderr.includes("--no-such-option"), result.stderr);
+});

@@ -1,0 +1,192 @@
+/**
+ * Memory snapshots: the runtime snapshot cache and application snapshots,
+ * through the real server and a real cache folder.
+ */
+
+import assert from "node:assert/strict";
+import { repoPath, startServer, TEST_CACHE_DIR } from "./helpers/server.ts";
+
+const HELLO = `
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello"]
+`;
+
+async function makeApp(files: Record<string, string>): Promise<string> {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-snapshot-app-" });
+  for (const [name, text] of Object.entries(files)) await Deno.writeTextFile(`${folder}/${name}`, text);
+  return folder;
+}
+
+async function snapshotFiles(folder: string, prefix: string): Promise<string[]> {
+  const names: string[] = [];
+  for await (const entry of Deno.readDir(folder)) {
+    if (entry.name.startsWith(prefix) && entry.name.endsWith(".snapshot")) names.push(entry.name);
+  }
+  return names.sort();
+}
+
+async function body(origin: string, path = "/"): Promise<string> {
+  const response = await fetch(origin + path);
+  return await response.text();
+}
+
+/** Makes sure the shared test cache has the Python 3.14 runtime snapshot. */
+async function warmRuntimeSnapshot(): Promise<void> {
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--snapshot", "runtime"]);
+  assert.equal(await body(server.origin), "hello");
+}
+
+Deno.test("runtime snapshot reused from cache", async () => {
+  await warmRuntimeSnapshot();
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--snapshot", "runtime"]);
+
+  assert.equal(await body(server.origin), "hello");
+  assert.doesNotMatch(server.log(), /building the Python 3\.14 runtime snapshot/);
+});
+
+Deno.test("runtime snapshot corrupt file rebuilt", async () => {
+  await warmRuntimeSnapshot();
+  const cache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
+  const [name] = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
+  const data = await Deno.readFile(`${TEST_CACHE_DIR}/${name}`);
+  data[data.length - 1000] ^= 0xff;
+  await Deno.writeFile(`${cache}/${name}`, data);
+
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  await using server = await startServer(
+    `${folder}/app.wsgi`,
+    ["--threads", "1", "--snapshot", "runtime"],
+    { env: { WSGIRUN_CACHE_DIR: cache } },
+  );
+
+  assert.equal(await body(server.origin), "hello");
+  assert.match(server.log(), /is corrupt \(SHA-256 mismatch\)/);
+  assert.match(server.log(), /runtime snapshot built/);
+  const rebuilt = await Deno.readFile(`${cache}/${name}`);
+  assert.deepEqual(rebuilt.subarray(-1000), (await Deno.readFile(`${TEST_CACHE_DIR}/${name}`)).subarray(-1000));
+});
+
+Deno.test("runtime snapshot keyed by adapter source", async () => {
+  await warmRuntimeSnapshot();
+  // A copy of the program whose adapter differs by one comment line.
+  const copy = await Deno.makeTempDir({ prefix: "wsgirun-copy-" });
+  for (const entry of ["main.ts", "deno.json", "deno.lock", "runtime", "supervisor", "wasm"]) {
+    await new Deno.Command("cp", { args: ["-r", repoPath(entry), copy] }).output();
+  }
+  await Deno.symlink(repoPath("node_modules"), `${copy}/node_modules`);
+  const adapter = `${copy}/wasm/adapter.py`;
+  await Deno.writeTextFile(adapter, (await Deno.readTextFile(adapter)) + "\n# changed\n");
+  const cache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
+  const [original] = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
+  await Deno.copyFile(`${TEST_CACHE_DIR}/${original}`, `${cache}/${original}`);
+
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  const command = new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-all", "--config", `${copy}/deno.json`, `${copy}/main.ts`, `${folder}/app.wsgi`, "--port", "0", "--threads", "1", "--snapshot", "runtime"],
+    env: { WSGIRUN_CACHE_DIR: cache },
+    stdout: "null",
+    stderr: "piped",
+  });
+  const child = command.spawn();
+  let log = "";
+  const decoder = new TextDecoder();
+  for await (const chunk of child.stderr) {
+    log += decoder.decode(chunk, { stream: true });
+    if (/isolate ready|cannot|failed/.test(log)) break;
+  }
+  child.kill("SIGTERM");
+  await child.status;
+
+  assert.match(log, /building the Python 3\.14 runtime snapshot/);
+  const files = await snapshotFiles(cache, "runtime-python3.14-");
+  assert.equal(files.length, 2);
+  assert.ok(files.includes(original));
+});
+
+Deno.test("runtime snapshot keyed by Pyodide version", async () => {
+  const names314 = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--python", "3.12", "--snapshot", "runtime"]);
+
+  assert.equal(await body(server.origin), "hello");
+  const names312 = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.12-");
+  assert.equal(names312.length, 1);
+  assert.ok(!names314.includes(names312[0]));
+});
+
+Deno.test("app snapshot reused then rebuilt on edit", async () => {
+  const folder = await makeApp({
+    "app.wsgi": `
+import settings_module
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [settings_module.VALUE.encode()]
+`,
+    "settings_module.py": 'VALUE = "first"\n',
+  });
+  const script = `${folder}/app.wsgi`;
+
+  {
+    await using server = await startServer(script, ["--threads", "1"]);
+    assert.equal(await body(server.origin), "first");
+    assert.match(server.log(), /application snapshot built/);
+  }
+  {
+    await using server = await startServer(script, ["--threads", "1"]);
+    assert.equal(await body(server.origin), "first");
+    assert.doesNotMatch(server.log(), /building the application snapshot/);
+  }
+
+  await Deno.writeTextFile(`${folder}/settings_module.py`, 'VALUE = "second, edited"\n');
+  {
+    await using server = await startServer(script, ["--threads", "1"]);
+    assert.equal(await body(server.origin), "second, edited");
+    assert.match(server.log(), /building the application snapshot \(.*settings_module\.py changed\)/);
+  }
+});
+
+Deno.test("app snapshot skipped for open file", async () => {
+  const folder = await makeApp({
+    "data.txt": "kept open",
+    "app.wsgi": `
+import os
+DATA = open(os.path.join(os.path.dirname(__file__), "data.txt"), "rb")
+def application(environ, start_response):
+    DATA.seek(0)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [DATA.read()]
+`,
+  });
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"]);
+
+  assert.equal(await body(server.origin), "kept open");
+  assert.match(server.log(), /no application snapshot.*keeps 1 file\(s\) open/);
+});
+
+Deno.test("app snapshot skipped for JavaScript object", async () => {
+  const folder = await makeApp({
+    "app.wsgi": `
+import js
+HOLDER = js.Object.new()
+HOLDER.greeting = "from a JavaScript object"
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(HOLDER.greeting).encode()]
+`,
+  });
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"]);
+
+  assert.equal(await body(server.origin), "from a JavaScript object");
+  assert.match(server.log(), /no application snapshot/);
+});
+
+Deno.test("snapshot off starts from scratch", async () => {
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--snapshot", "off"]);
+
+  assert.equal(await body(server.origin), "hello");
+  assert.doesNotMatch(server.log(), /snapshot/);
+});

@@ -1,0 +1,86 @@
+"""Locate and import the WSGI application inside an isolate.
+
+This module must not touch the host functions: it is imported before an
+application memory snapshot is taken, and a snapshot cannot contain
+references to JavaScript objects. wasm/adapter.py imports it after the
+restore and finds the application already imported.
+"""
+
+import os
+import re
+import sys
+
+
+class _Settings:
+    """What the worker told this isolate at start (see `configure`)."""
+
+    app_name = "app"
+    script_path = None
+    module = None
+    callable_name = "application"
+    multiprocess = True
+
+
+settings = _Settings()
+_application = None
+
+
+def configure(app_name, script_path, module, callable_name, python_path, multiprocess):
+    """Record the application's location and put its folders on sys.path."""
+    settings.app_name = app_name
+    settings.script_path = script_path or None
+    settings.module = module or None
+    settings.callable_name = callable_name
+    settings.multiprocess = bool(multiprocess)
+    for folder in reversed(list(python_path)):
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
+    if python_path:
+        os.chdir(python_path[0])
+
+
+def _load_script(path):
+    """Execute a WSGI script file as a fresh module, as mod_wsgi does."""
+    import types
+
+    name = "_wsgirun_script_" + re.sub(r"\W", "_", os.path.basename(path))
+    module = types.ModuleType(name)
+    module.__file__ = path
+    sys.modules[name] = module
+    try:
+        with open(path, "rb") as file:
+            source = file.read()
+        code = compile(source, path, "exec")
+        exec(code, module.__dict__)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def load_application():
+    """Import the application once; a failed import is retried next time."""
+    global _application
+    if _application is not None:
+        return _application
+
+    if settings.script_path:
+        module = _load_script(settings.script_path)
+        where = "script %r" % settings.script_path
+    else:
+        import importlib
+
+        module = importlib.import_module(settings.module)
+        where = "module %r" % settings.module
+
+    application = getattr(module, settings.callable_name, None)
+    if application is None:
+        raise LookupError(
+            "%s defines no %r; define it or name the callable with --callable-object"
+            % (where, settings.callable_name)
+        )
+    if not callable(application):
+        raise TypeError("%r in %s is not callable" % (settings.callable_name, where))
+    _application = application
+    return application

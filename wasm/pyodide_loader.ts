@@ -1,0 +1,121 @@
+/**
+ * Loads Pyodide inside a worker, from a memory snapshot and a WebAssembly
+ * module compiled once by the main thread when they are given.
+ *
+ * Pyodide reads and instantiates `pyodide.asm.wasm` itself and offers no
+ * option to pass a compiled module, so the worker's `WebAssembly.instantiate`
+ * is wrapped: the one call that instantiates the interpreter's bytes gets the
+ * shared module instead. The same wrapper fixes a restore bug of Pyodide
+ * 314.0.8: it sizes memory from the snapshot, but the module exports its own
+ * memory of 30 MiB, so a snapshot whose heap grew past that fails with
+ * "RangeError: offset is out of bounds" unless the memory is grown first.
+ */
+
+import type { PythonVersion } from "../supervisor/app_spec.ts";
+
+/**
+ * Literal imports (not a computed specifier) so that `deno compile` embeds
+ * both Pyodide packages and the bundle leaves them to Deno. The specifiers
+ * equal PYODIDE_SPECIFIER in supervisor/app_spec.ts.
+ */
+const PYODIDE_MODULES: Record<PythonVersion, () => Promise<{ loadPyodide: LoadPyodide }>> = {
+  "3.12": () => import("npm:pyodide@0.27.8"),
+  "3.14": () => import("npm:pyodide@314.0.8"),
+};
+type LoadPyodide = (options: Record<string, unknown>) => Promise<unknown>;
+
+/** Interpreter modules are megabytes; Pyodide's other helper modules are tiny. */
+const INTERPRETER_MIN_BYTES = 1_000_000;
+const WASM_PAGE_BYTES = 65536;
+
+export interface LoadOptions {
+  python: PythonVersion;
+  /** A memory snapshot to restore instead of starting the interpreter from scratch. */
+  snapshot?: Uint8Array | null;
+  /** `pyodide.asm.wasm` compiled by the main thread. */
+  wasmModule?: WebAssembly.Module | null;
+  /** Keep what `makeMemorySnapshot()` needs (only for building snapshots). */
+  makeSnapshot?: boolean;
+  stdout?: (line: string) => void;
+  stderr?: (line: string) => void;
+}
+
+/** Bytes of linear memory a snapshot needs: its length minus the header before the heap image. */
+function snapshotHeapEnd(snapshot: Uint8Array): number {
+  const header = new DataView(snapshot.buffer, snapshot.byteOffset, 8);
+  return snapshot.byteLength - header.getUint32(4, true);
+}
+
+function findExportedMemory(instance: WebAssembly.Instance): WebAssembly.Memory | undefined {
+  for (const value of Object.values(instance.exports)) {
+    if (value instanceof WebAssembly.Memory) return value;
+  }
+  return undefined;
+}
+
+/**
+ * Wraps `WebAssembly.instantiate` for the next interpreter instantiation.
+ * Only memory the module exports is grown: Pyodide 0.27.8 imports its memory
+ * and sizes it from the snapshot correctly.
+ */
+function hookInstantiate(wasmModule: WebAssembly.Module | null | undefined, heapEnd: number): () => void {
+  const original = WebAssembly.instantiate;
+  const hooked = async (source: BufferSource | WebAssembly.Module, imports?: WebAssembly.Imports) => {
+    const isInterpreter = !(source instanceof WebAssembly.Module) &&
+      source.byteLength >= INTERPRETER_MIN_BYTES;
+    if (!isInterpreter) return original(source as BufferSource, imports);
+
+    const module = wasmModule ?? await WebAssembly.compile(source as BufferSource);
+    const instance = await original(module, imports);
+    const memory = findExportedMemory(instance);
+    if (memory && heapEnd > memory.buffer.byteLength) {
+      memory.grow(Math.ceil((heapEnd - memory.buffer.byteLength) / WASM_PAGE_BYTES));
+    }
+    return { instance, module };
+  };
+  (WebAssembly as { instantiate: unknown }).instantiate = hooked;
+  return () => {
+    (WebAssembly as { instantiate: unknown }).instantiate = original;
+  };
+}
+
+export async function loadPyodideFor(options: LoadOptions): Promise<unknown> {
+  const { loadPyodide } = await PYODIDE_MODULES[options.python]();
+  const heapEnd = options.snapshot ? snapshotHeapEnd(options.snapshot) : 0;
+  const restore = hookInstantiate(options.wasmModule, heapEnd);
+  try {
+    return await loadPyodide({
+      // The default reads from the server's terminal; input() should raise EOFError.
+      stdin: () => undefined,
+      stdout: options.stdout,
+      stderr: options.stderr,
+      ...(options.snapshot ? { _loadSnapshot: options.snapshot } : {}),
+      ...(options.makeSnapshot ? { _makeSnapshot: true } : {}),
+    });
+  } finally {
+    restore();
+  }
+}
+
+/** The part of Emscripten's file system API used to mount host folders. */
+export interface MountableFS {
+  mkdirTree(path: string): void;
+  mount(type: unknown, options: { root: string }, mountpoint: string): void;
+  filesystems: { NODEFS: unknown };
+}
+
+/**
+ * Mounts each host folder at its own path, so `__file__`, tracebacks and
+ * `open()` show real paths. A folder inside one that is already mounted
+ * needs no mount of its own.
+ */
+export function mountHostFolders(fs: MountableFS, folders: string[]): void {
+  const sorted = [...new Set(folders)].sort((a, b) => a.length - b.length);
+  const mounted: string[] = [];
+  for (const folder of sorted) {
+    if (mounted.some((parent) => folder === parent || folder.startsWith(parent + "/"))) continue;
+    fs.mkdirTree(folder);
+    fs.mount(fs.filesystems.NODEFS, { root: folder }, folder);
+    mounted.push(folder);
+  }
+}

@@ -1,0 +1,102 @@
+/**
+ * Builds memory snapshots inside a worker that has the same permissions as
+ * the isolates it prepares.
+ *
+ * A runtime snapshot holds a started interpreter with the standard library
+ * modules every request needs. An application snapshot is taken on top of
+ * it after the application was imported, so new isolates skip the import
+ * (a cold Flask import takes over a second). Two things cannot be in a
+ * snapshot: references to JavaScript objects (Pyodide cannot serialize
+ * them) and open files (the file table lives in JavaScript and is lost).
+ * An application that keeps either at import time gets no snapshot.
+ */
+
+import appLoaderSource from "./app_loader.py" with { type: "text" };
+import { appReadPaths } from "../supervisor/app_spec.ts";
+import type { BuildSnapshotMessage, FromWorker } from "./protocol.ts";
+import { loadPyodideFor, type MountableFS, mountHostFolders } from "./pyodide_loader.ts";
+
+interface SnapshotPyodide {
+  FS: MountableFS & {
+    writeFile(path: string, data: string): void;
+    streams: unknown[];
+  };
+  runPython(code: string): unknown;
+  pyimport(name: string): Record<string, (...args: unknown[]) => unknown>;
+  makeMemorySnapshot(): Uint8Array<ArrayBuffer>;
+}
+
+/** Python that lists the host files of every imported module under `folders`. */
+const LIST_IMPORTED_FILES = `
+import sys, json
+_folders = tuple(f.rstrip("/") + "/" for f in json.loads(_wsgirun_folders))
+_files = sorted({
+    m.__file__ for m in list(sys.modules.values())
+    if isinstance(getattr(m, "__file__", None), str) and m.__file__.startswith(_folders)
+})
+del _folders
+json.dumps(_files)
+`;
+
+/** Emscripten's stdin, stdout and stderr streams. */
+const STANDARD_STREAMS = 3;
+
+function openFileCount(pyodide: SnapshotPyodide): number {
+  return pyodide.FS.streams.filter((stream) => stream).length - STANDARD_STREAMS;
+}
+
+async function importApplication(pyodide: SnapshotPyodide, message: BuildSnapshotMessage) {
+  const app = message.app!;
+  mountHostFolders(pyodide.FS, appReadPaths(app));
+  pyodide.FS.mkdirTree("/lib/wsgirun");
+  pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_app_loader.py", appLoaderSource);
+  pyodide.runPython("import sys; sys.path.insert(0, '/lib/wsgirun')");
+  if (app.environment && Object.keys(app.environment).length > 0) {
+    // Applications often read settings from the environment while they import.
+    const json = JSON.stringify(JSON.stringify(app.environment));
+    pyodide.runPython(`import json, os; os.environ.update(json.loads(${json}))`);
+  }
+
+  const loader = pyodide.pyimport("_wsgirun_app_loader");
+  loader.configure(app.name, app.scriptPath ?? "", app.module ?? "", app.callable, app.pythonPath, true);
+  if (app.home) pyodide.runPython(`import os; os.chdir(${JSON.stringify(app.home)})`);
+  loader.load_application();
+
+  const open = openFileCount(pyodide);
+  if (open > 0) {
+    throw new Error(`the application keeps ${open} file(s) open after its import`);
+  }
+  const folders = JSON.stringify(JSON.stringify(appReadPaths(app)));
+  pyodide.runPython(`_wsgirun_folders = ${folders}`);
+  const files = JSON.parse(String(pyodide.runPython(LIST_IMPORTED_FILES))) as string[];
+  pyodide.runPython("del _wsgirun_folders");
+  return files;
+}
+
+/** Builds the snapshot `message` asks for and posts it (or the reason it failed). */
+export async function buildSnapshot(
+  message: BuildSnapshotMessage,
+  post: (message: FromWorker, transfer?: Transferable[]) => void,
+): Promise<void> {
+  try {
+    const pyodide = await loadPyodideFor({
+      python: message.python,
+      snapshot: message.base ? new Uint8Array(message.base) : null,
+      wasmModule: message.wasmModule,
+      makeSnapshot: true,
+      stdout: (line) => post({ type: "log", level: "info", message: line }),
+      stderr: (line) => post({ type: "log", level: "warning", message: line }),
+    }) as SnapshotPyodide;
+
+    let files: string[] = [];
+    if (message.app) {
+      files = await importApplication(pyodide, message);
+    } else if (message.modules.length > 0) {
+      pyodide.runPython(`import ${message.modules.join(", ")}`);
+    }
+    const bytes = pyodide.makeMemorySnapshot();
+    post({ type: "snapshot", bytes, files }, [bytes.buffer]);
+  } catch (error) {
+    post({ type: "snapshot-failed", reason: error instanceof Error ? error.message : String(error) });
+  }
+}
