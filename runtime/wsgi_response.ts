@@ -51,6 +51,30 @@ function isInside(path: string, folders: string[]): boolean {
   return folders.some((folder) => path === folder || path.startsWith(folder + "/"));
 }
 
+// Control characters make Deno reject a header or, for most of them, panic
+// and exit ("invalid response header value"); tab is allowed.
+// deno-lint-ignore no-control-regex
+const INVALID_HEADER_VALUE = /[\x00-\x08\x0a-\x1f\x7f]|[^\x00-\xff]/;
+const HEADER_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+
+/** Builds the response headers, or returns why they are invalid. */
+function buildHeaders(message: StartMessage): Headers | string {
+  if (!Number.isInteger(message.status) || message.status < 200 || message.status > 599) {
+    return `status ${message.status} is outside 200-599`;
+  }
+  const headers = new Headers();
+  for (let i = 0; i < message.headers.length; i += 2) {
+    const name = message.headers[i];
+    const value = message.headers[i + 1];
+    if (typeof name !== "string" || !HEADER_NAME.test(name)) return `invalid header name ${JSON.stringify(name)}`;
+    if (typeof value !== "string" || INVALID_HEADER_VALUE.test(value)) {
+      return `invalid value for header ${name}: ${JSON.stringify(value)}`;
+    }
+    headers.append(name, value);
+  }
+  return headers;
+}
+
 /** Status codes that never carry a body. */
 function bodyless(method: string, status: number): boolean {
   return method === "HEAD" || status === 204 || status === 304;
@@ -80,12 +104,17 @@ export class ResponseBuilder implements ResponseSink {
   }
 
   start(message: StartMessage): void {
+    const headers = buildHeaders(message);
+    if (typeof headers === "string") {
+      // The isolate's adapter validates first; this guards the process
+      // against an adapter that did not (a Deno panic would end every
+      // connection). The isolate still sends its "end", which is ignored.
+      this.fail(500, `invalid response from the application: ${headers}`);
+      this.#options.control.cancel();
+      return;
+    }
     this.#started = true;
     this.#status = message.status;
-    const headers = new Headers();
-    for (let i = 0; i < message.headers.length; i += 2) {
-      headers.append(message.headers[i], message.headers[i + 1]);
-    }
     const declared = headers.get("content-length");
     if (declared !== null) this.#declaredLength = Number(declared);
 

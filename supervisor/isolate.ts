@@ -173,20 +173,33 @@ export class Isolate {
         this.#logger.log(message.level, message.message, { request: message.requestId });
         return;
       case "start":
-        this.job?.sink.start(message);
+        if (!this.#isCurrent(message.requestId)) return;
+        this.job!.sink.start(message);
         if (message.complete) this.#finishJob();
         return;
       case "body":
-        this.job?.sink.body(message.chunk);
+        if (this.#isCurrent(message.requestId)) this.job!.sink.body(message.chunk);
         return;
       case "file":
-        this.job?.sink.file(message);
+        if (this.#isCurrent(message.requestId)) this.job!.sink.file(message);
         return;
       case "end":
-        this.job?.sink.end(message);
+        if (!this.#isCurrent(message.requestId)) return;
+        this.job!.sink.end(message);
         this.#finishJob();
         return;
     }
+  }
+
+  /**
+   * The isolate counts as free once a response is complete, while Python
+   * may still run the iterable's close() and send more for that request;
+   * such late messages must not reach the next request's response.
+   */
+  #isCurrent(requestId: string): boolean {
+    if (this.job?.requestId === requestId) return true;
+    this.#logger.debug("ignored a message for a finished request", { request: requestId });
+    return false;
   }
 
   #finishJob(): void {
