@@ -16,6 +16,7 @@
 import { basename, dirname, resolve } from "node:path";
 import { type AppSpec, PYTHON_VERSIONS, type PythonVersion } from "../supervisor/app_spec.ts";
 import { LOG_LEVELS, type LogLevel } from "../supervisor/log.ts";
+import { parseNetAllowEntry } from "../wasm/net_policy.ts";
 import { type DaemonGroupSpec, DaemonSpecError, parseDaemonSpec } from "../supervisor/daemon_spec.ts";
 import { assignProcessGroups, MountConfigError, splitProcessGroup } from "./mounts.ts";
 import type { MountSpec, ServerOptions, UrlAlias } from "./options.ts";
@@ -73,6 +74,10 @@ export interface OptionValues {
   python: PythonVersion;
   /** Absolute real paths from `--python-path`, in the order given. */
   pythonPath: string[];
+  /** `--allow-net` values, checked and kept as given. */
+  allowNet: string[];
+  /** Absolute real paths from `--write`. */
+  writePaths: string[];
   callableObject?: string;
   mountPoint: string;
   urlAliases: UrlAlias[];
@@ -162,6 +167,35 @@ export const OPTIONS: readonly OptionSpec[] = [
     repeatable: true,
     apply: ([value], draft, cwd) => {
       draft.pythonPath.push(parseExistingPath("--python-path", value, cwd, "directory"));
+    },
+  },
+  {
+    name: "--allow-net",
+    valueNames: ["HOST[:PORT]"],
+    help: "Let the application open TCP connections to HOST, on PORT only when given, " +
+      "such as 127.0.0.1:5432 or db.example.com (write IPv6 as [::1]:5432). Hosts match " +
+      "as written: localhost and 127.0.0.1 are different hosts. Any other connection " +
+      "raises PermissionError in Python and is logged.",
+    defaultText: "no connections",
+    repeatable: true,
+    apply: ([value], draft) => {
+      try {
+        parseNetAllowEntry(value);
+      } catch (error) {
+        throw new UsageError((error as Error).message);
+      }
+      draft.allowNet.push(value);
+    },
+  },
+  {
+    name: "--write",
+    valueNames: ["DIR"],
+    help: "Let the application create and change files in DIR and its subdirectories, " +
+      "such as an SQLite database. Everything else stays read-only.",
+    defaultText: "no writable directory",
+    repeatable: true,
+    apply: ([value], draft, cwd) => {
+      draft.writePaths.push(parseExistingPath("--write", value, cwd, "directory"));
     },
   },
   {
@@ -293,7 +327,10 @@ export const OPTIONS: readonly OptionSpec[] = [
       "drains for this long, 15), shutdown-timeout (5). env=NAME=VALUE sets " +
       "os.environ, allow-net=HOST[:PORT] and allow-write=DIR grant the application " +
       "network and write access, which it has none of by default. With one SCRIPT " +
-      "and one group, SCRIPT runs in that group.",
+      "and one group, SCRIPT runs in that group. Touching the script, or SIGHUP, " +
+      "starts fresh processes and drains the old ones. Example: --daemon " +
+      "group=site1,processes=2,threads=15,user=www-data.",
+    defaultText: "none (embedded)",
     repeatable: true,
     apply: ([value], draft, cwd) => {
       try {
@@ -310,6 +347,7 @@ export const OPTIONS: readonly OptionSpec[] = [
     help: "Run SCRIPT in the daemon process group GROUP, defined with --daemon. " +
       "Without it, SCRIPT runs embedded unless it is the only application and " +
       "exactly one group is defined.",
+    defaultText: "embedded, or the only group",
     repeatable: false,
     apply: ([value], draft) => {
       draft.processGroup = value;
@@ -322,6 +360,7 @@ export const OPTIONS: readonly OptionSpec[] = [
       "package.module[:callable], optionally followed by :process-group=GROUP to " +
       "run it in a daemon group; without that it runs embedded. It shares " +
       "--python, --python-path, --threads and --preload with SCRIPT.",
+    defaultText: "none",
     repeatable: true,
     apply: ([url, script], draft) => {
       draft.mounts.push({ mountPoint: parseUrlPrefix("--mount", url), ...splitProcessGroup(script) });
@@ -378,13 +417,7 @@ Examples:
       Run four Python 3.12 isolates that can also import modules from ./pylib.
   wsgirun mysite.wsgi:application --url-alias /static ./static
       Serve the callable 'application' of the module mysite/wsgi.py, and the
-      files of ./static at /static without Python.
-  wsgirun app.wsgi --daemon group=site1,processes=2,threads=15,user=www-data
-      Run app.wsgi in two daemon processes as the user www-data.
-  wsgirun app.wsgi --daemon group=old,python=3.12 --process-group old \\
-      --mount /new new.wsgi
-      Run app.wsgi in the group old on Python 3.12, and new.wsgi embedded at
-      /new.`;
+      files of ./static at /static without Python.`;
 
 /** Full `--help` output, at most 80 columns wide. */
 export const HELP_TEXT: string = [
@@ -531,6 +564,8 @@ function buildApp(
     preload: draft.preload,
     snapshot: draft.snapshot,
   };
+  if (draft.allowNet.length > 0) app.allowNet = [...draft.allowNet];
+  if (draft.writePaths.length > 0) app.writePaths = [...new Set(draft.writePaths)];
   if (script.scriptPath !== undefined) app.scriptPath = script.scriptPath;
   if (script.module !== undefined) app.module = script.module;
   return app;
@@ -543,6 +578,8 @@ function defaultOptionValues(env: ParseEnvironment): OptionValues {
     threads: Math.min(MAX_THREADS, Math.max(1, Math.floor(env.cpus) || 1)),
     python: "3.14",
     pythonPath: [],
+    allowNet: [],
+    writePaths: [],
     mountPoint: "",
     urlAliases: [],
     accessLog: false,

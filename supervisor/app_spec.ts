@@ -5,6 +5,8 @@
  * isolate's worker, so it holds plain data only (it is structured-cloned).
  */
 
+import { hostReadPaths } from "../wasm/host_paths.ts";
+
 /** Python versions wsgirun can run, each backed by one pinned Pyodide release. */
 export const PYTHON_VERSIONS = ["3.12", "3.14"] as const;
 export type PythonVersion = typeof PYTHON_VERSIONS[number];
@@ -55,8 +57,12 @@ export interface AppSpec {
   allowNet?: string[];
 }
 
-/** Every host folder an isolate of `app` must be able to read, besides Pyodide's own files. */
+/**
+ * Every host folder an isolate of `app` must be able to read, besides
+ * Pyodide's own files. That includes the host's time zone database, which
+ * every isolate shows at its usual path.
+ */
 export function appReadPaths(app: AppSpec): string[] {
   const home = app.home === undefined ? [] : [app.home];
-  return [...new Set([...app.pythonPath, ...home, ...(app.writePaths ?? [])])];
+  return [...new Set([...app.pythonPath, ...home, ...(app.writePaths ?? []), ...hostReadPaths()])];
 }

@@ -17,12 +17,14 @@
  * every host file the application imported; editing any of them rebuilds it.
  */
 
-import { ISOLATE_WORKER_URL } from "./worker_url.ts";
+import { fileURLToPath } from "node:url";
+import { ISOLATE_WORKER_URL, SHIPPED_SNAPSHOTS_URL } from "./worker_url.ts";
 import { type AppSpec, appReadPaths, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
 import type { Logger } from "./log.ts";
 import type { BuildSnapshotMessage, FromWorker } from "../wasm/protocol.ts";
 import adapterSource from "../wasm/adapter.py" with { type: "text" };
 import appLoaderSource from "../wasm/app_loader.py" with { type: "text" };
+import { HOST_MODULES_KEY } from "../wasm/host_modules.ts";
 
 /** What isolates of one application start from. */
 export interface Boot {
@@ -51,6 +53,7 @@ export const RUNTIME_MODULES = [
 ];
 
 const MAGIC = "WSGIRUN-SNAPSHOT 1\n";
+
 /** Application snapshots kept per cache folder; the least recently used go first. */
 const MAX_APPLICATION_SNAPSHOTS = 16;
 const BUILD_TIMEOUT_MS = 180_000;
@@ -244,24 +247,67 @@ async function runtimeSnapshot(
 ): Promise<{ key: string; snapshot: SharedArrayBuffer }> {
   const { app, logger } = options;
   const key = await runtimeKey(app.python);
-  const path = `${snapshotCacheDir()}/runtime-python${app.python}-${key.slice(0, 16)}.snapshot`;
+  const name = runtimeFileName(app.python, key);
+  if (SHIPPED_SNAPSHOTS_URL) {
+    const shipped = await readFile(fileURLToPath(new URL(name, SHIPPED_SNAPSHOTS_URL)), key);
+    if (typeof shipped !== "string") {
+      logger.debug(`runtime snapshot from the program's own files: ${name}`);
+      return { key, snapshot: shipped.snapshot };
+    }
+  }
+  const path = `${snapshotCacheDir()}/${name}`;
   const cached = await readFile(path, key);
-  if (typeof cached !== "string") return { key, snapshot: cached.snapshot };
+  if (typeof cached !== "string") {
+    await touch(path);
+    return { key, snapshot: cached.snapshot };
+  }
 
   logger.info(`building the Python ${app.python} runtime snapshot (${cached}); this happens once per version`);
   const started = performance.now();
+  const bytes = await buildRuntimeSnapshot(app.python, options.pyodideFolder, wasmModule, logger);
+  await writeFile(path, { key, sha256: await sha256Hex(bytes), bytes: bytes.length }, bytes);
+  logger.info(`runtime snapshot built in ${Math.round(performance.now() - started)} ms: ${path}`);
+  const snapshot = new SharedArrayBuffer(bytes.length);
+  new Uint8Array(snapshot).set(bytes);
+  return { key, snapshot };
+}
+
+function runtimeFileName(python: PythonVersion, key: string): string {
+  return `runtime-python${python}-${key.slice(0, 16)}.snapshot`;
+}
+
+async function buildRuntimeSnapshot(
+  python: PythonVersion,
+  pyodideFolder: string,
+  wasmModule: WebAssembly.Module | null,
+  logger: Logger,
+): Promise<Uint8Array> {
   const built = await buildInWorker({
     type: "build-snapshot",
-    python: app.python,
+    python,
     modules: RUNTIME_MODULES,
     base: null,
     wasmModule,
-  }, [options.pyodideFolder], logger);
-  await writeFile(path, { key, sha256: await sha256Hex(built.bytes), bytes: built.bytes.length }, built.bytes);
-  logger.info(`runtime snapshot built in ${Math.round(performance.now() - started)} ms: ${path}`);
-  const snapshot = new SharedArrayBuffer(built.bytes.length);
-  new Uint8Array(snapshot).set(built.bytes);
-  return { key, snapshot };
+  }, [pyodideFolder], logger);
+  return built.bytes;
+}
+
+/**
+ * Builds the runtime snapshot of `python` into `folder` (the program's own
+ * snapshot folder when called by the build), and returns the file's path.
+ */
+export async function writeRuntimeSnapshot(
+  python: PythonVersion,
+  pyodideFolder: string,
+  folder: string,
+  logger: Logger,
+): Promise<string> {
+  const key = await runtimeKey(python);
+  const wasmModule = await compiledInterpreter(python, pyodideFolder, logger);
+  const bytes = await buildRuntimeSnapshot(python, pyodideFolder, wasmModule, logger);
+  const path = `${folder}/${runtimeFileName(python, key)}`;
+  await writeFile(path, { key, sha256: await sha256Hex(bytes), bytes: bytes.length }, bytes);
+  return path;
 }
 
 function applicationKey(app: AppSpec, runtime: string): Promise<string> {
@@ -273,6 +319,7 @@ function applicationKey(app: AppSpec, runtime: string): Promise<string> {
     pythonPath: app.pythonPath,
     home: app.home,
     environment: app.environment,
+    hostModules: HOST_MODULES_KEY,
   }));
 }
 
@@ -287,10 +334,14 @@ async function cachedApplicationSnapshot(app: AppSpec, key: string): Promise<Sha
   if (typeof cached === "string") return cached;
   const changed = await changedFile(cached.header.files ?? []);
   if (changed) return `${changed} changed`;
-  // The modification time orders snapshots by last use for pruning.
+  await touch(path);
+  return cached.snapshot;
+}
+
+/** Sets a snapshot's modification time to now: it orders snapshots by last use. */
+async function touch(path: string): Promise<void> {
   const now = new Date();
   await Deno.utime(path, now, now).catch(() => {});
-  return cached.snapshot;
 }
 
 /** Deletes the least recently used application snapshots beyond the limit. */

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download Debian's pure-Python database drivers (pg8000, PyMySQL, redis-py) with their
-# run-time dependencies and unpack them without installing anything on the system.
+# run-time dependencies, and pytz, and unpack them without installing anything on the system.
 #
 # Usage: tests/fetch_drivers.sh
 #   Prints the folder to pass to `wsgirun --python-path` on stdout, progress on stderr.
@@ -26,6 +26,7 @@ PACKAGES=(
   python3-deprecated
   python3-wrapt
   python3-packaging
+  python3-tz
 )
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -130,6 +130,7 @@ start_mariadb() {
   mkdir -p "$MARIADB_DIR"
   [[ "$EUID" -eq 0 ]] && chown mysql "$MARIADB_DIR"
   install_key mysql "$MARIADB_DIR/server.key"
+
   mariadb-install-db --no-defaults --datadir="$MARIADB_DIR/data" --user=mysql \
     --auth-root-authentication-method=normal --skip-test-db >"$MARIADB_DIR/install.log" 2>&1 ||
     fail "mariadb-install-db failed (see $MARIADB_DIR/install.log)"
@@ -140,12 +141,14 @@ start_mariadb() {
     --pid-file="$MARIADB_DIR/mariadb.pid" --log-error="$MARIADB_DIR/server.log" \
     --ssl-ca="$TLS_DIR/ca.pem" --ssl-cert="$TLS_DIR/server.pem" --ssl-key="$MARIADB_DIR/server.key" \
     --skip-log-bin --innodb-flush-log-at-trx-commit=0 </dev/null >/dev/null 2>&1 &
+
   local attempt
   for attempt in $(seq 1 120); do
     mariadb --no-defaults -S "$MARIADB_DIR/mariadb.sock" -u root -e "SELECT 1" >/dev/null 2>&1 && break
     [[ $attempt -eq 120 ]] && fail "MariaDB did not start within 60 s (see $MARIADB_DIR/server.log)"
     sleep 0.5
   done
+
   mariadb --no-defaults -S "$MARIADB_DIR/mariadb.sock" -u root -e "
     CREATE DATABASE wsgirun;
     CREATE USER 'wsgirun'@'127.0.0.1' IDENTIFIED BY 'wsgirun';

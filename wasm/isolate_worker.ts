@@ -17,6 +17,7 @@ import type { FromWorker, InitMessage, RequestMessage, ToWorker } from "./protoc
 import { type AppSpec, appReadPaths } from "../supervisor/app_spec.ts";
 import { loadPyodideFor, mountHostFolders } from "./pyodide_loader.ts";
 import { buildSnapshot } from "./snapshot_builder.ts";
+import { installHostModules, type PyodideForHost } from "./host_modules.ts";
 
 /** The subset of Pyodide's API this worker uses; both pinned versions provide it. */
 interface Pyodide {
@@ -69,6 +70,16 @@ function copyBytes(proxy: BytesProxy): Uint8Array<ArrayBuffer> {
   }
 }
 
+/** Body bytes from the adapter: a Latin-1 string when small, else a bytes proxy. */
+type PythonBytes = string | BytesProxy;
+
+function toBytes(data: PythonBytes): Uint8Array<ArrayBuffer> {
+  if (typeof data !== "string") return copyBytes(data);
+  const bytes = new Uint8Array(data.length);
+  for (let i = 0; i < data.length; i++) bytes[i] = data.charCodeAt(i);
+  return bytes;
+}
+
 function requireRequest(): CurrentRequest {
   if (!current) throw new Error("no request is running in this isolate");
   return current;
@@ -76,19 +87,21 @@ function requireRequest(): CurrentRequest {
 
 /** Functions the Python adapter imports as `_wsgirun_host`. */
 const host = {
-  start(status: number, headersJson: string, body: BytesProxy | undefined, complete: boolean) {
+  start(status: number, headerLines: string, body: PythonBytes | undefined, complete: boolean) {
     const request = requireRequest();
-    const headers = JSON.parse(headersJson) as string[];
-    const bytes = body ? copyBytes(body) : undefined;
+    // The adapter rejects header names and values with control characters,
+    // so a newline separates them safely.
+    const headers = headerLines === "" ? [] : headerLines.split("\n");
+    const bytes = body === undefined ? undefined : toBytes(body);
     post(
       { type: "start", requestId: request.id, status, headers, body: bytes, complete },
       bytes ? [bytes.buffer] : [],
     );
   },
 
-  send(chunk: BytesProxy) {
+  send(chunk: PythonBytes) {
     const request = requireRequest();
-    const bytes = copyBytes(chunk);
+    const bytes = toBytes(chunk);
     request.control.reserve(bytes.length, settings.responseWindow);
     post({ type: "body", requestId: request.id, chunk: bytes }, [bytes.buffer]);
   },
@@ -142,6 +155,7 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
 
   mountHostFolders(pyodide.FS, appReadPaths(message.app));
   pyodide.registerJsModule("_wsgirun_host", host);
+  installHostModules(pyodide as unknown as PyodideForHost, { app: message.app, log });
   pyodide.FS.mkdirTree("/lib/wsgirun");
   pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_app_loader.py", appLoaderSource);
   pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_adapter.py", adapterSource);
@@ -202,7 +216,8 @@ function runRequest(message: RequestMessage): void {
     ring: message.bodyRing ? new BodyRing(message.bodyRing) : null,
   };
   try {
-    handle(message.method, message.environ, message.body ?? undefined, message.requestId);
+    const body = message.body?.length ? message.body : undefined;
+    handle(message.method, message.environ, body, message.bodyRing !== null, message.requestId);
   } catch (error) {
     // handle() catches everything Python raises; reaching this means the
     // interpreter itself is broken (out of memory, a fatal error).

@@ -15,6 +15,7 @@ import appLoaderSource from "./app_loader.py" with { type: "text" };
 import { appReadPaths } from "../supervisor/app_spec.ts";
 import type { BuildSnapshotMessage, FromWorker } from "./protocol.ts";
 import { loadPyodideFor, type MountableFS, mountHostFolders } from "./pyodide_loader.ts";
+import { installHostPython, type PyodideForHost } from "./host_modules.ts";
 
 interface SnapshotPyodide {
   FS: MountableFS & {
@@ -48,6 +49,8 @@ function openFileCount(pyodide: SnapshotPyodide): number {
 async function importApplication(pyodide: SnapshotPyodide, message: BuildSnapshotMessage) {
   const app = message.app!;
   mountHostFolders(pyodide.FS, appReadPaths(app));
+  // The application must import the host-backed sqlite3, socket and fcntl, as it does in isolates.
+  installHostPython(pyodide as unknown as PyodideForHost, app);
   pyodide.FS.mkdirTree("/lib/wsgirun");
   pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_app_loader.py", appLoaderSource);
   pyodide.runPython("import sys; sys.path.insert(0, '/lib/wsgirun')");

@@ -6,4 +6,5 @@ app_name = "guestbook"
 
 urlpatterns = [
     path("", views.index, name="index"),
+    path("notes/", views.notes, name="notes"),
 ]
