@@ -52,10 +52,13 @@ export interface IsolateOptions {
   multiprocess: boolean;
   /** Called when the isolate is ready for its first job. */
   onReady(isolate: Isolate): void;
-  /** Called when the job running on the isolate finished its response. */
+  /** Called when one of the isolate's jobs finished its response, so it can take another. */
   onIdle(isolate: Isolate): void;
-  /** Called once when the isolate stops for good (failed start, crash, interpreter failure). */
-  onDead(isolate: Isolate, reason: string): void;
+  /**
+   * Called once when the isolate stops for good (failed start, crash,
+   * interpreter failure), with the jobs it had not started.
+   */
+  onDead(isolate: Isolate, reason: string, unstarted: Job[]): void;
   /** The snapshot and compiled module the isolate starts from. */
   boot?: Boot;
   /** Called when the isolate has imported the application at start, with the error if it failed. */
@@ -77,10 +80,19 @@ export function pyodideFolder(python: PythonVersion): string {
 }
 
 
+/**
+ * Requests an isolate holds at once: the running one and the next, posted
+ * ahead so the worker starts it without waiting for the main thread. The
+ * pool takes the second back (RequestControl.withdraw) when another isolate
+ * becomes free before it starts.
+ */
+export const PIPELINE_DEPTH = 2;
+
 export class Isolate {
   readonly id: number;
   state: IsolateState = "starting";
-  job: Job | null = null;
+  /** Requests posted to the worker, oldest (the running one) first. */
+  jobs: Job[] = [];
   /** Requests this isolate has served. */
   served = 0;
   /** performance.now() when the interpreter became ready; unset while starting. */
@@ -127,11 +139,22 @@ export class Isolate {
     });
   }
 
-  /** Sends a job to the idle isolate. */
+  /** The request the worker runs now, if any. */
+  get job(): Job | null {
+    return this.jobs[0] ?? null;
+  }
+
+  /** Whether the isolate can take another request now. */
+  get canTake(): boolean {
+    return (this.state === "idle" || this.state === "busy") && this.jobs.length < PIPELINE_DEPTH;
+  }
+
+  /** Posts a job to the worker, to run after the ones it holds. */
   run(job: Job): void {
-    if (this.state !== "idle") throw new Error(`isolate ${this.id} is ${this.state}, not idle`);
+    if (!this.canTake) throw new Error(`isolate ${this.id} is ${this.state} with ${this.jobs.length} requests`);
     this.state = "busy";
-    this.job = job;
+    this.jobs.push(job);
+    job.control.assign(this.id);
     job.running = true;
     const message: RequestMessage = {
       type: "request",
@@ -145,12 +168,27 @@ export class Isolate {
     this.#worker.postMessage(message);
   }
 
-  /** Stops the worker at once; a running job fails with `status`. */
-  terminate(reason: string, status = 503): void {
-    if (this.state === "dead") return;
+  /** Takes back the last posted job if the worker has not started it. */
+  withdrawWaiting(): Job | undefined {
+    if (this.jobs.length < 2) return undefined;
+    const job = this.jobs[this.jobs.length - 1];
+    if (!job.control.withdraw(this.id)) return undefined;
+    this.jobs.pop();
+    return job;
+  }
+
+  /**
+   * Stops the worker at once. Jobs it had not started are returned for the
+   * pool to run elsewhere; the running one fails with `status`.
+   */
+  terminate(reason: string, status = 503): Job[] {
+    if (this.state === "dead") return [];
     this.#worker.terminate();
-    this.#failJob(status, reason);
+    const unstarted = this.jobs.filter((job) => job.control.withdraw(this.id));
+    for (const job of this.jobs) if (!unstarted.includes(job)) job.sink.fail(status, reason);
+    this.jobs = [];
     this.state = "dead";
+    return unstarted;
   }
 
   #receive(message: FromWorker): void {
@@ -172,55 +210,50 @@ export class Isolate {
       case "log":
         this.#logger.log(message.level, message.message, { request: message.requestId });
         return;
-      case "start":
-        if (!this.#isCurrent(message.requestId)) return;
-        this.job!.sink.start(message);
-        if (message.complete) this.#finishJob();
+      case "start": {
+        const job = this.#find(message.requestId);
+        job?.sink.start(message);
+        if (job && message.complete) this.#finishJob(job);
         return;
+      }
       case "body":
-        if (this.#isCurrent(message.requestId)) this.job!.sink.body(message.chunk);
+        this.#find(message.requestId)?.sink.body(message.chunk);
         return;
       case "file":
-        if (this.#isCurrent(message.requestId)) this.job!.sink.file(message);
+        this.#find(message.requestId)?.sink.file(message);
         return;
-      case "end":
-        if (!this.#isCurrent(message.requestId)) return;
-        this.job!.sink.end(message);
-        this.#finishJob();
+      case "end": {
+        const job = this.#find(message.requestId);
+        job?.sink.end(message);
+        if (job) this.#finishJob(job);
         return;
+      }
     }
   }
 
   /**
-   * The isolate counts as free once a response is complete, while Python
-   * may still run the iterable's close() and send more for that request;
-   * such late messages must not reach the next request's response.
+   * A request counts as done once its response is complete, while Python
+   * may still run the iterable's close() and send more for it; such late
+   * messages must not reach another request's response.
    */
-  #isCurrent(requestId: string): boolean {
-    if (this.job?.requestId === requestId) return true;
+  #find(requestId: string): Job | undefined {
+    for (const job of this.jobs) if (job.requestId === requestId) return job;
     this.#logger.debug("ignored a message for a finished request", { request: requestId });
-    return false;
+    return undefined;
   }
 
-  #finishJob(): void {
-    if (this.state !== "busy") return;
-    this.job = null;
+  #finishJob(job: Job): void {
+    const index = this.jobs.indexOf(job);
+    if (index < 0) return;
+    this.jobs.splice(index, 1);
     this.served += 1;
-    this.state = "idle";
+    if (this.jobs.length === 0) this.state = "idle";
     this.#options.onIdle(this);
-  }
-
-  #failJob(status: number, reason: string): void {
-    const job = this.job;
-    this.job = null;
-    job?.sink.fail(status, reason);
   }
 
   #die(reason: string): void {
     if (this.state === "dead") return;
-    this.#worker.terminate();
-    this.#failJob(502, reason);
-    this.state = "dead";
-    this.#options.onDead(this, reason);
+    const unstarted = this.terminate(reason, 502);
+    this.#options.onDead(this, reason, unstarted);
   }
 }

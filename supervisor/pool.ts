@@ -149,12 +149,15 @@ export class IsolatePool {
       throw new PoolUnavailableError(`application unavailable: ${this.#failedReason}`, 30);
     }
     if (this.#stopping) throw new PoolUnavailableError("the server is shutting down", 5);
+    // A request posted behind another one in an isolate waits too, so it
+    // counts against the queue limit.
+    const waiting = this.#queue.length + this.#waitingInIsolates();
     const idle = this.#findIdle();
-    if (idle && this.#queue.length === 0) {
+    if (idle && this.#queue.length === 0 && (idle.state === "idle" || waiting < this.#options.queueLimit)) {
       this.#run(idle, job);
       return;
     }
-    if (this.#queue.length >= this.#options.queueLimit) {
+    if (waiting >= this.#options.queueLimit) {
       throw new PoolUnavailableError(
         `request queue is full (${this.#options.queueLimit} waiting); raise --queue-limit or --threads`,
         1,
@@ -170,13 +173,17 @@ export class IsolatePool {
     clearInterval(this.#queueTimer);
     for (const timer of this.#startupTimers.values()) clearTimeout(timer);
     for (const { job } of this.#queue.splice(0)) job.sink.fail(503, "the server is shutting down");
-    for (const isolate of this.#isolates) isolate.terminate("the server is shutting down");
+    for (const isolate of this.#isolates) {
+      for (const job of isolate.terminate("the server is shutting down")) {
+        job.sink.fail(503, "the server is shutting down");
+      }
+    }
     this.#isolates.clear();
   }
 
   #run(isolate: Isolate, job: Job): void {
     this.#idleSince.delete(isolate);
-    this.#jobStartedAt.set(isolate, performance.now());
+    if (isolate.jobs.length === 0) this.#jobStartedAt.set(isolate, performance.now());
     isolate.run(job);
     job.onRunning?.();
   }
@@ -189,9 +196,14 @@ export class IsolatePool {
     if (this.#queue.length > starting) this.#spawn();
   }
 
+  /** Returns an idle isolate, else one that can take a request behind its running one. */
   #findIdle(): Isolate | undefined {
-    for (const isolate of this.#isolates) if (isolate.state === "idle") return isolate;
-    return undefined;
+    let pipelined: Isolate | undefined;
+    for (const isolate of this.#isolates) {
+      if (isolate.state === "idle") return isolate;
+      if (!pipelined && isolate.canTake) pipelined = isolate;
+    }
+    return pipelined;
   }
 
   #spawn(): void {
@@ -204,12 +216,17 @@ export class IsolatePool {
       boot: this.#boot!,
       onReady: (ready) => this.#onReady(ready),
       onIdle: (idle) => {
-        this.#jobStartedAt.delete(idle);
-        this.#idleSince.set(idle, performance.now());
+        if (idle.jobs.length === 0) {
+          this.#jobStartedAt.delete(idle);
+          this.#idleSince.set(idle, performance.now());
+        } else {
+          // The next posted job starts now.
+          this.#jobStartedAt.set(idle, performance.now());
+        }
         this.#dispatchNext(idle);
       },
       onLoaded: (_isolate, error) => this.#options.onApplicationLoaded?.(error),
-      onDead: (dead, reason) => this.#onDead(dead, reason),
+      onDead: (dead, reason, unstarted) => this.#onDead(dead, reason, unstarted),
     });
     this.#isolates.add(isolate);
     this.#logger.debug("starting isolate", { isolate: isolate.id });
@@ -218,8 +235,7 @@ export class IsolatePool {
         `isolate did not start within ${this.#options.startupTimeoutMs} ms; replacing it`,
         { isolate: isolate.id },
       );
-      isolate.terminate("startup timed out");
-      this.#onDead(isolate, "startup timed out");
+      this.#onDead(isolate, "startup timed out", isolate.terminate("startup timed out"));
     }, this.#options.startupTimeoutMs);
     this.#startupTimers.set(isolate, timer);
   }
@@ -234,14 +250,45 @@ export class IsolatePool {
   }
 
   #dispatchNext(isolate: Isolate): void {
-    while (this.#queue.length > 0 && isolate.state === "idle") {
+    while (this.#queue.length > 0 && isolate.canTake) {
       const { job } = this.#queue.shift()!;
       if (job.abandoned) continue;
       this.#run(isolate, job);
     }
+    if (isolate.state === "idle") this.#takeWaitingJob(isolate);
   }
 
-  #onDead(isolate: Isolate, reason: string): void {
+  #waitingInIsolates(): number {
+    let waiting = 0;
+    for (const isolate of this.#isolates) waiting += Math.max(isolate.jobs.length - 1, 0);
+    return waiting;
+  }
+
+  /** Puts jobs an isolate never started back at the front of the queue and dispatches them. */
+  #requeue(jobs: Job[]): void {
+    if (jobs.length === 0) return;
+    if (this.#stopping || this.#failedReason) {
+      for (const job of jobs) job.sink.fail(503, this.#failedReason ?? "the server is shutting down");
+      return;
+    }
+    this.#queue.unshift(...jobs.map((job) => ({ job, queuedAt: performance.now() })));
+    for (const isolate of this.#isolates) if (isolate.canTake) this.#dispatchNext(isolate);
+  }
+
+  /** Moves a job that waits behind another isolate's running request to the idle `isolate`. */
+  #takeWaitingJob(isolate: Isolate): void {
+    for (const other of this.#isolates) {
+      if (other === isolate) continue;
+      const job = other.withdrawWaiting();
+      if (job) {
+        this.#run(isolate, job);
+        return;
+      }
+    }
+  }
+
+  #onDead(isolate: Isolate, reason: string, unstarted: Job[] = []): void {
+    this.#requeue(unstarted);
     clearTimeout(this.#startupTimers.get(isolate));
     this.#startupTimers.delete(isolate);
     this.#jobStartedAt.delete(isolate);
@@ -264,7 +311,7 @@ export class IsolatePool {
     this.#restarts += 1;
     this.#logger.info(`restarting the isolate in ${delay} ms`, { isolate: isolate.id });
     setTimeout(() => {
-      if (!this.#stopping && !this.#failedReason) this.#spawn();
+      if (!this.#stopping && !this.#failedReason && this.#isolates.size < this.#options.size) this.#spawn();
     }, delay);
   }
 
@@ -290,8 +337,7 @@ export class IsolatePool {
       if (now - startedAt < timeout) continue;
       const reason = `request timed out after ${Math.round(now - startedAt)} ms (request-timeout ${timeout} ms)`;
       this.#logger.error(`${reason}; replacing the isolate`, { isolate: isolate.id, request: isolate.job?.requestId });
-      isolate.terminate(reason, 504);
-      this.#onDead(isolate, reason);
+      this.#onDead(isolate, reason, isolate.terminate(reason, 504));
     }
   }
 

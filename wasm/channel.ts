@@ -13,7 +13,11 @@
 /** Indexes into a request's control words. */
 const CANCELLED = 0;
 const RESPONSE_BYTES_IN_FLIGHT = 1;
-const CONTROL_WORDS = 2;
+/** The isolate id the request is assigned to, or CLAIMED once that isolate started it. */
+const OWNER = 2;
+const CONTROL_WORDS = 3;
+const UNASSIGNED = 0;
+const CLAIMED = -1;
 
 /** Indexes into a body ring's header words. */
 const WRITTEN = 0; // total bytes written, modulo 2^32
@@ -48,6 +52,24 @@ export class RequestControl {
   constructor(buffer = new SharedArrayBuffer(CONTROL_WORDS * 4)) {
     this.buffer = buffer;
     this.#words = new Int32Array(buffer);
+  }
+
+  /** Pool side: assign the request to `isolateId` before posting it there. */
+  assign(isolateId: number): void {
+    Atomics.store(this.#words, OWNER, isolateId);
+  }
+
+  /**
+   * Pool side: take the request back from `isolateId` if that isolate has not
+   * started it. Returns whether it was taken back.
+   */
+  withdraw(isolateId: number): boolean {
+    return Atomics.compareExchange(this.#words, OWNER, isolateId, UNASSIGNED) === isolateId;
+  }
+
+  /** Worker side: start the request if it is still assigned to `isolateId`. */
+  claim(isolateId: number): boolean {
+    return Atomics.compareExchange(this.#words, OWNER, isolateId, CLAIMED) === isolateId;
   }
 
   get cancelled(): boolean {

@@ -210,9 +210,13 @@ function preloadApplication(adapter: Record<string, PyProxyCallable>): void {
 }
 
 function runRequest(message: RequestMessage): void {
+  const control = new RequestControl(message.control);
+  // The pool posts a second request while one runs, and takes it back for
+  // another isolate that became free first; then this isolate skips it.
+  if (!control.claim(settings.isolateId)) return;
   current = {
     id: message.requestId,
-    control: new RequestControl(message.control),
+    control,
     ring: message.bodyRing ? new BodyRing(message.bodyRing) : null,
   };
   try {
