@@ -1,0 +1,49 @@
+/**
+ * Scheduling across isolates: a request posted behind a running one moves to
+ * an isolate that becomes free first.
+ */
+
+import assert from "node:assert/strict";
+import { repoPath, startServer } from "./helpers/server.ts";
+
+Deno.test("waiting request moves to free isolate", async () => {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "2"]);
+  await server.waitForLog(/isolate=2\] isolate ready/);
+  const finished: string[] = [];
+  const request = async (name: string, seconds: number) => {
+    const response = await fetch(`${server.origin}/?seconds=${seconds}`);
+    assert.equal(response.status, 200);
+    await response.text();
+    finished.push(name);
+  };
+
+  // Both isolates busy: the long request on one, the short one on the other.
+  const long = request("long", 4);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  const short = request("short", 0.5);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  // This one is posted behind a running request; whichever isolate frees
+  // first must run it, so it never waits for the long request.
+  const waiting = request("waiting", 0);
+  await Promise.all([long, short, waiting]);
+
+  assert.deepEqual(finished, ["short", "waiting", "long"]);
+});
+
+Deno.test("queue limit counts requests held by isolates", async () => {
+  await using server = await startServer(
+    repoPath("tests/fixtures/pool_app.wsgi"),
+    ["--threads", "1", "--queue-limit", "0"],
+  );
+  const slow = fetch(`${server.origin}/?seconds=1.5`);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+
+  const rejected = await fetch(`${server.origin}/?seconds=0`);
+  await rejected.body?.cancel();
+  const first = await slow;
+  await first.body?.cancel();
+
+  assert.equal(first.status, 200);
+  assert.equal(rejected.status, 503);
+  assert.ok(rejected.headers.get("retry-after"));
+});
