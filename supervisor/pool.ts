@@ -186,14 +186,23 @@ export class IsolatePool {
     if (isolate.jobs.length === 0) this.#jobStartedAt.set(isolate, performance.now());
     isolate.run(job);
     job.onRunning?.();
+    this.#grow();
   }
 
   /** Starts one more isolate when queued jobs outnumber the isolates still starting. */
   #grow(): void {
     if (!this.#boot || this.#isolates.size >= this.#options.size || this.#failedReason) return;
     let starting = 0;
-    for (const isolate of this.#isolates) if (isolate.state === "starting") starting += 1;
-    if (this.#queue.length > starting) this.#spawn();
+    let idle = 0;
+    for (const isolate of this.#isolates) {
+      if (isolate.state === "starting") starting += 1;
+      if (isolate.state === "idle") idle += 1;
+    }
+    // Growing takes a snapshot restore (a few hundred milliseconds), so a
+    // pool below its maximum keeps one spare isolate started: the next
+    // request that finds every isolate busy is served at once.
+    const spareWanted = idle === 0 && starting === 0 && this.#options.minSize < this.#options.size;
+    if (this.#queue.length > starting || spareWanted) this.#spawn();
   }
 
   /** Returns an idle isolate, else one that can take a request behind its running one. */
@@ -256,6 +265,12 @@ export class IsolatePool {
       this.#run(isolate, job);
     }
     if (isolate.state === "idle") this.#takeWaitingJob(isolate);
+  }
+
+  #idleCount(): number {
+    let idle = 0;
+    for (const isolate of this.#isolates) if (isolate.state === "idle") idle += 1;
+    return idle;
   }
 
   #waitingInIsolates(): number {
@@ -348,6 +363,8 @@ export class IsolatePool {
     for (const [isolate, idleSince] of [...this.#idleSince]) {
       if (this.#isolates.size <= this.#options.minSize) return;
       if (isolate.state !== "idle" || now - idleSince < timeout) continue;
+      // Keep one idle isolate as the spare that #grow would start again.
+      if (this.#idleCount() <= 1) return;
       this.#idleSince.delete(isolate);
       this.#isolates.delete(isolate);
       isolate.terminate("retired after being idle");
