@@ -47,3 +47,21 @@ Deno.test("queue limit counts requests held by isolates", async () => {
   assert.equal(rejected.status, 503);
   assert.ok(rejected.headers.get("retry-after"));
 });
+
+Deno.test("growing pool starts a spare isolate", async () => {
+  // Daemon groups start one isolate and grow on demand up to `threads`.
+  await using server = await startServer(
+    repoPath("tests/fixtures/pool_app.wsgi"),
+    ["--daemon", "group=spare,processes=1,threads=3,user=nobody"],
+  );
+  assert.doesNotMatch(server.log(), /isolate=2\] isolate ready/);
+
+  const response = await fetch(`${server.origin}/?seconds=0`);
+  assert.equal(response.status, 200);
+  await response.text();
+
+  // One request made the only isolate busy; a second one is started as the
+  // spare without any further request.
+  await server.waitForLog(/isolate=2\] isolate ready/, 30_000);
+  assert.doesNotMatch(server.log(), /isolate=3\] isolate ready/);
+});
