@@ -17,7 +17,7 @@ import type { BodyRing, RequestControl } from "../wasm/channel.ts";
 import { ISOLATE_WORKER_URL } from "./worker_url.ts";
 import type { Boot } from "./snapshots.ts";
 
-/** Where the response of one request goes, in the order the isolate produces it. */
+/** Receiver of one request's response parts, in the order the isolate produces them. */
 export interface ResponseSink {
   start(message: StartMessage): void;
   body(chunk: Uint8Array): void;
@@ -232,9 +232,9 @@ export class Isolate {
   }
 
   /**
-   * A request counts as done once its response is complete, while Python
-   * may still run the iterable's close() and send more for it; such late
-   * messages must not reach another request's response.
+   * Returns the job of `requestId`. A request counts as done once its
+   * response is complete, but Python may still run the iterable's close()
+   * and send more for it. Such late messages find no job and are dropped.
    */
   #find(requestId: string): Job | undefined {
     for (const job of this.jobs) if (job.requestId === requestId) return job;

@@ -80,7 +80,7 @@ export class IsolatePool {
   /** performance.now() when each idle isolate finished its last job. */
   #idleSince = new Map<Isolate, number>();
   #firstReady = Promise.withResolvers<void>();
-  /** What isolates start from; set once the snapshots are prepared. */
+  /** The snapshot and compiled module new isolates start from; set once prepared. */
   #boot: Boot | null = null;
 
   constructor(app: AppSpec, options: PoolOptions) {
