@@ -2,9 +2,9 @@
  * The server's mounts: which URL prefix runs which application, and whether
  * it runs embedded (isolates in this process) or in a daemon process group.
  *
- * Parsing checks how mounts and groups fit together; at start each mount
- * gets its backend, and each request is routed to the mount with the longest
- * prefix that matches its path at a segment boundary.
+ * Parsing checks how mounts and groups fit together. At start each mount
+ * gets its backend. Each request goes to the mount with the longest prefix
+ * that matches its path at a segment boundary.
  */
 
 import type { AppSpec } from "../supervisor/app_spec.ts";
@@ -34,7 +34,7 @@ export function splitProcessGroup(value: string): { script: string; processGroup
   return { script: value.slice(0, match.index), processGroup: match[1] };
 }
 
-/** What parsing knows about the mounts before groups are checked. */
+/** The mounts and groups as parsed, before their groups are checked. */
 export interface MountPlan {
   main: { mountPoint: string; app: AppSpec; processGroup?: string };
   mounts: MountSpec[];

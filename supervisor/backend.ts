@@ -3,9 +3,9 @@
  * an embedded isolate pool in the server process, or a daemon process group.
  *
  * The front reads small bodies ahead and passes larger ones as the client's
- * stream; a backend moves the body to an isolate its own way (a shared ring
- * in this process, frames over a pipe to a daemon) and reports the response
- * to the request's sink.
+ * stream. A backend moves the body to an isolate its own way (a shared ring
+ * in this process, frames over a pipe to a daemon), and it reports the
+ * response to the request's sink.
  */
 
 import type { ResponseSink } from "./isolate.ts";

@@ -13,12 +13,12 @@
  *
  * The permissions of a daemon process under `deno run`, and why each one:
  * - `--allow-read`: the folders of the program's own modules that the
- *   isolate worker loads (wasm/ and supervisor/, code only; Deno checks
- *   read access for a worker's modules), Pyodide's folder for the group's Python
- *   version (the isolates load the interpreter from it) and the
- *   application's folders (script folder, python-path, home, allow-write
- *   folders), which the isolates mount. Nothing else: not the server's
- *   other files, not /etc.
+ *   isolate worker loads (wasm/ and supervisor/, code only), because Deno
+ *   checks read access for a worker's modules. Pyodide's folder for the
+ *   group's Python version, which the isolates load the interpreter from.
+ *   The application's folders (script folder, python-path, home,
+ *   allow-write folders), which the isolates mount. Nothing else: not the
+ *   server's other files, not /etc.
  * - `--allow-write`: only the group's allow-write folders, if any, and the
  *   snapshot cache folder (below).
  * - `--allow-env=WSGIRUN_CACHE_DIR` and read and write access to that
@@ -69,8 +69,10 @@ export interface DaemonIdentity {
 export interface DaemonCache {
   /** Deno's module cache; unset means the server's own. */
   denoDir?: string;
-  /** Where the processes keep memory snapshots. */
+  /** Folder of the processes' memory snapshots. */
   snapshotDir: string;
+  /** A copy of the executable the group's user can run; unset means Deno.execPath(). */
+  executable?: string;
 }
 
 /** Everything `Deno.Command` needs to start one daemon process. */
@@ -127,7 +129,7 @@ function lookupGroup(value: string): number {
 
 /**
  * Decides which account a group runs as. A server started as root must name
- * an unprivileged user, because a daemon never runs as root; a server
+ * an unprivileged user, because a daemon never runs as root. A server
  * started as another user can only run its groups as itself.
  *
  * @throws {DaemonConfigError} With the key, the value and the fix.
@@ -228,13 +230,48 @@ export async function prepareDaemonCache(identity: DaemonIdentity): Promise<Daem
   const { uid, gid } = identity;
   const temporary = Deno.env.get("TMPDIR") || "/tmp";
   const root = await privateFolder(`${temporary}/wsgirun-daemon-cache-${uid}`, uid, gid);
-  return {
+  const cache: DaemonCache = {
     denoDir: await privateFolder(`${root}/deno`, uid, gid),
     snapshotDir: await privateFolder(`${root}/snapshots`, uid, gid),
   };
+  const executable = await executableFor(root, uid, gid);
+  if (executable !== undefined) cache.executable = executable;
+  return cache;
 }
 
-/** The Deno permission flags of a daemon process (see the module documentation). */
+/** Whether every folder above `path` lets other users pass through it. */
+async function othersCanReach(path: string): Promise<boolean> {
+  for (let folder = dirname(path); ; folder = dirname(folder)) {
+    const info = await Deno.stat(folder);
+    if (((info.mode ?? 0) & 0o001) === 0) return false;
+    if (dirname(folder) === folder) return true;
+  }
+}
+
+/**
+ * Returns a copy of the running executable that `uid` can run, or undefined
+ * when `uid` can run the original. Deno installed through npm (npx) lives
+ * under root's home, which other users cannot enter, so the copy goes into
+ * the user's private cache folder, refreshed when the original changes.
+ */
+async function executableFor(root: string, uid: number, gid: number): Promise<string | undefined> {
+  const original = Deno.execPath();
+  const info = await Deno.stat(original);
+  if (await othersCanReach(original) && ((info.mode ?? 0) & 0o001) !== 0) return undefined;
+  const folder = await privateFolder(`${root}/bin`, uid, gid);
+  const copy = `${folder}/${original.slice(original.lastIndexOf("/") + 1)}`;
+  const existing = await Deno.stat(copy).catch(() => null);
+  if (existing?.size !== info.size || (existing.mtime?.getTime() ?? 0) < (info.mtime?.getTime() ?? 0)) {
+    const temporaryCopy = `${copy}.${Deno.pid}.tmp`;
+    await Deno.copyFile(original, temporaryCopy);
+    await Deno.chown(temporaryCopy, uid, gid);
+    await Deno.chmod(temporaryCopy, 0o500);
+    await Deno.rename(temporaryCopy, copy);
+  }
+  return copy;
+}
+
+/** Returns the Deno permission flags of a daemon process (see the module documentation). */
 export function permissionFlags(app: AppSpec, cache: DaemonCache): string[] {
   const code = [ISOLATE_WORKER_URL, new URL(import.meta.url)]
     .filter((url) => url.protocol === "file:")
@@ -258,7 +295,7 @@ export function buildDaemonLaunch(
   cache: DaemonCache,
 ): DaemonLaunch {
   const launch: DaemonLaunch = {
-    command: Deno.execPath(),
+    command: cache.executable ?? Deno.execPath(),
     args: [],
     cwd: app.home ?? app.pythonPath[0],
     env: cacheEnvironment(cache),

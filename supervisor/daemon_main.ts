@@ -3,23 +3,32 @@
  * with the DAEMON_SUBCOMMAND argument, usually as another user and with
  * narrowed Deno permissions.
  *
- * The process runs one isolate pool for its group's application and serves
- * the requests the front sends over standard input, answering on standard
- * output (see daemon_protocol.ts). Its log lines go to standard error, which
+ * The process runs one isolate pool for its group's application. It reads
+ * requests from standard input and writes responses to standard output
+ * (see daemon_protocol.ts). Its log lines go to standard error, which
  * it shares with the front. It imports nothing of the front.
  *
  * Life cycle: read the CONFIGURE frame, refuse to run as root, start the
  * pool, send READY when the first isolate is ready (and, with preload, has
- * imported the application), serve until standard input closes or SIGTERM
- * arrives, then stop. SIGINT and SIGHUP are ignored: a terminal's Ctrl-C
- * reaches the whole process group, and the front decides when daemons stop.
+ * imported the application), and serve until standard input closes. The
+ * front closes it once the process has no requests left; the process then
+ * stops at once.
+ *
+ * Signals: the front starts daemons in their own session, so a terminal's
+ * Ctrl-C or a signal to the server's process group reaches only the front.
+ * SIGTERM sent to a daemon directly (an operator, or a service manager that
+ * signals every process of the service) drains it: the process sends
+ * DRAINING, takes no more requests, and exits once the ones it has are done.
+ * SIGINT and SIGHUP are ignored, because the front decides when daemons
+ * stop or reload. The front stops a process that overstays with SIGKILL.
  */
 
-import { appReadPaths } from "./app_spec.ts";
+import { appReadPaths, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
 import type { Job, ResponseSink } from "./isolate.ts";
 import { Logger } from "./log.ts";
 import { IsolatePool, PoolUnavailableError } from "./pool.ts";
 import {
+  BODY_WINDOW,
   BodyMode,
   DaemonConfig,
   DaemonExit,
@@ -42,12 +51,11 @@ import type { EndMessage, FileMessage, StartMessage } from "../wasm/protocol.ts"
 /** Capacity of the ring a streamed body passes through (a power of two). */
 const BODY_RING_BYTES = 256 * 1024;
 const FILE_PIECE = 64 * 1024;
+/** Request body bytes the daemon acknowledges in one BODY_CREDIT frame, at most. */
+const BODY_CREDIT_BATCH = BODY_WINDOW / 4;
 
-/** Why the process stops, as the main loop receives it. */
-type StopCause = { kind: "input closed" } | { kind: "signal"; signal: Deno.Signal } | {
-  kind: "exit";
-  code: number;
-};
+/** The cause of a stop, as the main flow receives it. */
+type StopCause = { kind: "input closed" } | { kind: "drained" } | { kind: "exit"; code: number };
 
 /**
  * One request in this process: it feeds the request body into the isolate's
@@ -94,8 +102,8 @@ class DaemonRequest implements ResponseSink {
     if (!this.#pumping) this.#pump();
   }
 
-  endBody(how: "end" | "abort"): void {
-    this.#inboundEnd = how;
+  endBody(ending: "end" | "abort"): void {
+    this.#inboundEnd = ending;
     if (!this.#pumping) this.#pump();
   }
 
@@ -103,6 +111,7 @@ class DaemonRequest implements ResponseSink {
     const ring = this.ring;
     if (!ring) return;
     this.#pumping = true;
+    let credit = 0;
     while (this.#inbound.length > 0) {
       const chunk = this.#inbound.shift()!;
       if (!(await ring.write(chunk))) {
@@ -110,8 +119,15 @@ class DaemonRequest implements ResponseSink {
         this.#inbound = [];
         break;
       }
-      this.#daemon.send(Frame.BODY_CREDIT, this.id, encodeUint32(chunk.length));
+      credit += chunk.length;
+      // Credit goes back in batches, and whenever no received bytes wait here,
+      // so the front never waits for credit that this loop holds back.
+      if (credit >= BODY_CREDIT_BATCH || this.#inbound.length === 0) {
+        this.#daemon.send(Frame.BODY_CREDIT, this.id, encodeUint32(credit));
+        credit = 0;
+      }
     }
+    if (credit > 0) this.#daemon.send(Frame.BODY_CREDIT, this.id, encodeUint32(credit));
     this.#pumping = false;
     if (this.#inbound.length > 0) return this.#pump();
     if (this.#inboundEnd === "end") ring.end();
@@ -158,7 +174,7 @@ class DaemonRequest implements ResponseSink {
     });
   }
 
-  /** The client has taken `bytes` more of the response. */
+  /** Releases `bytes` of the response window, which the client has taken. */
   credit(bytes: number): void {
     const chunkShare = Math.min(bytes, this.#chunkBytesInFlight);
     this.#chunkBytesInFlight -= chunkShare;
@@ -169,7 +185,7 @@ class DaemonRequest implements ResponseSink {
     wake?.();
   }
 
-  /** The client has gone: stop the application, or drop the request if it has not run. */
+  /** Stops the application because the client has gone, or drops the request if it has not run. */
   cancel(): void {
     this.job.abandoned = true;
     this.control.cancel();
@@ -245,6 +261,7 @@ class Daemon {
   #requests = new Map<number, DaemonRequest>();
   #stop: (cause: StopCause) => void;
   #readySent = false;
+  #draining = false;
 
   constructor(config: DaemonConfig, writer: FrameWriter, stop: (cause: StopCause) => void) {
     this.config = config;
@@ -332,6 +349,10 @@ class Daemon {
   }
 
   #startRequest(id: number, payload: Uint8Array<ArrayBuffer>): void {
+    if (this.#draining) {
+      this.send(Frame.RETURNED, id);
+      return;
+    }
     const decoded = decodeRequest(payload);
     const body = decoded.bodyMode === BodyMode.WHOLE ? decoded.body : null;
     const request = new DaemonRequest(id, this, decoded.method, decoded.environ, body);
@@ -348,11 +369,58 @@ class Daemon {
   stop(): void {
     this.pool.stop();
   }
+
+  /**
+   * Returns the requests that have not started to the front, sends DRAINING
+   * so that it sends no more, and resolves when the running ones are done.
+   */
+  async drain(): Promise<void> {
+    this.#draining = true;
+    for (const [id, request] of this.#requests) {
+      if (request.job.running) continue;
+      // Abandoned jobs are skipped by the pool, so none of these starts after this point.
+      request.job.abandoned = true;
+      request.ring?.closeReader();
+      this.#requests.delete(id);
+      this.send(Frame.RETURNED, id);
+    }
+    this.send(Frame.DRAINING, 0);
+    this.logger.info(`SIGTERM: finishing ${this.#requests.size} running requests, then stopping`);
+    while (this.#requests.size > 0) await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+/**
+ * Standard output as a stream of synchronous writes. An asynchronous write
+ * to standard output goes through Deno's thread pool, which delayed small
+ * frames by milliseconds on a busy two-core machine. The front reads the
+ * pipe continuously, so a synchronous write blocks only while a large frame
+ * drains.
+ */
+function synchronousStdout(): WritableStream<Uint8Array> {
+  return new WritableStream<Uint8Array>({
+    write(bytes) {
+      let offset = 0;
+      while (offset < bytes.length) offset += Deno.stdout.writeSync(bytes.subarray(offset));
+    },
+  });
 }
 
 /** Ignores the signals the front handles for the whole server. */
 function ignoreForwardedSignals(): void {
   for (const signal of ["SIGINT", "SIGHUP"] as const) Deno.addSignalListener(signal, () => {});
+}
+
+/**
+ * Returns why Pyodide's npm package cannot be found, or undefined when it can.
+ * Without a node_modules folder the package comes from Deno's npm cache,
+ * and a daemon running as another user has a cache of its own.
+ */
+function missingPyodide(python: PythonVersion): string | undefined {
+  const specifier = PYODIDE_SPECIFIER[python];
+  if (import.meta.resolve(specifier).startsWith("file:")) return undefined;
+  return `${specifier} is not in a node_modules folder or Deno cache this process can read; ` +
+    "start wsgirun from a folder with deno.json and node_modules that the group's user can read";
 }
 
 /** Reads the CONFIGURE frame, which the front sends before anything else. */
@@ -370,14 +438,15 @@ function readConfig(stream: ReadableStream<Uint8Array<ArrayBuffer>>, onFrame: (t
   return { config: promise, done };
 }
 
-/** Runs the daemon process until it is told to stop; returns the exit status. */
+/** Runs the daemon process until its input closes or it has drained; returns the exit status. */
 export async function runDaemon(): Promise<number> {
   ignoreForwardedSignals();
   const stopped = Promise.withResolvers<StopCause>();
-  // Signal handlers only record the signal; the main flow below acts on it.
-  Deno.addSignalListener("SIGTERM", () => stopped.resolve({ kind: "signal", signal: "SIGTERM" }));
+  // The signal handler only records the signal; the main flow below acts on it.
+  const terminated = Promise.withResolvers<void>();
+  Deno.addSignalListener("SIGTERM", () => terminated.resolve());
 
-  const writer = new FrameWriter(Deno.stdout.writable, () => stopped.resolve({ kind: "input closed" }));
+  const writer = new FrameWriter(synchronousStdout(), () => stopped.resolve({ kind: "input closed" }));
   let daemon: Daemon | undefined;
   const input = readConfig(Deno.stdin.readable, (type, id, payload) => daemon?.onFrame(type, id, payload));
   input.done.then(() => stopped.resolve({ kind: "input closed" }));
@@ -389,17 +458,25 @@ export async function runDaemon(): Promise<number> {
   }
   const logger = new Logger(config.logLevel, { group: config.group, pid: Deno.pid });
   if (Deno.uid() === 0) {
-    logger.critical("daemon process refuses to run as root; give the group user=NAME");
+    logger.critical("daemon process stopped: it runs as root, which a daemon never does; give the group user=NAME");
     return DaemonExit.REFUSED_ROOT;
   }
 
-  daemon = new Daemon(config, writer, (cause) => stopped.resolve(cause));
-  daemon.start();
+  const missing = missingPyodide(config.app.python);
+  if (missing) {
+    logger.critical(`cannot start: ${missing}`);
+    return DaemonExit.BOOT_FAILED;
+  }
+
+  const running = new Daemon(config, writer, (cause) => stopped.resolve(cause));
+  daemon = running;
+  running.start();
   logger.debug(`daemon process started for ${config.app.name}`);
+  terminated.promise.then(() => running.drain()).then(() => stopped.resolve({ kind: "drained" }));
 
   const cause = await stopped.promise;
-  daemon.stop();
+  running.stop();
   if (cause.kind === "exit") return cause.code;
-  logger.debug(cause.kind === "signal" ? `stopping on ${cause.signal}` : "stopping: the front closed the channel");
+  logger.debug(cause.kind === "drained" ? "stopping: drained after SIGTERM" : "stopping: the front closed the channel");
   return DaemonExit.OK;
 }

@@ -19,6 +19,7 @@ import {
   encodeUint32,
   Frame,
   FrameWriter,
+  FrameError,
   MAX_BODY_FRAME,
   readFrames,
 } from "./daemon_protocol.ts";
@@ -26,13 +27,13 @@ import type { Logger } from "./log.ts";
 
 export type DaemonProcessState = "starting" | "ready" | "retiring" | "exited";
 
-/** How a daemon process ended, decoded from its exit status. */
+/** The end of a daemon process, decoded from its exit status. */
 export interface ProcessExit {
   code: number;
   signal: Deno.Signal | null;
   /** The cause in words, such as "was killed by signal SIGKILL". */
   reason: string;
-  /** Whether the exit status says the process could not start at all. */
+  /** Whether the exit status means that the process could not start at all. */
   bootFailure: boolean;
 }
 
@@ -45,6 +46,10 @@ export interface DaemonProcessOptions {
   onReady(process: DaemonProcess): void;
   onExit(process: DaemonProcess, exit: ProcessExit): void;
   onRequestDone(process: DaemonProcess): void;
+  /** The process announced that it drains after SIGTERM. */
+  onDraining(process: DaemonProcess): void;
+  /** The process gave back a request it did not start. */
+  onReturned(handle: DaemonRequestHandle): void;
 }
 
 /** Decodes a child's exit status into words, using the daemon's named exit codes. */
@@ -79,6 +84,8 @@ export class DaemonRequestHandle implements RequestHandle {
   /** Frame id on the current process. */
   id = 0;
   running = false;
+  /** Whether the daemon sent the response's status and headers. */
+  responseStarted = false;
   cancelled = false;
   finished = false;
   #onCancelQueued: (handle: DaemonRequestHandle) => void;
@@ -110,8 +117,10 @@ export class DaemonRequestHandle implements RequestHandle {
     this.#stopBody();
   }
 
-  /** The daemon runs the request: start streaming its body, if it has one. */
+  /** Marks the request as handed to an isolate and starts streaming its body, if it has one. */
   markRunning(logger: Logger): void {
+    // A request handed to one isolate and then moved to a free one is reported twice.
+    if (this.running) return;
     this.running = true;
     const body = this.request.body;
     if (body instanceof ReadableStream && this.process) this.#pumpBody(body, this.process, this.id, logger);
@@ -122,7 +131,7 @@ export class DaemonRequestHandle implements RequestHandle {
     this.#wake();
   }
 
-  /** The response has ended, or the process is gone. */
+  /** Ends the handle's work because the response has ended or the process is gone. */
   finish(): void {
     this.finished = true;
     this.#stopBody();
@@ -144,7 +153,16 @@ export class DaemonRequestHandle implements RequestHandle {
     return this.finished || this.cancelled || process.state === "exited" || this.#bodyReader === null;
   }
 
-  /** Sends the client's body in frames, at most BODY_WINDOW bytes ahead of the daemon. */
+  /**
+   * Sends the client's body in frames, at most BODY_WINDOW bytes ahead of the daemon.
+   *
+   * NOTE: Deno 2.9.6's server slows down when a handler reads a fast upload
+   * in steps that wait for other I/O, as this loop waits for credit. A
+   * chunked body sent in 32-64 KiB pieces (Deno's fetch, Python's
+   * http.client) then moved at 5-25 MB/s, and the server's memory grew while
+   * it lasted. A body with a Content-Length sent in large writes (curl)
+   * moved at over 200 MB/s. Reading ahead into a bounded queue did not help.
+   */
   async #pumpBody(body: ReadableStream<Uint8Array>, process: DaemonProcess, id: number, logger: Logger) {
     const reader = body.getReader();
     this.#bodyReader = reader;
@@ -186,10 +204,12 @@ export class DaemonProcess {
   served = 0;
   /** performance.now() by which a retiring process must have finished its requests. */
   retireDeadline = 0;
-  /** performance.now() when SIGTERM was sent, if it was. */
-  terminatedAt: number | undefined;
-  /** Why the front stopped the process on purpose, for the requests that fail with it. */
+  /** Whether the front has sent SIGKILL. */
+  killed = false;
+  /** The front's reason for stopping the process on purpose, for the requests that fail with it. */
   stopReason: string | undefined;
+  /** Whether that stop is part of normal operation (shutdown, reload, drain), not a failure. */
+  stopPlanned = false;
   /** Resolves when the child has exited and its requests have been settled. */
   readonly exited: Promise<ProcessExit>;
   #child: Deno.ChildProcess;
@@ -215,6 +235,9 @@ export class DaemonProcess {
       stdout: "piped",
       // The daemon writes its own log lines to the server's standard error.
       stderr: "inherit",
+      // Its own session: a terminal's Ctrl-C or a signal to the server's
+      // process group reaches the front only, which stops the daemons in order.
+      detached: true,
     });
     this.#child = command.spawn();
     this.pid = this.#child.pid;
@@ -224,7 +247,7 @@ export class DaemonProcess {
     });
     this.#writer.send(Frame.CONFIGURE, 0, encodeJson(options.config));
     const frames = readFrames(this.#child.stdout, (type, id, payload) => this.#receive(type, id, payload))
-      .catch((error) => this.#logger.debug(`channel from the daemon process closed: ${error}`));
+      .catch((error) => this.#onChannelError(error));
     this.exited = Promise.all([this.#child.status, frames]).then(([status]) => this.#onExit(status));
   }
 
@@ -270,7 +293,7 @@ export class DaemonProcess {
 
   /** Sends a signal; a process that has already exited is left alone. */
   kill(signal: Deno.Signal): void {
-    if (signal === "SIGTERM") this.terminatedAt ??= performance.now();
+    if (signal === "SIGKILL") this.killed = true;
     try {
       this.#child.kill(signal);
     } catch {
@@ -295,6 +318,14 @@ export class DaemonProcess {
       this.#onReady();
       return;
     }
+    if (type === Frame.DRAINING) {
+      this.#onDraining();
+      return;
+    }
+    if (type === Frame.RETURNED) {
+      this.#onReturned(id);
+      return;
+    }
     const handle = this.#requests.get(id);
     if (!handle) return;
     const sink = handle.request.sink;
@@ -305,6 +336,7 @@ export class DaemonProcess {
         return;
       case Frame.START: {
         const start = decodeStart(payload);
+        handle.responseStarted = true;
         sink.start({ type: "start", requestId, ...start });
         if (start.complete) this.#finish(id, handle);
         return;
@@ -314,8 +346,13 @@ export class DaemonProcess {
         return;
       case Frame.END: {
         const error = payload.length ? decodeText(payload) : undefined;
-        sink.end({ type: "end", requestId, error });
         this.#finish(id, handle);
+        if (handle.responseStarted) {
+          sink.end({ type: "end", requestId, error });
+        } else {
+          // The isolate failed before the application started its response.
+          sink.fail(502, `daemon process ${this.pid}: ${error ?? "the response ended before it started"}`);
+        }
         return;
       }
       case Frame.FAIL: {
@@ -335,6 +372,41 @@ export class DaemonProcess {
     this.state = "ready";
     this.readyAt = performance.now();
     this.#options.onReady(this);
+  }
+
+  /**
+   * Kills a process whose output is no longer a frame stream; nothing more
+   * from it can be trusted. A channel that closes because the process
+   * exited only needs a debug line.
+   */
+  #onChannelError(error: unknown): void {
+    if (!(error instanceof FrameError)) {
+      this.#logger.debug(`channel from the daemon process closed: ${error}`);
+      return;
+    }
+    this.#logger.error(`daemon process wrote an ${error.message} to its channel; killing it`);
+    this.stopReason = `was killed after it wrote an ${error.message}`;
+    this.stopPlanned = false;
+    this.kill("SIGKILL");
+  }
+
+  /** The daemon gave back a request it did not start: another process takes it. */
+  #onReturned(id: number): void {
+    const handle = this.#requests.get(id);
+    if (!handle || handle.running) return;
+    this.#requests.delete(id);
+    handle.process = null;
+    this.#options.onReturned(handle);
+  }
+
+  /** The daemon got SIGTERM from outside the front: send it nothing more, let it finish. */
+  #onDraining(): void {
+    if (this.state === "exited" || this.state === "retiring") return;
+    this.#logger.warning(`daemon process received SIGTERM; it finishes ${this.outstanding} requests and stops`);
+    this.stopReason = "stopped after SIGTERM";
+    this.stopPlanned = true;
+    this.state = "retiring";
+    this.#options.onDraining(this);
   }
 
   #finish(id: number, handle: DaemonRequestHandle): void {

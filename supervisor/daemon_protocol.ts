@@ -52,7 +52,11 @@ export const Frame = {
 
   /** JSON ReadyInfo: the process can serve. */
   READY: 20,
-  /** An isolate took the request; its body may flow now. */
+  /**
+   * The request was handed to an isolate, which runs it now or right after
+   * its current one. Its body may flow now, and if the process dies the
+   * request fails instead of going to another process.
+   */
   RUNNING: 21,
   /** Status and headers: see encodeStart. */
   START: 22,
@@ -64,6 +68,10 @@ export const Frame = {
   FAIL: 25,
   /** u32: the daemon has taken this many more request body bytes. */
   BODY_CREDIT: 26,
+  /** The daemon received SIGTERM: it finishes its running requests and takes no more. */
+  DRAINING: 27,
+  /** The daemon gives back a request it has not started (it is draining); send it elsewhere. */
+  RETURNED: 28,
 } as const;
 
 /** Request body bytes the front may send before the daemon acknowledges them. */
@@ -75,7 +83,7 @@ const HEADER_BYTES = 9;
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
-/** What the front tells a new daemon process in its CONFIGURE frame. */
+/** Settings the front sends a new daemon process in its CONFIGURE frame. */
 export interface DaemonConfig {
   group: string;
   displayName: string;
@@ -94,9 +102,21 @@ export interface DaemonConfig {
   responseWindow: number;
 }
 
-/** What a daemon reports in its READY frame. */
+/** Contents of a daemon's READY frame. */
 export interface ReadyInfo {
   pid: number;
+}
+
+/** Payloads of this size or more are written without copying them into a frame. */
+const LARGE_PAYLOAD = 16 * 1024;
+
+function encodeFrameHeader(type: number, id: number, length: number): Uint8Array {
+  const header = new Uint8Array(HEADER_BYTES);
+  const view = new DataView(header.buffer);
+  view.setUint8(0, type);
+  view.setUint32(1, id, true);
+  view.setUint32(5, length, true);
+  return header;
 }
 
 /** Encodes one frame. */
@@ -137,7 +157,7 @@ export function decodeUint32(payload: Uint8Array): number {
   return new DataView(payload.buffer, payload.byteOffset, payload.byteLength).getUint32(0, true);
 }
 
-/** How a REQUEST frame carries its body. */
+/** Ways a REQUEST frame carries its body. */
 export const BodyMode = {
   /** The whole body follows the environ in the REQUEST frame. */
   WHOLE: 0,
@@ -234,10 +254,25 @@ export function decodeFail(payload: Uint8Array): { status: number; reason: strin
 
 export type FrameHandler = (type: number, id: number, payload: Uint8Array<ArrayBuffer>) => void;
 
+/** The largest payload a valid frame has: a complete response body sent in its START frame. */
+const MAX_PAYLOAD_BYTES = 1024 * 1024 * 1024;
+const FRAME_TYPES = new Set<number>(Object.values(Frame));
+
+/** A frame header that no wsgirun process writes: the stream carries something else. */
+export class FrameError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "FrameError";
+  }
+}
+
 /**
  * Reads frames from `stream` and calls `onFrame` for each, in order, until
  * the stream ends. A payload that arrived in one read is a view of that
  * read's buffer, which the stream never reuses.
+ *
+ * @throws {FrameError} A header has an unknown type or an impossible length,
+ *   for example because something else wrote to the daemon's standard output.
  */
 export async function readFrames(stream: ReadableStream<Uint8Array<ArrayBuffer>>, onFrame: FrameHandler): Promise<void> {
   const header = new Uint8Array(HEADER_BYTES);
@@ -262,6 +297,9 @@ export async function readFrames(stream: ReadableStream<Uint8Array<ArrayBuffer>>
         type = headerView.getUint8(0);
         id = headerView.getUint32(1, true);
         const length = headerView.getUint32(5, true);
+        if (!FRAME_TYPES.has(type) || length > MAX_PAYLOAD_BYTES) {
+          throw new FrameError(`invalid frame header (type ${type}, ${length} bytes)`);
+        }
         if (chunk.length - offset >= length) {
           // The whole payload is in this read: hand out a view, no copy.
           onFrame(type, id, chunk.subarray(offset, offset + length));
@@ -308,9 +346,15 @@ export class FrameWriter {
 
   send(type: number, id: number, payload?: Uint8Array): void {
     if (this.#closed) return;
-    const frame = encodeFrame(type, id, payload);
-    this.#pending.push(frame);
-    this.#pendingBytes += frame.length;
+    if (payload && payload.length >= LARGE_PAYLOAD) {
+      // A large payload goes out as its own write, without a copy.
+      this.#pending.push(encodeFrameHeader(type, id, payload.length), payload);
+      this.#pendingBytes += HEADER_BYTES + payload.length;
+    } else {
+      const frame = encodeFrame(type, id, payload);
+      this.#pending.push(frame);
+      this.#pendingBytes += frame.length;
+    }
     if (!this.#writing) {
       this.#writing = true;
       queueMicrotask(() => this.#flush());
@@ -324,7 +368,7 @@ export class FrameWriter {
         const total = this.#pendingBytes;
         this.#pending = [];
         this.#pendingBytes = 0;
-        await this.#writer.write(frames.length === 1 ? frames[0] : concat(frames, total));
+        for (const batch of batches(frames)) await this.#writer.write(batch);
       }
     } catch (error) {
       this.#closed = true;
@@ -347,6 +391,24 @@ export class FrameWriter {
       // The reader has already gone; nothing is left to close.
     }
   }
+}
+
+/** Joins runs of small frames into one buffer; large payloads stay separate. */
+function* batches(parts: Uint8Array[]): Generator<Uint8Array> {
+  let run: Uint8Array[] = [];
+  let runBytes = 0;
+  for (const part of parts) {
+    if (part.length >= LARGE_PAYLOAD) {
+      if (run.length) yield run.length === 1 ? run[0] : concat(run, runBytes);
+      run = [];
+      runBytes = 0;
+      yield part;
+      continue;
+    }
+    run.push(part);
+    runBytes += part.length;
+  }
+  if (run.length) yield run.length === 1 ? run[0] : concat(run, runBytes);
 }
 
 function concat(parts: Uint8Array[], total: number): Uint8Array {

@@ -215,8 +215,8 @@ export function defaultGroupSpec(name: string): DaemonGroupSpec {
     inactivityTimeoutMs: 60_000,
     requestTimeoutMs: 60_000,
     queueTimeoutMs: 45_000,
-    // mod_wsgi-express uses 15 s; a cold Pyodide start takes 2-7 s on two
-    // busy cores, and several processes of a server start at the same time.
+    // mod_wsgi-express uses 15 s. A cold Pyodide start took 2-7 s on two busy
+    // cores here, and several processes of a server start at the same time.
     startupTimeoutMs: 30_000,
     gracefulTimeoutMs: 15_000,
     shutdownTimeoutMs: 5_000,
@@ -274,8 +274,8 @@ export function parseDaemonSpec(text: string, cwd: string): DaemonGroupSpec {
 
 /**
  * Returns the application as the group runs it: the group's Python version,
- * its python-path after the script's own path, and its home, environment
- * and permissions.
+ * its python-path after the script's own path, its home and environment,
+ * and the server's --allow-net and --write grants plus the group's own.
  */
 export function groupAppSpec(app: AppSpec, group: DaemonGroupSpec): AppSpec {
   const spec: AppSpec = {
@@ -283,8 +283,8 @@ export function groupAppSpec(app: AppSpec, group: DaemonGroupSpec): AppSpec {
     python: group.python ?? app.python,
     pythonPath: [...new Set([...app.pythonPath, ...group.pythonPath])],
     environment: { ...group.environment },
-    writePaths: [...group.allowWrite],
-    allowNet: [...group.allowNet],
+    writePaths: [...new Set([...(app.writePaths ?? []), ...group.allowWrite])],
+    allowNet: [...new Set([...(app.allowNet ?? []), ...group.allowNet])],
   };
   if (group.home !== undefined) spec.home = group.home;
   return spec;

@@ -14,7 +14,7 @@ import { BodyRing, RequestControl } from "../wasm/channel.ts";
 /** Capacity of the ring a streamed body passes through (a power of two). */
 const BODY_RING_BYTES = 256 * 1024;
 
-/** Copies the client's body into the ring until it ends, fails or nobody reads. */
+/** Copies the client's body into the ring until it ends, fails or the reader has gone. */
 async function pumpBody(body: ReadableStream<Uint8Array>, ring: BodyRing, logger: Logger) {
   const reader = body.getReader();
   try {

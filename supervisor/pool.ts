@@ -202,7 +202,10 @@ export class IsolatePool {
     // pool below its maximum keeps one spare isolate started: the next
     // request that finds every isolate busy is served at once.
     const spareWanted = idle === 0 && starting === 0 && this.#options.minSize < this.#options.size;
-    if (this.#queue.length > starting || spareWanted) this.#spawn();
+    // One isolate starts at a time: with 2 processes x 15 threads under load,
+    // 30 snapshot restores at once took the two cores from the requests
+    // (under 50 requests/s while the pools grew).
+    if ((this.#queue.length > 0 && starting === 0) || spareWanted) this.#spawn();
   }
 
   /** Returns an idle isolate, else one that can take a request behind its running one. */

@@ -1,0 +1,738 @@
+/**
+ * Daemon mode: process groups started with --daemon, tested with real
+ * processes, real signals and real HTTP over loopback.
+ *
+ * The tests run as root, so every group runs as the user nobody, which also
+ * checks that a daemon with dropped privileges can load the program,
+ * Pyodide and its snapshots.
+ *
+ * One server runs most cases as steps, because each start loads Pyodide:
+ * - SCRIPT (a copy of fixtures/daemon_site, so touching it changes no
+ *   repository file) in group "site": 2 processes, Python 3.14;
+ * - fixtures/daemon_other at /other in group "other": Python 3.12;
+ * - the same file at /embedded, embedded in the server process.
+ * The 1 GiB transfer of the benchmark is 256 MiB here, so the suite stays
+ * within a few minutes on two cores.
+ */
+
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { parseCommandLine, UsageError } from "../runtime/cli.ts";
+import type { ServerOptions } from "../runtime/options.ts";
+import { DaemonConfigError, resolveIdentity } from "../supervisor/daemon_command.ts";
+import {
+  decodeRequest,
+  decodeStart,
+  encodeFrame,
+  encodeRequest,
+  encodeStart,
+  Frame,
+  readFrames,
+} from "../supervisor/daemon_protocol.ts";
+import { DaemonSpecError, defaultGroupSpec, parseDaemonSpec } from "../supervisor/daemon_spec.ts";
+import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
+
+const SITE_FIXTURE = repoPath("tests/fixtures/daemon_site");
+const OTHER_SCRIPT = repoPath("tests/fixtures/daemon_other/app.wsgi");
+const BROKEN_SCRIPT = repoPath("tests/fixtures/daemon_broken/app.wsgi");
+const HOME_DIR = repoPath("tests/fixtures/daemon_home");
+const NOBODY = 65534;
+const MiB = 1024 * 1024;
+const TRANSFER_BYTES = 256 * MiB;
+/** Growth of a process's resident memory that a streamed transfer may cause. */
+const RSS_GROWTH_LIMIT = 64 * MiB;
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+/** Copies a fixture folder to a temporary folder that the user nobody can read. */
+async function copyFixture(source: string): Promise<string> {
+  const folder = await Deno.realPath(await Deno.makeTempDir({ prefix: "wsgirun_daemon_test_" }));
+  await Deno.chmod(folder, 0o755);
+  for await (const entry of Deno.readDir(source)) {
+    if (entry.isFile) await Deno.copyFile(join(source, entry.name), join(folder, entry.name));
+  }
+  return folder;
+}
+
+/** Returns the pids of the server's daemon processes, read from /proc. */
+function daemonPids(server: TestServer): number[] {
+  const pids: number[] = [];
+  for (const entry of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(entry.name)) continue;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${entry.name}/stat`);
+      const parent = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      if (parent !== server.process.pid) continue;
+      const commandLine = Deno.readTextFileSync(`/proc/${entry.name}/cmdline`);
+      if (commandLine.includes("__wsgirun_daemon")) pids.push(Number(entry.name));
+    } catch {
+      // The process exited while it was being read.
+    }
+  }
+  return pids;
+}
+
+/** Returns the daemon pid that served a request, from its id "GROUP-PID-N". */
+function servingPid(requestId: string): number {
+  return Number(requestId.split("-")[1]);
+}
+
+function statusField(pid: number, field: string): string {
+  const line = Deno.readTextFileSync(`/proc/${pid}/status`).split("\n").find((l) => l.startsWith(field + ":"));
+  return line?.slice(field.length + 1).trim() ?? "";
+}
+
+/** Returns the resident memory of a process in bytes, or 0 once it has exited. */
+function residentBytes(pid: number): number {
+  try {
+    return Number(statusField(pid, "VmRSS").split(/\s+/)[0]) * 1024;
+  } catch {
+    return 0;
+  }
+}
+
+/** Returns the front's pid and the pids of the group "site", which serve the transfers. */
+function transferPids(server: TestServer): number[] {
+  const site = daemonPids(server).filter((pid) => Deno.readTextFileSync(`/proc/${pid}/cmdline`).includes("(wsgi:site)"));
+  return [server.process.pid, ...site];
+}
+
+function countMatches(text: string, pattern: RegExp): number {
+  return text.match(new RegExp(pattern.source, "g"))?.length ?? 0;
+}
+
+/** Waits until `pattern` appears `count` times in the server log after `from`. */
+async function waitForCount(server: TestServer, pattern: RegExp, count: number, from = 0, timeoutMs = 60_000) {
+  const deadline = Date.now() + timeoutMs;
+  while (countMatches(server.log().slice(from), pattern) < count) {
+    if (Date.now() > deadline) {
+      throw new Error(`fewer than ${count} log lines matching ${pattern} within ${timeoutMs} ms:\n${server.log().slice(from)}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+interface LoadResult {
+  ok: number;
+  failures: { status: number; body: string }[];
+  /** Request ids of the successful responses, in completion order. */
+  servedBy: string[];
+}
+
+/** Sends requests from `concurrency` loops until `stop` resolves. */
+async function runLoad(url: string, concurrency: number, stop: Promise<void>): Promise<LoadResult> {
+  let stopped = false;
+  stop.then(() => (stopped = true));
+  const result: LoadResult = { ok: 0, failures: [], servedBy: [] };
+  const loop = async () => {
+    while (!stopped) {
+      const response = await fetch(url);
+      const body = await response.text();
+      if (response.status === 200) {
+        result.ok += 1;
+        result.servedBy.push(body.trim());
+      } else {
+        result.failures.push({ status: response.status, body });
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: concurrency }, loop));
+  return result;
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+async function getText(url: string): Promise<{ status: number; body: string }> {
+  const response = await fetch(url);
+  return { status: response.status, body: await response.text() };
+}
+
+/**
+ * POSTs `size` generated bytes with a Content-Length in 1 MiB writes, as
+ * curl does, and returns the response body. (Deno's fetch would send a
+ * stream body chunked in small pieces; see the NOTE in daemon_process.ts.)
+ */
+async function uploadGenerated(port: number, path: string, size: number): Promise<string> {
+  const connection = await Deno.connect({ hostname: "127.0.0.1", port });
+  const head = `POST ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: ${size}\r\nConnection: close\r\n\r\n`;
+  await connection.write(new TextEncoder().encode(head));
+  const piece = new Uint8Array(MiB).fill(0x61);
+  for (let sent = 0; sent < size; sent += piece.length) {
+    const part = piece.subarray(0, Math.min(piece.length, size - sent));
+    for (let offset = 0; offset < part.length;) offset += await connection.write(part.subarray(offset));
+  }
+  const response = new TextDecoder().decode(await new Response(connection.readable).arrayBuffer());
+  return response.slice(response.indexOf("\r\n\r\n") + 4);
+}
+
+/** Samples the resident memory of `pids` every 100 ms until `done` settles; returns each maximum. */
+async function peakResident(pids: number[], done: Promise<unknown>): Promise<number[]> {
+  const peaks = pids.map(residentBytes);
+  let finished = false;
+  done.finally(() => (finished = true));
+  while (!finished) {
+    pids.forEach((pid, index) => (peaks[index] = Math.max(peaks[index], residentBytes(pid))));
+    await delay(100);
+  }
+  return peaks;
+}
+
+function usageError(args: string[], cwd: string): string {
+  try {
+    parseCommandLine(args, { cwd, cpus: 2 });
+  } catch (error) {
+    if (error instanceof UsageError) return error.message;
+    throw error;
+  }
+  assert.fail(`expected a UsageError for ${args.join(" ")}`);
+}
+
+function serveOptions(args: string[], cwd: string): ServerOptions {
+  const result = parseCommandLine(args, { cwd, cpus: 2 });
+  if (result.kind !== "serve") throw new Error(`expected serve options for ${args.join(" ")}`);
+  return result.options;
+}
+
+// ---------------------------------------------------------------------------
+// Group definitions
+
+Deno.test("parseDaemonSpec defaults", () => {
+  const spec = parseDaemonSpec("group=site1", "/");
+
+  assert.deepEqual(spec, defaultGroupSpec("site1"));
+  assert.equal(spec.processes, 1);
+  assert.equal(spec.threads, 15);
+  assert.equal(spec.displayName, "(wsgi:site1)");
+  assert.equal(spec.queueTimeoutMs, 45_000);
+  assert.equal(spec.requestTimeoutMs, 60_000);
+  assert.equal(spec.gracefulTimeoutMs, 15_000);
+  assert.equal(spec.shutdownTimeoutMs, 5_000);
+});
+
+Deno.test("parseDaemonSpec every key", () => {
+  const spec = parseDaemonSpec(
+    "group=site1,processes=2,threads=4,user=nobody,group=nogroup,home=.,python-path=.,python=3.12," +
+      "display-name=%{GROUP}-x,maximum-requests=100,restart-interval=3600,inactivity-timeout=2.5," +
+      "request-timeout=30,queue-timeout=10,startup-timeout=20,graceful-timeout=7,shutdown-timeout=3," +
+      "env=A=1,env=B=x=y,allow-net=127.0.0.1:5432,allow-net=[::1]:80,allow-write=.",
+    HOME_DIR,
+  );
+
+  assert.equal(spec.name, "site1");
+  assert.equal(spec.processes, 2);
+  assert.equal(spec.threads, 4);
+  assert.equal(spec.user, "nobody");
+  assert.equal(spec.group, "nogroup");
+  assert.equal(spec.home, HOME_DIR);
+  assert.deepEqual(spec.pythonPath, [HOME_DIR]);
+  assert.equal(spec.python, "3.12");
+  assert.equal(spec.displayName, "(wsgi:site1)-x");
+  assert.equal(spec.maximumRequests, 100);
+  assert.equal(spec.restartIntervalMs, 3_600_000);
+  assert.equal(spec.inactivityTimeoutMs, 2_500);
+  assert.equal(spec.requestTimeoutMs, 30_000);
+  assert.equal(spec.queueTimeoutMs, 10_000);
+  assert.equal(spec.startupTimeoutMs, 20_000);
+  assert.equal(spec.gracefulTimeoutMs, 7_000);
+  assert.equal(spec.shutdownTimeoutMs, 3_000);
+  assert.deepEqual(spec.environment, { A: "1", B: "x=y" });
+  assert.deepEqual(spec.allowNet, ["127.0.0.1:5432", "[::1]:80"]);
+  assert.deepEqual(spec.allowWrite, [HOME_DIR]);
+});
+
+Deno.test("parseDaemonSpec bare group name", () => {
+  const spec = parseDaemonSpec("site1,processes=3", "/");
+
+  assert.equal(spec.name, "site1");
+  assert.equal(spec.processes, 3);
+  assert.equal(spec.group, undefined);
+});
+
+Deno.test("parseDaemonSpec rejects invalid input", () => {
+  const cases: [string, RegExp][] = [
+    ["processes=2", /first item must name the group as group=NAME, not 'processes=2'/],
+    ["group=-x", /invalid group name '-x'/],
+    ["group=a,colour=red", /unknown key 'colour' \(accepted keys: processes, threads, /],
+    ["group=a,threads=0", /invalid value for threads: '0' \(expected an integer from 1 to 256\)/],
+    ["group=a,threads=2,threads=3", /key 'threads' is given twice/],
+    ["group=a,processes=x", /invalid value for processes: 'x'/],
+    ["group=a,python=3.11", /invalid value for python: '3.11' \(expected 3.12 or 3.14\)/],
+    ["group=a,queue-timeout=1m", /invalid value for queue-timeout: '1m' \(expected seconds from 0/],
+    ["group=a,env=1A=2", /invalid value for env: '1A=2' \(expected NAME=VALUE/],
+    ["group=a,allow-net=host:99999", /invalid value for allow-net: 'host:99999'/],
+    ["group=a,home=/no/such/folder", /invalid value for home: '\/no\/such\/folder' \(expected an existing directory/],
+    ["group=a,user=x y", /invalid value for user: 'x y'/],
+    ["group=a,threads", /invalid item 'threads' \(expected key=value/],
+  ];
+  for (const [text, pattern] of cases) {
+    assert.throws(() => parseDaemonSpec(text, "/"), (error: Error) => {
+      assert.ok(error instanceof DaemonSpecError, text);
+      assert.match(error.message, pattern, text);
+      return true;
+    });
+  }
+});
+
+// ---------------------------------------------------------------------------
+// Mounts and groups on the command line
+
+Deno.test("parseCommandLine one group takes the script", () => {
+  const options = serveOptions([OTHER_SCRIPT, "--daemon", "group=site1,user=nobody"], "/");
+
+  assert.equal(options.processGroup, "site1");
+  assert.equal(options.daemonGroups.length, 1);
+  assert.deepEqual(options.mounts, []);
+});
+
+Deno.test("parseCommandLine mounts mixed", () => {
+  const options = serveOptions([
+    OTHER_SCRIPT,
+    "--daemon",
+    "group=a,user=nobody",
+    "--daemon",
+    "group=b,user=nobody,python=3.12",
+    "--process-group",
+    "a",
+    "--mount",
+    "/b",
+    `${BROKEN_SCRIPT}:process-group=b`,
+    "--mount",
+    "/embedded/",
+    OTHER_SCRIPT,
+  ], "/");
+
+  assert.equal(options.processGroup, "a");
+  assert.equal(options.mounts.length, 2);
+  assert.equal(options.mounts[0].mountPoint, "/b");
+  assert.equal(options.mounts[0].processGroup, "b");
+  assert.equal(options.mounts[0].app.scriptPath, BROKEN_SCRIPT);
+  assert.equal(options.mounts[1].mountPoint, "/embedded");
+  assert.equal(options.mounts[1].processGroup, undefined);
+});
+
+Deno.test("parseCommandLine rejects group mistakes", () => {
+  const daemon = ["--daemon", "group=a,user=nobody"];
+  assert.match(
+    usageError([OTHER_SCRIPT, "--daemon", "group=a,threads=x"], "/"),
+    /^invalid --daemon 'group=a,threads=x': invalid value for threads: 'x'/,
+  );
+  assert.match(
+    usageError([OTHER_SCRIPT, ...daemon, "--process-group", "b"], "/"),
+    /process group 'b' is not defined \(define it with --daemon group=b,\.\.\.; defined groups: a\)/,
+  );
+  assert.match(
+    usageError([OTHER_SCRIPT, ...daemon, "--mount", "/x", BROKEN_SCRIPT], "/"),
+    /group 'a' is not used by any mount/,
+  );
+  assert.match(
+    usageError([OTHER_SCRIPT, ...daemon, "--process-group", "a", "--mount", "/x", `${BROKEN_SCRIPT}:process-group=a`], "/"),
+    /group 'a' would run .* and .*; a group runs one application/,
+  );
+  assert.match(
+    usageError([OTHER_SCRIPT, ...daemon, ...daemon], "/"),
+    /group 'a' is defined by more than one --daemon/,
+  );
+  assert.match(
+    usageError([OTHER_SCRIPT, "--mount", "/", BROKEN_SCRIPT], "/"),
+    /two applications are mounted at '\/'/,
+  );
+});
+
+Deno.test("resolveIdentity as root", () => {
+  const nobody = resolveIdentity(parseDaemonSpec("group=a,user=nobody", "/"), 0, 0);
+  assert.equal(nobody.uid, NOBODY);
+  assert.equal(nobody.gid, NOBODY);
+
+  const cases: [string, RegExp][] = [
+    ["group=a", /group 'a' would run as root: add user=NAME/],
+    ["group=a,user=root", /user=root is root \(a daemon never runs as root/],
+    ["group=a,user=0", /user=0 is root/],
+    ["group=a,user=nobody,group=root", /root's group \(gid 0\)/],
+    ["group=a,user=no-such-user-x", /user 'no-such-user-x' not found in \/etc\/passwd/],
+  ];
+  for (const [text, pattern] of cases) {
+    assert.throws(() => resolveIdentity(parseDaemonSpec(text, "/"), 0, 0), (error: Error) => {
+      assert.ok(error instanceof DaemonConfigError, text);
+      assert.match(error.message, pattern, text);
+      return true;
+    });
+  }
+});
+
+Deno.test("resolveIdentity as another user", () => {
+  assert.equal(resolveIdentity(parseDaemonSpec("group=a", "/"), 1000, 1000).uid, undefined);
+  assert.throws(
+    () => resolveIdentity(parseDaemonSpec("group=a,user=nobody", "/"), 1000, 1000),
+    /user= and group= need the server to run as root \(it runs as uid 1000\)/,
+  );
+});
+
+// ---------------------------------------------------------------------------
+// The channel's frames
+
+Deno.test("frames request round trip", () => {
+  const body = new TextEncoder().encode("body bytes");
+  const decoded = decodeRequest(encodeRequest("POST", '{"PATH_INFO":"/é"}', body) as Uint8Array<ArrayBuffer>);
+
+  assert.equal(decoded.method, "POST");
+  assert.equal(decoded.environ, '{"PATH_INFO":"/é"}');
+  assert.equal(decoded.bodyMode, 0);
+  assert.deepEqual(decoded.body, body);
+  assert.equal(decodeRequest(encodeRequest("GET", "{}", null) as Uint8Array<ArrayBuffer>).bodyMode, 1);
+});
+
+Deno.test("frames start round trip", () => {
+  const body = new TextEncoder().encode("hello");
+  const decoded = decodeStart(encodeStart(201, ["X-A", "1"], true, body) as Uint8Array<ArrayBuffer>);
+
+  assert.equal(decoded.status, 201);
+  assert.deepEqual(decoded.headers, ["X-A", "1"]);
+  assert.equal(decoded.complete, true);
+  assert.deepEqual(decoded.body, body);
+});
+
+Deno.test("frames split across reads", async () => {
+  const payload = new Uint8Array(100_000).map((_, i) => i % 251);
+  const bytes = new Uint8Array([
+    ...encodeFrame(Frame.CANCEL, 7),
+    ...encodeFrame(Frame.BODY, 8, payload),
+    ...encodeFrame(Frame.END, 9, new Uint8Array([1, 2])),
+  ]);
+  // Deliver the bytes in pieces of 5, 4093 and the rest, cutting headers and payloads.
+  const pieces = [bytes.slice(0, 5), bytes.slice(5, 4098), bytes.slice(4098)];
+  const stream = ReadableStream.from(pieces);
+  const frames: [number, number, number][] = [];
+  let received: Uint8Array | undefined;
+  await readFrames(stream, (type, id, data) => {
+    frames.push([type, id, data.length]);
+    if (type === Frame.BODY) received = data.slice();
+  });
+
+  assert.deepEqual(frames, [[Frame.CANCEL, 7, 0], [Frame.BODY, 8, payload.length], [Frame.END, 9, 2]]);
+  assert.deepEqual(received, payload);
+});
+
+// ---------------------------------------------------------------------------
+// Start-up checks of the real program
+
+Deno.test("server refuses a root daemon", async () => {
+  const command = new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-all", "--config", repoPath("deno.json"), repoPath("main.ts"), OTHER_SCRIPT, "--daemon", "group=a"],
+    stdout: "piped",
+    stderr: "piped",
+  });
+  const output = await command.output();
+  const stderr = new TextDecoder().decode(output.stderr);
+
+  assert.equal(output.code, 2);
+  assert.match(stderr, /wsgirun: group 'a' would run as root: add user=NAME/);
+});
+
+Deno.test("group failing at start is marked failed", async () => {
+  await using server = await startServer(BROKEN_SCRIPT, [
+    "--preload",
+    "--daemon",
+    "group=broken,user=nobody,processes=1,threads=1",
+  ], { waitForReady: false });
+  await server.waitForLog(/group marked failed/, 90_000);
+  const response = await getText(server.origin + "/");
+  const log = server.log();
+
+  assert.equal(response.status, 503);
+  assert.equal(countMatches(log, /daemon process failed to start: the application failed to import \(exit code 4\) after/), 3);
+  assert.match(log, /this application fails to import on purpose/);
+  assert.match(log, /CRITICAL \[app=app.wsgi group=broken\] group marked failed: 3 daemon processes in a row failed to start/);
+  assert.match(log, /WARNING \[app=app.wsgi group=broken request=\S+\] request rejected with 503: group 'broken' is unavailable/);
+});
+
+// ---------------------------------------------------------------------------
+// One server with two groups and an embedded mount
+
+Deno.test("daemon server", async (t) => {
+  const siteDir = await copyFixture(SITE_FIXTURE);
+  const siteScript = join(siteDir, "app.wsgi");
+  const secret = `daemon-secret-${crypto.randomUUID()}`;
+  Deno.env.set("WSGIRUN_DAEMON_TEST_SECRET", secret);
+  let server: TestServer;
+  try {
+    server = await startServer(siteScript, [
+      "--threads",
+      "1",
+      "--daemon",
+      `group=site,processes=2,threads=2,user=nobody,env=GREETING=hi,home=${HOME_DIR},inactivity-timeout=2`,
+      "--daemon",
+      "group=other,processes=1,threads=1,user=nobody,python=3.12,request-timeout=2,maximum-requests=10",
+      "--process-group",
+      "site",
+      "--mount",
+      "/other",
+      `${OTHER_SCRIPT}:process-group=other`,
+      "--mount",
+      "/embedded",
+      OTHER_SCRIPT,
+    ], { waitForReady: false });
+  } finally {
+    Deno.env.delete("WSGIRUN_DAEMON_TEST_SECRET");
+  }
+  // Two processes of "site", one of "other", and the embedded isolate.
+  await waitForCount(server, /daemon process ready/, 3, 0, 120_000);
+  await server.waitForLog(/\[app=app.wsgi pid=\d+ isolate=1\] isolate ready/, 60_000);
+  const origin = server.origin;
+
+  try {
+    await t.step("processes run as nobody", () => {
+      const pids = daemonPids(server);
+      assert.equal(pids.length, 3);
+      for (const pid of pids) {
+        assert.equal(statusField(pid, "Uid"), `${NOBODY}\t${NOBODY}\t${NOBODY}\t${NOBODY}`);
+        assert.equal(statusField(pid, "Gid"), `${NOBODY}\t${NOBODY}\t${NOBODY}\t${NOBODY}`);
+        assert.equal(statusField(pid, "Groups"), "");
+        assert.equal(statusField(pid, "CapEff"), "0000000000000000");
+      }
+    });
+
+    await t.step("display name in the command line", () => {
+      const lines = daemonPids(server).map((pid) => Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0"));
+      assert.equal(lines.filter((args) => args.includes("(wsgi:site)")).length, 2);
+      assert.equal(lines.filter((args) => args.includes("(wsgi:other)")).length, 1);
+    });
+
+    await t.step("process permissions are narrow", () => {
+      for (const pid of daemonPids(server)) {
+        const args = Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0");
+        assert.ok(!args.some((arg) => /^--allow-(all|run|ffi)/.test(arg) || arg === "-A"), args.join(" "));
+        assert.ok(args.includes("--allow-env=WSGIRUN_CACHE_DIR"), args.join(" "));
+        assert.ok(!args.some((arg) => arg.startsWith("--allow-net")), args.join(" "));
+        const read = args.find((arg) => arg.startsWith("--allow-read="))!.split("=")[1].split(",");
+        assert.ok(!read.includes("/"), read.join(","));
+        assert.ok(!read.includes("/etc"), read.join(","));
+      }
+    });
+
+    await t.step("environ and flags of the group", async () => {
+      const facts = await (await fetch(origin + "/do/describe")).json();
+      assert.equal(facts.multiprocess, true);
+      assert.equal(facts.multithread, false);
+      assert.equal(facts.python, "3.14");
+      assert.equal(facts.cwd, HOME_DIR);
+      assert.equal(facts.greeting, "hi");
+      assert.equal(facts.script, siteScript);
+      assert.match(facts.request_id, /^site-\d+-\d+$/);
+    });
+
+    await t.step("mounts answer side by side", async () => {
+      const [site, other, embedded] = await Promise.all([
+        getText(origin + "/"),
+        getText(origin + "/other/"),
+        getText(origin + "/embedded/"),
+      ]);
+      assert.match(site.body, /^hello from site-\d+-\d+$/m);
+      assert.match(other.body, /^other 3\.12 other-\d+-\d+$/);
+      // Embedded requests carry the front's request ids, without a group.
+      assert.match(embedded.body, /^other 3\.14 [a-z0-9]+-\d+$/);
+    });
+
+    await t.step("file_wrapper sent by the daemon", async () => {
+      const response = await getText(origin + "/do/file");
+      assert.equal(response.status, 200);
+      assert.equal(response.body, "file_wrapper data from the daemon's folder\n");
+    });
+
+    await t.step("sandbox denies and logs", async () => {
+      const cases = [
+        "python-read?path=/etc/shadow",
+        "deno-read?path=/etc/shadow",
+        `python-read?path=${OTHER_SCRIPT}`,
+        `deno-read?path=${OTHER_SCRIPT}`,
+        "deno-env",
+        "deno-command",
+        `python-socket?host=127.0.0.1&port=${server.port}`,
+        "deno-connect",
+      ];
+      for (const path of cases) {
+        const response = await getText(`${origin}/do/sandbox/${path}`);
+        const name = path.split("?")[0];
+        assert.equal(response.status, 200, path);
+        assert.match(response.body, /^denied: /, `${path}: ${response.body}`);
+        assert.doesNotMatch(response.body, /other-group-secret/, path);
+        await server.waitForLog(new RegExp(`\\[group=site pid=\\d+ isolate=\\d+ request=\\S+\\] sandbox denied ${name}:`));
+      }
+      const environ = await getText(`${origin}/do/sandbox/python-environ?name=WSGIRUN_DAEMON_TEST_SECRET`);
+      assert.equal(environ.body, "allowed: None");
+      assert.doesNotMatch(server.log(), new RegExp(secret));
+    });
+
+    await t.step("request timeout answers 504", async () => {
+      const from = server.log().length;
+      const response = await getText(origin + "/other/?sleep=5");
+      const log = server.log().slice(from);
+      assert.equal(response.status, 504);
+      assert.match(log, /\[group=other pid=\d+ isolate=\d+ request=other-\d+-\d+\] request timed out after \d+ ms \(request-timeout 2000 ms\); replacing the isolate/);
+      assert.match(log, /ERROR \[app=app.wsgi group=other request=\S+\] request failed with 504: daemon process \d+: request timed out/);
+    });
+
+    await t.step("kill -9 under load", async () => {
+      const from = server.log().length;
+      const { promise: stop, resolve: stopLoad } = Promise.withResolvers<void>();
+      const load = runLoad(origin + "/do/slow?ms=150", 12, stop);
+      await delay(1500);
+      const victim = daemonPids(server).find((pid) => Deno.readTextFileSync(`/proc/${pid}/cmdline`).includes("(wsgi:site)"))!;
+      Deno.kill(victim, "SIGKILL");
+      await waitForCount(server, /daemon process ready/, 1, from);
+      await delay(1500);
+      stopLoad();
+      const result = await load;
+      const log = server.log().slice(from);
+
+      // Only the requests handed to the killed process's two isolates fail:
+      // each has its running request and may have the next one.
+      assert.ok(result.failures.length <= 4, `${JSON.stringify(result.failures)}\n${log}`);
+      for (const failure of result.failures) assert.equal(failure.status, 502);
+      assert.ok(result.ok > 20, `only ${result.ok} requests succeeded`);
+      assert.match(log, new RegExp(`\\[app=app.wsgi group=site process=${victim}\\] daemon process was killed by signal SIGKILL`));
+      if (result.failures.length > 0) {
+        assert.match(log, new RegExp(`request failed with 502: daemon process ${victim} was killed by signal SIGKILL`));
+      }
+      const late = result.servedBy.slice(-10).map(servingPid);
+      assert.ok(!late.includes(victim), `requests still served by ${victim}`);
+    });
+
+    await t.step("idle isolates retire", async () => {
+      // The load above grew each process to two isolates; inactivity-timeout=2 retires one.
+      await waitForCount(server, /\[group=site pid=\d+ isolate=\d+\] isolate retired after \d+ s idle/, 1, 0, 10_000);
+    });
+
+    await t.step("daemon SIGTERM drains under load", async () => {
+      const from = server.log().length;
+      const { promise: stop, resolve: stopLoad } = Promise.withResolvers<void>();
+      const load = runLoad(origin + "/do/slow?ms=150", 12, stop);
+      await delay(1000);
+      const victim = daemonPids(server).find((pid) => Deno.readTextFileSync(`/proc/${pid}/cmdline`).includes("(wsgi:site)"))!;
+      Deno.kill(victim, "SIGTERM");
+      await waitForCount(server, new RegExp(`process=${victim}\\] daemon process stopped after SIGTERM`), 1, from);
+      await waitForCount(server, /daemon process ready/, 1, from);
+      await delay(1000);
+      stopLoad();
+      const result = await load;
+
+      assert.deepEqual(result.failures, []);
+      assert.match(server.log().slice(from), new RegExp(`process=${victim}\\] daemon process received SIGTERM; it finishes \\d+ requests and stops`));
+    });
+
+    await t.step("maximum-requests replaces the process", async () => {
+      const from = server.log().length;
+      const served: string[] = [];
+      for (let i = 0; i < 15; i++) {
+        const response = await getText(origin + "/other/");
+        assert.equal(response.status, 200);
+        served.push(response.body.split(" ")[2]);
+      }
+      await waitForCount(server, /replacing the daemon process: it served 10 requests \(maximum-requests 10\)/, 1, from);
+      await waitForCount(server, /\[app=app.wsgi group=other process=\d+\] daemon process ready/, 1, from);
+      await delay(500);
+      const pids = new Set([...served, (await getText(origin + "/other/")).body.split(" ")[2]].map(servingPid));
+      assert.ok(pids.size >= 2, `one process served every request: ${[...pids]}`);
+    });
+
+    await t.step("touch reload under load", async () => {
+      const before = new Set(daemonPids(server));
+      const from = server.log().length;
+      const { promise: stop, resolve: stopLoad } = Promise.withResolvers<void>();
+      const load = runLoad(origin + "/do/slow?ms=100", 8, stop);
+      await delay(1000);
+      const now = new Date();
+      await Deno.utime(siteScript, now, new Date(now.getTime() + 1000));
+      await server.waitForLog(/reloading: the script file changed/);
+      await waitForCount(server, /retiring the daemon process/, 2, from);
+      await waitForCount(server, /daemon process exited with code 0/, 2, from);
+      await delay(1000);
+      stopLoad();
+      const result = await load;
+
+      assert.deepEqual(result.failures, []);
+      const late = new Set(result.servedBy.slice(-10).map(servingPid));
+      for (const pid of late) assert.ok(!before.has(pid), `pid ${pid} served after the reload`);
+    });
+
+    await t.step("SIGHUP reloads every group under load", async () => {
+      const from = server.log().length;
+      const { promise: stop, resolve: stopLoad } = Promise.withResolvers<void>();
+      const siteLoad = runLoad(origin + "/do/slow?ms=100", 6, stop);
+      const otherLoad = runLoad(origin + "/other/", 2, stop);
+      await delay(1000);
+      server.process.kill("SIGHUP");
+      await server.waitForLog(/SIGHUP: reloading every daemon group/);
+      await waitForCount(server, /daemon process exited with code 0/, 3, from);
+      await delay(1000);
+      stopLoad();
+      const [site, other] = await Promise.all([siteLoad, otherLoad]);
+
+      assert.deepEqual(site.failures, []);
+      assert.deepEqual(other.failures, []);
+      assert.match(server.log().slice(from), /\[app=app.wsgi group=other\] reloading: the server received SIGHUP/);
+    });
+
+    await t.step("streamed upload with bounded memory", async () => {
+      // A first upload lets each interpreter's wasm heap grow to its working
+      // size (wasm memory never shrinks); growth after that would be buffering.
+      for (let i = 0; i < 2; i++) assert.equal(await uploadGenerated(server.port, "/do/upload", 16 * MiB), String(16 * MiB));
+      const pids = transferPids(server);
+      const before = pids.map(residentBytes);
+      const upload = uploadGenerated(server.port, "/do/upload", TRANSFER_BYTES);
+      const peaks = await peakResident(pids, upload);
+
+      assert.equal(await upload, String(TRANSFER_BYTES));
+      pids.forEach((pid, index) => {
+        const growth = peaks[index] - before[index];
+        const role = index === 0 ? "the front" : "a daemon process";
+        assert.ok(growth < RSS_GROWTH_LIMIT, `${role} (pid ${pid}) grew by ${Math.round(growth / MiB)} MiB`);
+      });
+    });
+
+    await t.step("streamed download with bounded memory", async () => {
+      const pids = transferPids(server);
+      const before = pids.map(residentBytes);
+      const download = (async () => {
+        const response = await fetch(`${origin}/do/download?size=${TRANSFER_BYTES}`);
+        let total = 0;
+        for await (const chunk of response.body!) total += chunk.length;
+        return total;
+      })();
+      const peaks = await peakResident(pids, download);
+
+      assert.equal(await download, TRANSFER_BYTES);
+      pids.forEach((pid, index) => {
+        const growth = peaks[index] - before[index];
+        const role = index === 0 ? "the front" : "a daemon process";
+        assert.ok(growth < RSS_GROWTH_LIMIT, `${role} (pid ${pid}) grew by ${Math.round(growth / MiB)} MiB`);
+      });
+    });
+
+    await t.step("SIGTERM drains and stops", async () => {
+      const pids = daemonPids(server);
+      const slow = getText(origin + "/do/slow?ms=1500");
+      await delay(300);
+      const status = await server.stop();
+      const response = await slow;
+
+      assert.equal(response.status, 200);
+      assert.equal(status.code, 0);
+      for (const pid of pids) {
+        const alive = (() => {
+          try {
+            return Deno.statSync(`/proc/${pid}`).isDirectory;
+          } catch {
+            return false;
+          }
+        })();
+        assert.equal(alive, false, `daemon process ${pid} still runs`);
+      }
+    });
+  } finally {
+    await server.stop();
+    await Deno.remove(siteDir, { recursive: true });
+  }
+});
