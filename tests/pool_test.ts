@@ -27,7 +27,11 @@ Deno.test("waiting request moves to free isolate", async () => {
   const waiting = request("waiting", 0);
   await Promise.all([long, short, waiting]);
 
-  assert.deepEqual(finished, ["short", "waiting", "long"]);
+  // "waiting" may sit behind "short" and finish a moment after it or, seen
+  // from this client, a moment before it; either way it must not wait for
+  // the long request.
+  assert.equal(finished.at(-1), "long");
+  assert.ok(finished.indexOf("waiting") < finished.indexOf("long"));
 });
 
 Deno.test("queue limit counts requests held by isolates", async () => {
