@@ -1,40 +1,58 @@
 #!/usr/bin/env bash
-# Benchmark wsgirun against gunicorn on this machine and print the results as Markdown.
+# Benchmark wsgirun against gunicorn and Apache mod_wsgi on this machine and print the
+# results as Markdown.
 #
 # Usage: bench/run.sh   (or: deno task bench)
 #   Progress goes to stderr. The results go to stdout and to bench/results/latest.md.
-#   With the default settings one run takes about five minutes.
+#   On an idle 2-core machine one run should take about eight to ten minutes (an
+#   estimate from the durations below). Under load from other jobs it takes longer,
+#   because of the load waits and the repeated measurements described below.
 #
 # What runs, each server alone on loopback:
-#   - examples/hello/app.wsgi under wsgirun (2 isolates, Python 3.14 and 3.12) and under
-#     gunicorn (gthread 2 workers x 15 threads, sync 2 workers);
+#   - examples/hello/app.wsgi under wsgirun (2 isolates, Python 3.14), gunicorn (gthread
+#     2 workers x 15 threads, sync 2 workers) and Apache with mod_wsgi in embedded mode
+#     (mpm_event, 2 processes x 15 threads, see bench/apache.sh);
 #   - the template page of examples/flask/app.wsgi under wsgirun (2 isolates, Python 3.12)
-#     and the same two gunicorn setups;
-#   - for each: the time from start to first response, first with an empty snapshot cache
-#     and then BENCH_STARTS more times, then wrk at 64 and at 1 connection;
-#   - the server's RSS with 1 and 2 idle isolates, and during a 1 GiB upload through
-#     wsgi.input to bench/upload_app.wsgi.
+#     and the same three native setups;
+#   - for each: the time from start to first response (wsgirun BENCH_STARTS times with an
+#     empty snapshot cache, then BENCH_STARTS times with the cache filled; the native
+#     servers BENCH_STARTS times), then wrk at 64 and at 1 connection;
+#   - wsgirun hello with 1, 2, 4 and 8 isolates: the restore time of each isolate and the
+#     RSS of the deno process once all are ready;
+#   - the request path: bench/request_path.ts (Deno.serve alone, and with a worker round
+#     trip) and wsgirun hello with 1 isolate under the same wrk load, and the adapter's
+#     own cost per request inside Pyodide (bench/adapter_cost.ts);
+#   - the server's RSS during a 1 GiB upload through wsgi.input to bench/upload_app.wsgi.
+#
+# Machine load: before each measurement the script waits up to BENCH_LOAD_WAIT seconds
+# for the 1-minute load average to drop to BENCH_MAX_LOAD. A wrk measurement that still
+# started above it runs once more and the second one is reported. Every figure is
+# printed with the load average before it.
 #
 # Environment:
 #   DENO            deno binary that runs wsgirun (default: deno on PATH). Give the real
 #                   binary, not the Node shim of the npm package in node_modules/.bin.
 #   PYTHON          Python that runs gunicorn (default: /usr/bin/python3, else python3 on PATH)
+#   APACHE_BIN      apache2 binary (default: /usr/sbin/apache2)
 #   WSGIRUN_CACHE   cache folder, shared with examples/fetch_packages.sh (default: .cache in
 #                   the repository root). gunicorn is unpacked into $WSGIRUN_CACHE/bench.
 #   BENCH_PORT      first of the two loopback TCP ports used (default: 18471)
 #   BENCH_DURATION  seconds of each wrk measurement (default: 10)
 #   BENCH_WARMUP    seconds of load before each measurement, not recorded (default: 3)
-#   BENCH_STARTS    starts per server setup after the first one; the median is reported
-#                   (default: 3)
+#   BENCH_STARTS    timed starts per server setup and snapshot cache state; the median is
+#                   reported (default: 3)
+#   BENCH_MAX_LOAD  1-minute load average above which a measurement runs again (default: 1.5)
+#   BENCH_LOAD_WAIT max seconds to wait for the load to drop before each measurement
+#                   (default: 10)
 #
-# Tools: wrk is installed with `apt-get install -y wrk` when it is missing. It is needed
+# Tools: wrk is installed with `apt-get install -y wrk` when it is missing, and Apache and
+# mod_wsgi with `apt-get install -y apache2 libapache2-mod-wsgi-py3`. They are needed
 # only for benchmarks, never by wsgirun. gunicorn is not installed on the system: its
 # Debian packages are downloaded with `apt-get download`, unpacked with `dpkg-deb -x` and
 # run by $PYTHON with PYTHONPATH pointing at them.
 #
-# wsgirun keeps its memory snapshots in $WSGIRUN_CACHE/bench/snapshots during the run
-# (WSGIRUN_CACHE_DIR is set to it). The script empties that folder at the start, so the
-# first start of each wsgirun setup builds its snapshots and later starts restore them.
+# wsgirun keeps its memory snapshots in $WSGIRUN_CACHE/bench/snapshots/SETUP during the run
+# (WSGIRUN_CACHE_DIR is set to it). The script empties that folder before each cold start.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -51,6 +69,8 @@ PORT="${BENCH_PORT:-18471}"
 DURATION="${BENCH_DURATION:-10}"
 WARMUP="${BENCH_WARMUP:-3}"
 STARTS="${BENCH_STARTS:-3}"
+MAX_LOAD="${BENCH_MAX_LOAD:-1.5}"
+LOAD_WAIT_S="${BENCH_LOAD_WAIT:-10}"
 
 # Bounds on every wait, so that a broken server fails the run instead of hanging it.
 START_TIMEOUT_S=180
@@ -69,6 +89,9 @@ SYNC_WORKERS=2
 # The process ids this script started and has not stopped yet. The exit trap stops them.
 RUNNING_PIDS=()
 
+# shellcheck source=bench/apache.sh
+source "$SCRIPT_DIR/apache.sh"
+
 log() {
   echo "bench: $*" >&2
 }
@@ -84,11 +107,36 @@ require_tool() {
 
 check_settings() {
   local name value
-  for name in PORT DURATION WARMUP STARTS; do
+  for name in PORT DURATION WARMUP STARTS LOAD_WAIT_S; do
     value="${!name}"
     [[ "$value" =~ ^[0-9]+$ && "$value" -gt 0 ]] || fail "BENCH_$name is '$value'; set it to a positive integer"
   done
   [[ "$PORT" -lt 65535 ]] || fail "BENCH_PORT is $PORT; set it below 65535, because the run also uses the next port"
+}
+
+# ---------------------------------------------------------------------------
+# Machine load
+
+load_average() {
+  cut -d' ' -f1 /proc/loadavg
+}
+
+load_is_high() {
+  awk -v value="$1" -v max="$MAX_LOAD" 'BEGIN {exit !(value > max)}'
+}
+
+# Waits up to LOAD_WAIT_S for the 1-minute load average to drop to MAX_LOAD and sets
+# LOAD_NOW to the load at the end of the wait. The previous measurement's own load (wrk and
+# the server on 2 cores) takes about 25 s to decay below 1.5, so the wait is bounded
+# rather than open-ended when other jobs keep the machine busy.
+LOAD_NOW=""
+wait_for_low_load() {
+  local deadline=$(($(now_ms) + LOAD_WAIT_S * 1000))
+  LOAD_NOW="$(load_average)"
+  while load_is_high "$LOAD_NOW" && [[ $(now_ms) -lt $deadline ]]; do
+    sleep 2
+    LOAD_NOW="$(load_average)"
+  done
 }
 
 # ---------------------------------------------------------------------------
@@ -277,18 +325,20 @@ stop_all() {
   done
 }
 
-# Set by start_wsgirun and start_gunicorn: the launched process, the process to measure
-# and stop, and the log file of the server's output.
+# Set by start_wsgirun, start_gunicorn and start_apache: the launched process, the
+# process to measure and stop, and the log file of the server's output.
 LAUNCH_PID=""
 SERVER_PID=""
 SERVER_LOG=""
+# The snapshot cache folder of the next wsgirun start.
+WSGIRUN_SNAPSHOTS="$SNAPSHOT_DIR/shared"
 
 # start_wsgirun NAME SCRIPT PYTHON THREADS [OPTION...]
 start_wsgirun() {
   local name="$1" script="$2" python="$3" threads="$4"
   shift 4
   SERVER_LOG="$LOG_DIR/$name.log"
-  (cd "$REPO_ROOT" && WSGIRUN_CACHE_DIR="$SNAPSHOT_DIR" exec "$DENO_BIN" run --allow-all main.ts "$script" \
+  (cd "$REPO_ROOT" && WSGIRUN_CACHE_DIR="$WSGIRUN_SNAPSHOTS" exec "$DENO_BIN" run --allow-all main.ts "$script" \
     --port "$PORT" --threads "$threads" --python "$python" "$@") >"$SERVER_LOG" 2>&1 &
   LAUNCH_PID=$!
   RUNNING_PIDS+=("$LAUNCH_PID")
@@ -314,6 +364,10 @@ start_gunicorn() {
 }
 
 stop_server() {
+  if [[ -n "$APACHE_RUNNING_CONF" ]]; then
+    stop_apache
+    return
+  fi
   if [[ "$SERVER_PID" != "$LAUNCH_PID" ]]; then
     stop_pid "$SERVER_PID"
   fi
@@ -415,16 +469,26 @@ parse_wrk() {
   ' "$1"
 }
 
-# run_wrk NAME URL CONNECTIONS: sets WRK_RESULT to the parse_wrk fields.
+# run_wrk NAME URL CONNECTIONS: sets WRK_RESULT to the parse_wrk fields and WRK_LOAD to
+# the load average before the measurement. A measurement that started above MAX_LOAD runs
+# once more, and the second one is reported.
 WRK_RESULT=()
+WRK_LOAD=""
 run_wrk() {
   local name="$1" url="$2" connections="$3"
   local threads=2
   # wrk needs at least one connection per thread.
   [[ "$connections" -ge 2 ]] || threads=1
   local output="$LOG_DIR/$name.wrk-c$connections.txt"
-  run_interruptible timeout $((DURATION + 30)) wrk -t"$threads" -c"$connections" -d"${DURATION}s" \
-    --latency "$url" >"$output" 2>&1 || fail "wrk -c$connections $url failed; see $output"
+  local attempt
+  for attempt in 1 2; do
+    wait_for_low_load
+    WRK_LOAD="$LOAD_NOW"
+    run_interruptible timeout $((DURATION + 30)) wrk -t"$threads" -c"$connections" -d"${DURATION}s" \
+      --latency "$url" >"$output" 2>&1 || fail "wrk -c$connections $url failed; see $output"
+    load_is_high "$WRK_LOAD" || break
+    [[ $attempt -eq 1 ]] && log "$name: load $WRK_LOAD before wrk -c$connections was above $MAX_LOAD; measuring again"
+  done
   read -r -a WRK_RESULT <<<"$(parse_wrk "$output")"
   [[ ${#WRK_RESULT[@]} -eq 4 && "${WRK_RESULT[0]}" -gt 0 ]] || fail "no requests/s in the wrk output $output"
 }
@@ -439,100 +503,224 @@ warm_up() {
 
 LOAD_ROWS=()
 START_ROWS=()
-# Requests/s at 64 connections per setup name, for the ratios.
+# Requests/s and p99 ms per setup name, for the ratios and the request path table.
 declare -A RPS_64=()
+declare -A P99_64=()
+declare -A RPS_1=()
 
-# bench_setup NAME APP_LABEL SERVER_LABEL KIND ARG...
-#   KIND wsgirun: ARG is SCRIPT PYTHON_VERSION [OPTION...]
-#   KIND gunicorn: ARG is SCRIPT WORKER_CLASS
-# Starts the server 1 + BENCH_STARTS times and times each start, then loads the last one.
-bench_setup() {
-  local name="$1" app_label="$2" server_label="$3" kind="$4"
+# start_server KIND NAME ARG...: starts one server of any kind (see bench_setup).
+start_server() {
+  local kind="$1" name="$2"
+  shift 2
+  case "$kind" in
+    wsgirun) start_wsgirun "$name" "$1" "$2" "$WSGIRUN_THREADS" "${@:3}" ;;
+    gunicorn) start_gunicorn "$name" "$1" "$2" ;;
+    apache) start_apache "$name" "$1" ;;
+  esac
+}
+
+# time_starts KIND NAME URL CACHE ARG...: starts the server STARTS times and sets STARTS_MS
+# to the times to first response and STARTS_LOAD to the load average before each start.
+# CACHE is cold (wsgirun gets an empty snapshot folder each time), warm (the folder of the
+# last cold start) or none. Leaves the last server running.
+STARTS_MS=()
+STARTS_LOAD=()
+time_starts() {
+  local kind="$1" name="$2" url="$3" cache="$4"
   shift 4
-  local port="$PORT"
-  if [[ "$kind" == "gunicorn" ]]; then
-    port="$GUNICORN_PORT"
-  fi
-  local url="http://127.0.0.1:$port/"
-  port_is_free "$port" || fail "port $port on 127.0.0.1 is in use; stop what listens there or set BENCH_PORT"
-
-  local first_ms="" starts=() attempt start_ms python_label isolate_ms="-"
-  for attempt in $(seq 0 "$STARTS"); do
-    log "$name: start $((attempt + 1)) of $((STARTS + 1))"
+  STARTS_MS=()
+  STARTS_LOAD=()
+  local attempt start_ms
+  for attempt in $(seq 1 "$STARTS"); do
+    if [[ "$cache" == "cold" ]]; then
+      WSGIRUN_SNAPSHOTS="$SNAPSHOT_DIR/$name"
+      rm -rf "$WSGIRUN_SNAPSHOTS"
+      mkdir -p "$WSGIRUN_SNAPSHOTS"
+    fi
+    wait_for_low_load
+    STARTS_LOAD+=("$LOAD_NOW")
+    log "$name: start $attempt of $STARTS (snapshot cache: $cache, load $LOAD_NOW)"
     start_ms="$(now_ms)"
-    if [[ "$kind" == "wsgirun" ]]; then
-      start_wsgirun "$name" "$1" "$2" "$WSGIRUN_THREADS" "${@:3}"
-    else
-      start_gunicorn "$name" "$1" "$2"
-    fi
+    start_server "$kind" "$name" "$@"
     wait_for_200 "$url" "$start_ms"
-    if [[ $attempt -eq 0 ]]; then
-      first_ms="$ELAPSED_MS"
-    else
-      starts+=("$ELAPSED_MS")
-    fi
+    STARTS_MS+=("$ELAPSED_MS")
     if [[ "$kind" == "wsgirun" ]]; then
+      # A cold start writes its snapshots after the first response; waiting for every
+      # isolate lets the next warm start find them.
       wait_for_isolates "$WSGIRUN_THREADS"
       SERVER_PID="$(find_deno_pid "$LAUNCH_PID")"
+      wait_for_snapshot_files "$WSGIRUN_SNAPSHOTS"
     fi
     if [[ $attempt -lt $STARTS ]]; then
       stop_server
     fi
   done
+}
 
-  if [[ "$kind" == "wsgirun" ]]; then
-    python_label="$(wsgirun_python_version "$SERVER_LOG")"
-    isolate_ms="$(slowest_isolate_ms "$SERVER_LOG")"
-  else
-    python_label="$PYTHON_VERSION (native)"
+# Waits until the snapshot folder contains no file still being written (up to 30 s).
+wait_for_snapshot_files() {
+  local folder="$1"
+  local deadline=$(($(now_ms) + 30000))
+  while [[ $(now_ms) -lt $deadline ]]; do
+    if ! find "$folder" -name '*.tmp*' 2>/dev/null | grep -q .; then
+      return
+    fi
+    sleep 0.1
+  done
+}
+
+# bench_setup NAME APP_LABEL SERVER_LABEL KIND ARG...
+#   KIND wsgirun: ARG is SCRIPT PYTHON_VERSION [OPTION...]
+#   KIND gunicorn: ARG is SCRIPT WORKER_CLASS
+#   KIND apache: ARG is SCRIPT (mod_wsgi embedded mode)
+# Times STARTS starts (for wsgirun STARTS with an empty snapshot cache, then STARTS with
+# the cache the last of them filled), then loads the last server.
+bench_setup() {
+  local name="$1" app_label="$2" server_label="$3" kind="$4"
+  shift 4
+  local port="$PORT"
+  if [[ "$kind" != "wsgirun" ]]; then
+    port="$GUNICORN_PORT"
   fi
+  local url="http://127.0.0.1:$port/"
+  port_is_free "$port" || fail "port $port on 127.0.0.1 is in use; stop what listens there or set BENCH_PORT"
+
+  local cold="-" cold_each="-" cold_load="-" python_label isolate_ms="-"
+  if [[ "$kind" == "wsgirun" ]]; then
+    time_starts "$kind" "$name" "$url" cold "$@"
+    cold="$(median "${STARTS_MS[@]}")"
+    cold_each="${STARTS_MS[*]}"
+    cold_load="${STARTS_LOAD[*]}"
+    stop_server
+  fi
+  local cache=warm
+  [[ "$kind" == "wsgirun" ]] || cache=none
+  time_starts "$kind" "$name" "$url" "$cache" "$@"
+  local warm warm_each="${STARTS_MS[*]}" warm_load="${STARTS_LOAD[*]}"
+  warm="$(median "${STARTS_MS[@]}")"
+
+  case "$kind" in
+    wsgirun)
+      python_label="$(wsgirun_python_version "$SERVER_LOG")"
+      isolate_ms="$(slowest_isolate_ms "$SERVER_LOG")"
+      ;;
+    apache) python_label="$PYTHON_VERSION (native, embedded)" ;;
+    *) python_label="$PYTHON_VERSION (native)" ;;
+  esac
 
   log "$name: warm-up ${WARMUP} s, then wrk at 64 and at 1 connection for ${DURATION} s each"
   warm_up "$url"
   run_wrk "$name" "$url" 64
-  local many=("${WRK_RESULT[@]}")
+  local many=("${WRK_RESULT[@]}") many_load="$WRK_LOAD"
   run_wrk "$name" "$url" 1
-  local one=("${WRK_RESULT[@]}")
-  local rss_mb load
+  local one=("${WRK_RESULT[@]}") one_load="$WRK_LOAD"
+  local rss_mb
   rss_mb="$(kb_to_mb "$(tree_rss_kb "$SERVER_PID")")"
-  load="$(cut -d' ' -f1 /proc/loadavg)"
   stop_server
 
   RPS_64[$name]="${many[0]}"
-  LOAD_ROWS+=("| $app_label | $server_label | $python_label | ${many[0]} | ${many[1]} | ${many[2]} | ${one[0]} | ${one[1]} | ${one[2]} | $((many[3] + one[3])) | $rss_mb | $load |")
-  START_ROWS+=("| $app_label | $server_label | $python_label | $first_ms | $(median "${starts[@]}") | ${starts[*]} | $isolate_ms |")
+  P99_64[$name]="${many[2]}"
+  RPS_1[$name]="${one[0]}"
+  LOAD_ROWS+=("| $app_label | $server_label | $python_label | ${many[0]} | ${many[1]} | ${many[2]} | $many_load | ${one[0]} | ${one[1]} | ${one[2]} | $one_load | $((many[3] + one[3])) | $rss_mb |")
+  START_ROWS+=("| $app_label | $server_label | $python_label | $cold | $cold_each | $cold_load | $warm | $warm_each | $warm_load | $isolate_ms |")
   log "$name: ${many[0]} requests/s at 64 connections, p99 ${many[2]} ms"
 }
 
-# Starts wsgirun with hello and THREADS isolates, waits until every isolate is ready and
-# the server has been idle for 2 s, so that the start's garbage is collected, and sets
-# IDLE_RSS_KB.
-IDLE_RSS_KB=0
-measure_idle_rss() {
-  local threads="$1"
-  local start_ms
-  start_ms="$(now_ms)"
-  start_wsgirun "idle-$threads" examples/hello/app.wsgi 3.14 "$threads"
-  wait_for_200 "http://127.0.0.1:$PORT/" "$start_ms"
-  wait_for_isolates "$threads"
-  SERVER_PID="$(find_deno_pid "$LAUNCH_PID")"
-  sleep 2
-  IDLE_RSS_KB="$(rss_kb "$SERVER_PID")"
-  stop_server
+ISOLATE_ROWS=()
+
+# Prints each "isolate ready ... in X ms" figure of a log, one a line.
+isolate_ready_ms() {
+  sed -n 's/.*isolate ready:.* in \([0-9]*\) ms.*/\1/p' "$1"
 }
 
-MEMORY_ROWS=()
-
-bench_idle_memory() {
-  log "memory: idle RSS with 1 and with 2 isolates"
+# Starts wsgirun hello (Python 3.14, warm cache) with 1, 2, 4 and 8 isolates and records
+# the restore time of each isolate and the RSS of the deno process once all are ready.
+bench_isolates() {
+  log "isolates: hello with 1, 2, 4 and 8 isolates, warm snapshot cache"
   port_is_free "$PORT" || fail "port $PORT on 127.0.0.1 is in use; stop what listens there or set BENCH_PORT"
-  measure_idle_rss 1
-  local rss_one="$IDLE_RSS_KB"
-  measure_idle_rss 2
-  local rss_two="$IDLE_RSS_KB"
-  MEMORY_ROWS+=("| RSS, 1 idle isolate | $(kb_to_mb "$rss_one") MB |")
-  MEMORY_ROWS+=("| RSS, 2 idle isolates | $(kb_to_mb "$rss_two") MB |")
-  MEMORY_ROWS+=("| extra isolate | $(kb_to_mb $((rss_two - rss_one))) MB |")
+  WSGIRUN_SNAPSHOTS="$SNAPSHOT_DIR/hello-wsgirun-3.14"
+  local count start_ms rss previous_rss="" previous_count="" growth
+  for count in 1 2 4 8; do
+    wait_for_low_load
+    local load="$LOAD_NOW"
+    start_ms="$(now_ms)"
+    start_wsgirun "isolates-$count" examples/hello/app.wsgi 3.14 "$count"
+    wait_for_200 "http://127.0.0.1:$PORT/" "$start_ms"
+    wait_for_isolates "$count"
+    SERVER_PID="$(find_deno_pid "$LAUNCH_PID")"
+    rss="$(rss_kb "$SERVER_PID")"
+    stop_server
+    # shellcheck disable=SC2207 # the figures are plain numbers
+    local restores=($(isolate_ready_ms "$SERVER_LOG"))
+    growth="-"
+    if [[ -n "$previous_rss" ]]; then
+      growth="$(kb_to_mb $(((rss - previous_rss) / (count - previous_count))))"
+    fi
+    ISOLATE_ROWS+=("| $count | $(median "${restores[@]}") | ${restores[*]} | $(kb_to_mb "$rss") | $growth | $load |")
+    previous_rss="$rss"
+    previous_count="$count"
+  done
+}
+
+PATH_ROWS=()
+
+# bench_path_row LABEL NAME URL: loads one server already running and adds a row.
+bench_path_row() {
+  local label="$1" name="$2" url="$3"
+  warm_up "$url"
+  run_wrk "$name" "$url" 64
+  local many=("${WRK_RESULT[@]}") many_load="$WRK_LOAD"
+  run_wrk "$name" "$url" 1
+  local one=("${WRK_RESULT[@]}") one_load="$WRK_LOAD"
+  PATH_ROWS+=("| $label | ${many[0]} | $(per_request_us "${many[0]}") | ${many[2]} | $many_load | ${one[0]} | $(per_request_us "${one[0]}") | $one_load |")
+}
+
+per_request_us() {
+  awk -v rps="$1" 'BEGIN {if (rps > 0) printf "%.0f", 1000000 / rps; else print "n/a"}'
+}
+
+# Loads the two baselines of bench/request_path.ts and wsgirun hello with 1 isolate. The
+# 2-isolate row reuses the hello measurement of bench_setup.
+bench_request_path() {
+  log "request path: Deno.serve alone, with a worker hop, and wsgirun hello with 1 isolate"
+  port_is_free "$PORT" || fail "port $PORT on 127.0.0.1 is in use; stop what listens there or set BENCH_PORT"
+  local url="http://127.0.0.1:$PORT/" mode start_ms
+  for mode in plain worker; do
+    SERVER_LOG="$LOG_DIR/path-$mode.log"
+    (cd "$REPO_ROOT" && exec "$DENO_BIN" run --allow-net bench/request_path.ts "$mode" "$PORT") >"$SERVER_LOG" 2>&1 &
+    LAUNCH_PID=$!
+    RUNNING_PIDS+=("$LAUNCH_PID")
+    SERVER_PID="$LAUNCH_PID"
+    wait_for_200 "$url" "$(now_ms)"
+    SERVER_PID="$(find_deno_pid "$LAUNCH_PID")"
+    if [[ "$mode" == "plain" ]]; then
+      bench_path_row "Deno.serve alone (request_path.ts plain)" "path-plain" "$url"
+    else
+      bench_path_row "+ worker round trip, 2 workers (request_path.ts worker)" "path-worker" "$url"
+    fi
+    stop_server
+  done
+
+  WSGIRUN_SNAPSHOTS="$SNAPSHOT_DIR/hello-wsgirun-3.14"
+  start_ms="$(now_ms)"
+  start_wsgirun path-wsgirun-1 examples/hello/app.wsgi 3.14 1
+  wait_for_200 "$url" "$start_ms"
+  wait_for_isolates 1
+  SERVER_PID="$(find_deno_pid "$LAUNCH_PID")"
+  bench_path_row "+ Python: wsgirun hello, 1 isolate" "path-wsgirun-1" "$url"
+  stop_server
+  PATH_ROWS+=("| + Python: wsgirun hello, 2 isolates (from the table above) | ${RPS_64[hello-wsgirun-3.14]} | $(per_request_us "${RPS_64[hello-wsgirun-3.14]}") | ${P99_64[hello-wsgirun-3.14]} | - | ${RPS_1[hello-wsgirun-3.14]} | $(per_request_us "${RPS_1[hello-wsgirun-3.14]}") | - |")
+}
+
+ADAPTER_LINE=""
+bench_adapter_cost() {
+  log "adapter: handle() for hello inside Pyodide, without HTTP"
+  wait_for_low_load
+  local load="$LOAD_NOW"
+  local output="$LOG_DIR/adapter-cost.txt"
+  (cd "$REPO_ROOT" && run_interruptible timeout 300 "$DENO_BIN" run --allow-read --allow-env bench/adapter_cost.ts) \
+    >"$output" 2>&1 || fail "bench/adapter_cost.ts failed; see $output"
+  ADAPTER_LINE="$(grep '^adapter:' "$output") (load $load)"
 }
 
 UPLOAD_ROWS=()
@@ -563,8 +751,11 @@ bench_upload() {
   port_is_free "$PORT" || fail "port $PORT on 127.0.0.1 is in use; stop what listens there or set BENCH_PORT"
   # The first start builds the app's snapshot. The measured server restores it, as the
   # servers of the other measurements do.
+  WSGIRUN_SNAPSHOTS="$SNAPSHOT_DIR/hello-wsgirun-3.14"
   start_upload_server "$url"
   stop_server
+  wait_for_low_load
+  local load="$LOAD_NOW"
   start_upload_server "$url"
   sleep 2
 
@@ -601,6 +792,7 @@ bench_upload() {
   UPLOAD_ROWS+=("| RSS peak during the upload (sampled every 200 ms) | $(kb_to_mb "$peak") MB |")
   UPLOAD_ROWS+=("| RSS 1 s after the response | $(kb_to_mb "$after") MB |")
   UPLOAD_ROWS+=("| growth, peak minus before | $(kb_to_mb $((peak - before))) MB |")
+  UPLOAD_ROWS+=("| load average before | $load |")
   UPLOAD_ROWS+=("| duration | $seconds s ($(awk -v ms="$upload_ms" -v b="$UPLOAD_BYTES" 'BEGIN {printf "%.0f", b / 1048576 / (ms / 1000)}') MiB/s) |")
 }
 
@@ -620,7 +812,7 @@ print_report() {
 
   echo "# wsgirun benchmark results"
   echo
-  echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC') by bench/run.sh."
+  echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC') by bench/run.sh in $(($(date +%s) - RUN_STARTED_S)) s."
   echo
   echo "| machine | |"
   echo "|---|---|"
@@ -629,38 +821,58 @@ print_report() {
   echo "| OS | $os, Linux $(uname -r) |"
   echo "| Deno | $("$DENO_BIN" --version | head -n 1 | awk '{print $2}') |"
   echo "| gunicorn | $GUNICORN_VERSION on Python $PYTHON_VERSION |"
+  echo "| Apache, mod_wsgi | $(apache_version), mod_wsgi $(mod_wsgi_version) on Python $PYTHON_VERSION |"
   echo "| wrk | $(wrk --version 2>&1 | head -n 1 | awk '{print $2}') |"
-  echo "| load average (1 min) before and after the run | $LOAD_BEFORE, $(cut -d' ' -f1 /proc/loadavg) |"
+  echo "| load average (1 min) before and after the run | $LOAD_BEFORE, $(load_average) |"
+  echo
+  echo "Every load column is the 1-minute load average just before that measurement. The script"
+  echo "waits up to ${LOAD_WAIT_S} s for it to drop to $MAX_LOAD, and a wrk measurement that"
+  echo "still started above $MAX_LOAD runs once more; the table shows the second one."
   echo
   echo "## Requests per second and latency"
   echo
   echo "wrk runs ${DURATION} s per measurement, after ${WARMUP} s of load at 64 connections that is not"
   echo "recorded: -t2 -c64, then -t1 -c1. wsgirun runs $WSGIRUN_THREADS isolates, gunicorn gthread"
-  echo "$GTHREAD_WORKERS workers with $GTHREAD_THREADS threads each, gunicorn sync $SYNC_WORKERS workers."
+  echo "$GTHREAD_WORKERS workers with $GTHREAD_THREADS threads each, gunicorn sync $SYNC_WORKERS workers, Apache"
+  echo "mpm_event $APACHE_PROCESSES processes with $APACHE_THREADS threads each and mod_wsgi in embedded mode."
   echo "Errors counts socket errors and non-2xx/3xx responses of both measurements. RSS is read"
-  echo "after the load. For gunicorn it is the sum over the master and its workers. Load is the"
-  echo "1-minute load average after the load, which includes wrk and the server under test."
+  echo "after the load. For gunicorn and Apache it is the sum over the parent and its children."
   echo
-  echo "| app | server | Python | req/s, 64 conn. | p50 ms | p99 ms | req/s, 1 conn. | p50 ms | p99 ms | errors | RSS MB | load |"
-  echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| app | server | Python | req/s, 64 conn. | p50 ms | p99 ms | load | req/s, 1 conn. | p50 ms | p99 ms | load | errors | RSS MB |"
+  echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   printf '%s\n' "${LOAD_ROWS[@]}"
   echo
   echo "## Start to first response"
   echo
   echo "Time from spawning the server to its first 200 response, polled with curl every 20 ms."
-  echo "The first start of a wsgirun setup builds its snapshots into an empty cache, and the"
-  echo "median is over the $STARTS starts after it. The last column is the slowest isolate start"
-  echo "in wsgirun's log during the last start."
+  echo "Cold: wsgirun starts with an empty snapshot cache and builds its snapshots. Warm: it"
+  echo "starts again with the folder the last cold start filled. Medians over $STARTS starts. The"
+  echo "last column is the slowest isolate restore in wsgirun's log during the last warm start."
   echo
-  echo "| app | server | Python | first start ms | median ms | each start ms | isolate start ms |"
-  echo "|---|---|---|---:|---:|---|---:|"
+  echo "| app | server | Python | cold median ms | cold each ms | load | warm median ms | warm each ms | load | isolate ms |"
+  echo "|---|---|---|---:|---|---|---:|---|---|---:|"
   printf '%s\n' "${START_ROWS[@]}"
   echo
-  echo "## Memory of idle isolates (hello, Python 3.14)"
+  echo "## Isolates (hello, Python 3.14, warm cache)"
   echo
-  echo "| what | value |"
-  echo "|---|---:|"
-  printf '%s\n' "${MEMORY_ROWS[@]}"
+  echo "\"isolate ms\" is the time each isolate's 'isolate ready ... in X ms' log line reports (the"
+  echo "snapshot restore). RSS is VmRSS of the deno process once all isolates are ready. Growth"
+  echo "is the RSS difference to the previous row divided by the isolates added."
+  echo
+  echo "| isolates | median isolate ms | each isolate ms | RSS MB | growth per extra isolate MB | load |"
+  echo "|---:|---:|---|---:|---:|---:|"
+  printf '%s\n' "${ISOLATE_ROWS[@]}"
+  echo
+  echo "## Request path (hello)"
+  echo
+  echo "Same wrk settings. µs per request is 1 000 000 / (req/s)."
+  echo
+  echo "| server | req/s, 64 conn. | µs/request | p99 ms | load | req/s, 1 conn. | µs/request | load |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+  printf '%s\n' "${PATH_ROWS[@]}"
+  echo
+  echo "Python adapter inside Pyodide 314.0.8, no HTTP and no worker hop (bench/adapter_cost.ts):"
+  echo "$ADAPTER_LINE"
   echo
   echo "## 1 GiB upload through wsgi.input (wsgirun, Python 3.14, $WSGIRUN_THREADS isolates)"
   echo
@@ -671,19 +883,19 @@ print_report() {
   echo "## Ratios at 64 connections"
   echo
   local best_native
-  best_native="$(printf '%s\n' "${RPS_64[hello-gunicorn-gthread]}" "${RPS_64[hello-gunicorn-sync]}" | sort -n | tail -n 1)"
+  best_native="$(printf '%s\n' "${RPS_64[hello-gunicorn-gthread]}" "${RPS_64[hello-gunicorn-sync]}" "${RPS_64[hello-apache]:-0}" | sort -n | tail -n 1)"
   echo "| ratio | value |"
   echo "|---|---:|"
-  echo "| hello, wsgirun Python 3.14 / best gunicorn | $(ratio "${RPS_64[hello-wsgirun-3.14]}" "$best_native") |"
-  echo "| hello, wsgirun Python 3.12 / best gunicorn | $(ratio "${RPS_64[hello-wsgirun-3.12]}" "$best_native") |"
+  echo "| hello, wsgirun Python 3.14 / best native server | $(ratio "${RPS_64[hello-wsgirun-3.14]}" "$best_native") |"
   echo "| Flask, wsgirun Python 3.12 / gunicorn gthread | $(ratio "${RPS_64[flask-wsgirun-3.12]}" "${RPS_64[flask-gunicorn-gthread]}") |"
 }
 
 main() {
+  RUN_STARTED_S="$(date +%s)"
   check_settings
   GUNICORN_PORT=$((PORT + 1))
   mkdir -p "$LOG_DIR" "$(dirname "$RESULTS_FILE")"
-  trap stop_all EXIT
+  trap 'stop_apache; stop_all' EXIT
   # Turns Ctrl-C and SIGTERM into a normal exit, so that the EXIT trap stops the servers.
   trap 'exit 130' INT
   trap 'exit 143' TERM
@@ -694,6 +906,7 @@ main() {
   DENO_BIN="$(find_deno)"
   PYTHON_BIN="$(find_python)"
   install_wrk
+  install_apache
   fetch_gunicorn "$PYTHON_BIN"
   GUNICORN_VERSION="$(gunicorn_version "$PYTHON_BIN")" || fail "gunicorn from $GUNICORN_PATH does not import with $PYTHON_BIN; delete $BENCH_CACHE and run again"
   FRAMEWORK_PATH="$("$REPO_ROOT/examples/fetch_packages.sh")"
@@ -704,19 +917,22 @@ main() {
   rm -rf "$SNAPSHOT_DIR"
   mkdir -p "$SNAPSHOT_DIR"
   # Other programs on the machine skew the numbers, so the report shows the load around the run.
-  LOAD_BEFORE="$(cut -d' ' -f1 /proc/loadavg)"
+  LOAD_BEFORE="$(load_average)"
 
   PYTHON_VERSION="$("$PYTHON_BIN" -c 'import platform; print(platform.python_version())')"
 
   local flask_path_option=(--python-path "$FRAMEWORK_PATH")
   bench_setup hello-wsgirun-3.14 hello "wsgirun" wsgirun examples/hello/app.wsgi 3.14
-  bench_setup hello-wsgirun-3.12 hello "wsgirun" wsgirun examples/hello/app.wsgi 3.12
   bench_setup hello-gunicorn-gthread hello "gunicorn gthread" gunicorn examples/hello/app.wsgi gthread
   bench_setup hello-gunicorn-sync hello "gunicorn sync" gunicorn examples/hello/app.wsgi sync
+  bench_setup hello-apache hello "Apache mod_wsgi embedded" apache examples/hello/app.wsgi
   bench_setup flask-wsgirun-3.12 "Flask template page" "wsgirun" wsgirun examples/flask/app.wsgi 3.12 "${flask_path_option[@]}"
   bench_setup flask-gunicorn-gthread "Flask template page" "gunicorn gthread" gunicorn examples/flask/app.wsgi gthread
   bench_setup flask-gunicorn-sync "Flask template page" "gunicorn sync" gunicorn examples/flask/app.wsgi sync
-  bench_idle_memory
+  bench_setup flask-apache "Flask template page" "Apache mod_wsgi embedded" apache examples/flask/app.wsgi
+  bench_isolates
+  bench_request_path
+  bench_adapter_cost
   bench_upload
 
   print_report | tee "$RESULTS_FILE"
