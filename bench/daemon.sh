@@ -4,7 +4,7 @@
 #
 # Usage: bench/daemon.sh
 #   Progress goes to stderr. The results go to stdout and to bench/results/daemon.md.
-#   With the default settings one run takes about five minutes.
+#   With the default settings one run takes about seven minutes.
 #
 # What runs, each server alone on a loopback port, with examples/hello/app.wsgi:
 #   - wsgirun embedded, 2 isolates (--threads 2);

@@ -74,7 +74,10 @@ async function handleSignals(server: RunningServer, logger: Logger): Promise<nev
   }
 }
 
-async function start(options: Parameters<typeof startServer>[0], logger: Logger): Promise<RunningServer> {
+async function start(
+  options: Parameters<typeof startServer>[0],
+  logger: Logger,
+): Promise<RunningServer> {
   try {
     return await startServer(options, logger);
   } catch (error) {

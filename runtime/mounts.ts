@@ -53,7 +53,9 @@ export function assignProcessGroups(plan: MountPlan): string | undefined {
   const names = new Set<string>();
   for (const group of plan.groups) {
     if (names.has(group.name)) {
-      throw new MountConfigError(`group '${group.name}' is defined by more than one --daemon (rename one)`);
+      throw new MountConfigError(
+        `group '${group.name}' is defined by more than one --daemon (rename one)`,
+      );
     }
     names.add(group.name);
   }
@@ -68,7 +70,9 @@ export function assignProcessGroups(plan: MountPlan): string | undefined {
   for (const mount of all) {
     if (prefixes.has(mount.mountPoint)) {
       throw new MountConfigError(
-        `two applications are mounted at '${mount.mountPoint || "/"}' (give each --mount its own URL)`,
+        `two applications are mounted at '${
+          mount.mountPoint || "/"
+        }' (give each --mount its own URL)`,
       );
     }
     prefixes.add(mount.mountPoint);
@@ -148,7 +152,13 @@ export class MountTable {
         logger: appLogger,
       });
       const backend = new EmbeddedBackend(pool, appLogger);
-      return { mountPoint: spec.mountPoint, app: spec.app, backend, filePaths: spec.app.pythonPath, logger: appLogger };
+      return {
+        mountPoint: spec.mountPoint,
+        app: spec.app,
+        backend,
+        filePaths: spec.app.pythonPath,
+        logger: appLogger,
+      };
     }
 
     const app = groupAppSpec(spec.app, groupSpec);

@@ -117,13 +117,19 @@ function lookupUser(value: string): AccountEntry {
     : entries.find((candidate) => candidate.name === value);
   if (entry) return entry;
   if (/^[0-9]+$/.test(value)) return { name: value, id: Number(value) };
-  throw new DaemonConfigError(`user '${value}' not found in /etc/passwd (give an existing user or a numeric uid)`);
+  throw new DaemonConfigError(
+    `user '${value}' not found in /etc/passwd (give an existing user or a numeric uid)`,
+  );
 }
 
 function lookupGroup(value: string): number {
   if (/^[0-9]+$/.test(value)) return Number(value);
   const entry = readAccounts("/etc/group").find((candidate) => candidate.name === value);
-  if (!entry) throw new DaemonConfigError(`group '${value}' not found in /etc/group (give an existing group or a numeric gid)`);
+  if (!entry) {
+    throw new DaemonConfigError(
+      `group '${value}' not found in /etc/group (give an existing group or a numeric gid)`,
+    );
+  }
   return entry.id;
 }
 
@@ -134,7 +140,11 @@ function lookupGroup(value: string): number {
  *
  * @throws {DaemonConfigError} With the key, the value and the fix.
  */
-export function resolveIdentity(spec: DaemonGroupSpec, serverUid = Deno.uid(), serverGid = Deno.gid()): DaemonIdentity {
+export function resolveIdentity(
+  spec: DaemonGroupSpec,
+  serverUid = Deno.uid(),
+  serverGid = Deno.gid(),
+): DaemonIdentity {
   const where = `group '${spec.name}'`;
   if (serverUid !== 0) {
     const user = spec.user === undefined ? undefined : lookupUser(spec.user);
@@ -156,14 +166,22 @@ export function resolveIdentity(spec: DaemonGroupSpec, serverUid = Deno.uid(), s
   }
   const user = lookupUser(spec.user);
   if (user.id === 0) {
-    throw new DaemonConfigError(`${where}: user=${spec.user} is root (a daemon never runs as root; give an unprivileged user)`);
+    throw new DaemonConfigError(
+      `${where}: user=${spec.user} is root (a daemon never runs as root; give an unprivileged user)`,
+    );
   }
   const gid = spec.group === undefined ? user.gid : lookupGroup(spec.group);
   if (gid === undefined) {
-    throw new DaemonConfigError(`${where}: user=${spec.user} has no entry in /etc/passwd, so its group is unknown; add group=NAME`);
+    throw new DaemonConfigError(
+      `${where}: user=${spec.user} has no entry in /etc/passwd, so its group is unknown; add group=NAME`,
+    );
   }
   if (gid === 0) {
-    throw new DaemonConfigError(`${where}: group ${spec.group ?? "of user " + spec.user} is root's group (gid 0); give group=NAME with another group`);
+    throw new DaemonConfigError(
+      `${where}: group ${
+        spec.group ?? "of user " + spec.user
+      } is root's group (gid 0); give group=NAME with another group`,
+    );
   }
   return { uid: user.id, gid, description: `${user.name} (uid ${user.id}, gid ${gid})` };
 }
@@ -226,7 +244,9 @@ async function privateFolder(path: string, uid: number, gid: number): Promise<st
 
 /** Prepares the cache folders of a group's processes (see the module documentation). */
 export async function prepareDaemonCache(identity: DaemonIdentity): Promise<DaemonCache> {
-  if (identity.uid === undefined || identity.gid === undefined) return { snapshotDir: snapshotCacheDir() };
+  if (identity.uid === undefined || identity.gid === undefined) {
+    return { snapshotDir: snapshotCacheDir() };
+  }
   const { uid, gid } = identity;
   const temporary = Deno.env.get("TMPDIR") || "/tmp";
   const root = await privateFolder(`${temporary}/wsgirun-daemon-cache-${uid}`, uid, gid);
@@ -241,7 +261,7 @@ export async function prepareDaemonCache(identity: DaemonIdentity): Promise<Daem
 
 /** Whether every folder above `path` lets other users pass through it. */
 async function othersCanReach(path: string): Promise<boolean> {
-  for (let folder = dirname(path); ; folder = dirname(folder)) {
+  for (let folder = dirname(path);; folder = dirname(folder)) {
     const info = await Deno.stat(folder);
     if (((info.mode ?? 0) & 0o001) === 0) return false;
     if (dirname(folder) === folder) return true;
@@ -261,7 +281,9 @@ async function executableFor(root: string, uid: number, gid: number): Promise<st
   const folder = await privateFolder(`${root}/bin`, uid, gid);
   const copy = `${folder}/${original.slice(original.lastIndexOf("/") + 1)}`;
   const existing = await Deno.stat(copy).catch(() => null);
-  if (existing?.size !== info.size || (existing.mtime?.getTime() ?? 0) < (info.mtime?.getTime() ?? 0)) {
+  if (
+    existing?.size !== info.size || (existing.mtime?.getTime() ?? 0) < (info.mtime?.getTime() ?? 0)
+  ) {
     const temporaryCopy = `${copy}.${Deno.pid}.tmp`;
     await Deno.copyFile(original, temporaryCopy);
     await Deno.chown(temporaryCopy, uid, gid);
@@ -276,10 +298,19 @@ export function permissionFlags(app: AppSpec, cache: DaemonCache): string[] {
   const code = [ISOLATE_WORKER_URL, new URL(import.meta.url)]
     .filter((url) => url.protocol === "file:")
     .map((url) => dirname(fileURLToPath(url)));
-  const read = [...new Set(code), pyodideFolder(app.python), ...appReadPaths(app), cache.snapshotDir];
+  const read = [
+    ...new Set(code),
+    pyodideFolder(app.python),
+    ...appReadPaths(app),
+    cache.snapshotDir,
+  ];
   const write = [...(app.writePaths ?? []), cache.snapshotDir];
   // An empty list after "=" would grant access everywhere, so a flag is left out when it has none.
-  const flags = [`--allow-read=${read.join(",")}`, "--allow-env=WSGIRUN_CACHE_DIR", "--allow-sys=uid"];
+  const flags = [
+    `--allow-read=${read.join(",")}`,
+    "--allow-env=WSGIRUN_CACHE_DIR",
+    "--allow-sys=uid",
+  ];
   if (write.length) flags.push(`--allow-write=${write.join(",")}`);
   if (app.allowNet?.length) flags.push(`--allow-net=${app.allowNet.join(",")}`);
   return flags;

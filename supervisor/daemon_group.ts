@@ -146,7 +146,10 @@ export class DaemonGroup implements AppBackend {
 
   submit(request: BackendRequest): RequestHandle {
     if (this.#failedReason) {
-      throw new PoolUnavailableError(`group '${this.name}' is unavailable: ${this.#failedReason}`, 30);
+      throw new PoolUnavailableError(
+        `group '${this.name}' is unavailable: ${this.#failedReason}`,
+        30,
+      );
     }
     if (this.#stopping) throw new PoolUnavailableError("the server is shutting down", 5);
     if (this.#queue.length >= this.#options.queueLimit && !this.#pickProcess()) {
@@ -164,10 +167,14 @@ export class DaemonGroup implements AppBackend {
 
   reload(reason: string): void {
     if (this.#stopping) return;
-    const current = [...this.#processes].filter((p) => p.state === "starting" || p.state === "ready");
+    const current = [...this.#processes].filter((p) =>
+      p.state === "starting" || p.state === "ready"
+    );
     this.#logger.info(
       `reloading: ${reason}; starting ${this.spec.processes} fresh processes, and ${current.length} ` +
-        `current ones finish their requests within graceful-timeout (${this.spec.gracefulTimeoutMs / 1000} s)`,
+        `current ones finish their requests within graceful-timeout (${
+          this.spec.gracefulTimeoutMs / 1000
+        } s)`,
     );
     this.#failedReason = null;
     this.#holdReason = null;
@@ -182,7 +189,9 @@ export class DaemonGroup implements AppBackend {
     this.#stopping = true;
     clearInterval(this.#tick);
     clearTimeout(this.#spawnTimer);
-    for (const handle of this.#queue.splice(0)) handle.request.sink.fail(503, "the server is shutting down");
+    for (const handle of this.#queue.splice(0)) {
+      handle.request.sink.fail(503, "the server is shutting down");
+    }
 
     const processes = [...this.#processes];
     for (const process of processes) {
@@ -271,7 +280,9 @@ export class DaemonGroup implements AppBackend {
 
   #onRequestDone(process: DaemonProcess): void {
     const maximum = this.spec.maximumRequests;
-    if (maximum > 0 && process.served >= maximum && !process.replaced && process.state === "ready") {
+    if (
+      maximum > 0 && process.served >= maximum && !process.replaced && process.state === "ready"
+    ) {
       this.#replace(process, `it served ${process.served} requests (maximum-requests ${maximum})`);
     }
     this.#dispatch();
@@ -304,10 +315,22 @@ export class DaemonGroup implements AppBackend {
     this.#dispatch();
   }
 
-  #logExit(process: DaemonProcess, exit: ProcessExit, running: number, waiting: number, planned: boolean) {
+  #logExit(
+    process: DaemonProcess,
+    exit: ProcessExit,
+    running: number,
+    waiting: number,
+    planned: boolean,
+  ) {
     const parts = [`daemon process ${exit.reason} after serving ${process.served} requests`];
-    if (running > 0) parts.push(`${running} running request${running === 1 ? "" : "s"} fail with 502`);
-    if (waiting > 0) parts.push(`${waiting} request${waiting === 1 ? "" : "s"} not yet running go to another process`);
+    if (running > 0) {
+      parts.push(`${running} running request${running === 1 ? "" : "s"} fail with 502`);
+    }
+    if (waiting > 0) {
+      parts.push(
+        `${waiting} request${waiting === 1 ? "" : "s"} not yet running go to another process`,
+      );
+    }
     const message = parts.join("; ");
     if (planned && running === 0) process.logger.info(message);
     else if (exit.signal === "SIGTERM" || planned) process.logger.warning(message);
@@ -411,7 +434,9 @@ export class DaemonGroup implements AppBackend {
     const graceful = this.spec.gracefulTimeoutMs;
     process.logger.info(
       process.outstanding > 0
-        ? `retiring the daemon process: it finishes ${process.outstanding} requests within graceful-timeout (${graceful / 1000} s)`
+        ? `retiring the daemon process: it finishes ${process.outstanding} requests within graceful-timeout (${
+          graceful / 1000
+        } s)`
         : "retiring the daemon process",
     );
     process.retire(graceful);
@@ -433,7 +458,9 @@ export class DaemonGroup implements AppBackend {
       const handle = this.#queue.shift()!;
       if (handle.cancelled) continue;
       const readyCount = [...this.#processes].filter((p) => p.state === "ready").length;
-      const state = readyCount === 0 ? "; no daemon process was ready (the group is restarting)" : "";
+      const state = readyCount === 0
+        ? "; no daemon process was ready (the group is restarting)"
+        : "";
       handle.request.sink.fail(
         503,
         `queue timed out: the request waited ${Math.round(now - handle.queuedAt)} ms in group ` +
@@ -447,9 +474,14 @@ export class DaemonGroup implements AppBackend {
     const now = performance.now();
     for (const process of this.#processes) {
       if (process.killed) continue;
-      if (process.state === "starting" && !process.replaced && now - process.startedAt > this.spec.startupTimeoutMs) {
+      if (
+        process.state === "starting" && !process.replaced &&
+        now - process.startedAt > this.spec.startupTimeoutMs
+      ) {
         const seconds = this.spec.startupTimeoutMs / 1000;
-        process.logger.error(`daemon process did not become ready within startup-timeout (${seconds} s); killing it`);
+        process.logger.error(
+          `daemon process did not become ready within startup-timeout (${seconds} s); killing it`,
+        );
         process.stopReason = `was killed: startup timed out after ${seconds} s`;
         process.kill("SIGKILL");
         continue;
@@ -473,7 +505,12 @@ export class DaemonGroup implements AppBackend {
     for (const process of this.#processes) {
       if (process.state !== "ready" || process.replaced || process.readyAt === undefined) continue;
       if (now - process.readyAt >= interval) {
-        this.#replace(process, `it ran for ${Math.round((now - process.readyAt) / 1000)} s (restart-interval ${interval / 1000} s)`);
+        this.#replace(
+          process,
+          `it ran for ${Math.round((now - process.readyAt) / 1000)} s (restart-interval ${
+            interval / 1000
+          } s)`,
+        );
       }
     }
   }

@@ -79,7 +79,13 @@ class DaemonRequest implements ResponseSink {
   #fileSending: Promise<void> | null = null;
   #finished = false;
 
-  constructor(id: number, daemon: Daemon, method: string, environ: string, body: Uint8Array<ArrayBuffer> | null) {
+  constructor(
+    id: number,
+    daemon: Daemon,
+    method: string,
+    environ: string,
+    body: Uint8Array<ArrayBuffer> | null,
+  ) {
     this.id = id;
     this.#daemon = daemon;
     this.ring = body === null ? BodyRing.create(BODY_RING_BYTES) : null;
@@ -191,7 +197,9 @@ class DaemonRequest implements ResponseSink {
     this.control.cancel();
     this.ring?.abort();
     this.#wakeFileSender?.();
-    if (!this.job.running) this.end({ type: "end", requestId: this.job.requestId, error: "cancelled before it ran" });
+    if (!this.job.running) {
+      this.end({ type: "end", requestId: this.job.requestId, error: "cancelled before it ran" });
+    }
   }
 
   #whenFileSent(action: () => void): void {
@@ -210,8 +218,12 @@ class DaemonRequest implements ResponseSink {
    */
   async #sendFile(message: FileMessage): Promise<void> {
     const folders = appReadPaths(this.#daemon.config.app);
-    if (!folders.some((folder) => message.path === folder || message.path.startsWith(folder + "/"))) {
-      this.#abortResponse(`wsgi.file_wrapper path '${message.path}' is outside the application's folders`);
+    if (
+      !folders.some((folder) => message.path === folder || message.path.startsWith(folder + "/"))
+    ) {
+      this.#abortResponse(
+        `wsgi.file_wrapper path '${message.path}' is outside the application's folders`,
+      );
       return;
     }
     let file: Deno.FsFile | undefined;
@@ -289,7 +301,9 @@ class Daemon {
         if (!this.config.app.preload) this.#sendReady();
       },
       (error) => {
-        this.logger.critical(`no isolate could start: ${error instanceof Error ? error.message : error}`);
+        this.logger.critical(
+          `no isolate could start: ${error instanceof Error ? error.message : error}`,
+        );
         this.#stop({ kind: "exit", code: DaemonExit.BOOT_FAILED });
       },
     );
@@ -424,7 +438,10 @@ function missingPyodide(python: PythonVersion): string | undefined {
 }
 
 /** Reads the CONFIGURE frame, which the front sends before anything else. */
-function readConfig(stream: ReadableStream<Uint8Array<ArrayBuffer>>, onFrame: (type: number, id: number, payload: Uint8Array<ArrayBuffer>) => void) {
+function readConfig(
+  stream: ReadableStream<Uint8Array<ArrayBuffer>>,
+  onFrame: (type: number, id: number, payload: Uint8Array<ArrayBuffer>) => void,
+) {
   const { promise, resolve } = Promise.withResolvers<DaemonConfig | undefined>();
   let configured = false;
   const done = readFrames(stream, (type, id, payload) => {
@@ -446,19 +463,30 @@ export async function runDaemon(): Promise<number> {
   const terminated = Promise.withResolvers<void>();
   Deno.addSignalListener("SIGTERM", () => terminated.resolve());
 
-  const writer = new FrameWriter(synchronousStdout(), () => stopped.resolve({ kind: "input closed" }));
-  let daemon: Daemon | undefined;
-  const input = readConfig(Deno.stdin.readable, (type, id, payload) => daemon?.onFrame(type, id, payload));
+  const writer = new FrameWriter(
+    synchronousStdout(),
+    () => stopped.resolve({ kind: "input closed" }),
+  );
+  // Frames after CONFIGURE go to the daemon, which exists once the configuration is checked.
+  const receiver: { daemon?: Daemon } = {};
+  const input = readConfig(
+    Deno.stdin.readable,
+    (type, id, payload) => receiver.daemon?.onFrame(type, id, payload),
+  );
   input.done.then(() => stopped.resolve({ kind: "input closed" }));
 
   const config = await input.config;
   if (!config) {
-    new Logger("info", { pid: Deno.pid }).critical("daemon process received no configuration; it is started by wsgirun only");
+    new Logger("info", { pid: Deno.pid }).critical(
+      "daemon process received no configuration; it is started by wsgirun only",
+    );
     return DaemonExit.USAGE;
   }
   const logger = new Logger(config.logLevel, { group: config.group, pid: Deno.pid });
   if (Deno.uid() === 0) {
-    logger.critical("daemon process stopped: it runs as root, which a daemon never does; give the group user=NAME");
+    logger.critical(
+      "daemon process stopped: it runs as root, which a daemon never does; give the group user=NAME",
+    );
     return DaemonExit.REFUSED_ROOT;
   }
 
@@ -469,7 +497,7 @@ export async function runDaemon(): Promise<number> {
   }
 
   const running = new Daemon(config, writer, (cause) => stopped.resolve(cause));
-  daemon = running;
+  receiver.daemon = running;
   running.start();
   logger.debug(`daemon process started for ${config.app.name}`);
   terminated.promise.then(() => running.drain()).then(() => stopped.resolve({ kind: "drained" }));
@@ -477,6 +505,10 @@ export async function runDaemon(): Promise<number> {
   const cause = await stopped.promise;
   running.stop();
   if (cause.kind === "exit") return cause.code;
-  logger.debug(cause.kind === "drained" ? "stopping: drained after SIGTERM" : "stopping: the front closed the channel");
+  logger.debug(
+    cause.kind === "drained"
+      ? "stopping: drained after SIGTERM"
+      : "stopping: the front closed the channel",
+  );
   return DaemonExit.OK;
 }

@@ -18,8 +18,8 @@ import {
   encodeRequest,
   encodeUint32,
   Frame,
-  FrameWriter,
   FrameError,
+  FrameWriter,
   MAX_BODY_FRAME,
   readFrames,
 } from "./daemon_protocol.ts";
@@ -61,13 +61,28 @@ export function describeExit(status: Deno.CommandStatus): ProcessExit {
   }
   switch (code) {
     case DaemonExit.BOOT_FAILED:
-      return { code, signal, reason: "failed to start: no isolate could load Pyodide (exit code 3)", bootFailure: true };
+      return {
+        code,
+        signal,
+        reason: "failed to start: no isolate could load Pyodide (exit code 3)",
+        bootFailure: true,
+      };
     case DaemonExit.APP_LOAD_FAILED:
-      return { code, signal, reason: "failed to start: the application failed to import (exit code 4)", bootFailure: true };
+      return {
+        code,
+        signal,
+        reason: "failed to start: the application failed to import (exit code 4)",
+        bootFailure: true,
+      };
     case DaemonExit.REFUSED_ROOT:
       return { code, signal, reason: "refused to run as root (exit code 5)", bootFailure: true };
     case DaemonExit.USAGE:
-      return { code, signal, reason: "rejected its configuration (exit code 2)", bootFailure: true };
+      return {
+        code,
+        signal,
+        reason: "rejected its configuration (exit code 2)",
+        bootFailure: true,
+      };
     default:
       return { code, signal, reason: `exited with code ${code}`, bootFailure: false };
   }
@@ -99,7 +114,9 @@ export class DaemonRequestHandle implements RequestHandle {
   }
 
   released(bytes: number): void {
-    if (this.process && !this.finished) this.process.send(Frame.CREDIT, this.id, encodeUint32(bytes));
+    if (this.process && !this.finished) {
+      this.process.send(Frame.CREDIT, this.id, encodeUint32(bytes));
+    }
   }
 
   cancel(): void {
@@ -123,7 +140,9 @@ export class DaemonRequestHandle implements RequestHandle {
     if (this.running) return;
     this.running = true;
     const body = this.request.body;
-    if (body instanceof ReadableStream && this.process) this.#pumpBody(body, this.process, this.id, logger);
+    if (body instanceof ReadableStream && this.process) {
+      this.#pumpBody(body, this.process, this.id, logger);
+    }
   }
 
   bodyCredit(bytes: number): void {
@@ -150,7 +169,8 @@ export class DaemonRequestHandle implements RequestHandle {
   }
 
   #bodyStopped(process: DaemonProcess): boolean {
-    return this.finished || this.cancelled || process.state === "exited" || this.#bodyReader === null;
+    return this.finished || this.cancelled || process.state === "exited" ||
+      this.#bodyReader === null;
   }
 
   /**
@@ -163,7 +183,12 @@ export class DaemonRequestHandle implements RequestHandle {
    * it lasted. A body with a Content-Length sent in large writes (curl)
    * moved at over 200 MB/s. Reading ahead into a bounded queue did not help.
    */
-  async #pumpBody(body: ReadableStream<Uint8Array>, process: DaemonProcess, id: number, logger: Logger) {
+  async #pumpBody(
+    body: ReadableStream<Uint8Array>,
+    process: DaemonProcess,
+    id: number,
+    logger: Logger,
+  ) {
     const reader = body.getReader();
     this.#bodyReader = reader;
     try {
@@ -176,7 +201,9 @@ export class DaemonRequestHandle implements RequestHandle {
         }
         for (let offset = 0; offset < value.length; offset += MAX_BODY_FRAME) {
           const piece = value.subarray(offset, offset + MAX_BODY_FRAME);
-          while (this.#bodyBytesInFlight > 0 && this.#bodyBytesInFlight + piece.length > BODY_WINDOW) {
+          while (
+            this.#bodyBytesInFlight > 0 && this.#bodyBytesInFlight + piece.length > BODY_WINDOW
+          ) {
             await new Promise<void>((resolve) => (this.#wakeBody = resolve));
             if (this.#bodyStopped(process)) return;
           }
@@ -186,7 +213,9 @@ export class DaemonRequestHandle implements RequestHandle {
       }
     } catch (error) {
       if (this.#bodyStopped(process)) return;
-      logger.info(`client stopped sending the request body: ${error}`, { request: this.request.requestId });
+      logger.info(`client stopped sending the request body: ${error}`, {
+        request: this.request.requestId,
+      });
       process.send(Frame.BODY_ABORT, id);
     }
   }
@@ -246,9 +275,14 @@ export class DaemonProcess {
       this.#logger.debug(`channel to the daemon process closed: ${error}`);
     });
     this.#writer.send(Frame.CONFIGURE, 0, encodeJson(options.config));
-    const frames = readFrames(this.#child.stdout, (type, id, payload) => this.#receive(type, id, payload))
+    const frames = readFrames(
+      this.#child.stdout,
+      (type, id, payload) => this.#receive(type, id, payload),
+    )
       .catch((error) => this.#onChannelError(error));
-    this.exited = Promise.all([this.#child.status, frames]).then(([status]) => this.#onExit(status));
+    this.exited = Promise.all([this.#child.status, frames]).then(([status]) =>
+      this.#onExit(status)
+    );
   }
 
   /** Requests sent to this process that have not finished. */
@@ -351,7 +385,10 @@ export class DaemonProcess {
           sink.end({ type: "end", requestId, error });
         } else {
           // The isolate failed before the application started its response.
-          sink.fail(502, `daemon process ${this.pid}: ${error ?? "the response ended before it started"}`);
+          sink.fail(
+            502,
+            `daemon process ${this.pid}: ${error ?? "the response ended before it started"}`,
+          );
         }
         return;
       }
@@ -402,7 +439,9 @@ export class DaemonProcess {
   /** The daemon got SIGTERM from outside the front: send it nothing more, let it finish. */
   #onDraining(): void {
     if (this.state === "exited" || this.state === "retiring") return;
-    this.#logger.warning(`daemon process received SIGTERM; it finishes ${this.outstanding} requests and stops`);
+    this.#logger.warning(
+      `daemon process received SIGTERM; it finishes ${this.outstanding} requests and stops`,
+    );
     this.stopReason = "stopped after SIGTERM";
     this.stopPlanned = true;
     this.state = "retiring";

@@ -120,7 +120,11 @@ function encodeFrameHeader(type: number, id: number, length: number): Uint8Array
 }
 
 /** Encodes one frame. */
-export function encodeFrame(type: number, id: number, payload?: Uint8Array): Uint8Array<ArrayBuffer> {
+export function encodeFrame(
+  type: number,
+  id: number,
+  payload?: Uint8Array,
+): Uint8Array<ArrayBuffer> {
   const length = payload?.length ?? 0;
   const frame = new Uint8Array(HEADER_BYTES + length);
   const view = new DataView(frame.buffer);
@@ -174,7 +178,11 @@ export interface RequestPayload {
 }
 
 /** REQUEST payload: body mode (u8), method length (u8), method, environ length (u32), environ, body. */
-export function encodeRequest(method: string, environ: string, body: Uint8Array | null): Uint8Array {
+export function encodeRequest(
+  method: string,
+  environ: string,
+  body: Uint8Array | null,
+): Uint8Array {
   const methodBytes = encoder.encode(method);
   const environBytes = encoder.encode(environ);
   const bodyLength = body?.length ?? 0;
@@ -215,7 +223,12 @@ export interface StartPayload {
 }
 
 /** START payload: status (u16), complete (u8), headers JSON length (u32), headers JSON, body. */
-export function encodeStart(status: number, headers: string[], complete: boolean, body?: Uint8Array): Uint8Array {
+export function encodeStart(
+  status: number,
+  headers: string[],
+  complete: boolean,
+  body?: Uint8Array,
+): Uint8Array {
   const headerBytes = encoder.encode(JSON.stringify(headers));
   const bodyLength = body?.length ?? 0;
   const payload = new Uint8Array(7 + headerBytes.length + bodyLength);
@@ -274,7 +287,10 @@ export class FrameError extends Error {
  * @throws {FrameError} A header has an unknown type or an impossible length,
  *   for example because something else wrote to the daemon's standard output.
  */
-export async function readFrames(stream: ReadableStream<Uint8Array<ArrayBuffer>>, onFrame: FrameHandler): Promise<void> {
+export async function readFrames(
+  stream: ReadableStream<Uint8Array<ArrayBuffer>>,
+  onFrame: FrameHandler,
+): Promise<void> {
   const header = new Uint8Array(HEADER_BYTES);
   const headerView = new DataView(header.buffer);
   let headerFill = 0;
@@ -365,7 +381,6 @@ export class FrameWriter {
     try {
       while (this.#pending.length > 0 && !this.#closed) {
         const frames = this.#pending;
-        const total = this.#pendingBytes;
         this.#pending = [];
         this.#pendingBytes = 0;
         for (const batch of batches(frames)) await this.#writer.write(batch);

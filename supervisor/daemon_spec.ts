@@ -126,7 +126,9 @@ const KEYS: Record<string, KeySpec> = {
     form: "existing directories separated by ':'",
     repeatable: true,
     parse: (value, spec, cwd) => {
-      for (const part of value.split(":")) spec.pythonPath.push(parseDirectory("python-path", part, cwd));
+      for (const part of value.split(":")) {
+        spec.pythonPath.push(parseDirectory("python-path", part, cwd));
+      }
     },
   },
   "python": {
@@ -143,7 +145,11 @@ const KEYS: Record<string, KeySpec> = {
     repeatable: false,
     parse: (value, spec) => {
       if (!/^[\x21-\x7e]{1,64}$/.test(value)) {
-        throw invalidKey("display-name", value, "1 to 64 printable ASCII characters without spaces");
+        throw invalidKey(
+          "display-name",
+          value,
+          "1 to 64 printable ASCII characters without spaces",
+        );
       }
       spec.displayName = value.replaceAll("%{GROUP}", `(wsgi:${spec.name})`);
     },
@@ -156,7 +162,10 @@ const KEYS: Record<string, KeySpec> = {
     },
   },
   "restart-interval": secondsKey("restart-interval", (spec, ms) => (spec.restartIntervalMs = ms)),
-  "inactivity-timeout": secondsKey("inactivity-timeout", (spec, ms) => (spec.inactivityTimeoutMs = ms)),
+  "inactivity-timeout": secondsKey(
+    "inactivity-timeout",
+    (spec, ms) => (spec.inactivityTimeoutMs = ms),
+  ),
   "request-timeout": secondsKey("request-timeout", (spec, ms) => (spec.requestTimeoutMs = ms)),
   "queue-timeout": secondsKey("queue-timeout", (spec, ms) => (spec.queueTimeoutMs = ms)),
   "startup-timeout": secondsKey("startup-timeout", (spec, ms) => (spec.startupTimeoutMs = ms)),
@@ -180,7 +189,11 @@ const KEYS: Record<string, KeySpec> = {
     parse: (value, spec) => {
       const port = value.match(/:([0-9]+)$/)?.[1];
       if (!NET_HOST.test(value) || (port !== undefined && Number(port) > 65535)) {
-        throw invalidKey("allow-net", value, "HOST or HOST:PORT, such as 127.0.0.1:5432 or [::1]:80");
+        throw invalidKey(
+          "allow-net",
+          value,
+          "HOST or HOST:PORT, such as 127.0.0.1:5432 or [::1]:80",
+        );
       }
       spec.allowNet.push(value);
     },
@@ -255,13 +268,17 @@ export function parseDaemonSpec(text: string, cwd: string): DaemonGroupSpec {
   for (const item of items) {
     const equals = item.indexOf("=");
     if (equals <= 0) {
-      throw new DaemonSpecError(`invalid item ${quote(item)} (expected key=value, such as processes=2)`);
+      throw new DaemonSpecError(
+        `invalid item ${quote(item)} (expected key=value, such as processes=2)`,
+      );
     }
     const key = item.slice(0, equals);
     const value = item.slice(equals + 1);
     const keySpec = Object.hasOwn(KEYS, key) ? KEYS[key] : undefined;
     if (!keySpec) {
-      throw new DaemonSpecError(`unknown key ${quote(key)} (accepted keys: ${DAEMON_KEYS.join(", ")})`);
+      throw new DaemonSpecError(
+        `unknown key ${quote(key)} (accepted keys: ${DAEMON_KEYS.join(", ")})`,
+      );
     }
     if (seen.has(key) && !keySpec.repeatable) {
       throw new DaemonSpecError(`key ${quote(key)} is given twice (give it once)`);
@@ -314,7 +331,11 @@ function parseInteger(key: string, value: string, min: number, max: number): num
 
 function parseAccount(key: "user" | "group", value: string): string {
   if (!ACCOUNT.test(value)) {
-    throw invalidKey(key, value, key === "user" ? "a user name or numeric uid" : "a group name or numeric gid");
+    throw invalidKey(
+      key,
+      value,
+      key === "user" ? "a user name or numeric uid" : "a group name or numeric gid",
+    );
   }
   return value;
 }
@@ -327,7 +348,9 @@ function parseDirectory(key: string, value: string, cwd: string): string {
   } catch {
     throw invalidKey(key, value, `an existing directory, but ${quote(path)} does not exist`);
   }
-  if (!info.isDirectory) throw invalidKey(key, value, `an existing directory, but ${quote(path)} is a file`);
+  if (!info.isDirectory) {
+    throw invalidKey(key, value, `an existing directory, but ${quote(path)} is a file`);
+  }
   return Deno.realPathSync(path);
 }
 
@@ -337,5 +360,7 @@ function invalidKey(key: string, value: string, expected: string): DaemonSpecErr
 
 function quote(value: string): string {
   // deno-lint-ignore no-control-regex -- control characters are what must be escaped
-  return `'${value.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`)}'`;
+  return `'${
+    value.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`)
+  }'`;
 }

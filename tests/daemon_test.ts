@@ -79,7 +79,9 @@ function servingPid(requestId: string): number {
 }
 
 function statusField(pid: number, field: string): string {
-  const line = Deno.readTextFileSync(`/proc/${pid}/status`).split("\n").find((l) => l.startsWith(field + ":"));
+  const line = Deno.readTextFileSync(`/proc/${pid}/status`).split("\n").find((l) =>
+    l.startsWith(field + ":")
+  );
   return line?.slice(field.length + 1).trim() ?? "";
 }
 
@@ -94,7 +96,9 @@ function residentBytes(pid: number): number {
 
 /** Returns the front's pid and the pids of the group "site", which serve the transfers. */
 function transferPids(server: TestServer): number[] {
-  const site = daemonPids(server).filter((pid) => Deno.readTextFileSync(`/proc/${pid}/cmdline`).includes("(wsgi:site)"));
+  const site = daemonPids(server).filter((pid) =>
+    Deno.readTextFileSync(`/proc/${pid}/cmdline`).includes("(wsgi:site)")
+  );
   return [server.process.pid, ...site];
 }
 
@@ -103,11 +107,21 @@ function countMatches(text: string, pattern: RegExp): number {
 }
 
 /** Waits until `pattern` appears `count` times in the server log after `from`. */
-async function waitForCount(server: TestServer, pattern: RegExp, count: number, from = 0, timeoutMs = 60_000) {
+async function waitForCount(
+  server: TestServer,
+  pattern: RegExp,
+  count: number,
+  from = 0,
+  timeoutMs = 60_000,
+) {
   const deadline = Date.now() + timeoutMs;
   while (countMatches(server.log().slice(from), pattern) < count) {
     if (Date.now() > deadline) {
-      throw new Error(`fewer than ${count} log lines matching ${pattern} within ${timeoutMs} ms:\n${server.log().slice(from)}`);
+      throw new Error(
+        `fewer than ${count} log lines matching ${pattern} within ${timeoutMs} ms:\n${
+          server.log().slice(from)
+        }`,
+      );
     }
     await new Promise((resolve) => setTimeout(resolve, 100));
   }
@@ -157,12 +171,15 @@ async function getText(url: string): Promise<{ status: number; body: string }> {
  */
 async function uploadGenerated(port: number, path: string, size: number): Promise<string> {
   const connection = await Deno.connect({ hostname: "127.0.0.1", port });
-  const head = `POST ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: ${size}\r\nConnection: close\r\n\r\n`;
+  const head =
+    `POST ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: ${size}\r\nConnection: close\r\n\r\n`;
   await connection.write(new TextEncoder().encode(head));
   const piece = new Uint8Array(MiB).fill(0x61);
   for (let sent = 0; sent < size; sent += piece.length) {
     const part = piece.subarray(0, Math.min(piece.length, size - sent));
-    for (let offset = 0; offset < part.length;) offset += await connection.write(part.subarray(offset));
+    for (let offset = 0; offset < part.length;) {
+      offset += await connection.write(part.subarray(offset));
+    }
   }
   const response = new TextDecoder().decode(await new Response(connection.readable).arrayBuffer());
   return response.slice(response.indexOf("\r\n\r\n") + 4);
@@ -263,7 +280,10 @@ Deno.test("parseDaemonSpec rejects invalid input", () => {
     ["group=a,queue-timeout=1m", /invalid value for queue-timeout: '1m' \(expected seconds from 0/],
     ["group=a,env=1A=2", /invalid value for env: '1A=2' \(expected NAME=VALUE/],
     ["group=a,allow-net=host:99999", /invalid value for allow-net: 'host:99999'/],
-    ["group=a,home=/no/such/folder", /invalid value for home: '\/no\/such\/folder' \(expected an existing directory/],
+    [
+      "group=a,home=/no/such/folder",
+      /invalid value for home: '\/no\/such\/folder' \(expected an existing directory/,
+    ],
     ["group=a,user=x y", /invalid value for user: 'x y'/],
     ["group=a,threads", /invalid item 'threads' \(expected key=value/],
   ];
@@ -328,7 +348,15 @@ Deno.test("parseCommandLine rejects group mistakes", () => {
     /group 'a' is not used by any mount/,
   );
   assert.match(
-    usageError([OTHER_SCRIPT, ...daemon, "--process-group", "a", "--mount", "/x", `${BROKEN_SCRIPT}:process-group=a`], "/"),
+    usageError([
+      OTHER_SCRIPT,
+      ...daemon,
+      "--process-group",
+      "a",
+      "--mount",
+      "/x",
+      `${BROKEN_SCRIPT}:process-group=a`,
+    ], "/"),
     /group 'a' would run .* and .*; a group runs one application/,
   );
   assert.match(
@@ -375,18 +403,25 @@ Deno.test("resolveIdentity as another user", () => {
 
 Deno.test("frames request round trip", () => {
   const body = new TextEncoder().encode("body bytes");
-  const decoded = decodeRequest(encodeRequest("POST", '{"PATH_INFO":"/é"}', body) as Uint8Array<ArrayBuffer>);
+  const decoded = decodeRequest(
+    encodeRequest("POST", '{"PATH_INFO":"/é"}', body) as Uint8Array<ArrayBuffer>,
+  );
 
   assert.equal(decoded.method, "POST");
   assert.equal(decoded.environ, '{"PATH_INFO":"/é"}');
   assert.equal(decoded.bodyMode, 0);
   assert.deepEqual(decoded.body, body);
-  assert.equal(decodeRequest(encodeRequest("GET", "{}", null) as Uint8Array<ArrayBuffer>).bodyMode, 1);
+  assert.equal(
+    decodeRequest(encodeRequest("GET", "{}", null) as Uint8Array<ArrayBuffer>).bodyMode,
+    1,
+  );
 });
 
 Deno.test("frames start round trip", () => {
   const body = new TextEncoder().encode("hello");
-  const decoded = decodeStart(encodeStart(201, ["X-A", "1"], true, body) as Uint8Array<ArrayBuffer>);
+  const decoded = decodeStart(
+    encodeStart(201, ["X-A", "1"], true, body) as Uint8Array<ArrayBuffer>,
+  );
 
   assert.equal(decoded.status, 201);
   assert.deepEqual(decoded.headers, ["X-A", "1"]);
@@ -411,7 +446,11 @@ Deno.test("frames split across reads", async () => {
     if (type === Frame.BODY) received = data.slice();
   });
 
-  assert.deepEqual(frames, [[Frame.CANCEL, 7, 0], [Frame.BODY, 8, payload.length], [Frame.END, 9, 2]]);
+  assert.deepEqual(frames, [[Frame.CANCEL, 7, 0], [Frame.BODY, 8, payload.length], [
+    Frame.END,
+    9,
+    2,
+  ]]);
   assert.deepEqual(received, payload);
 });
 
@@ -420,7 +459,16 @@ Deno.test("frames split across reads", async () => {
 
 Deno.test("server refuses a root daemon", async () => {
   const command = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--config", repoPath("deno.json"), repoPath("main.ts"), OTHER_SCRIPT, "--daemon", "group=a"],
+    args: [
+      "run",
+      "--allow-all",
+      "--config",
+      repoPath("deno.json"),
+      repoPath("main.ts"),
+      OTHER_SCRIPT,
+      "--daemon",
+      "group=a",
+    ],
     stdout: "piped",
     stderr: "piped",
   });
@@ -442,10 +490,22 @@ Deno.test("group failing at start is marked failed", async () => {
   const log = server.log();
 
   assert.equal(response.status, 503);
-  assert.equal(countMatches(log, /daemon process failed to start: the application failed to import \(exit code 4\) after/), 3);
+  assert.equal(
+    countMatches(
+      log,
+      /daemon process failed to start: the application failed to import \(exit code 4\) after/,
+    ),
+    3,
+  );
   assert.match(log, /this application fails to import on purpose/);
-  assert.match(log, /CRITICAL \[app=app.wsgi group=broken\] group marked failed: 3 daemon processes in a row failed to start/);
-  assert.match(log, /WARNING \[app=app.wsgi group=broken request=\S+\] request rejected with 503: group 'broken' is unavailable/);
+  assert.match(
+    log,
+    /CRITICAL \[app=app.wsgi group=broken\] group marked failed: 3 daemon processes in a row failed to start/,
+  );
+  assert.match(
+    log,
+    /WARNING \[app=app.wsgi group=broken request=\S+\] request rejected with 503: group 'broken' is unavailable/,
+  );
 });
 
 // ---------------------------------------------------------------------------
@@ -495,7 +555,9 @@ Deno.test("daemon server", async (t) => {
     });
 
     await t.step("display name in the command line", () => {
-      const lines = daemonPids(server).map((pid) => Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0"));
+      const lines = daemonPids(server).map((pid) =>
+        Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0")
+      );
       assert.equal(lines.filter((args) => args.includes("(wsgi:site)")).length, 2);
       assert.equal(lines.filter((args) => args.includes("(wsgi:other)")).length, 1);
     });
@@ -503,7 +565,10 @@ Deno.test("daemon server", async (t) => {
     await t.step("process permissions are narrow", () => {
       for (const pid of daemonPids(server)) {
         const args = Deno.readTextFileSync(`/proc/${pid}/cmdline`).split("\0");
-        assert.ok(!args.some((arg) => /^--allow-(all|run|ffi)/.test(arg) || arg === "-A"), args.join(" "));
+        assert.ok(
+          !args.some((arg) => /^--allow-(all|run|ffi)/.test(arg) || arg === "-A"),
+          args.join(" "),
+        );
         assert.ok(args.includes("--allow-env=WSGIRUN_CACHE_DIR"), args.join(" "));
         assert.ok(!args.some((arg) => arg.startsWith("--allow-net")), args.join(" "));
         const read = args.find((arg) => arg.startsWith("--allow-read="))!.split("=")[1].split(",");
@@ -558,9 +623,13 @@ Deno.test("daemon server", async (t) => {
         assert.equal(response.status, 200, path);
         assert.match(response.body, /^denied: /, `${path}: ${response.body}`);
         assert.doesNotMatch(response.body, /other-group-secret/, path);
-        await server.waitForLog(new RegExp(`\\[group=site pid=\\d+ isolate=\\d+ request=\\S+\\] sandbox denied ${name}:`));
+        await server.waitForLog(
+          new RegExp(`\\[group=site pid=\\d+ isolate=\\d+ request=\\S+\\] sandbox denied ${name}:`),
+        );
       }
-      const environ = await getText(`${origin}/do/sandbox/python-environ?name=WSGIRUN_DAEMON_TEST_SECRET`);
+      const environ = await getText(
+        `${origin}/do/sandbox/python-environ?name=WSGIRUN_DAEMON_TEST_SECRET`,
+      );
       assert.equal(environ.body, "allowed: None");
       assert.doesNotMatch(server.log(), new RegExp(secret));
     });
@@ -570,8 +639,14 @@ Deno.test("daemon server", async (t) => {
       const response = await getText(origin + "/other/?sleep=5");
       const log = server.log().slice(from);
       assert.equal(response.status, 504);
-      assert.match(log, /\[group=other pid=\d+ isolate=\d+ request=other-\d+-\d+\] request timed out after \d+ ms \(request-timeout 2000 ms\); replacing the isolate/);
-      assert.match(log, /ERROR \[app=app.wsgi group=other request=\S+\] request failed with 504: daemon process \d+: request timed out/);
+      assert.match(
+        log,
+        /\[group=other pid=\d+ isolate=\d+ request=other-\d+-\d+\] request timed out after \d+ ms \(request-timeout 2000 ms\); replacing the isolate/,
+      );
+      assert.match(
+        log,
+        /ERROR \[app=app.wsgi group=other request=\S+\] request failed with 504: daemon process \d+: request timed out/,
+      );
     });
 
     await t.step("kill -9 under load", async () => {
@@ -579,7 +654,9 @@ Deno.test("daemon server", async (t) => {
       const { promise: stop, resolve: stopLoad } = Promise.withResolvers<void>();
       const load = runLoad(origin + "/do/slow?ms=150", 12, stop);
       await delay(1500);
-      const victim = daemonPids(server).find((pid) => Deno.readTextFileSync(`/proc/${pid}/cmdline`).includes("(wsgi:site)"))!;
+      const victim = daemonPids(server).find((pid) =>
+        Deno.readTextFileSync(`/proc/${pid}/cmdline`).includes("(wsgi:site)")
+      )!;
       Deno.kill(victim, "SIGKILL");
       await waitForCount(server, /daemon process ready/, 1, from);
       await delay(1500);
@@ -592,9 +669,19 @@ Deno.test("daemon server", async (t) => {
       assert.ok(result.failures.length <= 4, `${JSON.stringify(result.failures)}\n${log}`);
       for (const failure of result.failures) assert.equal(failure.status, 502);
       assert.ok(result.ok > 20, `only ${result.ok} requests succeeded`);
-      assert.match(log, new RegExp(`\\[app=app.wsgi group=site process=${victim}\\] daemon process was killed by signal SIGKILL`));
+      assert.match(
+        log,
+        new RegExp(
+          `\\[app=app.wsgi group=site process=${victim}\\] daemon process was killed by signal SIGKILL`,
+        ),
+      );
       if (result.failures.length > 0) {
-        assert.match(log, new RegExp(`request failed with 502: daemon process ${victim} was killed by signal SIGKILL`));
+        assert.match(
+          log,
+          new RegExp(
+            `request failed with 502: daemon process ${victim} was killed by signal SIGKILL`,
+          ),
+        );
       }
       const late = result.servedBy.slice(-10).map(servingPid);
       assert.ok(!late.includes(victim), `requests still served by ${victim}`);
@@ -602,7 +689,13 @@ Deno.test("daemon server", async (t) => {
 
     await t.step("idle isolates retire", async () => {
       // The load above grew each process to two isolates; inactivity-timeout=2 retires one.
-      await waitForCount(server, /\[group=site pid=\d+ isolate=\d+\] isolate retired after \d+ s idle/, 1, 0, 10_000);
+      await waitForCount(
+        server,
+        /\[group=site pid=\d+ isolate=\d+\] isolate retired after \d+ s idle/,
+        1,
+        0,
+        10_000,
+      );
     });
 
     await t.step("daemon SIGTERM drains under load", async () => {
@@ -610,16 +703,28 @@ Deno.test("daemon server", async (t) => {
       const { promise: stop, resolve: stopLoad } = Promise.withResolvers<void>();
       const load = runLoad(origin + "/do/slow?ms=150", 12, stop);
       await delay(1000);
-      const victim = daemonPids(server).find((pid) => Deno.readTextFileSync(`/proc/${pid}/cmdline`).includes("(wsgi:site)"))!;
+      const victim = daemonPids(server).find((pid) =>
+        Deno.readTextFileSync(`/proc/${pid}/cmdline`).includes("(wsgi:site)")
+      )!;
       Deno.kill(victim, "SIGTERM");
-      await waitForCount(server, new RegExp(`process=${victim}\\] daemon process stopped after SIGTERM`), 1, from);
+      await waitForCount(
+        server,
+        new RegExp(`process=${victim}\\] daemon process stopped after SIGTERM`),
+        1,
+        from,
+      );
       await waitForCount(server, /daemon process ready/, 1, from);
       await delay(1000);
       stopLoad();
       const result = await load;
 
       assert.deepEqual(result.failures, []);
-      assert.match(server.log().slice(from), new RegExp(`process=${victim}\\] daemon process received SIGTERM; it finishes \\d+ requests and stops`));
+      assert.match(
+        server.log().slice(from),
+        new RegExp(
+          `process=${victim}\\] daemon process received SIGTERM; it finishes \\d+ requests and stops`,
+        ),
+      );
     });
 
     await t.step("maximum-requests replaces the process", async () => {
@@ -630,10 +735,22 @@ Deno.test("daemon server", async (t) => {
         assert.equal(response.status, 200);
         served.push(response.body.split(" ")[2]);
       }
-      await waitForCount(server, /replacing the daemon process: it served 10 requests \(maximum-requests 10\)/, 1, from);
-      await waitForCount(server, /\[app=app.wsgi group=other process=\d+\] daemon process ready/, 1, from);
+      await waitForCount(
+        server,
+        /replacing the daemon process: it served 10 requests \(maximum-requests 10\)/,
+        1,
+        from,
+      );
+      await waitForCount(
+        server,
+        /\[app=app.wsgi group=other process=\d+\] daemon process ready/,
+        1,
+        from,
+      );
       await delay(500);
-      const pids = new Set([...served, (await getText(origin + "/other/")).body.split(" ")[2]].map(servingPid));
+      const pids = new Set(
+        [...served, (await getText(origin + "/other/")).body.split(" ")[2]].map(servingPid),
+      );
       assert.ok(pids.size >= 2, `one process served every request: ${[...pids]}`);
     });
 
@@ -672,13 +789,18 @@ Deno.test("daemon server", async (t) => {
 
       assert.deepEqual(site.failures, []);
       assert.deepEqual(other.failures, []);
-      assert.match(server.log().slice(from), /\[app=app.wsgi group=other\] reloading: the server received SIGHUP/);
+      assert.match(
+        server.log().slice(from),
+        /\[app=app.wsgi group=other\] reloading: the server received SIGHUP/,
+      );
     });
 
     await t.step("streamed upload with bounded memory", async () => {
       // A first upload lets each interpreter's wasm heap grow to its working
       // size (wasm memory never shrinks); growth after that would be buffering.
-      for (let i = 0; i < 2; i++) assert.equal(await uploadGenerated(server.port, "/do/upload", 16 * MiB), String(16 * MiB));
+      for (let i = 0; i < 2; i++) {
+        assert.equal(await uploadGenerated(server.port, "/do/upload", 16 * MiB), String(16 * MiB));
+      }
       const pids = transferPids(server);
       const before = pids.map(residentBytes);
       const upload = uploadGenerated(server.port, "/do/upload", TRANSFER_BYTES);
@@ -688,7 +810,10 @@ Deno.test("daemon server", async (t) => {
       pids.forEach((pid, index) => {
         const growth = peaks[index] - before[index];
         const role = index === 0 ? "the front" : "a daemon process";
-        assert.ok(growth < RSS_GROWTH_LIMIT, `${role} (pid ${pid}) grew by ${Math.round(growth / MiB)} MiB`);
+        assert.ok(
+          growth < RSS_GROWTH_LIMIT,
+          `${role} (pid ${pid}) grew by ${Math.round(growth / MiB)} MiB`,
+        );
       });
     });
 
@@ -707,7 +832,10 @@ Deno.test("daemon server", async (t) => {
       pids.forEach((pid, index) => {
         const growth = peaks[index] - before[index];
         const role = index === 0 ? "the front" : "a daemon process";
-        assert.ok(growth < RSS_GROWTH_LIMIT, `${role} (pid ${pid}) grew by ${Math.round(growth / MiB)} MiB`);
+        assert.ok(
+          growth < RSS_GROWTH_LIMIT,
+          `${role} (pid ${pid}) grew by ${Math.round(growth / MiB)} MiB`,
+        );
       });
     });
 
