@@ -149,6 +149,11 @@ export class ResponseBuilder implements ResponseSink {
   }
 
   end(message: EndMessage): void {
+    if (!this.#started) {
+      // The request ended before any status (the interpreter failed).
+      this.fail(502, message.error ?? "the request ended without a response");
+      return;
+    }
     if (bodyless(this.#options.method, this.#status)) {
       this.#finish(message.error);
       return;
