@@ -205,6 +205,14 @@ const KEYS: Record<string, KeySpec> = {
       spec.allowWrite.push(parseDirectory("allow-write", value, cwd));
     },
   },
+  // The same setting under the name the embedded option --write suggests.
+  "write": {
+    form: "an existing directory (same as allow-write)",
+    repeatable: true,
+    parse: (value, spec, cwd) => {
+      spec.allowWrite.push(parseDirectory("write", value, cwd));
+    },
+  },
 };
 
 /** The accepted keys with their forms, one per line, for `--help`. */

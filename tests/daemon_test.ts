@@ -260,6 +260,12 @@ Deno.test("parseDaemonSpec every key", () => {
   assert.deepEqual(spec.allowWrite, [HOME_DIR]);
 });
 
+Deno.test("parseDaemonSpec write alias", () => {
+  const spec = parseDaemonSpec("group=site1,write=.,allow-write=.", HOME_DIR);
+
+  assert.deepEqual(spec.allowWrite, [HOME_DIR, HOME_DIR]);
+});
+
 Deno.test("parseDaemonSpec bare group name", () => {
   const spec = parseDaemonSpec("site1,processes=3", "/");
 
