@@ -45,11 +45,9 @@ import {
   readFrames,
   type ReadyInfo,
 } from "./daemon_protocol.ts";
-import { BodyRing, RequestControl } from "../wasm/channel.ts";
+import { BODY_RING_BYTES, BodyRing, RequestControl } from "../wasm/channel.ts";
 import type { EndMessage, FileMessage, StartMessage } from "../wasm/protocol.ts";
 
-/** Capacity of the ring a streamed body passes through (a power of two). */
-const BODY_RING_BYTES = 256 * 1024;
 const FILE_PIECE = 64 * 1024;
 /** Request body bytes the daemon acknowledges in one BODY_CREDIT frame, at most. */
 const BODY_CREDIT_BATCH = BODY_WINDOW / 4;

@@ -9,10 +9,8 @@ import type { AppBackend, BackendRequest, RequestHandle } from "./backend.ts";
 import type { Job } from "./isolate.ts";
 import type { Logger } from "./log.ts";
 import type { IsolatePool } from "./pool.ts";
-import { BodyRing, RequestControl } from "../wasm/channel.ts";
+import { BODY_RING_BYTES, BodyRing, RequestControl } from "../wasm/channel.ts";
 
-/** Capacity of the ring a streamed body passes through (a power of two). */
-const BODY_RING_BYTES = 256 * 1024;
 
 /** Copies the client's body into the ring until it ends, fails or the reader has gone. */
 async function pumpBody(body: ReadableStream<Uint8Array>, ring: BodyRing, logger: Logger) {

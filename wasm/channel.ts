@@ -30,6 +30,9 @@ const STATE_OPEN = 0;
 const STATE_END = 1;
 const STATE_ABORTED = 2;
 
+/** Capacity of the ring a streamed request body passes through (a power of two). */
+export const BODY_RING_BYTES = 256 * 1024;
+
 /** How long one blocking wait lasts before the waiter re-checks its flags. */
 const WAIT_SLICE_MS = 1000;
 
