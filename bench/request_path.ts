@@ -15,7 +15,7 @@ const body = new TextEncoder().encode("Hello, world!\n");
 if (mode === "plain") {
   Deno.serve({ hostname: "127.0.0.1", port }, () => new Response(body, { headers: { "content-type": "text/plain" } }));
 } else if (mode === "worker") {
-  // The worker answers each message at once, so only the hop is measured.
+  // The worker replies to each message at once, so only the hop is measured.
   const source = "self.onmessage = (e) => self.postMessage(e.data);";
   const url = URL.createObjectURL(new Blob([source], { type: "text/javascript" }));
   const workers = [new Worker(url, { type: "module" }), new Worker(url, { type: "module" })];

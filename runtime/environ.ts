@@ -10,7 +10,7 @@
 
 const encoder = new TextEncoder();
 
-/** Where the request arrived, for SERVER_* and REMOTE_* keys. */
+/** Addresses of the connection, for the SERVER_* and REMOTE_* keys. */
 export interface ConnectionInfo {
   serverName: string;
   serverPort: number;
@@ -72,7 +72,7 @@ function hexValue(code: number): number {
 }
 
 /**
- * Percent-decodes a raw path once. The result holds one character per byte
+ * Percent-decodes a raw path once. The result has one character per byte
  * (the Latin-1 view PEP 3333 asks for); invalid escapes stay as they are.
  */
 export function decodePath(rawPath: string): string {

@@ -13,7 +13,7 @@ import { errorResponse, type ResponseRecord } from "./wsgi_response.ts";
 import { handleWsgiRequest } from "./wsgi_request.ts";
 
 export interface RunningServer {
-  /** Where the server listens (the real port when --port 0 was given). */
+  /** The listening address (with the real port when --port 0 was given). */
   addr: Deno.NetAddr;
   mounts: MountTable;
   /** Resolves once every mount can serve; rejects if one cannot start. */

@@ -24,13 +24,13 @@ type BodyItem =
 export interface ResponseRecord {
   status: number;
   bytes: number;
-  /** Why the response was cut short, if it was. */
+  /** The reason the response was cut short, if it was. */
   error?: string;
 }
 
 export interface ResponseBuilderOptions {
   method: string;
-  /** Where window credit and cancellation go: the backend's handle on the request. */
+  /** The backend's handle on the request, which receives window credit and cancellation. */
   control: Pick<RequestHandle, "released" | "cancel">;
   logger: Logger;
   /** Host folders the application may hand to `wsgi.file_wrapper`. */
@@ -174,7 +174,7 @@ export class ResponseBuilder implements ResponseSink {
     this.#push({ kind: "end", error: reason });
   }
 
-  /** The client left before an isolate took the request (nginx logs this as 499). */
+  /** Ends a request whose client left before an isolate took it (nginx logs this as 499). */
   abandon(): void {
     if (this.#started) return;
     this.#started = true;

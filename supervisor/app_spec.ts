@@ -2,7 +2,7 @@
  * What an isolate needs to know to load and run one WSGI application.
  *
  * The same object travels from the command line to the pool and into every
- * isolate's worker, so it holds plain data only (it is structured-cloned).
+ * isolate's worker, so it contains plain data only (it is structured-cloned).
  */
 
 import { hostReadPaths } from "../wasm/host_paths.ts";

@@ -259,7 +259,7 @@ export async function prepareDaemonCache(identity: DaemonIdentity): Promise<Daem
   return cache;
 }
 
-/** Whether every folder above `path` lets other users pass through it. */
+/** Returns whether every folder above `path` lets other users pass through it. */
 async function othersCanReach(path: string): Promise<boolean> {
   for (let folder = dirname(path);; folder = dirname(folder)) {
     const info = await Deno.stat(folder);

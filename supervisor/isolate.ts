@@ -81,7 +81,7 @@ export function pyodideFolder(python: PythonVersion): string {
 
 
 /**
- * Requests an isolate holds at once: the running one and the next, posted
+ * Maximum requests posted to one isolate at once: the running one and the next, posted
  * ahead so the worker starts it without waiting for the main thread. The
  * pool takes the second back (RequestControl.withdraw) when another isolate
  * becomes free before it starts.

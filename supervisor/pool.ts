@@ -6,7 +6,7 @@
  * isolates, adds one whenever a request must wait and fewer than `size` run,
  * and retires isolates above `minSize` that stayed idle for `idleTimeoutMs`.
  * When all are busy, requests wait in the queue; a full queue, or a request
- * that waited longer than the queue timeout, is answered 503 by the front. An
+ * that waited longer than the queue timeout, gets 503 from the front. An
  * isolate that dies is replaced with growing delays, and a pool whose
  * isolates keep failing to start reports itself failed instead of retrying
  * forever.
@@ -98,7 +98,7 @@ export class IsolatePool {
       ...options,
     };
     this.#logger = options.logger;
-    // start() hands this promise out; a pool nobody awaits must not crash the process.
+    // start() hands this promise out; a pool that no caller awaits must not crash the process.
     this.#firstReady.promise.catch(() => {});
   }
 
@@ -201,11 +201,11 @@ export class IsolatePool {
     // Growing takes a snapshot restore (a few hundred milliseconds), so a
     // pool below its maximum keeps one spare isolate started: the next
     // request that finds every isolate busy is served at once.
-    const spareWanted = idle === 0 && starting === 0 && this.#options.minSize < this.#options.size;
+    const startSpare = idle === 0 && starting === 0 && this.#options.minSize < this.#options.size;
     // One isolate starts at a time: with 2 processes x 15 threads under load,
     // 30 snapshot restores at once took the two cores from the requests
     // (under 50 requests/s while the pools grew).
-    if ((this.#queue.length > 0 && starting === 0) || spareWanted) this.#spawn();
+    if ((this.#queue.length > 0 && starting === 0) || startSpare) this.#spawn();
   }
 
   /** Returns an idle isolate, else one that can take a request behind its running one. */

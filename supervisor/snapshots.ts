@@ -26,7 +26,7 @@ import adapterSource from "../wasm/adapter.py" with { type: "text" };
 import appLoaderSource from "../wasm/app_loader.py" with { type: "text" };
 import { HOST_MODULES_KEY } from "../wasm/host_modules.ts";
 
-/** What isolates of one application start from. */
+/** The starting point of one application's isolates. */
 export interface Boot {
   snapshot: SharedArrayBuffer | null;
   wasmModule: WebAssembly.Module | null;

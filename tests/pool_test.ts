@@ -27,9 +27,8 @@ Deno.test("waiting request moves to free isolate", async () => {
   const waiting = request("waiting", 0);
   await Promise.all([long, short, waiting]);
 
-  // "waiting" may sit behind "short" and finish a moment after it or, seen
-  // from this client, a moment before it; either way it must not wait for
-  // the long request.
+  // "waiting" may run right behind "short", so this client can see the two
+  // replies in either order. Either way it must not wait for "long".
   assert.equal(finished.at(-1), "long");
   assert.ok(finished.indexOf("waiting") < finished.indexOf("long"));
 });

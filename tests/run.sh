@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash examples/fetch_packages.sh > /dev/null || exit 1
 
 # The database servers need root to install; without them those tests skip
-# (outside CI) and say why.
+# (outside CI) with the reason.
 if bash tests/services.sh start; then
   trap 'bash tests/services.sh stop' EXIT
 else

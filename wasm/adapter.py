@@ -186,8 +186,8 @@ class FileWrapper:
 
 
 # Passing bytes to a JavaScript function costs a buffer proxy (tens of
-# microseconds); a Latin-1 str crosses as a plain string, one character per
-# byte, and is cheaper up to a few KiB.
+# microseconds). A Latin-1 str crosses as a plain string, one character per
+# byte, so it is cheaper up to a few KiB.
 _SMALL_BODY = 4096
 
 
@@ -305,7 +305,7 @@ class Response:
             self.finished = True
 
     def write(self, data):
-        """The `write()` callable start_response returns; sends at once."""
+        """Send `data` at once: the `write()` callable that start_response returns."""
         if type(data) not in (bytes, bytearray, memoryview):
             raise TypeError("write() takes bytes, not %s" % type(data).__name__)
         self.send(bytes(data))
@@ -326,7 +326,7 @@ class Response:
 
 
 def _error_response(response, message):
-    """A plain 500 for errors that happen before any byte went out."""
+    """Send a plain 500 for errors that happen before any byte went out."""
     body = b"Internal Server Error\n"
     response.status, response.code = "500 Internal Server Error", 500
     response.headers = ["Content-Type", "text/plain; charset=utf-8", "Content-Length", str(len(body))]
@@ -424,7 +424,7 @@ def _fast_body(result, response):
 
 
 def handle(method, environ_json, body, streamed, request_id):
-    """Run one request through the application. Never raises."""
+    """Run one request through the application; errors become responses and log lines."""
     errors = ErrorStream(request_id)
     response = Response(method)
     result = None
@@ -458,7 +458,7 @@ def handle(method, environ_json, body, streamed, request_id):
             return
     except BaseException as error:
         if host.cancelled():
-            # The client went away: the front already knows, nothing is sent.
+            # The client went away: the front has seen that, so nothing is sent.
             host.log("info", "client closed the connection; the response was stopped")
             response.finished = True
             host.finish("client disconnected")

@@ -6,7 +6,7 @@
  * synchronously, while the front moves bytes with async streams. Both sides
  * therefore meet in a SharedArrayBuffer: the worker blocks in `Atomics.wait`,
  * the front waits with `Atomics.waitAsync` so its event loop keeps serving
- * other requests. Nothing here buffers a whole body: the body ring holds at
+ * other requests. Nothing here buffers a whole body: the body ring contains at
  * most its capacity and the response window bounds the bytes in flight.
  */
 
@@ -181,7 +181,7 @@ export class BodyRing {
     this.#setState(STATE_ABORTED);
   }
 
-  /** Tells a waiting writer that nobody will read any more (the request is over). */
+  /** Tells a waiting writer that no reader remains (the request is over). */
   closeReader(): void {
     Atomics.store(this.#header, READER_GONE, 1);
     Atomics.notify(this.#header, READ);

@@ -3,9 +3,10 @@
  * serves one WSGI request at a time.
  *
  * The pool starts this worker with Deno permissions that allow reading only
- * Pyodide's files and the application's folders; nothing else (no write, net,
- * run, env or ffi). The host folders are mounted into Pyodide's file system
- * at their own paths, so `__file__`, tracebacks and `open()` show real paths.
+ * Pyodide's files and the application's folders, and nothing else (no write,
+ * net, run, env or ffi) unless the application's settings grant it. The
+ * host folders are mounted into Pyodide's file system at their own paths, so
+ * `__file__`, tracebacks and `open()` show real paths.
  */
 
 /// <reference lib="deno.worker" />

@@ -2,7 +2,7 @@
  * Builds memory snapshots inside a worker that has the same permissions as
  * the isolates it prepares.
  *
- * A runtime snapshot holds a started interpreter with the standard library
+ * A runtime snapshot contains a started interpreter with the standard library
  * modules every request needs. An application snapshot is taken on top of
  * it after the application was imported, so new isolates skip the import
  * (a cold Flask import takes over a second). Two things cannot be in a
@@ -76,7 +76,7 @@ async function importApplication(pyodide: SnapshotPyodide, message: BuildSnapsho
   return files;
 }
 
-/** Builds the snapshot `message` asks for and posts it (or the reason it failed). */
+/** Builds the snapshot that `message` requests and posts it (or the reason it failed). */
 export async function buildSnapshot(
   message: BuildSnapshotMessage,
   post: (message: FromWorker, transfer?: Transferable[]) => void,
