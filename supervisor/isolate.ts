@@ -4,7 +4,7 @@
  */
 
 import { fileURLToPath } from "node:url";
-import { type AppSpec, appReadPaths, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
+import { appReadPaths, type AppSpec, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
 import type { Logger } from "./log.ts";
 import type {
   EndMessage,
@@ -16,6 +16,7 @@ import type {
 import type { BodyRing, RequestControl } from "../wasm/channel.ts";
 import { ISOLATE_WORKER_URL } from "./worker_url.ts";
 import type { Boot } from "./snapshots.ts";
+import { dataPagesOf } from "../wasm/snapshot_pages.ts";
 
 /** Receiver of one request's response parts, in the order the isolate produces them. */
 export interface ResponseSink {
@@ -79,7 +80,6 @@ export function pyodideFolder(python: PythonVersion): string {
   }
 }
 
-
 /**
  * Maximum requests posted to one isolate at once: the running one and the next, posted
  * ahead so the worker starts it without waiting for the main thread. The
@@ -135,6 +135,7 @@ export class Isolate {
       responseWindow: options.responseWindow,
       multiprocess: options.multiprocess,
       snapshot: options.boot?.snapshot ?? null,
+      snapshotPages: options.boot?.snapshot ? dataPagesOf(options.boot.snapshot) : null,
       wasmModule: options.boot?.wasmModule ?? null,
     });
   }
@@ -151,7 +152,9 @@ export class Isolate {
 
   /** Posts a job to the worker, to run after the ones it holds. */
   run(job: Job): void {
-    if (!this.canTake) throw new Error(`isolate ${this.id} is ${this.state} with ${this.jobs.length} requests`);
+    if (!this.canTake) {
+      throw new Error(`isolate ${this.id} is ${this.state} with ${this.jobs.length} requests`);
+    }
     this.state = "busy";
     this.jobs.push(job);
     job.control.assign(this.id);

@@ -15,7 +15,7 @@ import adapterSource from "./adapter.py" with { type: "text" };
 import appLoaderSource from "./app_loader.py" with { type: "text" };
 import { BodyRing, RequestControl } from "./channel.ts";
 import type { FromWorker, InitMessage, RequestMessage, ToWorker } from "./protocol.ts";
-import { type AppSpec, appReadPaths } from "../supervisor/app_spec.ts";
+import { appReadPaths, type AppSpec } from "../supervisor/app_spec.ts";
 import { loadPyodideFor, mountHostFolders } from "./pyodide_loader.ts";
 import { buildSnapshot } from "./snapshot_builder.ts";
 import { installHostModules, type PyodideForHost } from "./host_modules.ts";
@@ -149,6 +149,7 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
   pyodide = await loadPyodideFor({
     python: message.app.python,
     snapshot: message.snapshot ? new Uint8Array(message.snapshot) : null,
+    snapshotPages: message.snapshotPages,
     wasmModule: message.wasmModule,
     stdout: (line: string) => log("info", line),
     stderr: (line: string) => log("warning", line),

@@ -20,6 +20,8 @@ export interface InitMessage {
   multiprocess: boolean;
   /** Memory snapshot to restore (runtime or application), or null to start from scratch. */
   snapshot?: SharedArrayBuffer | null;
+  /** Page map of the snapshot's heap image, computed once by the main thread. */
+  snapshotPages?: Uint8Array<SharedArrayBuffer> | null;
   /** `pyodide.asm.wasm` compiled once by the main thread. */
   wasmModule?: WebAssembly.Module | null;
 }

@@ -9,9 +9,18 @@
  * 314.0.8: it sizes memory from the snapshot, but the module exports its own
  * memory of 30 MiB, so a snapshot whose heap grew past that fails with
  * "RangeError: offset is out of bounds" unless the memory is grown first.
+ *
+ * The interpreter's module factory is wrapped too, to save memory in each
+ * isolate. Pyodide restores a snapshot by copying the whole heap image, and
+ * about half of it is zero pages that a fresh memory already reads as zero.
+ * Writing them commits memory for nothing, so the wrapper writes only the
+ * pages that contain data (see snapshot_pages.ts). It also drops the closure
+ * that instantiated the module, which keeps the 10 MB of wasm bytes Pyodide
+ * read for it.
  */
 
 import type { PythonVersion } from "../supervisor/app_spec.ts";
+import { snapshotHeaderBytes, writeDataPages } from "./snapshot_pages.ts";
 
 /**
  * Literal imports (not a computed specifier) so that `deno compile` embeds
@@ -32,6 +41,8 @@ export interface LoadOptions {
   python: PythonVersion;
   /** A memory snapshot to restore instead of starting the interpreter from scratch. */
   snapshot?: Uint8Array | null;
+  /** Page map of the snapshot's heap image (see snapshot_pages.ts). */
+  snapshotPages?: Uint8Array | null;
   /** `pyodide.asm.wasm` compiled by the main thread. */
   wasmModule?: WebAssembly.Module | null;
   /** Keep what `makeMemorySnapshot()` needs (only for building snapshots). */
@@ -40,10 +51,69 @@ export interface LoadOptions {
   stderr?: (line: string) => void;
 }
 
+/** The parts of an Emscripten module object that the factory wrapper touches. */
+interface EmscriptenModule {
+  HEAP8: Int8Array;
+  API: { restoreSnapshot(snapshot: Uint8Array): unknown };
+  instantiateWasm?: unknown;
+}
+type ModuleFactory = (settings: Record<string, unknown>) => Promise<EmscriptenModule>;
+
+/**
+ * Installs the wrapped interpreter factory where each Pyodide version looks
+ * for it: 314.0.8 takes a `createPyodideModule` option; 0.27.8 calls a global
+ * `_createPyodideModule` when one exists instead of loading its script again.
+ * Literal specifiers, for the same reason as PYODIDE_MODULES.
+ */
+const FACTORY_INSTALLERS: Record<PythonVersion, () => Promise<Record<string, unknown>>> = {
+  "3.12": async () => {
+    const scope = globalThis as { _createPyodideModule?: ModuleFactory };
+    if (!wrappedFactories.has(scope._createPyodideModule!)) {
+      await import("npm:pyodide@0.27.8/pyodide.asm.js");
+      scope._createPyodideModule = wrapFactory(scope._createPyodideModule!);
+    }
+    return {};
+  },
+  "3.14": async () => {
+    const { default: factory } = await import("npm:pyodide@314.0.8/pyodide.asm.mjs");
+    return { createPyodideModule: wrapFactory(factory as ModuleFactory) };
+  },
+};
+
+const wrappedFactories = new WeakSet<ModuleFactory>();
+
+/** The page map for the restore that the next factory call performs. */
+let nextRestorePages: Uint8Array | null = null;
+/** The memory of the interpreter instantiated last (exported by 314.0.8, imported by 0.27.8). */
+let interpreterMemory: WebAssembly.Memory | null = null;
+
+function wrapFactory(factory: ModuleFactory): ModuleFactory {
+  const wrapped: ModuleFactory = async (settings) => {
+    const pages = nextRestorePages;
+    nextRestorePages = null;
+    const module = await factory(settings);
+    // This closure keeps the wasm bytes Pyodide read, which the shared module replaced.
+    settings.instantiateWasm = undefined;
+    module.instantiateWasm = undefined;
+    if (pages) {
+      const restore = module.API.restoreSnapshot.bind(module.API);
+      module.API.restoreSnapshot = (snapshot) => {
+        const headerBytes = snapshotHeaderBytes(snapshot);
+        if (!interpreterMemory) throw new Error("the interpreter's wasm memory was not found");
+        writeDataPages(interpreterMemory, snapshot.subarray(headerBytes), pages);
+        // Pyodide checks the header and copies the image after it, which is now empty.
+        return restore(snapshot.subarray(0, headerBytes));
+      };
+    }
+    return module;
+  };
+  wrappedFactories.add(wrapped);
+  return wrapped;
+}
+
 /** Bytes of linear memory a snapshot needs: its length minus the header before the heap image. */
 function snapshotHeapEnd(snapshot: Uint8Array): number {
-  const header = new DataView(snapshot.buffer, snapshot.byteOffset, 8);
-  return snapshot.byteLength - header.getUint32(4, true);
+  return snapshot.byteLength - snapshotHeaderBytes(snapshot);
 }
 
 function findExportedMemory(instance: WebAssembly.Instance): WebAssembly.Memory | undefined {
@@ -53,14 +123,29 @@ function findExportedMemory(instance: WebAssembly.Instance): WebAssembly.Memory 
   return undefined;
 }
 
+function findImportedMemory(imports: WebAssembly.Imports | undefined): WebAssembly.Memory | null {
+  for (const namespace of Object.values(imports ?? {})) {
+    for (const value of Object.values(namespace)) {
+      if (value instanceof WebAssembly.Memory) return value;
+    }
+  }
+  return null;
+}
+
 /**
  * Wraps `WebAssembly.instantiate` for the next interpreter instantiation.
  * Only memory the module exports is grown: Pyodide 0.27.8 imports its memory
  * and sizes it from the snapshot correctly.
  */
-function hookInstantiate(wasmModule: WebAssembly.Module | null | undefined, heapEnd: number): () => void {
+function hookInstantiate(
+  wasmModule: WebAssembly.Module | null | undefined,
+  heapEnd: number,
+): () => void {
   const original = WebAssembly.instantiate;
-  const hooked = async (source: BufferSource | WebAssembly.Module, imports?: WebAssembly.Imports) => {
+  const hooked = async (
+    source: BufferSource | WebAssembly.Module,
+    imports?: WebAssembly.Imports,
+  ) => {
     const isInterpreter = !(source instanceof WebAssembly.Module) &&
       source.byteLength >= INTERPRETER_MIN_BYTES;
     if (!isInterpreter) return original(source as BufferSource, imports);
@@ -71,6 +156,7 @@ function hookInstantiate(wasmModule: WebAssembly.Module | null | undefined, heap
     if (memory && heapEnd > memory.buffer.byteLength) {
       memory.grow(Math.ceil((heapEnd - memory.buffer.byteLength) / WASM_PAGE_BYTES));
     }
+    interpreterMemory = memory ?? findImportedMemory(imports);
     return { instance, module };
   };
   (WebAssembly as { instantiate: unknown }).instantiate = hooked;
@@ -81,6 +167,8 @@ function hookInstantiate(wasmModule: WebAssembly.Module | null | undefined, heap
 
 export async function loadPyodideFor(options: LoadOptions): Promise<unknown> {
   const { loadPyodide } = await PYODIDE_MODULES[options.python]();
+  const factoryOption = await FACTORY_INSTALLERS[options.python]();
+  nextRestorePages = options.snapshot && options.snapshotPages ? options.snapshotPages : null;
   const heapEnd = options.snapshot ? snapshotHeapEnd(options.snapshot) : 0;
   const restore = hookInstantiate(options.wasmModule, heapEnd);
   try {
@@ -91,6 +179,7 @@ export async function loadPyodideFor(options: LoadOptions): Promise<unknown> {
       stderr: options.stderr,
       ...(options.snapshot ? { _loadSnapshot: options.snapshot } : {}),
       ...(options.makeSnapshot ? { _makeSnapshot: true } : {}),
+      ...factoryOption,
     });
   } finally {
     restore();
