@@ -82,6 +82,7 @@ async function loadAdapter(root: URL): Promise<(...args: unknown[]) => unknown> 
   pyodide.runPython("import sys; sys.path.insert(0, '/lib/wsgirun')");
 
   const adapter = pyodide.pyimport("_wsgirun_adapter");
+  adapter.connect_host();
   adapter.configure("hello", "/app/app.wsgi", "", "application", [], true);
   return adapter.handle;
 }

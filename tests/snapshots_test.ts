@@ -5,6 +5,7 @@
 
 import assert from "node:assert/strict";
 import { repoPath, startServer, TEST_CACHE_DIR } from "./helpers/server.ts";
+import { loadPyodideFor } from "../wasm/pyodide_loader.ts";
 
 const HELLO = `
 def application(environ, start_response):
@@ -14,7 +15,9 @@ def application(environ, start_response):
 
 async function makeApp(files: Record<string, string>): Promise<string> {
   const folder = await Deno.makeTempDir({ prefix: "wsgirun-snapshot-app-" });
-  for (const [name, text] of Object.entries(files)) await Deno.writeTextFile(`${folder}/${name}`, text);
+  for (const [name, text] of Object.entries(files)) {
+    await Deno.writeTextFile(`${folder}/${name}`, text);
+  }
   return folder;
 }
 
@@ -37,17 +40,48 @@ async function body(origin: string, path = "/"): Promise<string> {
 /** Makes sure the shared test cache has the Python 3.14 runtime snapshot. */
 async function warmRuntimeSnapshot(): Promise<void> {
   const folder = await makeApp({ "app.wsgi": HELLO });
-  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--snapshot", "runtime"]);
+  await using server = await startServer(`${folder}/app.wsgi`, [
+    "--threads",
+    "1",
+    "--snapshot",
+    "runtime",
+  ]);
   assert.equal(await body(server.origin), "hello");
 }
 
 Deno.test("runtime snapshot reused from cache", async () => {
   await warmRuntimeSnapshot();
   const folder = await makeApp({ "app.wsgi": HELLO });
-  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--snapshot", "runtime"]);
+  await using server = await startServer(`${folder}/app.wsgi`, [
+    "--threads",
+    "1",
+    "--snapshot",
+    "runtime",
+  ]);
 
   assert.equal(await body(server.origin), "hello");
   assert.doesNotMatch(server.log(), /building the Python 3\.14 runtime snapshot/);
+});
+
+/** Returns the memory snapshot in a cache file, after wsgirun's two header lines. */
+async function snapshotPayload(path: string): Promise<Uint8Array> {
+  const data = await Deno.readFile(path);
+  const headerEnd = data.indexOf(10, data.indexOf(10) + 1);
+  // A copy, because Pyodide reads the snapshot through 4-byte-aligned views.
+  return data.slice(headerEnd + 1);
+}
+
+Deno.test("runtime snapshot includes the adapter", async () => {
+  await warmRuntimeSnapshot();
+  const [name] = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
+  const pyodide = await loadPyodideFor({
+    python: "3.14",
+    snapshot: await snapshotPayload(`${TEST_CACHE_DIR}/${name}`),
+  }) as { runPython(code: string): unknown };
+
+  // Isolates restored from it skip compiling the adapter.
+  assert.equal(pyodide.runPython("import sys; '_wsgirun_adapter' in sys.modules"), true);
+  assert.equal(pyodide.runPython("sys.modules['_wsgirun_adapter'].host"), undefined);
 });
 
 Deno.test("runtime snapshot corrupt file rebuilt", async () => {
@@ -69,7 +103,10 @@ Deno.test("runtime snapshot corrupt file rebuilt", async () => {
   assert.match(server.log(), /is corrupt \(SHA-256 mismatch\)/);
   assert.match(server.log(), /runtime snapshot built/);
   const rebuilt = await Deno.readFile(`${cache}/${name}`);
-  assert.deepEqual(rebuilt.subarray(-1000), (await Deno.readFile(`${TEST_CACHE_DIR}/${name}`)).subarray(-1000));
+  assert.deepEqual(
+    rebuilt.subarray(-1000),
+    (await Deno.readFile(`${TEST_CACHE_DIR}/${name}`)).subarray(-1000),
+  );
 });
 
 Deno.test("runtime snapshot keyed by adapter source", async () => {
@@ -88,7 +125,20 @@ Deno.test("runtime snapshot keyed by adapter source", async () => {
 
   const folder = await makeApp({ "app.wsgi": HELLO });
   const command = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--config", `${copy}/deno.json`, `${copy}/main.ts`, `${folder}/app.wsgi`, "--port", "0", "--threads", "1", "--snapshot", "runtime"],
+    args: [
+      "run",
+      "--allow-all",
+      "--config",
+      `${copy}/deno.json`,
+      `${copy}/main.ts`,
+      `${folder}/app.wsgi`,
+      "--port",
+      "0",
+      "--threads",
+      "1",
+      "--snapshot",
+      "runtime",
+    ],
     env: { WSGIRUN_CACHE_DIR: cache },
     stdout: "null",
     stderr: "piped",
@@ -112,7 +162,14 @@ Deno.test("runtime snapshot keyed by adapter source", async () => {
 Deno.test("runtime snapshot keyed by Pyodide version", async () => {
   const names314 = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
   const folder = await makeApp({ "app.wsgi": HELLO });
-  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--python", "3.12", "--snapshot", "runtime"]);
+  await using server = await startServer(`${folder}/app.wsgi`, [
+    "--threads",
+    "1",
+    "--python",
+    "3.12",
+    "--snapshot",
+    "runtime",
+  ]);
 
   assert.equal(await body(server.origin), "hello");
   const names312 = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.12-");
@@ -147,7 +204,10 @@ def application(environ, start_response):
   {
     await using server = await startServer(script, ["--threads", "1"]);
     assert.equal(await body(server.origin), "second, edited");
-    assert.match(server.log(), /building the application snapshot \(.*settings_module\.py changed\)/);
+    assert.match(
+      server.log(),
+      /building the application snapshot \(.*settings_module\.py changed\)/,
+    );
   }
 });
 
@@ -188,7 +248,12 @@ def application(environ, start_response):
 
 Deno.test("snapshot off starts from scratch", async () => {
   const folder = await makeApp({ "app.wsgi": HELLO });
-  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--snapshot", "off"]);
+  await using server = await startServer(`${folder}/app.wsgi`, [
+    "--threads",
+    "1",
+    "--snapshot",
+    "off",
+  ]);
 
   assert.equal(await body(server.origin), "hello");
   assert.doesNotMatch(server.log(), /snapshot/);

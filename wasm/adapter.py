@@ -27,8 +27,19 @@ import re
 import sys
 import traceback
 
-import _wsgirun_host as host
 from _wsgirun_app_loader import configure, load_application, settings  # noqa: F401 (the worker calls configure)
+
+# The `_wsgirun_host` module, bound by connect_host() in each isolate. Memory
+# snapshots import this adapter, and a snapshot cannot keep a JavaScript module.
+host = None
+
+
+def connect_host():
+    """Binds the host functions of the isolate that runs this interpreter."""
+    global host
+    import _wsgirun_host
+
+    host = _wsgirun_host
 
 # A header name is an RFC 9110 token.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")

@@ -161,9 +161,13 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
   pyodide.FS.mkdirTree("/lib/wsgirun");
   pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_app_loader.py", appLoaderSource);
   pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_adapter.py", adapterSource);
-  pyodide.runPython("import sys; sys.path.insert(0, '/lib/wsgirun')");
+  // Snapshots import the adapter from this folder, so it may be on sys.path already.
+  pyodide.runPython(
+    "import sys\nif '/lib/wsgirun' not in sys.path: sys.path.insert(0, '/lib/wsgirun')",
+  );
 
   const adapter = pyodide.pyimport("_wsgirun_adapter");
+  adapter.connect_host();
   const app = message.app;
   adapter.configure(
     app.name,

@@ -8,6 +8,13 @@
 
 import type { AppSpec, PythonVersion } from "../supervisor/app_spec.ts";
 
+/**
+ * Version of what wasm/snapshot_builder.ts imports into a snapshot. It is part
+ * of every snapshot key, so raising it when the builder changes makes cached
+ * snapshots rebuild.
+ */
+export const SNAPSHOT_CONTENT_VERSION = 2;
+
 export interface InitMessage {
   type: "init";
   app: AppSpec;

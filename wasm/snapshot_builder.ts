@@ -11,6 +11,7 @@
  * An application that keeps either at import time gets no snapshot.
  */
 
+import adapterSource from "./adapter.py" with { type: "text" };
 import appLoaderSource from "./app_loader.py" with { type: "text" };
 import { appReadPaths } from "../supervisor/app_spec.ts";
 import type { BuildSnapshotMessage, FromWorker } from "./protocol.ts";
@@ -46,14 +47,27 @@ function openFileCount(pyodide: SnapshotPyodide): number {
   return pyodide.FS.streams.filter((stream) => stream).length - STANDARD_STREAMS;
 }
 
+/**
+ * Imports the request adapter, so that isolates restored from the snapshot
+ * skip compiling it. Isolates write the same files again for tracebacks.
+ * Changes to what this file imports must raise SNAPSHOT_CONTENT_VERSION.
+ */
+function importAdapter(pyodide: SnapshotPyodide): void {
+  pyodide.FS.mkdirTree("/lib/wsgirun");
+  pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_app_loader.py", appLoaderSource);
+  pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_adapter.py", adapterSource);
+  pyodide.runPython(
+    "import sys\nif '/lib/wsgirun' not in sys.path: sys.path.insert(0, '/lib/wsgirun')",
+  );
+  pyodide.runPython("import _wsgirun_adapter");
+}
+
 async function importApplication(pyodide: SnapshotPyodide, message: BuildSnapshotMessage) {
   const app = message.app!;
   mountHostFolders(pyodide.FS, appReadPaths(app));
   // The application must import the host-backed sqlite3, socket and fcntl, as it does in isolates.
   installHostPython(pyodide as unknown as PyodideForHost, app);
-  pyodide.FS.mkdirTree("/lib/wsgirun");
-  pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_app_loader.py", appLoaderSource);
-  pyodide.runPython("import sys; sys.path.insert(0, '/lib/wsgirun')");
+  importAdapter(pyodide);
   if (app.environment && Object.keys(app.environment).length > 0) {
     // Applications often read settings from the environment while they import.
     const json = JSON.stringify(JSON.stringify(app.environment));
@@ -61,7 +75,14 @@ async function importApplication(pyodide: SnapshotPyodide, message: BuildSnapsho
   }
 
   const loader = pyodide.pyimport("_wsgirun_app_loader");
-  loader.configure(app.name, app.scriptPath ?? "", app.module ?? "", app.callable, app.pythonPath, true);
+  loader.configure(
+    app.name,
+    app.scriptPath ?? "",
+    app.module ?? "",
+    app.callable,
+    app.pythonPath,
+    true,
+  );
   if (app.home) pyodide.runPython(`import os; os.chdir(${JSON.stringify(app.home)})`);
   loader.load_application();
 
@@ -94,12 +115,16 @@ export async function buildSnapshot(
     let files: string[] = [];
     if (message.app) {
       files = await importApplication(pyodide, message);
-    } else if (message.modules.length > 0) {
-      pyodide.runPython(`import ${message.modules.join(", ")}`);
+    } else {
+      if (message.modules.length > 0) pyodide.runPython(`import ${message.modules.join(", ")}`);
+      importAdapter(pyodide);
     }
     const bytes = pyodide.makeMemorySnapshot();
     post({ type: "snapshot", bytes, files }, [bytes.buffer]);
   } catch (error) {
-    post({ type: "snapshot-failed", reason: error instanceof Error ? error.message : String(error) });
+    post({
+      type: "snapshot-failed",
+      reason: error instanceof Error ? error.message : String(error),
+    });
   }
 }
