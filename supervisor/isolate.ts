@@ -4,7 +4,7 @@
  */
 
 import { fileURLToPath } from "node:url";
-import { appReadPaths, type AppSpec, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
+import { type AppSpec, appReadPaths, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
 import type { Logger } from "./log.ts";
 import type {
   EndMessage,
@@ -80,6 +80,7 @@ export function pyodideFolder(python: PythonVersion): string {
   }
 }
 
+
 /**
  * Maximum requests posted to one isolate at once: the running one and the next, posted
  * ahead so the worker starts it without waiting for the main thread. The
@@ -152,9 +153,7 @@ export class Isolate {
 
   /** Posts a job to the worker, to run after the ones it holds. */
   run(job: Job): void {
-    if (!this.canTake) {
-      throw new Error(`isolate ${this.id} is ${this.state} with ${this.jobs.length} requests`);
-    }
+    if (!this.canTake) throw new Error(`isolate ${this.id} is ${this.state} with ${this.jobs.length} requests`);
     this.state = "busy";
     this.jobs.push(job);
     job.control.assign(this.id);

@@ -19,13 +19,9 @@
 
 import { fileURLToPath } from "node:url";
 import { ISOLATE_WORKER_URL, SHIPPED_SNAPSHOTS_URL } from "./worker_url.ts";
-import { appReadPaths, type AppSpec, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
+import { type AppSpec, appReadPaths, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
 import type { Logger } from "./log.ts";
-import {
-  type BuildSnapshotMessage,
-  type FromWorker,
-  SNAPSHOT_CONTENT_VERSION,
-} from "../wasm/protocol.ts";
+import { type BuildSnapshotMessage, type FromWorker, SNAPSHOT_CONTENT_VERSION } from "../wasm/protocol.ts";
 import adapterSource from "../wasm/adapter.py" with { type: "text" };
 import appLoaderSource from "../wasm/app_loader.py" with { type: "text" };
 import { HOST_MODULES_KEY } from "../wasm/host_modules.ts";
@@ -130,9 +126,7 @@ async function readFile(
   try {
     data = await Deno.readFile(path);
   } catch (error) {
-    return error instanceof Deno.errors.NotFound
-      ? "no cached snapshot"
-      : `cannot read ${path}: ${error}`;
+    return error instanceof Deno.errors.NotFound ? "no cached snapshot" : `cannot read ${path}: ${error}`;
   }
   const magic = new TextDecoder().decode(data.subarray(0, MAGIC.length));
   const headerEnd = data.indexOf(10, MAGIC.length);
@@ -192,13 +186,8 @@ function buildInWorker(
       },
     },
   });
-  const { promise, resolve, reject } = Promise.withResolvers<
-    { bytes: Uint8Array; files: string[] }
-  >();
-  const timer = setTimeout(
-    () => reject(new Error(`timed out after ${BUILD_TIMEOUT_MS} ms`)),
-    BUILD_TIMEOUT_MS,
-  );
+  const { promise, resolve, reject } = Promise.withResolvers<{ bytes: Uint8Array; files: string[] }>();
+  const timer = setTimeout(() => reject(new Error(`timed out after ${BUILD_TIMEOUT_MS} ms`)), BUILD_TIMEOUT_MS);
   worker.onmessage = (event: MessageEvent<FromWorker>) => {
     const reply = event.data;
     if (reply.type === "snapshot") resolve({ bytes: reply.bytes, files: reply.files });
@@ -274,9 +263,7 @@ async function runtimeSnapshot(
     return { key, snapshot: cached.snapshot };
   }
 
-  logger.info(
-    `building the Python ${app.python} runtime snapshot (${cached}); this happens once per version`,
-  );
+  logger.info(`building the Python ${app.python} runtime snapshot (${cached}); this happens once per version`);
   const started = performance.now();
   const bytes = await buildRuntimeSnapshot(app.python, options.pyodideFolder, wasmModule, logger);
   await writeFile(path, { key, sha256: await sha256Hex(bytes), bytes: bytes.length }, bytes);
@@ -296,17 +283,13 @@ async function buildRuntimeSnapshot(
   wasmModule: WebAssembly.Module | null,
   logger: Logger,
 ): Promise<Uint8Array> {
-  const built = await buildInWorker(
-    {
-      type: "build-snapshot",
-      python,
-      modules: RUNTIME_MODULES,
-      base: null,
-      wasmModule,
-    },
-    [pyodideFolder],
-    logger,
-  );
+  const built = await buildInWorker({
+    type: "build-snapshot",
+    python,
+    modules: RUNTIME_MODULES,
+    base: null,
+    wasmModule,
+  }, [pyodideFolder], logger);
   return built.bytes;
 }
 
@@ -342,16 +325,11 @@ function applicationKey(app: AppSpec, runtime: string): Promise<string> {
 }
 
 function applicationPath(app: AppSpec, key: string): string {
-  return `${snapshotCacheDir()}/app-${app.name.replace(/[^\w.-]/g, "_")}-${
-    key.slice(0, 16)
-  }.snapshot`;
+  return `${snapshotCacheDir()}/app-${app.name.replace(/[^\w.-]/g, "_")}-${key.slice(0, 16)}.snapshot`;
 }
 
 /** Returns the cached application snapshot, or the reason it must be built. */
-async function cachedApplicationSnapshot(
-  app: AppSpec,
-  key: string,
-): Promise<SharedArrayBuffer | string> {
+async function cachedApplicationSnapshot(app: AppSpec, key: string): Promise<SharedArrayBuffer | string> {
   const path = applicationPath(app, key);
   const cached = await readFile(path, key);
   if (typeof cached === "string") return cached;
@@ -372,9 +350,7 @@ async function pruneApplicationSnapshots(logger: Logger): Promise<void> {
   const folder = snapshotCacheDir();
   const snapshots: { path: string; used: number }[] = [];
   for await (const entry of Deno.readDir(folder)) {
-    if (!entry.isFile || !entry.name.startsWith("app-") || !entry.name.endsWith(".snapshot")) {
-      continue;
-    }
+    if (!entry.isFile || !entry.name.startsWith("app-") || !entry.name.endsWith(".snapshot")) continue;
     const path = `${folder}/${entry.name}`;
     const info = await Deno.stat(path).catch(() => null);
     if (info) snapshots.push({ path, used: info.mtime?.getTime() ?? 0 });
@@ -396,26 +372,17 @@ async function buildApplicationSnapshot(
   const { app, logger } = options;
   logger.info(`building the application snapshot (${reason})`);
   const started = performance.now();
-  const built = await buildInWorker(
-    {
-      type: "build-snapshot",
-      python: app.python,
-      modules: [],
-      base: runtime,
-      wasmModule,
-      app,
-    },
-    [options.pyodideFolder, ...appReadPaths(app)],
-    logger,
-  );
+  const built = await buildInWorker({
+    type: "build-snapshot",
+    python: app.python,
+    modules: [],
+    base: runtime,
+    wasmModule,
+    app,
+  }, [options.pyodideFolder, ...appReadPaths(app)], logger);
   const files = await fileStamps(built.files);
   const path = applicationPath(app, key);
-  await writeFile(path, {
-    key,
-    sha256: await sha256Hex(built.bytes),
-    bytes: built.bytes.length,
-    files,
-  }, built.bytes);
+  await writeFile(path, { key, sha256: await sha256Hex(built.bytes), bytes: built.bytes.length, files }, built.bytes);
   await pruneApplicationSnapshots(logger);
   logger.info(
     `application snapshot built in ${Math.round(performance.now() - started)} ms ` +
@@ -451,21 +418,13 @@ export async function prepareBoot(options: BootOptions): Promise<Boot> {
   try {
     runtime = await runtimeSnapshot(options, wasmModule);
   } catch (error) {
-    logger.warning(
-      `cannot use a runtime snapshot, isolates start from scratch: ${errorText(error)}`,
-    );
+    logger.warning(`cannot use a runtime snapshot, isolates start from scratch: ${errorText(error)}`);
     return { snapshot: null, wasmModule, kind: "none" };
   }
   if (!appKey) return { snapshot: runtime.snapshot, wasmModule, kind: "runtime" };
 
   try {
-    const snapshot = await buildApplicationSnapshot(
-      options,
-      appKey,
-      runtime.snapshot,
-      wasmModule,
-      reason,
-    );
+    const snapshot = await buildApplicationSnapshot(options, appKey, runtime.snapshot, wasmModule, reason);
     return { snapshot, wasmModule, kind: "application" };
   } catch (error) {
     logger.warning(

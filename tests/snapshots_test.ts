@@ -15,9 +15,7 @@ def application(environ, start_response):
 
 async function makeApp(files: Record<string, string>): Promise<string> {
   const folder = await Deno.makeTempDir({ prefix: "wsgirun-snapshot-app-" });
-  for (const [name, text] of Object.entries(files)) {
-    await Deno.writeTextFile(`${folder}/${name}`, text);
-  }
+  for (const [name, text] of Object.entries(files)) await Deno.writeTextFile(`${folder}/${name}`, text);
   return folder;
 }
 
@@ -40,24 +38,14 @@ async function body(origin: string, path = "/"): Promise<string> {
 /** Makes sure the shared test cache has the Python 3.14 runtime snapshot. */
 async function warmRuntimeSnapshot(): Promise<void> {
   const folder = await makeApp({ "app.wsgi": HELLO });
-  await using server = await startServer(`${folder}/app.wsgi`, [
-    "--threads",
-    "1",
-    "--snapshot",
-    "runtime",
-  ]);
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--snapshot", "runtime"]);
   assert.equal(await body(server.origin), "hello");
 }
 
 Deno.test("runtime snapshot reused from cache", async () => {
   await warmRuntimeSnapshot();
   const folder = await makeApp({ "app.wsgi": HELLO });
-  await using server = await startServer(`${folder}/app.wsgi`, [
-    "--threads",
-    "1",
-    "--snapshot",
-    "runtime",
-  ]);
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--snapshot", "runtime"]);
 
   assert.equal(await body(server.origin), "hello");
   assert.doesNotMatch(server.log(), /building the Python 3\.14 runtime snapshot/);
@@ -103,10 +91,7 @@ Deno.test("runtime snapshot corrupt file rebuilt", async () => {
   assert.match(server.log(), /is corrupt \(SHA-256 mismatch\)/);
   assert.match(server.log(), /runtime snapshot built/);
   const rebuilt = await Deno.readFile(`${cache}/${name}`);
-  assert.deepEqual(
-    rebuilt.subarray(-1000),
-    (await Deno.readFile(`${TEST_CACHE_DIR}/${name}`)).subarray(-1000),
-  );
+  assert.deepEqual(rebuilt.subarray(-1000), (await Deno.readFile(`${TEST_CACHE_DIR}/${name}`)).subarray(-1000));
 });
 
 Deno.test("runtime snapshot keyed by adapter source", async () => {
@@ -125,20 +110,7 @@ Deno.test("runtime snapshot keyed by adapter source", async () => {
 
   const folder = await makeApp({ "app.wsgi": HELLO });
   const command = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--allow-all",
-      "--config",
-      `${copy}/deno.json`,
-      `${copy}/main.ts`,
-      `${folder}/app.wsgi`,
-      "--port",
-      "0",
-      "--threads",
-      "1",
-      "--snapshot",
-      "runtime",
-    ],
+    args: ["run", "--allow-all", "--config", `${copy}/deno.json`, `${copy}/main.ts`, `${folder}/app.wsgi`, "--port", "0", "--threads", "1", "--snapshot", "runtime"],
     env: { WSGIRUN_CACHE_DIR: cache },
     stdout: "null",
     stderr: "piped",
@@ -162,14 +134,7 @@ Deno.test("runtime snapshot keyed by adapter source", async () => {
 Deno.test("runtime snapshot keyed by Pyodide version", async () => {
   const names314 = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
   const folder = await makeApp({ "app.wsgi": HELLO });
-  await using server = await startServer(`${folder}/app.wsgi`, [
-    "--threads",
-    "1",
-    "--python",
-    "3.12",
-    "--snapshot",
-    "runtime",
-  ]);
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--python", "3.12", "--snapshot", "runtime"]);
 
   assert.equal(await body(server.origin), "hello");
   const names312 = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.12-");
@@ -204,10 +169,7 @@ def application(environ, start_response):
   {
     await using server = await startServer(script, ["--threads", "1"]);
     assert.equal(await body(server.origin), "second, edited");
-    assert.match(
-      server.log(),
-      /building the application snapshot \(.*settings_module\.py changed\)/,
-    );
+    assert.match(server.log(), /building the application snapshot \(.*settings_module\.py changed\)/);
   }
 });
 
@@ -248,12 +210,7 @@ def application(environ, start_response):
 
 Deno.test("snapshot off starts from scratch", async () => {
   const folder = await makeApp({ "app.wsgi": HELLO });
-  await using server = await startServer(`${folder}/app.wsgi`, [
-    "--threads",
-    "1",
-    "--snapshot",
-    "off",
-  ]);
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--snapshot", "off"]);
 
   assert.equal(await body(server.origin), "hello");
   assert.doesNotMatch(server.log(), /snapshot/);

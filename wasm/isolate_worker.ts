@@ -15,7 +15,7 @@ import adapterSource from "./adapter.py" with { type: "text" };
 import appLoaderSource from "./app_loader.py" with { type: "text" };
 import { BodyRing, RequestControl } from "./channel.ts";
 import type { FromWorker, InitMessage, RequestMessage, ToWorker } from "./protocol.ts";
-import { appReadPaths, type AppSpec } from "../supervisor/app_spec.ts";
+import { type AppSpec, appReadPaths } from "../supervisor/app_spec.ts";
 import { loadPyodideFor, mountHostFolders } from "./pyodide_loader.ts";
 import { buildSnapshot } from "./snapshot_builder.ts";
 import { installHostModules, type PyodideForHost } from "./host_modules.ts";
@@ -162,9 +162,7 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
   pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_app_loader.py", appLoaderSource);
   pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_adapter.py", adapterSource);
   // Snapshots import the adapter from this folder, so it may be on sys.path already.
-  pyodide.runPython(
-    "import sys\nif '/lib/wsgirun' not in sys.path: sys.path.insert(0, '/lib/wsgirun')",
-  );
+  pyodide.runPython("import sys\nif '/lib/wsgirun' not in sys.path: sys.path.insert(0, '/lib/wsgirun')");
 
   const adapter = pyodide.pyimport("_wsgirun_adapter");
   adapter.connect_host();

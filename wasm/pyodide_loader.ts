@@ -137,15 +137,9 @@ function findImportedMemory(imports: WebAssembly.Imports | undefined): WebAssemb
  * Only memory the module exports is grown: Pyodide 0.27.8 imports its memory
  * and sizes it from the snapshot correctly.
  */
-function hookInstantiate(
-  wasmModule: WebAssembly.Module | null | undefined,
-  heapEnd: number,
-): () => void {
+function hookInstantiate(wasmModule: WebAssembly.Module | null | undefined, heapEnd: number): () => void {
   const original = WebAssembly.instantiate;
-  const hooked = async (
-    source: BufferSource | WebAssembly.Module,
-    imports?: WebAssembly.Imports,
-  ) => {
+  const hooked = async (source: BufferSource | WebAssembly.Module, imports?: WebAssembly.Imports) => {
     const isInterpreter = !(source instanceof WebAssembly.Module) &&
       source.byteLength >= INTERPRETER_MIN_BYTES;
     if (!isInterpreter) return original(source as BufferSource, imports);

@@ -56,9 +56,7 @@ function importAdapter(pyodide: SnapshotPyodide): void {
   pyodide.FS.mkdirTree("/lib/wsgirun");
   pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_app_loader.py", appLoaderSource);
   pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_adapter.py", adapterSource);
-  pyodide.runPython(
-    "import sys\nif '/lib/wsgirun' not in sys.path: sys.path.insert(0, '/lib/wsgirun')",
-  );
+  pyodide.runPython("import sys\nif '/lib/wsgirun' not in sys.path: sys.path.insert(0, '/lib/wsgirun')");
   pyodide.runPython("import _wsgirun_adapter");
 }
 
@@ -75,14 +73,7 @@ async function importApplication(pyodide: SnapshotPyodide, message: BuildSnapsho
   }
 
   const loader = pyodide.pyimport("_wsgirun_app_loader");
-  loader.configure(
-    app.name,
-    app.scriptPath ?? "",
-    app.module ?? "",
-    app.callable,
-    app.pythonPath,
-    true,
-  );
+  loader.configure(app.name, app.scriptPath ?? "", app.module ?? "", app.callable, app.pythonPath, true);
   if (app.home) pyodide.runPython(`import os; os.chdir(${JSON.stringify(app.home)})`);
   loader.load_application();
 
@@ -122,9 +113,6 @@ export async function buildSnapshot(
     const bytes = pyodide.makeMemorySnapshot();
     post({ type: "snapshot", bytes, files }, [bytes.buffer]);
   } catch (error) {
-    post({
-      type: "snapshot-failed",
-      reason: error instanceof Error ? error.message : String(error),
-    });
+    post({ type: "snapshot-failed", reason: error instanceof Error ? error.message : String(error) });
   }
 }
