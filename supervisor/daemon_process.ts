@@ -176,12 +176,16 @@ export class DaemonRequestHandle implements RequestHandle {
   /**
    * Sends the client's body in frames, at most BODY_WINDOW bytes ahead of the daemon.
    *
-   * NOTE: Deno 2.9.6's server slows down when a handler reads a fast upload
-   * in steps that wait for other I/O, as this loop waits for credit. A
-   * chunked body sent in 32-64 KiB pieces (Deno's fetch, Python's
-   * http.client) then moved at 5-25 MB/s, and the server's memory grew while
-   * it lasted. A body with a Content-Length sent in large writes (curl)
-   * moved at over 200 MB/s. Reading ahead into a bounded queue did not help.
+   * NOTE: Deno 2.9.6's HTTP/1.1 server keeps reading a chunked request body
+   * into one buffer when the handler reads slower than the client sends.
+   * For every chunk the handler takes, it moves the whole unread rest of that
+   * buffer (a 70 MB memmove per 16 KiB chunk was seen), and a plain
+   * Deno.serve handler that yields to a timer every 16 chunks falls to 3-7
+   * MB/s the same way. So a chunked upload in small pieces stays fast and
+   * bounded only while the client is slower than this loop (measured: up to
+   * about 100 MB/s with 16 KiB pieces on two cores). A faster client makes
+   * the front's memory grow and the upload crawl. Bodies with a
+   * Content-Length are read without this cost.
    */
   async #pumpBody(
     body: ReadableStream<Uint8Array>,

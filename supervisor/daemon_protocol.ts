@@ -107,17 +107,14 @@ export interface ReadyInfo {
   pid: number;
 }
 
-/** Payloads of this size or more are written without copying them into a frame. */
-const LARGE_PAYLOAD = 16 * 1024;
-
-function encodeFrameHeader(type: number, id: number, length: number): Uint8Array {
-  const header = new Uint8Array(HEADER_BYTES);
-  const view = new DataView(header.buffer);
-  view.setUint8(0, type);
-  view.setUint32(1, id, true);
-  view.setUint32(5, length, true);
-  return header;
-}
+/**
+ * Payloads of this size or more are written without copying them into a
+ * batch. MAX_BODY_FRAME pieces of a large body stay uncopied, while smaller
+ * pieces of a body sent in many small reads share writes.
+ */
+const LARGE_PAYLOAD = 64 * 1024;
+/** Size of a FrameWriter's batch buffer, which limits the frame bytes joined into one write. */
+const BATCH_BYTES = 256 * 1024;
 
 /** Encodes one frame. */
 export function encodeFrame(
@@ -338,14 +335,29 @@ export async function readFrames(
   }
 }
 
+/** A frame waiting in a FrameWriter. Its header is written into the batch buffer at flush time. */
+interface PendingFrame {
+  type: number;
+  id: number;
+  payload: Uint8Array | undefined;
+}
+
 /**
  * Writes frames to a stream, joining the frames of one event loop turn into
  * one write so that a busy channel makes few system calls.
+ *
+ * Headers and payloads below LARGE_PAYLOAD are copied into one batch buffer
+ * that is reused after each write, so a body sent in many small pieces costs
+ * one write per batch and leaves no garbage per frame. A larger payload goes
+ * out as its own write, without a copy. Payloads must not change after send().
  */
 export class FrameWriter {
   #writer: WritableStreamDefaultWriter<Uint8Array>;
-  #pending: Uint8Array[] = [];
+  #pending: PendingFrame[] = [];
   #pendingBytes = 0;
+  #batch = new Uint8Array(BATCH_BYTES);
+  #batchView = new DataView(this.#batch.buffer);
+  #batchFill = 0;
   #writing = false;
   #closed = false;
   #onError: (error: unknown) => void;
@@ -362,15 +374,8 @@ export class FrameWriter {
 
   send(type: number, id: number, payload?: Uint8Array): void {
     if (this.#closed) return;
-    if (payload && payload.length >= LARGE_PAYLOAD) {
-      // A large payload goes out as its own write, without a copy.
-      this.#pending.push(encodeFrameHeader(type, id, payload.length), payload);
-      this.#pendingBytes += HEADER_BYTES + payload.length;
-    } else {
-      const frame = encodeFrame(type, id, payload);
-      this.#pending.push(frame);
-      this.#pendingBytes += frame.length;
-    }
+    this.#pending.push({ type, id, payload });
+    this.#pendingBytes += HEADER_BYTES + (payload?.length ?? 0);
     if (!this.#writing) {
       this.#writing = true;
       queueMicrotask(() => this.#flush());
@@ -383,7 +388,8 @@ export class FrameWriter {
         const frames = this.#pending;
         this.#pending = [];
         this.#pendingBytes = 0;
-        for (const batch of batches(frames)) await this.#writer.write(batch);
+        for (const frame of frames) await this.#writeFrame(frame);
+        await this.#writeBatch();
       }
     } catch (error) {
       this.#closed = true;
@@ -391,8 +397,40 @@ export class FrameWriter {
       this.#pendingBytes = 0;
       this.#onError(error);
     } finally {
+      this.#batchFill = 0;
       this.#writing = false;
     }
+  }
+
+  /** Adds a frame to the batch; writes the batch first when the frame does not fit. */
+  async #writeFrame({ type, id, payload }: PendingFrame): Promise<void> {
+    const length = payload?.length ?? 0;
+    const large = length >= LARGE_PAYLOAD;
+    const copied = large ? HEADER_BYTES : HEADER_BYTES + length;
+    if (this.#batchFill + copied > this.#batch.length) await this.#writeBatch();
+
+    const view = this.#batchView;
+    const offset = this.#batchFill;
+    view.setUint8(offset, type);
+    view.setUint32(offset + 1, id, true);
+    view.setUint32(offset + 5, length, true);
+    this.#batchFill += HEADER_BYTES;
+    if (!payload) return;
+    if (!large) {
+      this.#batch.set(payload, this.#batchFill);
+      this.#batchFill += length;
+      return;
+    }
+    await this.#writeBatch();
+    await this.#writer.write(payload);
+  }
+
+  /** Writes the batch and waits for the write, after which the buffer may be reused. */
+  async #writeBatch(): Promise<void> {
+    if (this.#batchFill === 0) return;
+    const bytes = this.#batch.subarray(0, this.#batchFill);
+    this.#batchFill = 0;
+    await this.#writer.write(bytes);
   }
 
   /** Closes the stream after the frames already sent; later frames are dropped. */
@@ -406,32 +444,4 @@ export class FrameWriter {
       // The reader has already gone; nothing is left to close.
     }
   }
-}
-
-/** Joins runs of small frames into one buffer; large payloads stay separate. */
-function* batches(parts: Uint8Array[]): Generator<Uint8Array> {
-  let run: Uint8Array[] = [];
-  let runBytes = 0;
-  for (const part of parts) {
-    if (part.length >= LARGE_PAYLOAD) {
-      if (run.length) yield run.length === 1 ? run[0] : concat(run, runBytes);
-      run = [];
-      runBytes = 0;
-      yield part;
-      continue;
-    }
-    run.push(part);
-    runBytes += part.length;
-  }
-  if (run.length) yield run.length === 1 ? run[0] : concat(run, runBytes);
-}
-
-function concat(parts: Uint8Array[], total: number): Uint8Array {
-  const out = new Uint8Array(total);
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
 }
