@@ -55,6 +55,15 @@ const RSS_GROWTH_LIMIT = 64 * MiB;
 // ---------------------------------------------------------------------------
 // Helpers
 
+/** Asserts that no process of a transfer (the front first, then daemons) grew by RSS_GROWTH_LIMIT or more. */
+function assertBoundedGrowth(pids: number[], before: number[], peaks: number[]): void {
+  pids.forEach((pid, index) => {
+    const growth = peaks[index] - before[index];
+    const role = index === 0 ? "the front" : "a daemon process";
+    assert.ok(growth < RSS_GROWTH_LIMIT, `${role} (pid ${pid}) grew by ${Math.round(growth / MiB)} MiB`);
+  });
+}
+
 /** Copies a fixture folder to a temporary folder that the user nobody can read. */
 async function copyFixture(source: string): Promise<string> {
   const folder = await Deno.realPath(await Deno.makeTempDir({ prefix: "wsgirun_daemon_test_" }));
@@ -869,14 +878,7 @@ Deno.test("daemon server", async (t) => {
       const peaks = await peakResident(pids, upload);
 
       assert.equal(await upload, String(TRANSFER_BYTES));
-      pids.forEach((pid, index) => {
-        const growth = peaks[index] - before[index];
-        const role = index === 0 ? "the front" : "a daemon process";
-        assert.ok(
-          growth < RSS_GROWTH_LIMIT,
-          `${role} (pid ${pid}) grew by ${Math.round(growth / MiB)} MiB`,
-        );
-      });
+      assertBoundedGrowth(pids, before, peaks);
     });
 
     await t.step("chunked upload in small pieces", async () => {
@@ -895,14 +897,7 @@ Deno.test("daemon server", async (t) => {
       assert.equal(status, 200, body);
       assert.equal(received, String(CHUNKED_BYTES));
       assert.equal(receivedCrc, crc.toString(16).padStart(8, "0"));
-      pids.forEach((pid, index) => {
-        const growth = peaks[index] - before[index];
-        const role = index === 0 ? "the front" : "a daemon process";
-        assert.ok(
-          growth < RSS_GROWTH_LIMIT,
-          `${role} (pid ${pid}) grew by ${Math.round(growth / MiB)} MiB`,
-        );
-      });
+      assertBoundedGrowth(pids, before, peaks);
     });
 
     await t.step("streamed download with bounded memory", async () => {
@@ -917,14 +912,7 @@ Deno.test("daemon server", async (t) => {
       const peaks = await peakResident(pids, download);
 
       assert.equal(await download, TRANSFER_BYTES);
-      pids.forEach((pid, index) => {
-        const growth = peaks[index] - before[index];
-        const role = index === 0 ? "the front" : "a daemon process";
-        assert.ok(
-          growth < RSS_GROWTH_LIMIT,
-          `${role} (pid ${pid}) grew by ${Math.round(growth / MiB)} MiB`,
-        );
-      });
+      assertBoundedGrowth(pids, before, peaks);
     });
 
     await t.step("SIGTERM drains and stops", async () => {
