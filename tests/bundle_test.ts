@@ -5,12 +5,14 @@
  * The bundle runs from a temporary folder with no deno.json, as it does once
  * copied elsewhere. That covers what a compiled binary also depends on: the
  * isolate worker found next to the entry file, wasm/adapter.py embedded as
- * text, and Pyodide resolved through its npm: specifiers instead of the
- * repository's node_modules folder.
+ * text, Pyodide resolved through its npm: specifiers instead of the
+ * repository's node_modules folder, and a daemon process started as the
+ * same program again through `Deno.execPath()`.
  */
 
 import assert from "node:assert/strict";
 import { repoPath } from "./helpers/server.ts";
+import { DAEMON_SUBCOMMAND } from "../supervisor/daemon_protocol.ts";
 
 const decoder = new TextDecoder();
 const REPOSITORY_ROOT = repoPath("").replace(/\/$/, "");
@@ -46,13 +48,18 @@ interface BundleServer {
 
 /**
  * Starts `dist/wsgirun.js` from `bundleDir`, with `bundleDir` as working
- * folder and no configuration file, and waits until an isolate is ready.
+ * folder, and waits until an isolate is ready. Without `withConfig` it
+ * ignores any configuration file.
  */
-async function startBundleServer(bundleDir: string, args: string[]): Promise<BundleServer> {
+async function startBundleServer(
+  bundleDir: string,
+  args: string[],
+  withConfig = false,
+): Promise<BundleServer> {
   const process = new Deno.Command(Deno.execPath(), {
     args: [
       "run",
-      "--no-config",
+      ...(withConfig ? [] : ["--no-config"]),
       "--allow-all",
       ...UNSTABLE_FLAGS,
       `${bundleDir}/wsgirun.js`,
@@ -88,6 +95,20 @@ async function startBundleServer(bundleDir: string, args: string[]): Promise<Bun
 }
 
 const START_TIMEOUT_MS = 60_000;
+
+/** Returns the command line of every process, its arguments joined by spaces. */
+function processCommandLines(): string[] {
+  const lines: string[] = [];
+  for (const entry of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(entry.name)) continue;
+    try {
+      lines.push(Deno.readTextFileSync(`/proc/${entry.name}/cmdline`).split("\0").join(" "));
+    } catch {
+      // The process exited while the folder was read.
+    }
+  }
+  return lines;
+}
 
 /** Polls the log until `pattern` matches. Throws when the process exits first or the time runs out. */
 async function waitForLog(
@@ -204,6 +225,38 @@ Deno.test({
           }
         });
       }
+
+      await t.step("daemon group re-enters the bundle", async () => {
+        // The daemon runs as the user nobody, which cannot read root's Deno cache, so it
+        // needs the node_modules folder that `deno install` makes next to a
+        // deployed bundle. A link to the repository's folder stands in for it.
+        await Deno.chmod(bundleDir, 0o755);
+        await Deno.writeTextFile(`${bundleDir}/deno.json`, '{ "nodeModulesDir": "manual" }\n');
+        await Deno.symlink(repoPath("node_modules"), `${bundleDir}/node_modules`);
+        const server = await startBundleServer(bundleDir, [
+          repoPath("examples/hello/app.wsgi"),
+          "--port",
+          "0",
+          "--daemon",
+          "group=bundled,processes=1,threads=1,user=nobody",
+        ], true);
+        try {
+          const response = await fetch(server.origin + "/");
+          const body = await response.text();
+          const daemons = processCommandLines().filter((line) => line.includes(DAEMON_SUBCOMMAND));
+
+          assert.equal(response.status, 200, `body: ${body}\nlog:\n${server.log()}`);
+          assert.equal(body, "Hello, world!\n");
+          assert.match(server.log(), /\[app=app\.wsgi group=bundled process=\d+\] daemon process ready/);
+          assert.ok(
+            daemons.some((line) => line.includes(`${bundleDir}/wsgirun.js`)),
+            `no daemon process runs ${bundleDir}/wsgirun.js; daemons:\n${daemons.join("\n")}`,
+          );
+        } finally {
+          const status = await server.stop();
+          assert.equal(status.code, 0, `exit status ${status.code}, log:\n${server.log()}`);
+        }
+      });
     } finally {
       await Deno.remove(bundleDir, { recursive: true });
     }
