@@ -400,9 +400,10 @@ async function buildApplicationSnapshot(
  */
 export async function prepareBoot(options: BootOptions): Promise<Boot> {
   const { app, logger } = options;
-  const wasmModule = await compiledInterpreter(app.python, options.pyodideFolder, logger);
+  // The module compiles in the background while the snapshot is read and checked.
+  const compiling = compiledInterpreter(app.python, options.pyodideFolder, logger);
   const mode = app.snapshot ?? "app";
-  if (mode === "off") return { snapshot: null, wasmModule, kind: "none" };
+  if (mode === "off") return { snapshot: null, wasmModule: await compiling, kind: "none" };
 
   // A valid application snapshot needs no runtime snapshot: skip reading it.
   let appKey: string | undefined;
@@ -410,9 +411,12 @@ export async function prepareBoot(options: BootOptions): Promise<Boot> {
   if (mode === "app") {
     appKey = await applicationKey(app, await runtimeKey(app.python));
     const cached = await cachedApplicationSnapshot(app, appKey);
-    if (typeof cached !== "string") return { snapshot: cached, wasmModule, kind: "application" };
+    if (typeof cached !== "string") {
+      return { snapshot: cached, wasmModule: await compiling, kind: "application" };
+    }
     reason = cached;
   }
+  const wasmModule = await compiling;
 
   let runtime: { key: string; snapshot: SharedArrayBuffer };
   try {

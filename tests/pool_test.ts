@@ -1,6 +1,7 @@
 /**
  * Scheduling across isolates: a request posted behind a running one moves to
- * an isolate that becomes free first.
+ * an isolate that becomes free first, and the order in which a pool starts
+ * its isolates.
  */
 
 import assert from "node:assert/strict";
@@ -67,4 +68,20 @@ Deno.test("growing pool starts a spare isolate", async () => {
   // spare without any further request.
   await server.waitForLog(/isolate=2\] isolate ready/, 30_000);
   assert.doesNotMatch(server.log(), /isolate=3\] isolate ready/);
+});
+
+Deno.test("first isolate restores alone", async () => {
+  await using server = await startServer(
+    repoPath("tests/fixtures/pool_app.wsgi"),
+    ["--threads", "3", "--log-level", "debug"],
+  );
+  await server.waitForLog(/isolate=3\] isolate ready/);
+  const log = server.log();
+  const firstReady = log.search(/isolate=1\] isolate ready/);
+
+  assert.ok(firstReady >= 0, `no ready line for isolate 1:\n${log}`);
+  for (const id of [2, 3]) {
+    const starting = log.search(new RegExp(`isolate=${id}\\] starting isolate`));
+    assert.ok(starting > firstReady, `isolate ${id} started before isolate 1 was ready:\n${log}`);
+  }
 });
