@@ -19,6 +19,13 @@ import { type RunningServer, startServer } from "./server.ts";
 const EXIT_USAGE = 2;
 /** Exit status after a second stop signal cut the graceful stop short. */
 const EXIT_INTERRUPTED = 1;
+/**
+ * A stop signal this soon after the first one is the same stop delivered
+ * twice: Ctrl-C under `deno task` reaches the server from the terminal and
+ * again from the task runner, and a service manager may signal the whole
+ * process group. A later one cuts the graceful stop short.
+ */
+const REPEATED_SIGNAL_MS = 1000;
 
 function parseOrExit(args: string[]) {
   try {
@@ -56,7 +63,7 @@ class SignalQueue {
 /** Acts on signals until a stop signal has stopped the server; never returns. */
 async function handleSignals(server: RunningServer, logger: Logger): Promise<never> {
   const signals = new SignalQueue(["SIGINT", "SIGTERM", "SIGHUP"]);
-  let stopping = false;
+  let stoppingSince: number | undefined;
   for (;;) {
     const signal = await signals.next();
     if (signal === "SIGHUP") {
@@ -64,11 +71,17 @@ async function handleSignals(server: RunningServer, logger: Logger): Promise<nev
       server.reload("the server received SIGHUP");
       continue;
     }
-    if (stopping) {
+    if (stoppingSince !== undefined) {
+      if (performance.now() - stoppingSince < REPEATED_SIGNAL_MS) {
+        logger.info(
+          `${signal} again within ${REPEATED_SIGNAL_MS} ms: taken as the same stop; send it later to exit at once`,
+        );
+        continue;
+      }
       logger.warning(`${signal} during the graceful stop: exiting at once`);
       Deno.exit(EXIT_INTERRUPTED);
     }
-    stopping = true;
+    stoppingSince = performance.now();
     logger.info(`${signal}: stopping gracefully`);
     server.shutdown().then(() => Deno.exit(0));
   }

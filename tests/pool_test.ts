@@ -1,7 +1,7 @@
 /**
  * Scheduling across isolates: a request posted behind a running one moves to
- * an isolate that becomes free first, and the order in which a pool starts
- * its isolates.
+ * an isolate that becomes free first, the order in which a pool starts its
+ * isolates, and how stop signals drain the running requests.
  */
 
 import assert from "node:assert/strict";
@@ -84,4 +84,39 @@ Deno.test("first isolate restores alone", async () => {
     const starting = log.search(new RegExp(`isolate=${id}\\] starting isolate`));
     assert.ok(starting > firstReady, `isolate ${id} started before isolate 1 was ready:\n${log}`);
   }
+});
+
+Deno.test("stop signal delivered twice drains", async () => {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "1"]);
+  const slow = fetch(`${server.origin}/?seconds=1.5`);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+
+  // Ctrl-C under `deno task` reaches the server twice within milliseconds.
+  // Sent back to back, the kernel would merge them into one pending signal.
+  server.process.kill("SIGINT");
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  server.process.kill("SIGINT");
+  const response = await slow;
+  const status = await server.process.status;
+
+  assert.equal(response.status, 200);
+  assert.equal(await response.text(), "slept 1.5");
+  assert.equal(status.code, 0);
+  assert.match(server.log(), /SIGINT again within \d+ ms: taken as the same stop/);
+});
+
+Deno.test("later second stop signal exits at once", async () => {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "1"]);
+  const slow = fetch(`${server.origin}/?seconds=5`).catch((error) => error);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+
+  server.process.kill("SIGTERM");
+  await server.waitForLog(/SIGTERM: stopping gracefully/);
+  await new Promise((resolve) => setTimeout(resolve, 1500));
+  server.process.kill("SIGTERM");
+  const status = await server.process.status;
+  await slow;
+
+  assert.equal(status.code, 1);
+  assert.match(server.log(), /SIGTERM during the graceful stop: exiting at once/);
 });
