@@ -131,7 +131,7 @@ export class IsolatePool {
       this.#logger.error(`cannot prepare snapshots, isolates start from scratch: ${error}`);
       this.#boot = { snapshot: null, wasmModule: null, kind: "none" };
     }
-    this.#logger.debug(`isolates start from ${this.#boot.kind === "none" ? "scratch" : `the ${this.#boot.kind} snapshot`}`);
+    this.#logger.info(`isolates start from ${this.#boot.kind === "none" ? "scratch" : `the ${this.#boot.kind} snapshot`}`);
   }
 
   /** Isolates running or starting. */

@@ -386,7 +386,7 @@ async function buildApplicationSnapshot(
   await pruneApplicationSnapshots(logger);
   logger.info(
     `application snapshot built in ${Math.round(performance.now() - started)} ms ` +
-      `(${files.length} imported files watched): ${path}`,
+      `(${files.length} imported ${files.length === 1 ? "file" : "files"} watched): ${path}`,
   );
   const snapshot = new SharedArrayBuffer(built.bytes.length);
   new Uint8Array(snapshot).set(built.bytes);
