@@ -11,13 +11,11 @@
 
 /// <reference lib="deno.worker" />
 
-import adapterSource from "./adapter.py" with { type: "text" };
-import appLoaderSource from "./app_loader.py" with { type: "text" };
 import { BodyRing, RequestControl } from "./channel.ts";
 import type { FromWorker, InitMessage, RequestMessage, ToWorker } from "./protocol.ts";
 import { type AppSpec, appReadPaths } from "../supervisor/app_spec.ts";
 import { loadPyodideFor, mountHostFolders } from "./pyodide_loader.ts";
-import { buildSnapshot } from "./snapshot_builder.ts";
+import { buildSnapshot, writeAdapterFiles } from "./snapshot_builder.ts";
 import { installHostModules, type PyodideForHost } from "./host_modules.ts";
 
 /** The subset of Pyodide's API this worker uses; both pinned versions provide it. */
@@ -158,11 +156,7 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
   mountHostFolders(pyodide.FS, appReadPaths(message.app));
   pyodide.registerJsModule("_wsgirun_host", host);
   installHostModules(pyodide as unknown as PyodideForHost, { app: message.app, log });
-  pyodide.FS.mkdirTree("/lib/wsgirun");
-  pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_app_loader.py", appLoaderSource);
-  pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_adapter.py", adapterSource);
-  // Snapshots import the adapter from this folder, so it may be on sys.path already.
-  pyodide.runPython("import sys\nif '/lib/wsgirun' not in sys.path: sys.path.insert(0, '/lib/wsgirun')");
+  writeAdapterFiles(pyodide);
 
   const adapter = pyodide.pyimport("_wsgirun_adapter");
   adapter.connect_host();

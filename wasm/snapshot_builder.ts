@@ -16,7 +16,7 @@ import appLoaderSource from "./app_loader.py" with { type: "text" };
 import { appReadPaths } from "../supervisor/app_spec.ts";
 import type { BuildSnapshotMessage, FromWorker } from "./protocol.ts";
 import { loadPyodideFor, type MountableFS, mountHostFolders } from "./pyodide_loader.ts";
-import { installHostPython, type PyodideForHost } from "./host_modules.ts";
+import { installHostPython, type PyodideForHost, SHIM_FOLDER } from "./host_modules.ts";
 
 interface SnapshotPyodide {
   FS: MountableFS & {
@@ -47,16 +47,33 @@ function openFileCount(pyodide: SnapshotPyodide): number {
   return pyodide.FS.streams.filter((stream) => stream).length - STANDARD_STREAMS;
 }
 
+/** The part of Pyodide's API that writeAdapterFiles uses. */
+export interface AdapterTarget {
+  FS: { mkdirTree(path: string): void; writeFile(path: string, data: string): void };
+  runPython(code: string): unknown;
+}
+
+/**
+ * Writes the request adapter and the application loader into SHIM_FOLDER and
+ * puts that folder on sys.path. Isolates write them again after a restore,
+ * because the file system is not part of a memory snapshot and tracebacks
+ * read the files.
+ */
+export function writeAdapterFiles(pyodide: AdapterTarget): void {
+  pyodide.FS.mkdirTree(SHIM_FOLDER);
+  pyodide.FS.writeFile(`${SHIM_FOLDER}/_wsgirun_app_loader.py`, appLoaderSource);
+  pyodide.FS.writeFile(`${SHIM_FOLDER}/_wsgirun_adapter.py`, adapterSource);
+  const folder = JSON.stringify(SHIM_FOLDER);
+  pyodide.runPython(`import sys\nif ${folder} not in sys.path: sys.path.insert(0, ${folder})`);
+}
+
 /**
  * Imports the request adapter, so that isolates restored from the snapshot
- * skip compiling it. Isolates write the same files again for tracebacks.
- * Changes to what this file imports must raise SNAPSHOT_CONTENT_VERSION.
+ * skip compiling it. Changes to what this file imports must raise
+ * SNAPSHOT_CONTENT_VERSION.
  */
 function importAdapter(pyodide: SnapshotPyodide): void {
-  pyodide.FS.mkdirTree("/lib/wsgirun");
-  pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_app_loader.py", appLoaderSource);
-  pyodide.FS.writeFile("/lib/wsgirun/_wsgirun_adapter.py", adapterSource);
-  pyodide.runPython("import sys\nif '/lib/wsgirun' not in sys.path: sys.path.insert(0, '/lib/wsgirun')");
+  writeAdapterFiles(pyodide);
   pyodide.runPython("import _wsgirun_adapter");
 }
 
