@@ -74,7 +74,7 @@ async function handleSignals(server: RunningServer, logger: Logger): Promise<nev
     if (stoppingSince !== undefined) {
       if (performance.now() - stoppingSince < REPEATED_SIGNAL_MS) {
         logger.info(
-          `${signal} again within ${REPEATED_SIGNAL_MS} ms: taken as the same stop; send it later to exit at once`,
+          `${signal} again within ${REPEATED_SIGNAL_MS} ms: taken as the same stop (send it again later to exit at once)`,
         );
         continue;
       }

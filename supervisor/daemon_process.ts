@@ -179,9 +179,9 @@ export class DaemonRequestHandle implements RequestHandle {
    * NOTE: Deno 2.9.6's HTTP/1.1 server keeps reading a chunked request body
    * into one buffer when the handler reads slower than the client sends.
    * For every chunk the handler takes, it moves the whole unread rest of that
-   * buffer (a 70 MB memmove per 16 KiB chunk was seen), and a plain
-   * Deno.serve handler that yields to a timer every 16 chunks falls to 3-7
-   * MB/s the same way. So a chunked upload in small pieces stays fast and
+   * buffer (a 70 MB memmove per 16 KiB chunk was seen). A plain Deno.serve
+   * handler that yields to a timer every 16 chunks falls to 3-7 MB/s the
+   * same way. So a chunked upload in small pieces stays fast and
    * bounded only while the client is slower than this loop (measured: up to
    * about 100 MB/s with 16 KiB pieces on two cores). A faster client makes
    * the front's memory grow and the upload crawl. Bodies with a

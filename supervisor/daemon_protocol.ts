@@ -402,7 +402,7 @@ export class FrameWriter {
     }
   }
 
-  /** Adds a frame to the batch; writes the batch first when the frame does not fit. */
+  /** Adds a frame to the batch, and writes the batch first when the frame does not fit. */
   async #writeFrame({ type, id, payload }: PendingFrame): Promise<void> {
     const length = payload?.length ?? 0;
     const large = length >= LARGE_PAYLOAD;

@@ -106,7 +106,7 @@ export class IsolatePool {
 
   /**
    * Prepares the snapshot isolates start from, then starts one isolate, and
-   * the rest of `minSize` once it is ready; resolves when it is ready.
+   * the rest of `minSize` once it is ready. Resolves when the first one is ready.
    * Restores that run together share the cores, so the first response
    * comes sooner when the first isolate restores alone.
    */

@@ -63,7 +63,7 @@ type ModuleFactory = (settings: Record<string, unknown>) => Promise<EmscriptenMo
  * Installs the wrapped interpreter factory where each Pyodide version looks
  * for it: 314.0.8 takes a `createPyodideModule` option; 0.27.8 calls a global
  * `_createPyodideModule` when one exists instead of loading its script again.
- * Literal specifiers, for the same reason as PYODIDE_MODULES.
+ * The specifiers are literal for the same reason as in PYODIDE_MODULES.
  */
 const FACTORY_INSTALLERS: Record<PythonVersion, () => Promise<Record<string, unknown>>> = {
   "3.12": async () => {
@@ -99,7 +99,7 @@ function wrapFactory(factory: ModuleFactory): ModuleFactory {
       const restore = module.API.restoreSnapshot.bind(module.API);
       module.API.restoreSnapshot = (snapshot) => {
         const headerBytes = snapshotHeaderBytes(snapshot);
-        if (!interpreterMemory) throw new Error("the interpreter's wasm memory was not found");
+        if (!interpreterMemory) throw new Error("cannot restore the snapshot: the interpreter's wasm memory was not found");
         writeDataPages(interpreterMemory, snapshot.subarray(headerBytes), pages);
         // Pyodide checks the header and copies the image after it, which is now empty.
         return restore(snapshot.subarray(0, headerBytes));
