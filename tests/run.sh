@@ -5,6 +5,33 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+# Returns success when every folder from / down to $1 lets other users enter it.
+others_can_enter() {
+  local folder=$1
+  while :; do
+    (( 8#$(stat -c %a "$folder") & 1 )) || return 1
+    [ "$folder" = / ] && return 0
+    folder=$(dirname "$folder")
+  done
+}
+
+# As root, the daemon tests run groups as the user nobody, and the database
+# servers run as nobody too, so nobody must be able to read this checkout.
+# A checkout inside a private folder (`mktemp -d` makes one with mode 0700)
+# is copied, with its uncommitted changes, to a folder others can enter, and
+# the suite runs from there.
+if [ "$(id -u)" = 0 ] && [ -z "${WSGIRUN_TESTS_COPIED:-}" ] && ! others_can_enter "$PWD"; then
+  copy=$(mktemp -d "${TMPDIR:-/tmp}/wsgirun-tests.XXXXXX") || exit 1
+  chmod 755 "$copy"
+  others_can_enter "$copy" || { echo "tests/run.sh: other users cannot enter $copy either" >&2; exit 1; }
+  echo "tests/run.sh: other users cannot enter $PWD; running the suite from a copy in $copy" >&2
+  git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -C "$copy" -xf -
+  WSGIRUN_TESTS_COPIED=1 bash "$copy/tests/run.sh" "$@"
+  status=$?
+  rm -rf "$copy"
+  exit "$status"
+fi
+
 bash examples/fetch_packages.sh > /dev/null || exit 1
 
 # The database servers need root to install; without them those tests skip
