@@ -293,13 +293,53 @@ async function executableFor(root: string, uid: number, gid: number): Promise<st
   return copy;
 }
 
-/** Returns the Deno permission flags of a daemon process (see the module documentation). */
-export function permissionFlags(app: AppSpec, cache: DaemonCache): string[] {
+/**
+ * Returns whether `uid` and `gid` may enter the folder that `info`
+ * describes, by its owner, group and other bits.
+ */
+function mayEnter(info: Deno.FileInfo, uid: number, gid: number): boolean {
+  const mode = info.mode ?? 0;
+  if (info.uid === uid) return (mode & 0o100) !== 0;
+  if (info.gid === gid) return (mode & 0o010) !== 0;
+  return (mode & 0o001) !== 0;
+}
+
+/**
+ * Returns the first folder on the way to the program's code or the
+ * application's folders that the group's user cannot enter, with its mode,
+ * or undefined when there is none. Supplementary groups of the user are not
+ * looked at, so the result is a reason to warn, not to reject the group.
+ */
+export async function unreachableFolder(
+  app: AppSpec,
+  identity: DaemonIdentity,
+): Promise<{ folder: string; mode: number } | undefined> {
+  const { uid, gid } = identity;
+  if (uid === undefined || gid === undefined) return undefined;
+  const entry = Deno.mainModule.startsWith("file:") ? [dirname(fileURLToPath(Deno.mainModule))] : [];
+  const targets = [...codeFolders(), ...entry, ...appReadPaths(app)];
+  for (const target of targets) {
+    for (let folder = target;; folder = dirname(folder)) {
+      const info = await Deno.stat(folder).catch(() => null);
+      if (info && !mayEnter(info, uid, gid)) return { folder, mode: (info.mode ?? 0) & 0o777 };
+      if (dirname(folder) === folder) break;
+    }
+  }
+  return undefined;
+}
+
+/** Returns the folders of the program's own modules that a daemon process's isolates load. */
+function codeFolders(): string[] {
   const code = [ISOLATE_WORKER_URL, new URL(import.meta.url)]
     .filter((url) => url.protocol === "file:")
     .map((url) => dirname(fileURLToPath(url)));
+  return [...new Set(code)];
+}
+
+/** Returns the Deno permission flags of a daemon process (see the module documentation). */
+export function permissionFlags(app: AppSpec, cache: DaemonCache): string[] {
   const read = [
-    ...new Set(code),
+    ...codeFolders(),
     pyodideFolder(app.python),
     ...appReadPaths(app),
     cache.snapshotDir,

@@ -29,6 +29,7 @@ import {
   type DaemonIdentity,
   prepareDaemonCache,
   resolveIdentity,
+  unreachableFolder,
 } from "./daemon_command.ts";
 import { type DaemonConfig, DaemonExit } from "./daemon_protocol.ts";
 import { DaemonProcess, DaemonRequestHandle, type ProcessExit } from "./daemon_process.ts";
@@ -128,6 +129,14 @@ export class DaemonGroup implements AppBackend {
 
   async start(): Promise<void> {
     this.#cache = await prepareDaemonCache(this.identity);
+    const blocked = await unreachableFolder(this.app, this.identity);
+    if (blocked) {
+      this.#logger.warning(
+        `${this.identity.description} cannot enter ${blocked.folder} (mode ${blocked.mode.toString(8)}), ` +
+          "so its daemon processes will likely fail to start: let that user enter the folders " +
+          "of wsgirun and of the application (chmod o+x, or run from another folder)",
+      );
+    }
     if (Deno.build.standalone) {
       this.#logger.warning(
         "a compiled binary cannot narrow the Deno permissions of its daemon processes; " +

@@ -550,6 +550,24 @@ Deno.test("server refuses a root daemon", async () => {
   assert.match(stderr, /wsgirun: group 'a' would run as root: add user=NAME/);
 });
 
+Deno.test("private app folder is reported", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  await Deno.chmod(folder, 0o700);
+  try {
+    await using server = await startServer(join(folder, "app.wsgi"), [
+      "--daemon",
+      "group=private,user=nobody,processes=1,threads=1",
+    ], { waitForReady: false });
+    await server.waitForLog(/cannot enter/);
+    const line = server.log().split("\n").find((text) => text.includes("cannot enter")) ?? "";
+
+    assert.match(line, /WARNING \[app=app\.wsgi group=private\] nobody \(uid 65534/);
+    assert.ok(line.includes(`cannot enter ${folder} (mode 700)`), line);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("group failing at start is marked failed", async () => {
   await using server = await startServer(BROKEN_SCRIPT, [
     "--preload",
