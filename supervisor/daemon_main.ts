@@ -45,7 +45,7 @@ import {
   readFrames,
   type ReadyInfo,
 } from "./daemon_protocol.ts";
-import { BODY_RING_BYTES, BodyRing, RequestControl } from "../wasm/channel.ts";
+import { BODY_RING_BYTES, BodyRing, type RequestControl } from "../wasm/channel.ts";
 import type { EndMessage, FileMessage, StartMessage } from "../wasm/protocol.ts";
 
 const FILE_PIECE = 64 * 1024;
@@ -62,7 +62,7 @@ type StopCause = { kind: "input closed" } | { kind: "drained" } | { kind: "exit"
 class DaemonRequest implements ResponseSink {
   readonly id: number;
   readonly job: Job;
-  readonly control = new RequestControl();
+  readonly control: RequestControl;
   readonly ring: BodyRing | null;
   #daemon: Daemon;
   #inbound: Uint8Array[] = [];
@@ -86,6 +86,7 @@ class DaemonRequest implements ResponseSink {
   ) {
     this.id = id;
     this.#daemon = daemon;
+    this.control = daemon.pool.newControl();
     this.ring = body === null ? BodyRing.create(BODY_RING_BYTES) : null;
     this.job = {
       requestId: `${daemon.config.group}-${Deno.pid}-${id}`,
@@ -258,6 +259,7 @@ class DaemonRequest implements ResponseSink {
     if (this.#finished) return;
     this.#finished = true;
     this.ring?.closeReader();
+    this.control.release();
     this.#daemon.forget(this.id);
   }
 }
@@ -393,6 +395,7 @@ class Daemon {
       // Abandoned jobs are skipped by the pool, so none of these starts after this point.
       request.job.abandoned = true;
       request.ring?.closeReader();
+      request.control.release();
       this.#requests.delete(id);
       this.send(Frame.RETURNED, id);
     }

@@ -9,7 +9,7 @@ import type { AppBackend, BackendRequest, RequestHandle } from "./backend.ts";
 import type { Job } from "./isolate.ts";
 import type { Logger } from "./log.ts";
 import type { IsolatePool } from "./pool.ts";
-import { BODY_RING_BYTES, BodyRing, RequestControl } from "../wasm/channel.ts";
+import { BODY_RING_BYTES, BodyRing } from "../wasm/channel.ts";
 
 
 /** Copies the client's body into the ring until it ends, fails or the reader has gone. */
@@ -51,7 +51,7 @@ export class EmbeddedBackend implements AppBackend {
     const stream = request.body instanceof ReadableStream ? request.body : null;
     const bytes = request.body instanceof Uint8Array ? request.body : null;
     const ring = stream ? BodyRing.create(BODY_RING_BYTES) : null;
-    const control = new RequestControl();
+    const control = this.pool.newControl();
     const job: Job = {
       requestId: request.requestId,
       method: request.method,
@@ -61,7 +61,12 @@ export class EmbeddedBackend implements AppBackend {
       control,
       sink: request.sink,
     };
-    this.pool.submit(job);
+    try {
+      this.pool.submit(job);
+    } catch (error) {
+      control.release();
+      throw error;
+    }
     if (stream && ring) pumpBody(stream, ring, this.#logger.child({ request: request.requestId }));
 
     return {
@@ -74,7 +79,10 @@ export class EmbeddedBackend implements AppBackend {
         control.cancel();
         ring?.abort();
       },
-      close: () => ring?.closeReader(),
+      close: () => {
+        ring?.closeReader();
+        control.release();
+      },
     };
   }
 

@@ -13,7 +13,13 @@ import type {
   RequestMessage,
   StartMessage,
 } from "../wasm/protocol.ts";
-import type { BodyRing, RequestControl } from "../wasm/channel.ts";
+import {
+  type BodyRing,
+  type ControlTable,
+  nextTicket,
+  type RequestControl,
+  RequestInbox,
+} from "../wasm/channel.ts";
 import { ISOLATE_WORKER_URL } from "./worker_url.ts";
 import type { Boot } from "./snapshots.ts";
 import { dataPagesOf } from "../wasm/snapshot_pages.ts";
@@ -36,6 +42,8 @@ export interface Job {
   body: Uint8Array<ArrayBuffer> | null;
   bodyRing: BodyRing | null;
   control: RequestControl;
+  /** The ticket of the job's latest posting to an isolate. */
+  ticket?: number;
   sink: ResponseSink;
   /** Set by the front when the client left while the job was still queued. */
   abandoned?: boolean;
@@ -51,6 +59,8 @@ export interface IsolateOptions {
   logger: Logger;
   responseWindow: number;
   multiprocess: boolean;
+  /** The pool's control slots; jobs whose control lives there can go through the inbox. */
+  controlTable?: ControlTable;
   /** Called when the isolate is ready for its first job. */
   onReady(isolate: Isolate): void;
   /** Called when one of the isolate's jobs finished its response, so it can take another. */
@@ -102,6 +112,7 @@ export class Isolate {
   #worker: Worker;
   #options: IsolateOptions;
   #logger: Logger;
+  #inbox = new RequestInbox();
 
   constructor(options: IsolateOptions) {
     this.id = options.id;
@@ -138,6 +149,8 @@ export class Isolate {
       snapshot: options.boot?.snapshot ?? null,
       snapshotPages: options.boot?.snapshot ? dataPagesOf(options.boot.snapshot) : null,
       wasmModule: options.boot?.wasmModule ?? null,
+      inbox: this.#inbox.buffer,
+      controlTable: options.controlTable?.buffer ?? null,
     });
   }
 
@@ -148,7 +161,9 @@ export class Isolate {
 
   /** Whether the isolate can take another request now. */
   get canTake(): boolean {
-    return (this.state === "idle" || this.state === "busy") && this.jobs.length < PIPELINE_DEPTH;
+    // Every posting takes an inbox entry, a posted message too (see RequestInbox).
+    return (this.state === "idle" || this.state === "busy") && this.jobs.length < PIPELINE_DEPTH &&
+      this.#inbox.hasRoom;
   }
 
   /** Posts a job to the worker, to run after the ones it holds. */
@@ -156,25 +171,36 @@ export class Isolate {
     if (!this.canTake) throw new Error(`isolate ${this.id} is ${this.state} with ${this.jobs.length} requests`);
     this.state = "busy";
     this.jobs.push(job);
-    job.control.assign(this.id);
+    const ticket = nextTicket();
+    job.ticket = ticket;
+    job.control.assign(ticket);
     job.running = true;
-    const message: RequestMessage = {
-      type: "request",
+    const control = job.control;
+    const inTable = control.slot >= 0 && control.buffer === this.#options.controlTable?.buffer;
+    const request = {
+      ticket,
+      controlSlot: control.slot,
       requestId: job.requestId,
       method: job.method,
       environ: job.environ,
       body: job.body,
+    };
+    if (inTable && job.bodyRing === null && this.#inbox.postRequest(request)) return;
+    const message: RequestMessage = {
+      type: "request",
+      ...request,
       bodyRing: job.bodyRing?.buffer ?? null,
-      control: job.control.buffer,
+      control: control.buffer,
     };
     this.#worker.postMessage(message);
+    this.#inbox.postMail();
   }
 
   /** Takes back the last posted job if the worker has not started it. */
   withdrawWaiting(): Job | undefined {
     if (this.jobs.length < 2) return undefined;
     const job = this.jobs[this.jobs.length - 1];
-    if (!job.control.withdraw(this.id)) return undefined;
+    if (!job.control.withdraw(job.ticket!)) return undefined;
     this.jobs.pop();
     return job;
   }
@@ -186,7 +212,7 @@ export class Isolate {
   terminate(reason: string, status = 503): Job[] {
     if (this.state === "dead") return [];
     this.#worker.terminate();
-    const unstarted = this.jobs.filter((job) => job.control.withdraw(this.id));
+    const unstarted = this.jobs.filter((job) => job.control.withdraw(job.ticket!));
     for (const job of this.jobs) if (!unstarted.includes(job)) job.sink.fail(status, reason);
     this.jobs = [];
     this.state = "dead";

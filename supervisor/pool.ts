@@ -16,6 +16,7 @@ import type { AppSpec } from "./app_spec.ts";
 import { Isolate, type Job, pyodideFolder } from "./isolate.ts";
 import { type Boot, prepareBoot } from "./snapshots.ts";
 import type { Logger } from "./log.ts";
+import { ControlTable, type RequestControl } from "../wasm/channel.ts";
 
 export interface PoolOptions {
   /** Maximum isolates. */
@@ -84,6 +85,7 @@ export class IsolatePool {
   #firstReady = Promise.withResolvers<void>();
   /** The snapshot and compiled module new isolates start from; set once prepared. */
   #boot: Boot | null = null;
+  #controls = new ControlTable();
 
   constructor(app: AppSpec, options: PoolOptions) {
     this.app = app;
@@ -145,6 +147,19 @@ export class IsolatePool {
 
   get failed(): string | null {
     return this.#failedReason;
+  }
+
+  /**
+   * Control words for a new job. Release them (RequestControl.release) when
+   * the front is done with the job, so that their slot serves another one.
+   */
+  newControl(): RequestControl {
+    return this.#controls.allocate();
+  }
+
+  /** Control slots held by jobs now, for tests. */
+  get controlsInUse(): number {
+    return this.#controls.inUse;
   }
 
   /** Runs `job` on an idle isolate or queues it. Throws PoolUnavailableError. */
@@ -229,6 +244,7 @@ export class IsolatePool {
       logger: this.#logger,
       responseWindow: this.#options.responseWindow,
       multiprocess: this.#options.multiprocess,
+      controlTable: this.#controls,
       boot: this.#boot!,
       onReady: (ready) => this.#onReady(ready),
       onIdle: (idle) => {

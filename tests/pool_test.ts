@@ -70,6 +70,38 @@ Deno.test("growing pool starts a spare isolate", async () => {
   assert.doesNotMatch(server.log(), /isolate=3\] isolate ready/);
 });
 
+Deno.test("retired isolates end their threads", async () => {
+  // An idle isolate blocks in its inbox. Deno ends a terminated worker only
+  // in its event loop, so the isolate must return there for its thread to end.
+  await using server = await startServer(
+    repoPath("tests/fixtures/pool_app.wsgi"),
+    ["--daemon", "group=retire,processes=1,threads=4,inactivity-timeout=1,user=nobody"],
+  );
+  const pid = Number((await server.waitForLog(/group=retire process=(\d+)\]/)).match(/process=(\d+)/)![1]);
+  const threads = () => Deno.readDirSync(`/proc/${pid}/task`).toArray().length;
+
+  const load = [];
+  for (let i = 0; i < 4; i++) load.push(fetch(`${server.origin}/?seconds=1.5`).then((response) => response.text()));
+  await server.waitForLog(/isolate=4\] isolate ready/, 30_000);
+  await Promise.all(load);
+  const busy = threads();
+
+  await server.waitForLog(/isolate retired after/, 20_000);
+  // Retirement goes on until one busy isolate and one spare remain.
+  let retired = 0;
+  for (let waited = 0; waited < 15_000 && retired < 2; waited += 250) {
+    await new Promise((resolve) => setTimeout(resolve, 250));
+    retired = server.log().match(/isolate retired after/g)?.length ?? 0;
+  }
+  let now = threads();
+  for (let waited = 0; waited < 5_000 && now > busy - 2; waited += 250) {
+    await new Promise((resolve) => setTimeout(resolve, 250));
+    now = threads();
+  }
+  assert.ok(retired >= 2, `only ${retired} isolates retired:\n${server.log()}`);
+  assert.ok(now <= busy - retired, `threads went from ${busy} to ${now} after ${retired} isolates retired`);
+});
+
 Deno.test("first isolate restores alone", async () => {
   await using server = await startServer(
     repoPath("tests/fixtures/pool_app.wsgi"),

@@ -304,6 +304,29 @@ Deno.test("server with one isolate", async (t) => {
       assert.equal(result.sha256, await sha256Hex(payload));
     });
 
+    await t.step("request larger than an inbox entry", async () => {
+      // Most requests reach the isolate through its shared inbox; this one
+      // does not fit an entry and takes the posted-message path, in order.
+      const payload = randomBytes(40 * 1024);
+      const big = "b".repeat(20 * 1024);
+      // One request runs while the next waits behind it (the queue limit is 1).
+      const small = fetch(server.origin + "/app/do/hello");
+      const large = fetch(server.origin + "/app/do/upload", {
+        method: "POST",
+        body: payload,
+        headers: { "x-big": big },
+      });
+      const [smallText, result] = await Promise.all([
+        small.then((response) => response.text()),
+        large.then((response) => response.json()),
+      ]);
+      assert.equal(result.length, payload.length);
+      assert.equal(result.sha256, await sha256Hex(payload));
+      assert.equal(smallText, "hello");
+      assert.equal((await getText(server, "/app/do/hello")).text, "hello");
+      assert.equal(await echoText(server, "/app/", "HTTP_X_BIG", [`X-Big: ${big}`]), big);
+    });
+
     await t.step("readline(3) mid-line", async () => {
       const response = await fetch(server.origin + "/app/do/readline", {
         method: "POST",

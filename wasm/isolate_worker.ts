@@ -11,7 +11,7 @@
 
 /// <reference lib="deno.worker" />
 
-import { BodyRing, RequestControl } from "./channel.ts";
+import { BodyRing, type InboxRequest, RequestControl, RequestInbox } from "./channel.ts";
 import type { FromWorker, InitMessage, RequestMessage, ToWorker } from "./protocol.ts";
 import { type AppSpec, appReadPaths } from "../supervisor/app_spec.ts";
 import { loadPyodideFor, mountHostFolders } from "./pyodide_loader.ts";
@@ -50,6 +50,18 @@ let pyodide: Pyodide;
 let settings: InitMessage;
 let handle: PyProxyCallable;
 let current: CurrentRequest | null = null;
+
+/**
+ * Maximum time the worker stays in its inbox loop before it returns to its
+ * event loop once. Deno ends a terminated worker only when its event loop
+ * runs, and timers set by the application run only then.
+ */
+const INBOX_SLICE_MS = 1000;
+let inbox: RequestInbox | null = null;
+let inboxTimer: ReturnType<typeof setTimeout> | undefined;
+/** Requests that came as posted messages, and the mail entries that announced them. */
+let postedRequests = 0;
+let mailEntries = 0;
 
 function post(message: FromWorker, transfer: Transferable[] = []): void {
   self.postMessage(message, transfer);
@@ -207,33 +219,60 @@ function preloadApplication(adapter: Record<string, PyProxyCallable>): void {
   }
 }
 
-function runRequest(message: RequestMessage): void {
-  const control = new RequestControl(message.control);
+/**
+ * Serves requests from the inbox for up to INBOX_SLICE_MS, then lets the
+ * event loop run once. Returns at once, without a timer, when the next
+ * request is a posted message still in the event loop's queue: its handler
+ * calls this again.
+ */
+function serveInbox(): void {
+  clearTimeout(inboxTimer);
+  inboxTimer = undefined;
+  if (!inbox) return;
+  const until = performance.now() + INBOX_SLICE_MS;
+  for (let left = INBOX_SLICE_MS; left > 0; left = until - performance.now()) {
+    const entry = inbox.take(left);
+    if (entry === null) break;
+    if (entry === "mail") {
+      mailEntries += 1;
+      if (mailEntries > postedRequests) return;
+      continue;
+    }
+    runRequest(entry, new RequestControl(settings.controlTable!, entry.controlSlot), null);
+  }
+  inboxTimer = setTimeout(serveInbox, 0);
+}
+
+function runRequest(request: InboxRequest, control: RequestControl, ring: BodyRing | null): void {
   // The pool posts a second request while one runs, and takes it back for
   // another isolate that became free first; then this isolate skips it.
-  if (!control.claim(settings.isolateId)) return;
-  current = {
-    id: message.requestId,
-    control,
-    ring: message.bodyRing ? new BodyRing(message.bodyRing) : null,
-  };
+  if (!control.claim(request.ticket)) return;
+  current = { id: request.requestId, control, ring };
   try {
-    const body = message.body?.length ? message.body : undefined;
-    handle(message.method, message.environ, body, message.bodyRing !== null, message.requestId);
+    const body = request.body?.length ? request.body : undefined;
+    handle(request.method, request.environ, body, ring !== null, request.requestId);
   } catch (error) {
     // handle() catches everything Python raises; reaching this means the
     // interpreter itself is broken (out of memory, a fatal error).
-    post({ type: "end", requestId: message.requestId, error: `interpreter failure: ${error}` });
+    post({ type: "end", requestId: request.requestId, error: `interpreter failure: ${error}` });
     post({ type: "fatal", message: `the interpreter failed while serving a request: ${error}` });
   } finally {
     current = null;
+    control.finish();
   }
+}
+
+function runPostedRequest(message: RequestMessage): void {
+  postedRequests += 1;
+  const control = new RequestControl(message.control, message.controlSlot);
+  runRequest(message, control, message.bodyRing ? new BodyRing(message.bodyRing) : null);
+  serveInbox();
 }
 
 self.onmessage = async (event: MessageEvent<ToWorker>) => {
   const message = event.data;
   if (message.type === "request") {
-    runRequest(message);
+    runPostedRequest(message);
     return;
   }
   if (message.type === "build-snapshot") {
@@ -245,5 +284,10 @@ self.onmessage = async (event: MessageEvent<ToWorker>) => {
     await loadInterpreter(message);
   } catch (error) {
     post({ type: "fatal", message: `Pyodide failed to start: ${error}` });
+    return;
+  }
+  if (message.inbox) {
+    inbox = new RequestInbox(message.inbox);
+    serveInbox();
   }
 };

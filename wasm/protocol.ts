@@ -31,6 +31,10 @@ export interface InitMessage {
   snapshotPages?: Uint8Array<SharedArrayBuffer> | null;
   /** `pyodide.asm.wasm` compiled once by the main thread. */
   wasmModule?: WebAssembly.Module | null;
+  /** The isolate's RequestInbox; requests come only as posted messages without it. */
+  inbox?: SharedArrayBuffer | null;
+  /** The pool's ControlTable, which inbox entries name slots of. */
+  controlTable?: SharedArrayBuffer | null;
 }
 
 /** Asks a worker to build a memory snapshot and send it back. */
@@ -56,7 +60,12 @@ export interface RequestMessage {
   body: Uint8Array<ArrayBuffer> | null;
   /** Ring the front streams the body into, when it was not read ahead. */
   bodyRing: SharedArrayBuffer | null;
+  /** The request's control words: a buffer of their own, or the pool's ControlTable. */
   control: SharedArrayBuffer;
+  /** The slot in `control` when it is the pool's ControlTable, else -1. */
+  controlSlot: number;
+  /** The posting's ticket. The worker starts the request only while the ticket is current (see RequestControl). */
+  ticket: number;
 }
 
 export type ToWorker = InitMessage | RequestMessage | BuildSnapshotMessage;
