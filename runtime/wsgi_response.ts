@@ -11,7 +11,9 @@
 import type { ResponseSink } from "../supervisor/isolate.ts";
 import type { Logger } from "../supervisor/log.ts";
 import type { RequestHandle } from "../supervisor/backend.ts";
-import type { EndMessage, FileMessage, StartMessage } from "../wasm/protocol.ts";
+import { type EndMessage, type FileMessage, type StartMessage, startBodyBytes } from "../wasm/protocol.ts";
+
+const EMPTY_BODY = new Uint8Array(0);
 
 const FILE_PIECE = 64 * 1024;
 
@@ -130,13 +132,14 @@ export class ResponseBuilder implements ResponseSink {
       return;
     }
     if (message.complete) {
-      const body = message.body ?? new Uint8Array(0);
+      // A string body is ASCII (see StartMessage), so its length is its byte count.
+      const body = message.body ?? EMPTY_BODY;
       this.#bytes = body.length;
       this.#resolve(new Response(body, { status: message.status, headers }));
       this.#finish();
       return;
     }
-    if (message.body?.length) this.#push({ kind: "chunk", chunk: message.body });
+    if (message.body?.length) this.#push({ kind: "chunk", chunk: startBodyBytes(message.body) });
     this.#resolve(new Response(this.#makeStream(), { status: message.status, headers }));
   }
 

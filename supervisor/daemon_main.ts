@@ -46,7 +46,7 @@ import {
   type ReadyInfo,
 } from "./daemon_protocol.ts";
 import { BODY_RING_BYTES, BodyRing, type RequestControl } from "../wasm/channel.ts";
-import type { EndMessage, FileMessage, StartMessage } from "../wasm/protocol.ts";
+import { type EndMessage, type FileMessage, type StartMessage, startBodyBytes } from "../wasm/protocol.ts";
 
 const FILE_PIECE = 64 * 1024;
 /** Request body bytes the daemon acknowledges in one BODY_CREDIT frame, at most. */
@@ -146,7 +146,12 @@ class DaemonRequest implements ResponseSink {
       this.#daemon.send(
         Frame.START,
         this.id,
-        encodeStart(message.status, message.headers, message.complete === true, message.body),
+        encodeStart(
+          message.status,
+          message.headers,
+          message.complete === true,
+          message.body === undefined ? undefined : startBodyBytes(message.body),
+        ),
       );
       if (message.complete) this.#finish();
     });

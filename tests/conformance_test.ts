@@ -663,6 +663,19 @@ Deno.test("response body", async (t) => {
     assert.equal(await sha256(body), await sha256(expectedBytes));
   });
 
+  // A whole small body from a list (under /raw/, because the validator
+  // hides lists) crosses from the isolate as text when it is ASCII and as
+  // bytes otherwise. Both must reach the client byte for byte.
+  for (const size of [0, 1, 127, 128, 255, 256, 4096]) {
+    await t.step(`whole body of ${size} bytes`, async () => {
+      const response = await fetch(`${main.origin}/raw/pattern?size=${size}`);
+      const body = new Uint8Array(await response.arrayBuffer());
+      assert.equal(response.status, 200);
+      assert.equal(body.length, size);
+      assert.deepEqual(body, bytePattern(size));
+    });
+  }
+
   const closeCases: [string, () => Promise<unknown>][] = [
     ["close after full body", () => fetchText(main, "/close/body")],
     ["close after early error", () => fetchText(main, "/close/body?mode=fail-first")],

@@ -91,6 +91,9 @@ function toBytes(data: PythonBytes): Uint8Array<ArrayBuffer> {
   return bytes;
 }
 
+// deno-lint-ignore no-control-regex -- the whole ASCII range, control characters included
+const ASCII_ONLY = /^[\x00-\x7f]*$/;
+
 function requireRequest(): CurrentRequest {
   if (!current) throw new Error("no request is running in this isolate");
   return current;
@@ -103,6 +106,10 @@ const host = {
     // The adapter rejects header names and values with control characters,
     // so a newline separates them safely.
     const headers = headerLines === "" ? [] : headerLines.split("\n");
+    if (complete && typeof body === "string" && ASCII_ONLY.test(body)) {
+      post({ type: "start", requestId: request.id, status, headers, body, complete });
+      return;
+    }
     const bytes = body === undefined ? undefined : toBytes(body);
     post(
       { type: "start", requestId: request.id, status, headers, body: bytes, complete },

@@ -96,10 +96,21 @@ export interface StartMessage {
   status: number;
   /** Header pairs, flattened: name, value, name, value, ... */
   headers: string[];
-  /** The whole body, when the response was complete before it was started. */
-  body?: Uint8Array<ArrayBuffer>;
+  /**
+   * The body sent with the status. A whole small body that is ASCII text
+   * comes as a string, because a string crosses to the main thread in about
+   * half the time of a byte array (Deno 2.9.6). Its UTF-8 form is the same bytes.
+   */
+  body?: Uint8Array<ArrayBuffer> | string;
   /** True when `body` is the whole response: no "end" message follows. */
   complete?: boolean;
+}
+
+const bodyEncoder = new TextEncoder();
+
+/** Returns the bytes of a StartMessage's body. */
+export function startBodyBytes(body: Uint8Array<ArrayBuffer> | string): Uint8Array<ArrayBuffer> {
+  return typeof body === "string" ? bodyEncoder.encode(body) : body;
 }
 
 export interface BodyMessage {
