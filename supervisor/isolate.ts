@@ -99,6 +99,9 @@ export function pyodideFolder(python: PythonVersion): string {
  */
 export const PIPELINE_DEPTH = 2;
 
+/** The signal number Pyodide turns into KeyboardInterrupt. */
+const SIGINT = 2;
+
 export class Isolate {
   readonly id: number;
   state: IsolateState = "starting";
@@ -113,6 +116,7 @@ export class Isolate {
   #options: IsolateOptions;
   #logger: Logger;
   #inbox = new RequestInbox();
+  #interrupt = new Int32Array(new SharedArrayBuffer(4));
 
   constructor(options: IsolateOptions) {
     this.id = options.id;
@@ -150,6 +154,7 @@ export class Isolate {
       snapshotPages: options.boot?.snapshot ? dataPagesOf(options.boot.snapshot) : null,
       wasmModule: options.boot?.wasmModule ?? null,
       inbox: this.#inbox.buffer,
+      interrupt: this.#interrupt.buffer as SharedArrayBuffer,
       controlTable: options.controlTable?.buffer ?? null,
     });
   }
@@ -211,6 +216,11 @@ export class Isolate {
    */
   terminate(reason: string, status = 503): Job[] {
     if (this.state === "dead") return [];
+    // NOTE: Deno 2.9.6 does not stop a terminated worker that runs JavaScript
+    // or wasm in a loop, so its thread would spin for the life of the process.
+    // SIGINT makes Python raise KeyboardInterrupt in such a loop. The worker
+    // then gets back to its event loop, where the termination takes effect.
+    Atomics.store(this.#interrupt, 0, SIGINT);
     this.#worker.terminate();
     const unstarted = this.jobs.filter((job) => job.control.withdraw(job.ticket!));
     for (const job of this.jobs) if (!unstarted.includes(job)) job.sink.fail(status, reason);

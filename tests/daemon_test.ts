@@ -738,6 +738,39 @@ Deno.test("daemon server", async (t) => {
       );
     });
 
+    await t.step("request timeout stops a Python loop", async () => {
+      const from = server.log().length;
+      const response = await getText(origin + "/other/?spin=1");
+      assert.equal(response.status, 504);
+      const pid = daemonPids(server).find((candidate) =>
+        Deno.readTextFileSync(`/proc/${candidate}/cmdline`).includes("(wsgi:other)")
+      )!;
+      // Wait for the isolate that replaces the timed-out one.
+      const replaced = () => {
+        const log = server.log().slice(from);
+        const timedOut = log.search(/group=other pid=\d+ isolate=\d+ request=\S+\] request timed out/);
+        return timedOut >= 0 && /group=other pid=\d+ isolate=\d+\] isolate ready/.test(log.slice(timedOut));
+      };
+      for (let waited = 0; waited < 20_000 && !replaced(); waited += 100) await delay(100);
+      assert.ok(replaced(), "no isolate replaced the timed-out one");
+
+      // A worker left spinning would keep its thread, and one core, for good.
+      const workerThreads = () =>
+        Deno.readDirSync(`/proc/${pid}/task`).toArray().filter((task) => {
+          try {
+            return Deno.readTextFileSync(`/proc/${pid}/task/${task.name}/comm`).startsWith("worker-");
+          } catch {
+            return false; // The thread ended while it was being read.
+          }
+        }).length;
+      let threads = workerThreads();
+      for (let waited = 0; waited < 8_000 && threads > 1; waited += 200) {
+        await delay(200);
+        threads = workerThreads();
+      }
+      assert.equal(threads, 1, "worker threads left in the group's process");
+    });
+
     await t.step("kill -9 under load", async () => {
       const from = server.log().length;
       const { promise: stop, resolve: stopLoad } = Promise.withResolvers<void>();

@@ -102,6 +102,28 @@ Deno.test("retired isolates end their threads", async () => {
   assert.ok(now <= busy - retired, `threads went from ${busy} to ${now} after ${retired} isolates retired`);
 });
 
+/** Returns the CPU time a process has used so far, in clock ticks. */
+function cpuTicks(pid: number): number {
+  const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return Number(fields[11]) + Number(fields[12]);
+}
+
+Deno.test("time.sleep leaves the CPU idle", async () => {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "1"]);
+  const response = fetch(`${server.origin}/?seconds=2`);
+  await new Promise((resolve) => setTimeout(resolve, 400));
+  const before = cpuTicks(server.process.pid);
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  const used = cpuTicks(server.process.pid) - before;
+  const reply = await response;
+
+  assert.equal(reply.status, 200);
+  assert.equal(await reply.text(), "slept 2.0");
+  // Pyodide's own time.sleep() keeps a core busy: about 100 ticks in this second.
+  assert.ok(used < 30, `the server used ${used} clock ticks of CPU during 1 s of time.sleep()`);
+});
+
 Deno.test("first isolate restores alone", async () => {
   await using server = await startServer(
     repoPath("tests/fixtures/pool_app.wsgi"),

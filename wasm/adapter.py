@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sys
+import time
 import traceback
 
 from _wsgirun_app_loader import configure, load_application, settings  # noqa: F401 (the worker calls configure)
@@ -40,6 +41,30 @@ def connect_host():
     import _wsgirun_host
 
     host = _wsgirun_host
+
+
+_spinning_sleep = time.sleep
+
+
+def _sleep(seconds):
+    """Block like time.sleep() without using the CPU.
+
+    Pyodide's own time.sleep() spins on the CPU for the whole time in a worker
+    (Pyodide 0.27.8 and 314.0.8). The host blocks the thread on a futex
+    instead, and raises KeyboardInterrupt when the pool interrupts the isolate.
+    """
+    if host is None or type(seconds) not in (int, float):
+        # Before connect_host(), or for argument types the original converts or rejects.
+        return _spinning_sleep(seconds)
+    if seconds != seconds:
+        raise ValueError("Invalid value NaN (not a number)")
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    host.sleep(float(seconds))
+
+
+# Set before any application is imported, so `from time import sleep` gets it too.
+time.sleep = _sleep
 
 # A header name is an RFC 9110 token.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")

@@ -25,6 +25,8 @@ interface Pyodide {
   runPython(code: string): unknown;
   pyimport(name: string): PyProxyCallable & Record<string, PyProxyCallable>;
   registerJsModule(name: string, module: object): void;
+  setInterruptBuffer(buffer: Int32Array): void;
+  checkInterrupt(): void;
 }
 type PyProxyCallable = ((...args: unknown[]) => unknown) & { destroy(): void };
 interface BytesProxy {
@@ -91,6 +93,11 @@ function toBytes(data: PythonBytes): Uint8Array<ArrayBuffer> {
   return bytes;
 }
 
+/** A word that stays 0, so time.sleep() waits on it until its timeout. */
+const sleepWord = new Int32Array(new SharedArrayBuffer(4));
+/** Maximum time time.sleep() blocks before it checks for an interrupt. */
+const SLEEP_SLICE_MS = 50;
+
 // deno-lint-ignore no-control-regex -- the whole ASCII range, control characters included
 const ASCII_ONLY = /^[\x00-\x7f]*$/;
 
@@ -144,6 +151,15 @@ const host = {
     return current?.control.cancelled ?? false;
   },
 
+  /** Blocks for `seconds` in slices, so that an interrupt from the pool ends it early. */
+  sleep(seconds: number) {
+    const until = performance.now() + seconds * 1000;
+    for (let left = seconds * 1000; left > 0; left = until - performance.now()) {
+      Atomics.wait(sleepWord, 0, 0, Math.min(left, SLEEP_SLICE_MS));
+      pyodide.checkInterrupt();
+    }
+  },
+
   log(level: "debug" | "info" | "warning" | "error", message: string) {
     log(level, message);
   },
@@ -190,6 +206,7 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
   );
   handle = adapter.handle;
   applyProcessSettings(app);
+  if (message.interrupt) pyodide.setInterruptBuffer(new Int32Array(message.interrupt));
 
   const pythonVersion = String(pyodide.runPython("import sys; sys.version.split()[0]"));
   post({

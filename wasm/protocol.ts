@@ -35,6 +35,11 @@ export interface InitMessage {
   inbox?: SharedArrayBuffer | null;
   /** The pool's ControlTable, which inbox entries name slots of. */
   controlTable?: SharedArrayBuffer | null;
+  /**
+   * Pyodide's interrupt buffer: the pool writes SIGINT (2) there before it
+   * terminates the worker, so that Python code in a loop raises KeyboardInterrupt.
+   */
+  interrupt?: SharedArrayBuffer | null;
 }
 
 /** Asks a worker to build a memory snapshot and send it back. */
