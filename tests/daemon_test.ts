@@ -113,6 +113,18 @@ function residentBytes(pid: number): number {
   }
 }
 
+/**
+ * Sends two small uploads before a transfer is measured. They let each
+ * interpreter's wasm heap grow to its working size (wasm memory never
+ * shrinks), and they start the spare isolate that a busy pool adds, which
+ * the group retires after 2 s idle. Growth after that would be buffering.
+ */
+async function warmUpTransfers(port: number): Promise<void> {
+  for (let i = 0; i < 2; i++) {
+    assert.equal(await uploadGenerated(port, "/do/upload", 16 * MiB), String(16 * MiB));
+  }
+}
+
 /** Returns the front's pid and the pids of the group "site", which serve the transfers. */
 function transferPids(server: TestServer): number[] {
   const site = daemonPids(server).filter((pid) =>
@@ -918,11 +930,7 @@ Deno.test("daemon server", async (t) => {
     });
 
     await t.step("streamed upload with bounded memory", async () => {
-      // A first upload lets each interpreter's wasm heap grow to its working
-      // size (wasm memory never shrinks); growth after that would be buffering.
-      for (let i = 0; i < 2; i++) {
-        assert.equal(await uploadGenerated(server.port, "/do/upload", 16 * MiB), String(16 * MiB));
-      }
+      await warmUpTransfers(server.port);
       const pids = transferPids(server);
       const before = pids.map(residentBytes);
       const upload = uploadGenerated(server.port, "/do/upload", TRANSFER_BYTES);
@@ -933,6 +941,7 @@ Deno.test("daemon server", async (t) => {
     });
 
     await t.step("chunked upload in small pieces", async () => {
+      await warmUpTransfers(server.port);
       const pids = transferPids(server);
       const before = pids.map(residentBytes);
       const upload = uploadChunked(
@@ -952,6 +961,7 @@ Deno.test("daemon server", async (t) => {
     });
 
     await t.step("streamed download with bounded memory", async () => {
+      await warmUpTransfers(server.port);
       const pids = transferPids(server);
       const before = pids.map(residentBytes);
       const download = (async () => {
