@@ -388,6 +388,9 @@ export class DaemonGroup implements AppBackend {
     const delay = Math.round(base * (1 + Math.random() * 0.2));
     this.#nextSpawnAt = performance.now() + delay;
     this.#logger.info(`restarting a daemon process in ${delay} ms`);
+    // A process that could not be spawned leaves no exit to wake #manage().
+    clearTimeout(this.#spawnTimer);
+    this.#spawnTimer = setTimeout(() => this.#manage(), delay);
   }
 
   #markFailed(reason: string): void {

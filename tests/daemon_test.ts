@@ -575,6 +575,12 @@ Deno.test("private app folder is reported", async () => {
 
     assert.match(line, /WARNING \[app=app\.wsgi group=private\] nobody \(uid 65534/);
     assert.ok(line.includes(`cannot enter ${folder} (mode 700)`), line);
+
+    // The spawns fail, and the group is retried until it is marked failed.
+    await server.waitForLog(/group marked failed/, 30_000);
+    const response = await getText(server.origin + "/");
+    assert.equal(response.status, 503);
+    assert.equal(countMatches(server.log(), /failed to start a daemon process: /), 3);
   } finally {
     await Deno.remove(folder, { recursive: true });
   }
