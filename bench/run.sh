@@ -20,7 +20,7 @@
 #   - wsgirun hello with 1, 2, 4 and 8 isolates: the restore time of each isolate and the
 #     RSS of the deno process once all are ready;
 #   - the request path: bench/request_path.ts (Deno.serve alone, and with a worker round
-#     trip) and wsgirun hello with 1 isolate under the same wrk load, and the adapter's
+#     trip by postMessage or through the inbox) and wsgirun hello with 1 isolate under the same wrk load, and the adapter's
 #     own cost per request inside Pyodide (bench/adapter_cost.ts);
 #   - the server's RSS during a 1 GiB upload through wsgi.input to bench/upload_app.wsgi.
 #
@@ -682,12 +682,12 @@ per_request_us() {
 # Loads the two baselines of bench/request_path.ts and wsgirun hello with 1 isolate. The
 # 2-isolate row reuses the hello measurement of bench_setup.
 bench_request_path() {
-  log "request path: Deno.serve alone, with a worker hop, and wsgirun hello with 1 isolate"
+  log "request path: Deno.serve alone, with a worker hop by postMessage or inbox, and wsgirun hello with 1 isolate"
   port_is_free "$PORT" || fail "port $PORT on 127.0.0.1 is in use; stop what listens there or set BENCH_PORT"
   local url="http://127.0.0.1:$PORT/" mode start_ms
-  for mode in plain worker; do
+  for mode in plain worker inbox; do
     SERVER_LOG="$LOG_DIR/path-$mode.log"
-    (cd "$REPO_ROOT" && exec "$DENO_BIN" run --allow-net bench/request_path.ts "$mode" "$PORT") >"$SERVER_LOG" 2>&1 &
+    (cd "$REPO_ROOT" && exec "$DENO_BIN" run --allow-net --allow-read bench/request_path.ts "$mode" "$PORT") >"$SERVER_LOG" 2>&1 &
     LAUNCH_PID=$!
     RUNNING_PIDS+=("$LAUNCH_PID")
     SERVER_PID="$LAUNCH_PID"
@@ -695,8 +695,10 @@ bench_request_path() {
     SERVER_PID="$(find_deno_pid "$LAUNCH_PID")"
     if [[ "$mode" == "plain" ]]; then
       bench_path_row "Deno.serve alone (request_path.ts plain)" "path-plain" "$url"
+    elif [[ "$mode" == "worker" ]]; then
+      bench_path_row "+ worker round trip by postMessage, 2 workers (request_path.ts worker)" "path-worker" "$url"
     else
-      bench_path_row "+ worker round trip, 2 workers (request_path.ts worker)" "path-worker" "$url"
+      bench_path_row "+ worker round trip through the inbox, 2 workers (request_path.ts inbox)" "path-inbox" "$url"
     fi
     stop_server
   done
