@@ -132,8 +132,8 @@ export class ResponseBuilder implements ResponseSink {
       return;
     }
     if (message.complete) {
-      // A string body is ASCII (see StartMessage), so its length is its byte count.
-      const body = message.body ?? EMPTY_BODY;
+      // Deno gives a string body a Content-Type of its own, so it becomes bytes here.
+      const body = message.body === undefined ? EMPTY_BODY : startBodyBytes(message.body);
       this.#bytes = body.length;
       this.#resolve(new Response(body, { status: message.status, headers }));
       this.#finish();

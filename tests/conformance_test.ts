@@ -676,6 +676,12 @@ Deno.test("response body", async (t) => {
     });
   }
 
+  await t.step("body without Content-Type", async () => {
+    const response = await fetch(`${main.origin}/raw/untyped`);
+    assert.equal(await response.text(), "no type");
+    assert.equal(response.headers.get("content-type"), null);
+  });
+
   const closeCases: [string, () => Promise<unknown>][] = [
     ["close after full body", () => fetchText(main, "/close/body")],
     ["close after early error", () => fetchText(main, "/close/body?mode=fail-first")],
