@@ -207,6 +207,7 @@ export class Isolate {
     const job = this.jobs[this.jobs.length - 1];
     if (!job.control.withdraw(job.ticket!)) return undefined;
     this.jobs.pop();
+    job.running = false;
     return job;
   }
 
@@ -223,6 +224,8 @@ export class Isolate {
     Atomics.store(this.#interrupt, 0, SIGINT);
     this.#worker.terminate();
     const unstarted = this.jobs.filter((job) => job.control.withdraw(job.ticket!));
+    // Back in the queue, a job whose client leaves must be abandoned, not waited for.
+    for (const job of unstarted) job.running = false;
     for (const job of this.jobs) if (!unstarted.includes(job)) job.sink.fail(status, reason);
     this.jobs = [];
     this.state = "dead";

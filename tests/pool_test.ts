@@ -124,6 +124,24 @@ Deno.test("time.sleep leaves the CPU idle", async () => {
   assert.ok(used < 30, `the server used ${used} clock ticks of CPU during 1 s of time.sleep()`);
 });
 
+Deno.test("requeued request whose client left ends", async () => {
+  // The isolate dies while a second request waits behind the running one.
+  // That request goes back to the queue. When its client leaves before a new
+  // isolate takes it, the server must finish it at once.
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "1"]);
+  const crashing = fetch(`${server.origin}/?seconds=1&exit=1`);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  const leaving = new AbortController();
+  const waiting = fetch(`${server.origin}/?seconds=0`, { signal: leaving.signal }).catch((error) => error);
+  const crashed = await crashing;
+  await crashed.body?.cancel();
+  leaving.abort();
+  await waiting;
+
+  assert.equal(crashed.status, 502);
+  await server.waitForLog(/client closed the connection while the request was queued/, 10_000);
+});
+
 Deno.test("first isolate restores alone", async () => {
   await using server = await startServer(
     repoPath("tests/fixtures/pool_app.wsgi"),
