@@ -124,6 +124,26 @@ Deno.test("time.sleep leaves the CPU idle", async () => {
   assert.ok(used < 30, `the server used ${used} clock ticks of CPU during 1 s of time.sleep()`);
 });
 
+Deno.test("time.sleep arguments match CPython", async () => {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "1"]);
+  const cases: [string, string][] = [
+    ["0", "slept"],
+    ["0.01", "slept"],
+    ["Seconds.ONE", "slept"],
+    ["True", "slept"],
+    ["-1", "ValueError"],
+    ["float('nan')", "ValueError"],
+    ["float('inf')", "OverflowError"],
+    ["2**70", "OverflowError"],
+    ["'1'", "TypeError"],
+    ["None", "TypeError"],
+  ];
+  for (const [argument, expected] of cases) {
+    const response = await fetch(`${server.origin}/?sleep-arg=${encodeURIComponent(argument)}`);
+    assert.equal(await response.text(), expected, `time.sleep(${argument})`);
+  }
+});
+
 Deno.test("requeued request whose client left ends", async () => {
   // The isolate dies while a second request waits behind the running one.
   // That request goes back to the queue. When its client leaves before a new

@@ -44,6 +44,8 @@ def connect_host():
 
 
 _spinning_sleep = time.sleep
+# CPython keeps times as 64-bit nanoseconds and rejects longer sleeps with OverflowError.
+_MAX_SLEEP = 2**63 / 1e9
 
 
 def _sleep(seconds):
@@ -53,13 +55,12 @@ def _sleep(seconds):
     (Pyodide 0.27.8 and 314.0.8). The host blocks the thread on a futex
     instead, and raises KeyboardInterrupt when the pool interrupts the isolate.
     """
-    if host is None or type(seconds) not in (int, float):
+    if host is None or not isinstance(seconds, (int, float)):
         # Before connect_host(), or for argument types the original converts or rejects.
         return _spinning_sleep(seconds)
-    if seconds != seconds:
-        raise ValueError("Invalid value NaN (not a number)")
-    if seconds < 0:
-        raise ValueError("sleep length must be non-negative")
+    if seconds != seconds or seconds < 0 or seconds >= _MAX_SLEEP:
+        # The original raises the usual ValueError or OverflowError for these.
+        return _spinning_sleep(seconds)
     host.sleep(float(seconds))
 
 
