@@ -144,6 +144,22 @@ Deno.test("time.sleep arguments match CPython", async () => {
   }
 });
 
+Deno.test("waiting request survives a crash", async () => {
+  // A request posted behind one whose interpreter fails must not start on
+  // that interpreter: it goes back to the queue and the new isolate serves it.
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "1"]);
+  const crashing = fetch(`${server.origin}/?seconds=0.5&exit=1`);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  const waiting = fetch(`${server.origin}/?seconds=0`);
+  const crashed = await crashing;
+  await crashed.body?.cancel();
+  const served = await waiting;
+
+  assert.equal(crashed.status, 502);
+  assert.equal(served.status, 200);
+  assert.equal(await served.text(), "slept 0.0");
+});
+
 Deno.test("requeued request whose client left ends", async () => {
   // The isolate dies while a second request waits behind the running one.
   // That request goes back to the queue. When its client leaves before a new

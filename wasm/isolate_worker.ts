@@ -64,6 +64,11 @@ let inboxTimer: ReturnType<typeof setTimeout> | undefined;
 /** Requests that came as posted messages, and the mail entries that announced them. */
 let postedRequests = 0;
 let mailEntries = 0;
+/**
+ * Set when the interpreter failed. The worker then starts no more requests:
+ * the pool takes back the ones it posted and runs them in another isolate.
+ */
+let broken = false;
 
 function post(message: FromWorker, transfer: Transferable[] = []): void {
   self.postMessage(message, transfer);
@@ -252,9 +257,9 @@ function preloadApplication(adapter: Record<string, PyProxyCallable>): void {
 function serveInbox(): void {
   clearTimeout(inboxTimer);
   inboxTimer = undefined;
-  if (!inbox) return;
+  if (!inbox || broken) return;
   const until = performance.now() + INBOX_SLICE_MS;
-  for (let left = INBOX_SLICE_MS; left > 0; left = until - performance.now()) {
+  for (let left = INBOX_SLICE_MS; left > 0 && !broken; left = until - performance.now()) {
     const entry = inbox.take(left);
     if (entry === null) break;
     if (entry === "mail") {
@@ -270,7 +275,7 @@ function serveInbox(): void {
 function runRequest(request: InboxRequest, control: RequestControl, ring: BodyRing | null): void {
   // The pool posts a second request while one runs, and takes it back for
   // another isolate that became free first; then this isolate skips it.
-  if (!control.claim(request.ticket)) return;
+  if (broken || !control.claim(request.ticket)) return;
   current = { id: request.requestId, control, ring };
   try {
     const body = request.body?.length ? request.body : undefined;
@@ -278,6 +283,7 @@ function runRequest(request: InboxRequest, control: RequestControl, ring: BodyRi
   } catch (error) {
     // handle() catches everything Python raises; reaching this means the
     // interpreter itself is broken (out of memory, a fatal error).
+    broken = true;
     post({ type: "end", requestId: request.requestId, error: `interpreter failure: ${error}` });
     post({ type: "fatal", message: `the interpreter failed while serving a request: ${error}` });
   } finally {
