@@ -157,11 +157,6 @@ export class IsolatePool {
     return this.#controls.allocate();
   }
 
-  /** Control slots held by jobs now, for tests. */
-  get controlsInUse(): number {
-    return this.#controls.inUse;
-  }
-
   /** Runs `job` on an idle isolate or queues it. Throws PoolUnavailableError. */
   submit(job: Job): void {
     if (this.#failedReason) {

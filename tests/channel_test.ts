@@ -163,7 +163,7 @@ Deno.test("control slot waits for its worker", () => {
   assert.ok(worker.claim(ticket));
 
   // The front is done while the worker still runs. The slot stays taken, and
-  // the worker sees the request cancelled because the front reads no more of it.
+  // the request is cancelled for the worker because the front reads no more of it.
   control.release();
   assert.equal(worker.cancelled, true);
   const meanwhile = table.allocate();

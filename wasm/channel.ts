@@ -137,7 +137,7 @@ export class RequestControl {
     // more) must not wait for window credit that will never come.
     if (Atomics.load(this.#words, OWNER) === CLAIMED) this.cancel();
     this.#released = true;
-    this.#table?.returnSlot(this.slot);
+    this.#table?.returnSlot(this);
   }
 
   /** Front side: whether the worker can no longer touch these words. */
@@ -205,8 +205,9 @@ export class ControlTable {
     return this.buffer.byteLength / (CONTROL_WORDS * 4) - this.#free.length - this.#returned.length;
   }
 
-  returnSlot(slot: number): void {
-    this.#returned.push(new RequestControl(this.buffer, slot));
+  /** Keeps a released control until its worker is done with the slot. */
+  returnSlot(control: RequestControl): void {
+    this.#returned.push(control);
   }
 
   #collect(): void {
@@ -228,7 +229,14 @@ const ENTRY_MAIL = 2;
 const INBOX_WRITTEN = 0; // entries written, modulo 2^32
 const INBOX_READ = 1; // entries read, modulo 2^32
 const INBOX_HEADER_BYTES = 8;
-/** Words at the start of an entry: kind, ticket, control slot and four byte lengths. */
+/** Words at the start of an entry, by index: kind, ticket, control slot, then byte lengths. */
+const ENTRY_KIND = 0;
+const ENTRY_TICKET = 1;
+const ENTRY_SLOT = 2;
+/** Byte lengths of the request id, the method and the environ, in this order. */
+const ENTRY_TEXT_LENGTHS = 3;
+/** Byte length of the body, or -1 for none. */
+const ENTRY_BODY_LENGTH = 6;
 const ENTRY_WORDS = 7;
 
 /** Number of entries in an inbox (a power of two). */
@@ -250,32 +258,44 @@ export interface InboxRequest {
  * A ring of requests from the pool to one isolate in shared memory.
  *
  * In CPU profiles of the front under wrk (Deno 2.9.6, 2 cores), posting a
- * message to a worker took 12 to 30 µs of the main thread per request, more
- * than any other part of a hello-world request. Writing an entry here and
- * waking the worker takes about 10 µs, most of it the wake-up. The
- * worker blocks on the ring between requests instead of in its event loop,
- * so a request that needs a posted message (its body streams through a ring
- * of its own, or it does not fit an entry) is announced here by a mail
- * entry, in order with the others.
+ * message to a worker took 12 to 30 µs of the main thread per request, the
+ * largest part of its JavaScript time on a hello-world request. Writing an
+ * entry here and waking the worker takes about 10 µs, most of it the wake-up.
+ *
+ * The worker blocks on the ring between requests instead of in its event
+ * loop. A request that needs a posted message (its body streams through a
+ * ring of its own, or it does not fit an entry) is therefore announced here
+ * by a mail entry, in order with the others.
  */
 export class RequestInbox {
   readonly buffer: SharedArrayBuffer;
-  #header: Int32Array;
+  /** The whole buffer as words: the header, then the words of each entry. */
+  #words: Int32Array;
   #bytes: Uint8Array;
   #encoder = new TextEncoder();
   #decoder = new TextDecoder();
 
   constructor(buffer = new SharedArrayBuffer(INBOX_HEADER_BYTES + INBOX_ENTRIES * INBOX_ENTRY_BYTES)) {
     this.buffer = buffer;
-    this.#header = new Int32Array(buffer, 0, INBOX_HEADER_BYTES / 4);
+    this.#words = new Int32Array(buffer);
     this.#bytes = new Uint8Array(buffer, INBOX_HEADER_BYTES);
+  }
+
+  /** Returns the byte offset in #bytes of the entry at ring position `position`. */
+  #entryStart(position: number): number {
+    return ((position >>> 0) & (INBOX_ENTRIES - 1)) * INBOX_ENTRY_BYTES;
+  }
+
+  /** Returns the index in #words of the first word of the entry at byte offset `start`. */
+  #entryWord(start: number): number {
+    return (INBOX_HEADER_BYTES + start) / 4;
   }
 
   // ---- pool side ----
 
   /** Whether another entry fits now. */
   get hasRoom(): boolean {
-    const used = (Atomics.load(this.#header, INBOX_WRITTEN) - Atomics.load(this.#header, INBOX_READ)) | 0;
+    const used = (Atomics.load(this.#words, INBOX_WRITTEN) - Atomics.load(this.#words, INBOX_READ)) | 0;
     return used < INBOX_ENTRIES;
   }
 
@@ -285,43 +305,39 @@ export class RequestInbox {
    */
   postRequest(request: InboxRequest): boolean {
     if (!this.hasRoom) return false;
-    const written = Atomics.load(this.#header, INBOX_WRITTEN);
-    const start = ((written >>> 0) & (INBOX_ENTRIES - 1)) * INBOX_ENTRY_BYTES;
+    const written = Atomics.load(this.#words, INBOX_WRITTEN);
+    const start = this.#entryStart(written);
+    const word = this.#entryWord(start);
     const entry = this.#bytes.subarray(start, start + INBOX_ENTRY_BYTES);
-    const words = new Int32Array(this.buffer, INBOX_HEADER_BYTES + start, ENTRY_WORDS);
     let offset = ENTRY_WORDS * 4;
-    const lengths: number[] = [];
-    for (const text of [request.requestId, request.method, request.environ]) {
-      const { read, written: count } = this.#encoder.encodeInto(text, entry.subarray(offset));
-      if (read !== text.length) return false;
-      lengths.push(count);
+    const texts = [request.requestId, request.method, request.environ];
+    for (let i = 0; i < texts.length; i++) {
+      const { read, written: count } = this.#encoder.encodeInto(texts[i], entry.subarray(offset));
+      if (read !== texts[i].length) return false;
+      this.#words[word + ENTRY_TEXT_LENGTHS + i] = count;
       offset += count;
     }
     const body = request.body ?? EMPTY;
     if (body.length > entry.length - offset) return false;
     entry.set(body, offset);
-    words[0] = ENTRY_REQUEST;
-    words[1] = request.ticket;
-    words[2] = request.controlSlot;
-    words[3] = lengths[0];
-    words[4] = lengths[1];
-    words[5] = lengths[2];
-    words[6] = request.body === null ? -1 : body.length;
+    this.#words[word + ENTRY_KIND] = ENTRY_REQUEST;
+    this.#words[word + ENTRY_TICKET] = request.ticket;
+    this.#words[word + ENTRY_SLOT] = request.controlSlot;
+    this.#words[word + ENTRY_BODY_LENGTH] = request.body === null ? -1 : body.length;
     this.#publish(written);
     return true;
   }
 
   /** Tells the worker that its next request comes as a posted message. */
   postMail(): void {
-    const written = Atomics.load(this.#header, INBOX_WRITTEN);
-    const start = ((written >>> 0) & (INBOX_ENTRIES - 1)) * INBOX_ENTRY_BYTES;
-    new Int32Array(this.buffer, INBOX_HEADER_BYTES + start, 1)[0] = ENTRY_MAIL;
+    const written = Atomics.load(this.#words, INBOX_WRITTEN);
+    this.#words[this.#entryWord(this.#entryStart(written)) + ENTRY_KIND] = ENTRY_MAIL;
     this.#publish(written);
   }
 
   #publish(written: number): void {
-    Atomics.store(this.#header, INBOX_WRITTEN, (written + 1) | 0);
-    Atomics.notify(this.#header, INBOX_WRITTEN);
+    Atomics.store(this.#words, INBOX_WRITTEN, (written + 1) | 0);
+    Atomics.notify(this.#words, INBOX_WRITTEN);
   }
 
   // ---- worker side ----
@@ -331,31 +347,36 @@ export class RequestInbox {
    * when the next request is a posted message, or null when the time ran out.
    */
   take(timeoutMs: number): InboxRequest | "mail" | null {
-    const read = Atomics.load(this.#header, INBOX_READ);
-    let written = Atomics.load(this.#header, INBOX_WRITTEN);
+    const read = Atomics.load(this.#words, INBOX_READ);
+    let written = Atomics.load(this.#words, INBOX_WRITTEN);
     if (written === read) {
-      Atomics.wait(this.#header, INBOX_WRITTEN, written, timeoutMs);
-      written = Atomics.load(this.#header, INBOX_WRITTEN);
+      Atomics.wait(this.#words, INBOX_WRITTEN, written, timeoutMs);
+      written = Atomics.load(this.#words, INBOX_WRITTEN);
       if (written === read) return null;
     }
-    const start = ((read >>> 0) & (INBOX_ENTRIES - 1)) * INBOX_ENTRY_BYTES;
-    const words = new Int32Array(this.buffer, INBOX_HEADER_BYTES + start, ENTRY_WORDS);
+    const start = this.#entryStart(read);
+    const word = this.#entryWord(start);
     let request: InboxRequest | "mail" = "mail";
-    if (words[0] === ENTRY_REQUEST) {
+    if (this.#words[word + ENTRY_KIND] === ENTRY_REQUEST) {
       // TextDecoder does not read shared memory, so each part is copied out first.
       let offset = start + ENTRY_WORDS * 4;
-      const text = (length: number) => {
-        const value = this.#decoder.decode(this.#bytes.slice(offset, offset + length));
+      const texts: string[] = [];
+      for (let i = 0; i < 3; i++) {
+        const length = this.#words[word + ENTRY_TEXT_LENGTHS + i];
+        texts.push(this.#decoder.decode(this.#bytes.slice(offset, offset + length)));
         offset += length;
-        return value;
+      }
+      const bodyLength = this.#words[word + ENTRY_BODY_LENGTH];
+      request = {
+        ticket: this.#words[word + ENTRY_TICKET],
+        controlSlot: this.#words[word + ENTRY_SLOT],
+        requestId: texts[0],
+        method: texts[1],
+        environ: texts[2],
+        body: bodyLength < 0 ? null : this.#bytes.slice(offset, offset + bodyLength),
       };
-      const requestId = text(words[3]);
-      const method = text(words[4]);
-      const environ = text(words[5]);
-      const body = words[6] < 0 ? null : this.#bytes.slice(offset, offset + words[6]);
-      request = { ticket: words[1], controlSlot: words[2], requestId, method, environ, body };
     }
-    Atomics.store(this.#header, INBOX_READ, (read + 1) | 0);
+    Atomics.store(this.#words, INBOX_READ, (read + 1) | 0);
     return request;
   }
 }
