@@ -474,11 +474,16 @@ export class BodyRing {
    * Blocks until at least one byte is available and returns up to `max`
    * bytes, or returns undefined at the end of the body. Throws
    * RequestCancelled if the front aborted the body or `control` was cancelled.
+   * With `target`, the bytes land at its start and a view of them is
+   * returned, valid until the next read into the same target.
    */
-  readSync(max: number, control?: RequestControl): Uint8Array | undefined {
+  readSync(max: number, control?: RequestControl, target?: Uint8Array): Uint8Array | undefined {
     for (;;) {
       const available = this.#available();
-      if (available > 0) return this.#take(Math.min(available, max));
+      if (available > 0) {
+        const count = Math.min(available, max, target?.length ?? max);
+        return this.#take(target ? target.subarray(0, count) : new Uint8Array(count));
+      }
 
       const state = Atomics.load(this.#header, STATE);
       if (state === STATE_END) {
@@ -496,10 +501,10 @@ export class BodyRing {
     }
   }
 
-  #take(count: number): Uint8Array {
+  #take(out: Uint8Array): Uint8Array {
+    const count = out.length;
     const read = Atomics.load(this.#header, READ);
     const start = (read >>> 0) & (this.#capacity - 1);
-    const out = new Uint8Array(count);
     const first = Math.min(count, this.#capacity - start);
     out.set(this.#data.subarray(start, start + first));
     if (first < count) out.set(this.#data.subarray(0, count - first), first);

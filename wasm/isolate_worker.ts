@@ -98,6 +98,9 @@ function toBytes(data: PythonBytes): Uint8Array<ArrayBuffer> {
   return bytes;
 }
 
+/** Where request body reads land; as large as the adapter's largest read. */
+const readBuffer = new Uint8Array(64 * 1024);
+
 /** A word that stays 0, so time.sleep() waits on it until its timeout. */
 const sleepWord = new Int32Array(new SharedArrayBuffer(4));
 /** Maximum time time.sleep() blocks before it checks for an interrupt. */
@@ -146,10 +149,15 @@ const host = {
     post({ type: "end", requestId: request.id, error: error ?? undefined });
   },
 
+  /**
+   * Returns up to `size` body bytes in a buffer the next read reuses, so a
+   * large upload allocates nothing per read here; the adapter copies them
+   * into Python at once.
+   */
   read(size: number): Uint8Array | undefined {
     const request = requireRequest();
     if (!request.ring) return undefined;
-    return request.ring.readSync(size, request.control);
+    return request.ring.readSync(size, request.control, readBuffer);
   },
 
   cancelled(): boolean {
