@@ -6,12 +6,13 @@
 import { fileURLToPath } from "node:url";
 import { type AppSpec, appReadPaths, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
 import type { Logger } from "./log.ts";
-import type {
-  EndMessage,
-  FileMessage,
-  FromWorker,
-  RequestMessage,
-  StartMessage,
+import {
+  type EndMessage,
+  type FileMessage,
+  type FromWorker,
+  ISOLATE_WORKER_NAME,
+  type RequestMessage,
+  type StartMessage,
 } from "../wasm/protocol.ts";
 import {
   type BodyRing,
@@ -74,6 +75,37 @@ export interface IsolateOptions {
   boot?: Boot;
   /** Called when the isolate has imported the application at start, with the error if it failed. */
   onLoaded?(isolate: Isolate, error: string | undefined): void;
+  /** A worker that startIsolateWorker() started ahead for this application. */
+  worker?: Worker;
+}
+
+function isolateReadPaths(app: AppSpec): string[] {
+  return [pyodideFolder(app.python), ...appReadPaths(app)];
+}
+
+/**
+ * Starts the worker thread of an isolate for `app`, with the permissions of
+ * its application. The worker loads Pyodide's scripts while it waits for
+ * the message that starts its interpreter, so a pool can start one before
+ * its snapshot is ready.
+ */
+export function startIsolateWorker(app: AppSpec): Worker {
+  return new Worker(ISOLATE_WORKER_URL, {
+    type: "module",
+    name: ISOLATE_WORKER_NAME + app.python,
+    deno: {
+      permissions: {
+        read: isolateReadPaths(app),
+        write: app.writePaths?.length ? app.writePaths : false,
+        net: app.allowNet?.length ? app.allowNet : false,
+        run: false,
+        env: false,
+        ffi: false,
+        sys: false,
+        import: false,
+      },
+    },
+  });
 }
 
 export type IsolateState = "starting" | "idle" | "busy" | "dead";
@@ -122,22 +154,8 @@ export class Isolate {
     this.id = options.id;
     this.#options = options;
     this.#logger = options.logger.child({ isolate: options.id });
-    const readPaths = [pyodideFolder(options.app.python), ...appReadPaths(options.app)];
-    this.#worker = new Worker(ISOLATE_WORKER_URL, {
-      type: "module",
-      deno: {
-        permissions: {
-          read: readPaths,
-          write: options.app.writePaths?.length ? options.app.writePaths : false,
-          net: options.app.allowNet?.length ? options.app.allowNet : false,
-          run: false,
-          env: false,
-          ffi: false,
-          sys: false,
-          import: false,
-        },
-      },
-    });
+    const readPaths = isolateReadPaths(options.app);
+    this.#worker = options.worker ?? startIsolateWorker(options.app);
     this.#worker.onmessage = (event: MessageEvent<FromWorker>) => this.#receive(event.data);
     this.#worker.onerror = (event: ErrorEvent) => {
       event.preventDefault();

@@ -13,7 +13,7 @@
  */
 
 import type { AppSpec } from "./app_spec.ts";
-import { Isolate, type Job, pyodideFolder } from "./isolate.ts";
+import { Isolate, type Job, pyodideFolder, startIsolateWorker } from "./isolate.ts";
 import { type Boot, prepareBoot } from "./snapshots.ts";
 import type { Logger } from "./log.ts";
 import { ControlTable, type RequestControl } from "../wasm/channel.ts";
@@ -110,13 +110,18 @@ export class IsolatePool {
    * Prepares the snapshot isolates start from, then starts one isolate, and
    * the rest of `minSize` once it is ready. Resolves when the first one is ready.
    * Restores that run together share the cores, so the first response
-   * comes sooner when the first isolate restores alone.
+   * comes sooner when the first isolate restores alone. The first worker
+   * starts at once and loads Pyodide's scripts while the snapshot is prepared.
    */
   start(): Promise<void> {
     this.#queueTimer = setInterval(() => this.#maintain(), 1000);
+    const firstWorker = startIsolateWorker(this.app);
     this.#prepareBoot().then(() => {
-      if (this.#stopping) return;
-      this.#spawn();
+      if (this.#stopping) {
+        firstWorker.terminate();
+        return;
+      }
+      this.#spawn(firstWorker);
       this.#grow();
     });
     return this.#firstReady.promise;
@@ -232,8 +237,9 @@ export class IsolatePool {
     return pipelined;
   }
 
-  #spawn(): void {
+  #spawn(worker?: Worker): void {
     const isolate = new Isolate({
+      worker,
       id: this.#nextIsolateId++,
       app: this.app,
       logger: this.#logger,

@@ -12,9 +12,15 @@
 /// <reference lib="deno.worker" />
 
 import { BodyRing, type InboxRequest, RequestControl, RequestInbox } from "./channel.ts";
-import type { FromWorker, InitMessage, RequestMessage, ToWorker } from "./protocol.ts";
+import {
+  type FromWorker,
+  type InitMessage,
+  ISOLATE_WORKER_NAME,
+  type RequestMessage,
+  type ToWorker,
+} from "./protocol.ts";
 import { type AppSpec, appReadPaths } from "../supervisor/app_spec.ts";
-import { loadPyodideFor, mountHostFolders } from "./pyodide_loader.ts";
+import { loadPyodideFor, mountHostFolders, startImports } from "./pyodide_loader.ts";
 import { buildSnapshot, writeAdapterFiles } from "./snapshot_builder.ts";
 import { installHostModules, type PyodideForHost } from "./host_modules.ts";
 
@@ -47,6 +53,9 @@ interface CurrentRequest {
   control: RequestControl;
   ring: BodyRing | null;
 }
+
+// The pool names the worker after its Python version (see startIsolateWorker).
+startImports(self.name.slice(ISOLATE_WORKER_NAME.length));
 
 let pyodide: Pyodide;
 let settings: InitMessage;
@@ -98,7 +107,7 @@ function toBytes(data: PythonBytes): Uint8Array<ArrayBuffer> {
   return bytes;
 }
 
-/** Where request body reads land; as large as the adapter's largest read. */
+/** Buffer that request body reads land in, as large as the adapter's largest read. */
 const readBuffer = new Uint8Array(64 * 1024);
 
 /** A word that stays 0, so time.sleep() waits on it until its timeout. */
@@ -150,9 +159,9 @@ const host = {
   },
 
   /**
-   * Returns up to `size` body bytes in a buffer the next read reuses, so a
-   * large upload allocates nothing per read here; the adapter copies them
-   * into Python at once.
+   * Returns up to `size` body bytes in a buffer that the next read reuses.
+   * So a large upload allocates nothing per read here, and the adapter
+   * copies the bytes into Python at once.
    */
   read(size: number): Uint8Array | undefined {
     const request = requireRequest();

@@ -15,6 +15,9 @@ import type { AppSpec, PythonVersion } from "../supervisor/app_spec.ts";
  */
 export const SNAPSHOT_CONTENT_VERSION = 2;
 
+/** Prefix of an isolate worker's name, which ends with the Python version of its application. */
+export const ISOLATE_WORKER_NAME = "wsgirun-isolate-python-";
+
 export interface InitMessage {
   type: "init";
   app: AppSpec;

@@ -59,26 +59,42 @@ interface EmscriptenModule {
 }
 type ModuleFactory = (settings: Record<string, unknown>) => Promise<EmscriptenModule>;
 
+/** Imports of the interpreter scripts, literal for the same reason as PYODIDE_MODULES. */
+const INTERPRETER_SCRIPTS: Record<PythonVersion, () => Promise<{ default?: unknown }>> = {
+  "3.12": () => import("npm:pyodide@0.27.8/pyodide.asm.js"),
+  "3.14": () => import("npm:pyodide@314.0.8/pyodide.asm.mjs"),
+};
+
 /**
  * Installs the wrapped interpreter factory where each Pyodide version looks
  * for it: 314.0.8 takes a `createPyodideModule` option; 0.27.8 calls a global
  * `_createPyodideModule` when one exists instead of loading its script again.
- * The specifiers are literal for the same reason as in PYODIDE_MODULES.
  */
 const FACTORY_INSTALLERS: Record<PythonVersion, () => Promise<Record<string, unknown>>> = {
   "3.12": async () => {
     const scope = globalThis as { _createPyodideModule?: ModuleFactory };
     if (!wrappedFactories.has(scope._createPyodideModule!)) {
-      await import("npm:pyodide@0.27.8/pyodide.asm.js");
+      await INTERPRETER_SCRIPTS["3.12"]();
       scope._createPyodideModule = wrapFactory(scope._createPyodideModule!);
     }
     return {};
   },
   "3.14": async () => {
-    const { default: factory } = await import("npm:pyodide@314.0.8/pyodide.asm.mjs");
+    const { default: factory } = await INTERPRETER_SCRIPTS["3.14"]();
     return { createPyodideModule: wrapFactory(factory as ModuleFactory) };
   },
 };
+
+/**
+ * Starts importing Pyodide's scripts for `python`, so that a worker waiting
+ * for its snapshot has them parsed when loadPyodideFor() needs them. An
+ * import that fails here fails again there, where the error is reported.
+ */
+export function startImports(python: string): void {
+  if (python !== "3.12" && python !== "3.14") return;
+  PYODIDE_MODULES[python]().catch(() => {});
+  INTERPRETER_SCRIPTS[python]().catch(() => {});
+}
 
 const wrappedFactories = new WeakSet<ModuleFactory>();
 
