@@ -17,7 +17,13 @@ import { basename, dirname, resolve } from "node:path";
 import { type AppSpec, PYTHON_VERSIONS, type PythonVersion } from "../supervisor/app_spec.ts";
 import { LOG_LEVELS, type LogLevel } from "../supervisor/log.ts";
 import { parseNetAllowEntry } from "../wasm/net_policy.ts";
-import { type DaemonGroupSpec, DaemonSpecError, parseDaemonSpec } from "../supervisor/daemon_spec.ts";
+import {
+  type DaemonGroupSpec,
+  DaemonSpecError,
+  parseDaemonSpec,
+  parseSeconds,
+  SECONDS_FORM,
+} from "../supervisor/daemon_spec.ts";
 import { assignProcessGroups, MountConfigError, splitProcessGroup } from "./mounts.ts";
 import type { MountSpec, ServerOptions, UrlAlias } from "./options.ts";
 
@@ -86,6 +92,8 @@ export interface OptionValues {
   preload: boolean;
   snapshot: "app" | "runtime" | "off";
   queueLimit: number;
+  requestTimeoutMs: number;
+  queueTimeoutMs: number;
   daemonGroups: DaemonGroupSpec[];
   processGroup?: string;
   /** `--mount` uses, with SCRIPT still unresolved. */
@@ -309,6 +317,29 @@ export const OPTIONS: readonly OptionSpec[] = [
     repeatable: false,
     apply: ([value], draft) => {
       draft.queueLimit = parseInteger("--queue-limit", value, 0, MAX_QUEUE_LIMIT);
+    },
+  },
+  {
+    name: "--request-timeout",
+    valueNames: ["SECONDS"],
+    help: "Maximum time a request may run in an embedded isolate. A request that runs " +
+      "longer gets 504 Gateway Timeout and its isolate is replaced. 0 turns the limit off. " +
+      "Daemon groups take the request-timeout key instead.",
+    defaultText: "60",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.requestTimeoutMs = parseDuration("--request-timeout", value);
+    },
+  },
+  {
+    name: "--queue-timeout",
+    valueNames: ["SECONDS"],
+    help: "Maximum time a request may wait for a free embedded isolate before it gets " +
+      "503 Service Unavailable. Daemon groups take the queue-timeout key instead.",
+    defaultText: "45",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.queueTimeoutMs = parseDuration("--queue-timeout", value);
     },
   },
   {
@@ -540,6 +571,8 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     accessLog: draft.accessLog,
     logLevel: draft.logLevel,
     queueLimit: draft.queueLimit,
+    requestTimeoutMs: draft.requestTimeoutMs,
+    queueTimeoutMs: draft.queueTimeoutMs,
     app,
     mounts,
     daemonGroups: draft.daemonGroups,
@@ -587,6 +620,8 @@ function defaultOptionValues(env: ParseEnvironment): OptionValues {
     preload: false,
     snapshot: "app",
     queueLimit: 100,
+    requestTimeoutMs: 60_000,
+    queueTimeoutMs: 45_000,
     daemonGroups: [],
     mounts: [],
   };
@@ -880,6 +915,12 @@ function parseInteger(option: string, value: string, min: number, max: number): 
   const number = Number(value);
   if (number < min || number > max) throw invalidValue(option, value, expected);
   return number;
+}
+
+function parseDuration(option: string, value: string): number {
+  const ms = parseSeconds(value);
+  if (ms === undefined) throw invalidValue(option, value, SECONDS_FORM);
+  return ms;
 }
 
 function parseChoice<T extends string>(option: string, value: string, choices: readonly T[]): T {

@@ -149,6 +149,8 @@ export class MountTable {
       const pool = new IsolatePool(spec.app, {
         size: options.threads,
         queueLimit: options.queueLimit,
+        requestTimeoutMs: options.requestTimeoutMs,
+        queueTimeoutMs: options.queueTimeoutMs,
         logger: appLogger,
       });
       const backend = new EmbeddedBackend(pool, appLogger);

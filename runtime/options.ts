@@ -39,6 +39,10 @@ export interface ServerOptions {
    * @default 100
    */
   queueLimit: number;
+  /** Milliseconds a request may run in an embedded isolate before it gets 504; 0 for no limit. @default 60000 */
+  requestTimeoutMs: number;
+  /** Milliseconds a request may wait for an embedded isolate before it gets 503. @default 45000 */
+  queueTimeoutMs: number;
   app: AppSpec;
   /** Daemon process group that runs `app`; embedded when unset. */
   processGroup?: string;

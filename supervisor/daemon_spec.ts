@@ -65,7 +65,17 @@ export class DaemonSpecError extends Error {
 
 const MAX_PROCESSES = 64;
 const MAX_THREADS = 256;
-const MAX_SECONDS = 30 * 24 * 3600;
+export const MAX_SECONDS = 30 * 24 * 3600;
+
+/** The accepted form of a duration in seconds, for error messages. */
+export const SECONDS_FORM = `seconds from 0 to ${MAX_SECONDS}, such as 30 or 2.5`;
+
+/** Converts a duration such as "30" or "2.5" seconds to milliseconds; undefined when not in SECONDS_FORM. */
+export function parseSeconds(value: string): number | undefined {
+  // Number() would also accept "", "1e3" and "0x1f".
+  if (!/^[0-9]+(\.[0-9]{1,3})?$/.test(value) || Number(value) > MAX_SECONDS) return undefined;
+  return Math.round(Number(value) * 1000);
+}
 
 /** Group names: what a log line, a file name and `ps` can show without quoting. */
 const GROUP_NAME = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$/;
@@ -316,15 +326,13 @@ export function groupAppSpec(app: AppSpec, group: DaemonGroupSpec): AppSpec {
 }
 
 function secondsKey(key: string, set: (spec: DaemonGroupSpec, ms: number) => void): KeySpec {
-  const form = `seconds from 0 to ${MAX_SECONDS}, such as 30 or 2.5`;
   return {
-    form,
+    form: SECONDS_FORM,
     repeatable: false,
     parse: (value, spec) => {
-      if (!/^[0-9]+(\.[0-9]{1,3})?$/.test(value) || Number(value) > MAX_SECONDS) {
-        throw invalidKey(key, value, form);
-      }
-      set(spec, Math.round(Number(value) * 1000));
+      const ms = parseSeconds(value);
+      if (ms === undefined) throw invalidKey(key, value, SECONDS_FORM);
+      set(spec, ms);
     },
   };
 }

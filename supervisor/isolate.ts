@@ -52,6 +52,8 @@ export interface Job {
   running?: boolean;
   /** Called when an isolate takes the job. */
   onRunning?: () => void;
+  /** performance.now() when the pool received or requeued the job; its queue timeout counts from here. */
+  queuedAt?: number;
 }
 
 export interface IsolateOptions {

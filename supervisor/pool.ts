@@ -168,6 +168,7 @@ export class IsolatePool {
       throw new PoolUnavailableError(`application unavailable: ${this.#failedReason}`, 30);
     }
     if (this.#stopping) throw new PoolUnavailableError("the server is shutting down", 5);
+    job.queuedAt = performance.now();
     // A request posted behind another one in an isolate waits too, so it
     // counts against the queue limit.
     const waiting = this.#queue.length + this.#waitingInIsolates();
@@ -182,7 +183,7 @@ export class IsolatePool {
         1,
       );
     }
-    this.#queue.push({ job, queuedAt: performance.now() });
+    this.#queue.push({ job, queuedAt: job.queuedAt });
     this.#grow();
   }
 
@@ -314,7 +315,9 @@ export class IsolatePool {
       for (const job of jobs) job.sink.fail(503, this.#failedReason ?? "the server is shutting down");
       return;
     }
-    this.#queue.unshift(...jobs.map((job) => ({ job, queuedAt: performance.now() })));
+    const now = performance.now();
+    for (const job of jobs) job.queuedAt = now;
+    this.#queue.unshift(...jobs.map((job) => ({ job, queuedAt: now })));
     for (const isolate of this.#isolates) if (isolate.canTake) this.#dispatchNext(isolate);
   }
 
@@ -404,18 +407,26 @@ export class IsolatePool {
 
   #expireQueued(): void {
     const now = performance.now();
+    const timeout = this.#options.queueTimeoutMs;
+    const expire = (job: Job) => {
+      job.sink.fail(503, `request waited ${Math.round(now - job.queuedAt!)} ms in the queue (queue timeout ${timeout} ms)`);
+    };
     while (this.#queue.length > 0) {
       const head = this.#queue[0];
       if (head.job.abandoned) {
         this.#queue.shift();
         continue;
       }
-      if (now - head.queuedAt < this.#options.queueTimeoutMs) break;
+      if (now - head.queuedAt < timeout) break;
       this.#queue.shift();
-      head.job.sink.fail(
-        503,
-        `request waited ${Math.round(now - head.queuedAt)} ms in the queue (queue timeout ${this.#options.queueTimeoutMs} ms)`,
-      );
+      expire(head.job);
+    }
+    // A job posted behind a running request waits too, for as long as that request runs.
+    for (const isolate of this.#isolates) {
+      const waiting = isolate.jobs.length > 1 ? isolate.jobs[isolate.jobs.length - 1] : undefined;
+      if (!waiting || now - waiting.queuedAt! < timeout) continue;
+      const job = isolate.withdrawWaiting();
+      if (job) expire(job);
     }
   }
 }

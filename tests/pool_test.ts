@@ -180,6 +180,32 @@ Deno.test("requeued request whose client left ends", async () => {
   await server.waitForLog(/client closed the connection while the request was queued/, 10_000);
 });
 
+Deno.test("embedded timeouts answer 504 and 503", async () => {
+  await using server = await startServer(
+    repoPath("tests/fixtures/pool_app.wsgi"),
+    ["--threads", "1", "--request-timeout", "3", "--queue-timeout", "0.5"],
+  );
+  await server.waitForLog(/isolate=1\] isolate ready/);
+  const spinning = fetch(`${server.origin}/?spin=1`);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+
+  // The only isolate spins, so this request waits in the queue until its timeout.
+  const queued = await fetch(`${server.origin}/?seconds=0`);
+  assert.equal(queued.status, 503);
+  await queued.body?.cancel();
+  assert.match(server.log(), /waited \d+ ms in the queue \(queue timeout 500 ms\)/);
+
+  const timedOut = await spinning;
+  assert.equal(timedOut.status, 504);
+  await timedOut.body?.cancel();
+  assert.match(server.log(), /request timed out after \d+ ms \(request-timeout 3000 ms\); replacing the isolate/);
+
+  // A new isolate takes the next request.
+  const after = await fetch(`${server.origin}/?seconds=0`);
+  assert.equal(after.status, 200);
+  assert.equal(await after.text(), "slept 0.0");
+});
+
 Deno.test("first isolate restores alone", async () => {
   await using server = await startServer(
     repoPath("tests/fixtures/pool_app.wsgi"),

@@ -65,6 +65,8 @@ Deno.test("parseCommandLine defaults for a script", async () => {
   assert.equal(options.accessLog, false);
   assert.equal(options.logLevel, "info");
   assert.equal(options.queueLimit, 100);
+  assert.equal(options.requestTimeoutMs, 60_000);
+  assert.equal(options.queueTimeoutMs, 45_000);
   assert.equal(options.app.name, "app.wsgi");
   assert.equal(options.app.scriptPath, join(fixture.dir, "app.wsgi"));
   assert.equal(options.app.module, undefined);
@@ -152,6 +154,10 @@ const VALID_CASES: ValidCase[] = [
   { args: ["--preload"], read: (o) => o.app.preload, expected: () => true },
   { args: ["--queue-limit", "0"], read: (o) => o.queueLimit, expected: () => 0 },
   { args: ["--queue-limit", "100000"], read: (o) => o.queueLimit, expected: () => 100000 },
+  { args: ["--request-timeout", "2.5"], read: (o) => o.requestTimeoutMs, expected: () => 2500 },
+  { args: ["--request-timeout", "0"], read: (o) => o.requestTimeoutMs, expected: () => 0 },
+  { args: ["--queue-timeout", "0.125"], read: (o) => o.queueTimeoutMs, expected: () => 125 },
+  { args: ["--queue-timeout", "90"], read: (o) => o.queueTimeoutMs, expected: () => 90_000 },
 ];
 
 for (const testCase of VALID_CASES) {
@@ -308,6 +314,11 @@ const INVALID_CASES: InvalidCase[] = [
   { args: ["--log-level", "INFO"], option: "--log-level", value: "INFO" },
   { args: ["--queue-limit", "100001"], option: "--queue-limit", value: "100001" },
   { args: ["--queue-limit", "-5"], option: "--queue-limit", value: "-5" },
+  { args: ["--request-timeout", "1e3"], option: "--request-timeout", value: "1e3" },
+  { args: ["--request-timeout", "-1"], option: "--request-timeout", value: "-1" },
+  { args: ["--request-timeout", "2.0001"], option: "--request-timeout", value: "2.0001" },
+  { args: ["--request-timeout", "2592001"], option: "--request-timeout", value: "2592001" },
+  { args: ["--queue-timeout", "soon"], option: "--queue-timeout", value: "soon" },
   { args: ["--access-log=yes"], option: "--access-log", value: "yes" },
   { args: ["--preload=true"], option: "--preload", value: "true" },
 ];
