@@ -15,11 +15,22 @@
  *
  * An application snapshot also records the size and modification time of
  * every host file the application imported; editing any of them rebuilds it.
+ *
+ * Every use of a snapshot sets its modification time. Application snapshots
+ * beyond the newest MAX_APPLICATION_SNAPSHOTS are deleted, and so are runtime
+ * snapshots of other builds (an older wsgirun or Pyodide) that no server
+ * used for RUNTIME_SNAPSHOT_UNUSED_MS.
  */
 
 import { fileURLToPath } from "node:url";
 import { ISOLATE_WORKER_URL, SHIPPED_SNAPSHOTS_URL } from "./worker_url.ts";
-import { type AppSpec, appReadPaths, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
+import {
+  type AppSpec,
+  appReadPaths,
+  PYODIDE_SPECIFIER,
+  PYTHON_VERSIONS,
+  type PythonVersion,
+} from "./app_spec.ts";
 import type { Logger } from "./log.ts";
 import { type BuildSnapshotMessage, type FromWorker, SNAPSHOT_CONTENT_VERSION } from "../wasm/protocol.ts";
 import adapterSource from "../wasm/adapter.py" with { type: "text" };
@@ -56,6 +67,12 @@ const MAGIC = "WSGIRUN-SNAPSHOT 1\n";
 
 /** Application snapshots kept per cache folder; the least recently used go first. */
 const MAX_APPLICATION_SNAPSHOTS = 16;
+/**
+ * Time after which a runtime snapshot of another build is deleted when unused.
+ * Two wsgirun versions that share a cache folder keep both files while they
+ * are both in use, instead of deleting and rebuilding each other's.
+ */
+const RUNTIME_SNAPSHOT_UNUSED_MS = 7 * 24 * 3600 * 1000;
 const BUILD_TIMEOUT_MS = 180_000;
 
 interface SnapshotHeader {
@@ -362,6 +379,41 @@ async function pruneApplicationSnapshots(logger: Logger): Promise<void> {
   }
 }
 
+let runtimeSnapshotsPruned = false;
+
+/**
+ * Deletes runtime snapshots whose key is not the current one for their
+ * Python version and whose last use is older than RUNTIME_SNAPSHOT_UNUSED_MS.
+ * Runs once per process.
+ */
+export async function pruneRuntimeSnapshots(logger: Logger, now = Date.now()): Promise<void> {
+  if (runtimeSnapshotsPruned) return;
+  runtimeSnapshotsPruned = true;
+  const current = new Set(
+    await Promise.all(PYTHON_VERSIONS.map(async (python) => runtimeFileName(python, await runtimeKey(python)))),
+  );
+  const folder = snapshotCacheDir();
+  try {
+    for await (const entry of Deno.readDir(folder)) {
+      const name = entry.name;
+      if (!entry.isFile || !/^runtime-python[\d.]+-\w+\.snapshot$/.test(name) || current.has(name)) continue;
+      const path = `${folder}/${name}`;
+      const used = (await Deno.stat(path).catch(() => null))?.mtime?.getTime();
+      if (used === undefined || now - used < RUNTIME_SNAPSHOT_UNUSED_MS) continue;
+      try {
+        await Deno.remove(path);
+        logger.info(`removed ${path}: a runtime snapshot of another build, unused for ${Math.floor((now - used) / 86_400_000)} days`);
+      } catch (error) {
+        logger.warning(`cannot remove the unused runtime snapshot ${path}: ${error}`);
+      }
+    }
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) {
+      logger.warning(`cannot look for unused runtime snapshots in ${folder}: ${error}`);
+    }
+  }
+}
+
 async function buildApplicationSnapshot(
   options: BootOptions,
   key: string,
@@ -397,8 +449,16 @@ async function buildApplicationSnapshot(
  * Prepares what the isolates of `options.app` start from: the application
  * snapshot when allowed and possible, else the runtime snapshot, else
  * nothing. Failures are logged with their reason and fall back one level.
+ * Then unused runtime snapshots of other builds are deleted in the background.
  */
 export async function prepareBoot(options: BootOptions): Promise<Boot> {
+  const boot = await chooseBoot(options);
+  // Not awaited, so that the cleanup delays no start.
+  void pruneRuntimeSnapshots(options.logger);
+  return boot;
+}
+
+async function chooseBoot(options: BootOptions): Promise<Boot> {
   const { app, logger } = options;
   // The module compiles in the background while the snapshot is read and checked.
   const compiling = compiledInterpreter(app.python, options.pyodideFolder, logger);

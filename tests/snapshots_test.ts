@@ -131,6 +131,45 @@ Deno.test("runtime snapshot keyed by adapter source", async () => {
   assert.ok(files.includes(original));
 });
 
+Deno.test("runtime snapshots of old builds removed", async () => {
+  await warmRuntimeSnapshot();
+  const cache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
+  const [current] = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
+  await Deno.copyFile(`${TEST_CACHE_DIR}/${current}`, `${cache}/${current}`);
+  const day = 24 * 3600 * 1000;
+  const stale = {
+    "runtime-python3.14-00000000000000aa.snapshot": 8 * day,
+    "runtime-python3.12-00000000000000bb.snapshot": 30 * day,
+    "runtime-python3.14-00000000000000cc.snapshot": 1 * day,
+    "app-other.wsgi-00000000000000dd.snapshot": 30 * day,
+  };
+  for (const [name, age] of Object.entries(stale)) {
+    await Deno.writeTextFile(`${cache}/${name}`, "an old build");
+    const used = new Date(Date.now() - age);
+    await Deno.utime(`${cache}/${name}`, used, used);
+  }
+  const old = new Date(Date.now() - 60 * day);
+  await Deno.utime(`${cache}/${current}`, old, old);
+
+  // Without snapshots the server neither reads nor touches the current one.
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  await using server = await startServer(
+    `${folder}/app.wsgi`,
+    ["--threads", "1", "--snapshot", "off"],
+    { env: { WSGIRUN_CACHE_DIR: cache } },
+  );
+  assert.equal(await body(server.origin), "hello");
+  await server.waitForLog(/removed .*runtime-python3\.12-00000000000000bb\.snapshot/, 10_000);
+  await server.waitForLog(/removed .*runtime-python3\.14-00000000000000aa\.snapshot: .* unused for 8 days/, 10_000);
+
+  const left = await snapshotFiles(cache, "");
+  assert.ok(left.includes(current), "the current runtime snapshot is kept, however old");
+  assert.ok(left.includes("runtime-python3.14-00000000000000cc.snapshot"), "a recently used one is kept");
+  assert.ok(left.includes("app-other.wsgi-00000000000000dd.snapshot"), "application snapshots are left alone");
+  assert.ok(!left.includes("runtime-python3.14-00000000000000aa.snapshot"));
+  assert.ok(!left.includes("runtime-python3.12-00000000000000bb.snapshot"));
+});
+
 Deno.test("runtime snapshot keyed by Pyodide version", async () => {
   const names314 = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
   const folder = await makeApp({ "app.wsgi": HELLO });
