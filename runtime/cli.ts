@@ -322,9 +322,9 @@ export const OPTIONS: readonly OptionSpec[] = [
   {
     name: "--request-timeout",
     valueNames: ["SECONDS"],
-    help: "Maximum time a request may run in an embedded isolate. A request that runs " +
-      "longer gets 504 Gateway Timeout and its isolate is replaced. 0 turns the limit off. " +
-      "Daemon groups take the request-timeout key instead.",
+    help: "Maximum time in seconds (up to 3 decimals) a request may run in an embedded " +
+      "isolate. A request that runs longer gets 504 Gateway Timeout and its isolate is " +
+      "replaced. 0 turns the limit off. Daemon groups take the request-timeout key instead.",
     defaultText: "60",
     repeatable: false,
     apply: ([value], draft) => {
@@ -334,8 +334,9 @@ export const OPTIONS: readonly OptionSpec[] = [
   {
     name: "--queue-timeout",
     valueNames: ["SECONDS"],
-    help: "Maximum time a request may wait for a free embedded isolate before it gets " +
-      "503 Service Unavailable. Daemon groups take the queue-timeout key instead.",
+    help: "Maximum time in seconds (up to 3 decimals) a request may wait for a free " +
+      "embedded isolate before it gets 503 Service Unavailable. 0 turns the limit off. " +
+      "Daemon groups take the queue-timeout key instead.",
     defaultText: "45",
     repeatable: false,
     apply: ([value], draft) => {

@@ -68,7 +68,7 @@ const MAX_THREADS = 256;
 export const MAX_SECONDS = 30 * 24 * 3600;
 
 /** The accepted form of a duration in seconds, for error messages. */
-export const SECONDS_FORM = `seconds from 0 to ${MAX_SECONDS}, such as 30 or 2.5`;
+export const SECONDS_FORM = `seconds from 0 to ${MAX_SECONDS} with at most 3 decimals, such as 30 or 2.5`;
 
 /** Converts a duration such as "30" or "2.5" seconds to milliseconds; undefined when not in SECONDS_FORM. */
 export function parseSeconds(value: string): number | undefined {

@@ -33,7 +33,7 @@ export interface PoolOptions {
   onApplicationLoaded?: (error: string | undefined) => void;
   /** Jobs that may wait for an isolate. @default 100 */
   queueLimit?: number;
-  /** Milliseconds a job may wait in the queue before it fails with 503. @default 45000 */
+  /** Milliseconds a job may wait in the queue before it fails with 503; 0 turns it off. @default 45000 */
   queueTimeoutMs?: number;
   /** Milliseconds an isolate may take to load Pyodide. @default 120000 */
   startupTimeoutMs?: number;
@@ -250,6 +250,8 @@ export class IsolatePool {
       boot: this.#boot!,
       onReady: (ready) => this.#onReady(ready),
       onIdle: (idle) => {
+        // An isolate that finished a request is healthy: the next restart waits the shortest delay.
+        this.#restarts = 0;
         if (idle.jobs.length === 0) {
           this.#jobStartedAt.delete(idle);
           this.#idleSince.set(idle, performance.now());
@@ -355,7 +357,7 @@ export class IsolatePool {
     }
     const delay = RESTART_DELAYS_MS[Math.min(this.#restarts, RESTART_DELAYS_MS.length - 1)];
     this.#restarts += 1;
-    this.#logger.info(`restarting the isolate in ${delay} ms`, { isolate: isolate.id });
+    this.#logger.info(`restarting the isolate in ${delay} ms, or at once if a request waits`, { isolate: isolate.id });
     setTimeout(() => {
       if (!this.#stopping && !this.#failedReason && this.#isolates.size < this.#options.size) this.#spawn();
     }, delay);
@@ -381,7 +383,7 @@ export class IsolatePool {
     const now = performance.now();
     for (const [isolate, startedAt] of [...this.#jobStartedAt]) {
       if (now - startedAt < timeout) continue;
-      const reason = `request timed out after ${Math.round(now - startedAt)} ms (request-timeout ${timeout} ms)`;
+      const reason = `request timed out after ${Math.round(now - startedAt)} ms (request-timeout ${timeout / 1000} s)`;
       this.#logger.error(`${reason}; replacing the isolate`, { isolate: isolate.id, request: isolate.job?.requestId });
       this.#onDead(isolate, reason, isolate.terminate(reason, 504));
     }
@@ -406,10 +408,11 @@ export class IsolatePool {
   }
 
   #expireQueued(): void {
-    const now = performance.now();
     const timeout = this.#options.queueTimeoutMs;
+    if (timeout <= 0) return;
+    const now = performance.now();
     const expire = (job: Job) => {
-      job.sink.fail(503, `request waited ${Math.round(now - job.queuedAt!)} ms in the queue (queue timeout ${timeout} ms)`);
+      job.sink.fail(503, `request waited ${Math.round(now - job.queuedAt!)} ms in the queue (queue-timeout ${timeout / 1000} s)`);
     };
     while (this.#queue.length > 0) {
       const head = this.#queue[0];
@@ -424,7 +427,8 @@ export class IsolatePool {
     // A job posted behind a running request waits too, for as long as that request runs.
     for (const isolate of this.#isolates) {
       const waiting = isolate.jobs.length > 1 ? isolate.jobs[isolate.jobs.length - 1] : undefined;
-      if (!waiting || now - waiting.queuedAt! < timeout) continue;
+      // A job whose client left ends by itself, because the worker checks its cancellation.
+      if (!waiting || waiting.abandoned || now - waiting.queuedAt! < timeout) continue;
       const job = isolate.withdrawWaiting();
       if (job) expire(job);
     }

@@ -700,7 +700,7 @@ Deno.test("daemon server", async (t) => {
       assert.equal(response.status, 504);
       assert.match(
         log,
-        /\[group=other pid=\d+ isolate=\d+ request=other-\d+-\d+\] request timed out after \d+ ms \(request-timeout 2000 ms\); replacing the isolate/,
+        /\[group=other pid=\d+ isolate=\d+ request=other-\d+-\d+\] request timed out after \d+ ms \(request-timeout 2 s\); replacing the isolate/,
       );
       assert.match(
         log,

@@ -193,17 +193,41 @@ Deno.test("embedded timeouts answer 504 and 503", async () => {
   const queued = await fetch(`${server.origin}/?seconds=0`);
   assert.equal(queued.status, 503);
   await queued.body?.cancel();
-  assert.match(server.log(), /waited \d+ ms in the queue \(queue timeout 500 ms\)/);
+  assert.match(server.log(), /waited \d+ ms in the queue \(queue-timeout 0.5 s\)/);
 
   const timedOut = await spinning;
   assert.equal(timedOut.status, 504);
   await timedOut.body?.cancel();
-  assert.match(server.log(), /request timed out after \d+ ms \(request-timeout 3000 ms\); replacing the isolate/);
+  assert.match(server.log(), /request timed out after \d+ ms \(request-timeout 3 s\); replacing the isolate/);
 
   // A new isolate takes the next request.
   const after = await fetch(`${server.origin}/?seconds=0`);
   assert.equal(after.status, 200);
   assert.equal(await after.text(), "slept 0.0");
+
+  // That request reset the restart delay, so the next replacement waits the shortest one again.
+  const again = await fetch(`${server.origin}/?spin=1`);
+  assert.equal(again.status, 504);
+  await again.body?.cancel();
+  assert.equal(server.log().match(/restarting the isolate in 100 ms/g)?.length, 2, server.log());
+});
+
+Deno.test("embedded queue timeout 0 waits", async () => {
+  await using server = await startServer(
+    repoPath("tests/fixtures/pool_app.wsgi"),
+    ["--threads", "1", "--queue-timeout", "0"],
+  );
+  await server.waitForLog(/isolate=1\] isolate ready/);
+  const first = fetch(`${server.origin}/?seconds=1.5`);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+
+  // This request waits behind the first for over a second, past the pool's check.
+  const second = await fetch(`${server.origin}/?seconds=0`);
+  assert.equal(second.status, 200);
+  assert.equal(await second.text(), "slept 0.0");
+  const firstResponse = await first;
+  assert.equal(firstResponse.status, 200);
+  assert.equal(await firstResponse.text(), "slept 1.5");
 });
 
 Deno.test("first isolate restores alone", async () => {
