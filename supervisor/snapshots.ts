@@ -64,6 +64,8 @@ export const RUNTIME_MODULES = [
 ];
 
 const MAGIC = "WSGIRUN-SNAPSHOT 1\n";
+/** The reason readFile() gives when the file does not exist. */
+const NO_CACHED_SNAPSHOT = "no cached snapshot";
 
 /** Application snapshots kept per cache folder; the least recently used go first. */
 const MAX_APPLICATION_SNAPSHOTS = 16;
@@ -143,7 +145,7 @@ async function readFile(
   try {
     data = await Deno.readFile(path);
   } catch (error) {
-    return error instanceof Deno.errors.NotFound ? "no cached snapshot" : `cannot read ${path}: ${error}`;
+    return error instanceof Deno.errors.NotFound ? NO_CACHED_SNAPSHOT : `cannot read ${path}: ${error}`;
   }
   const magic = new TextDecoder().decode(data.subarray(0, MAGIC.length));
   const headerEnd = data.indexOf(10, MAGIC.length);
@@ -280,7 +282,13 @@ async function runtimeSnapshot(
     return { key, snapshot: cached.snapshot };
   }
 
-  logger.info(`building the Python ${app.python} runtime snapshot (${cached}); this happens once per version`);
+  const reason = cached === NO_CACHED_SNAPSHOT && await hasOtherRuntimeSnapshot(app.python, name)
+    ? "the cached one is of another wsgirun or Pyodide build"
+    : cached;
+  logger.info(
+    `building the Python ${app.python} runtime snapshot (${reason}); ` +
+      "this happens once per Python version and build",
+  );
   const started = performance.now();
   const bytes = await buildRuntimeSnapshot(app.python, options.pyodideFolder, wasmModule, logger);
   await writeFile(path, { key, sha256: await sha256Hex(bytes), bytes: bytes.length }, bytes);
@@ -288,6 +296,19 @@ async function runtimeSnapshot(
   const snapshot = new SharedArrayBuffer(bytes.length);
   new Uint8Array(snapshot).set(bytes);
   return { key, snapshot };
+}
+
+/** Returns whether the cache folder has a runtime snapshot of `python` other than `name`. */
+async function hasOtherRuntimeSnapshot(python: PythonVersion, name: string): Promise<boolean> {
+  const prefix = `runtime-python${python}-`;
+  try {
+    for await (const entry of Deno.readDir(snapshotCacheDir())) {
+      if (entry.name !== name && entry.name.startsWith(prefix) && entry.name.endsWith(".snapshot")) return true;
+    }
+  } catch {
+    // A missing or unreadable folder has no other snapshot to mention.
+  }
+  return false;
 }
 
 function runtimeFileName(python: PythonVersion, key: string): string {
