@@ -396,7 +396,7 @@ async function pruneApplicationSnapshots(logger: Logger): Promise<void> {
   snapshots.sort((a, b) => b.used - a.used);
   for (const { path } of snapshots.slice(MAX_APPLICATION_SNAPSHOTS)) {
     await Deno.remove(path).catch(() => {});
-    logger.debug(`removed the least recently used application snapshot ${path}`);
+    logger.info(`removed the least recently used application snapshot ${path}`);
   }
 }
 
