@@ -201,9 +201,11 @@ class DaemonRequest implements ResponseSink {
     this.control.cancel();
     this.ring?.abort();
     this.#wakeFileSender?.();
-    if (!this.job.running) {
-      this.end({ type: "end", requestId: this.job.requestId, error: "cancelled before it ran" });
-    }
+    if (!this.job.running) this.abandon();
+  }
+
+  abandon(): void {
+    this.end({ type: "end", requestId: this.job.requestId, error: "cancelled before it ran" });
   }
 
   #whenFileSent(action: () => void): void {

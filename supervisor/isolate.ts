@@ -33,6 +33,8 @@ export interface ResponseSink {
   end(message: EndMessage): void;
   /** The request could not run or its isolate died; `status` is what the client should get. */
   fail(status: number, reason: string): void;
+  /** The client left before an isolate ran the request, which the pool has now dropped. */
+  abandon(): void;
 }
 
 /** One request as the pool schedules it. */

@@ -292,7 +292,10 @@ export class IsolatePool {
   #dispatchNext(isolate: Isolate): void {
     while (this.#queue.length > 0 && isolate.canTake) {
       const { job } = this.#queue.shift()!;
-      if (job.abandoned) continue;
+      if (job.abandoned) {
+        job.sink.abandon();
+        continue;
+      }
       this.#run(isolate, job);
     }
     if (isolate.state === "idle") this.#takeWaitingJob(isolate);
@@ -351,13 +354,18 @@ export class IsolatePool {
       this.#markFailed(`${this.#failedStarts} isolates in a row failed to start; last error: ${reason}`);
       return;
     }
-    if (this.#isolates.size >= this.#options.minSize && this.#queue.length === 0) {
+    if (this.#queue.length > 0) {
+      // Requests wait, some of them taken back from this isolate: start one now.
+      this.#grow();
+      return;
+    }
+    if (this.#isolates.size >= this.#options.minSize) {
       // Above the minimum, the next queued request starts an isolate if one is needed.
       return;
     }
     const delay = RESTART_DELAYS_MS[Math.min(this.#restarts, RESTART_DELAYS_MS.length - 1)];
     this.#restarts += 1;
-    this.#logger.info(`restarting the isolate in ${delay} ms, or at once if a request waits`, { isolate: isolate.id });
+    this.#logger.info(`restarting the isolate in ${delay} ms, or at once when a request comes`, { isolate: isolate.id });
     setTimeout(() => {
       if (!this.#stopping && !this.#failedReason && this.#isolates.size < this.#options.size) this.#spawn();
     }, delay);
@@ -418,6 +426,7 @@ export class IsolatePool {
       const head = this.#queue[0];
       if (head.job.abandoned) {
         this.#queue.shift();
+        head.job.sink.abandon();
         continue;
       }
       if (now - head.queuedAt < timeout) break;

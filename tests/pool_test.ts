@@ -212,6 +212,55 @@ Deno.test("embedded timeouts answer 504 and 503", async () => {
   assert.equal(server.log().match(/restarting the isolate in 100 ms/g)?.length, 2, server.log());
 });
 
+Deno.test("timed-out isolate restarts for waiting requests", async () => {
+  await using server = await startServer(
+    repoPath("tests/fixtures/pool_app.wsgi"),
+    ["--threads", "1", "--request-timeout", "1"],
+  );
+  await server.waitForLog(/isolate=1\] isolate ready/);
+  const slow = [];
+  for (let i = 0; i < 3; i++) {
+    slow.push(fetch(`${server.origin}/?seconds=3`));
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  const hello = fetch(`${server.origin}/?seconds=0`);
+
+  for (const response of await Promise.all(slow)) {
+    assert.equal(response.status, 504);
+    await response.body?.cancel();
+  }
+  const answer = await hello;
+  assert.equal(answer.status, 200);
+  assert.equal(await answer.text(), "slept 0.0");
+  assert.equal(server.log().match(/request timed out after .*; replacing the isolate/g)?.length, 3);
+  // Each replacement started at once for the requests that waited, without a restart delay.
+  assert.doesNotMatch(server.log(), /restarting the isolate in/);
+});
+
+Deno.test("held request whose client left ends", async () => {
+  await using server = await startServer(
+    repoPath("tests/fixtures/pool_app.wsgi"),
+    ["--threads", "1", "--request-timeout", "1"],
+  );
+  await server.waitForLog(/isolate=1\] isolate ready/);
+  const running = fetch(`${server.origin}/?seconds=3`);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  // The isolate holds this request behind the running one; then its client leaves.
+  const client = new AbortController();
+  const held = fetch(`${server.origin}/?seconds=0`, { signal: client.signal }).catch(() => null);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  client.abort();
+  assert.equal(await held, null);
+
+  // The timeout takes the held request back from the isolate; the pool must end it.
+  const timedOut = await running;
+  assert.equal(timedOut.status, 504);
+  await timedOut.body?.cancel();
+  await server.waitForLog(/client closed the connection while the request was queued/, 5_000);
+  assert.equal((await server.stop()).code, 0);
+  assert.doesNotMatch(server.log(), /responses still running/);
+});
+
 Deno.test("embedded queue timeout 0 waits", async () => {
   await using server = await startServer(
     repoPath("tests/fixtures/pool_app.wsgi"),
