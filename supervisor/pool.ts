@@ -436,7 +436,7 @@ export class IsolatePool {
     // A job posted behind a running request waits too, for as long as that request runs.
     for (const isolate of this.#isolates) {
       const waiting = isolate.jobs.length > 1 ? isolate.jobs[isolate.jobs.length - 1] : undefined;
-      // A job whose client left ends by itself, because the worker checks its cancellation.
+      // A job whose client left is not failed here: it ends when the isolate runs it or gives it back.
       if (!waiting || waiting.abandoned || now - waiting.queuedAt! < timeout) continue;
       const job = isolate.withdrawWaiting();
       if (job) expire(job);

@@ -75,6 +75,8 @@ const MAX_APPLICATION_SNAPSHOTS = 16;
  * are both in use, instead of deleting and rebuilding each other's.
  */
 const RUNTIME_SNAPSHOT_UNUSED_MS = 7 * 24 * 3600 * 1000;
+/** Age after which a temporary file of an unfinished snapshot build is deleted. */
+const LEFTOVER_MS = 24 * 3600 * 1000;
 const BUILD_TIMEOUT_MS = 180_000;
 
 interface SnapshotHeader {
@@ -303,7 +305,8 @@ async function hasOtherRuntimeSnapshot(python: PythonVersion, name: string): Pro
   const prefix = `runtime-python${python}-`;
   try {
     for await (const entry of Deno.readDir(snapshotCacheDir())) {
-      if (entry.name !== name && entry.name.startsWith(prefix) && entry.name.endsWith(".snapshot")) return true;
+      if (!entry.isFile || entry.name === name) continue;
+      if (entry.name.startsWith(prefix) && entry.name.endsWith(".snapshot")) return true;
     }
   } catch {
     // A missing or unreadable folder has no other snapshot to mention.
@@ -404,7 +407,8 @@ let runtimeSnapshotsPruned = false;
 
 /**
  * Deletes runtime snapshots whose key is not the current one for their
- * Python version and whose last use is older than RUNTIME_SNAPSHOT_UNUSED_MS.
+ * Python version and whose last use is older than RUNTIME_SNAPSHOT_UNUSED_MS,
+ * and temporary files of builds that stopped more than LEFTOVER_MS ago.
  * Runs once per process.
  */
 export async function pruneRuntimeSnapshots(logger: Logger, now = Date.now()): Promise<void> {
@@ -417,15 +421,19 @@ export async function pruneRuntimeSnapshots(logger: Logger, now = Date.now()): P
   try {
     for await (const entry of Deno.readDir(folder)) {
       const name = entry.name;
-      if (!entry.isFile || !/^runtime-python[\d.]+-\w+\.snapshot$/.test(name) || current.has(name)) continue;
+      const stale = /^runtime-python[\d.]+-\w+\.snapshot$/.test(name) && !current.has(name);
+      // writeFile() renames its temporary file at once; one that is left belongs to a build that crashed.
+      const leftover = /\.snapshot\.\d+\.\w+\.tmp$/.test(name);
+      if (!entry.isFile || (!stale && !leftover)) continue;
       const path = `${folder}/${name}`;
       const used = (await Deno.stat(path).catch(() => null))?.mtime?.getTime();
-      if (used === undefined || now - used < RUNTIME_SNAPSHOT_UNUSED_MS) continue;
+      if (used === undefined || now - used < (stale ? RUNTIME_SNAPSHOT_UNUSED_MS : LEFTOVER_MS)) continue;
+      const what = stale ? "a runtime snapshot of another build" : "a temporary file of a snapshot build that did not finish";
       try {
         await Deno.remove(path);
-        logger.info(`removed ${path}: a runtime snapshot of another build, unused for ${Math.floor((now - used) / 86_400_000)} days`);
+        logger.info(`removed ${path}: ${what}, unused for ${Math.floor((now - used) / 86_400_000)} days`);
       } catch (error) {
-        logger.warning(`cannot remove the unused runtime snapshot ${path}: ${error}`);
+        logger.warning(`cannot remove ${path} (${what}): ${error}`);
       }
     }
   } catch (error) {
@@ -490,9 +498,12 @@ async function chooseBoot(options: BootOptions): Promise<Boot> {
   let appKey: string | undefined;
   let reason = "";
   if (mode === "app") {
-    appKey = await applicationKey(app, await runtimeKey(app.python));
+    const runtime = await runtimeKey(app.python);
+    appKey = await applicationKey(app, runtime);
     const cached = await cachedApplicationSnapshot(app, appKey);
     if (typeof cached !== "string") {
+      // The runtime snapshot stays in use through this one, so it must not age out.
+      void touch(`${snapshotCacheDir()}/${runtimeFileName(app.python, runtime)}`);
       return { snapshot: cached, wasmModule: await compiling, kind: "application" };
     }
     reason = cached;

@@ -142,7 +142,12 @@ Deno.test("runtime snapshots of old builds removed", async () => {
     "runtime-python3.12-00000000000000bb.snapshot": 30 * day,
     "runtime-python3.14-00000000000000cc.snapshot": 1 * day,
     "app-other.wsgi-00000000000000dd.snapshot": 30 * day,
+    "app-other.wsgi-00000000000000ee.snapshot.4242.1a2b3c4d.tmp": 2 * day,
+    "app-other.wsgi-00000000000000ff.snapshot.4243.1a2b3c4d.tmp": 0.1 * day,
   };
+  await Deno.mkdir(`${cache}/runtime-python3.14-00000000000000ab.snapshot`);
+  const folderTime = new Date(Date.now() - 30 * day);
+  await Deno.utime(`${cache}/runtime-python3.14-00000000000000ab.snapshot`, folderTime, folderTime);
   for (const [name, age] of Object.entries(stale)) {
     await Deno.writeTextFile(`${cache}/${name}`, "an old build");
     const used = new Date(Date.now() - age);
@@ -168,6 +173,10 @@ Deno.test("runtime snapshots of old builds removed", async () => {
   assert.ok(left.includes("app-other.wsgi-00000000000000dd.snapshot"), "application snapshots are left alone");
   assert.ok(!left.includes("runtime-python3.14-00000000000000aa.snapshot"));
   assert.ok(!left.includes("runtime-python3.12-00000000000000bb.snapshot"));
+  await server.waitForLog(/removed .*00000000000000ee\.snapshot\.4242\.1a2b3c4d\.tmp: a temporary file/, 10_000);
+  const entries = Array.from(Deno.readDirSync(cache), (entry) => entry.name);
+  assert.ok(entries.includes("app-other.wsgi-00000000000000ff.snapshot.4243.1a2b3c4d.tmp"), "a recent temporary file may belong to a running build");
+  assert.ok(entries.includes("runtime-python3.14-00000000000000ab.snapshot"), "a folder is never removed");
 });
 
 Deno.test("runtime snapshot keyed by Pyodide version", async () => {
@@ -198,11 +207,17 @@ def application(environ, start_response):
     assert.equal(await body(server.origin), "first");
     assert.match(server.log(), /application snapshot built/);
   }
+  // A start from the application snapshot counts as a use of its runtime snapshot.
+  const [runtime] = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
+  const longAgo = new Date(Date.now() - 30 * 24 * 3600 * 1000);
+  await Deno.utime(`${TEST_CACHE_DIR}/${runtime}`, longAgo, longAgo);
   {
     await using server = await startServer(script, ["--threads", "1"]);
     assert.equal(await body(server.origin), "first");
     assert.doesNotMatch(server.log(), /building the application snapshot/);
   }
+  const used = (await Deno.stat(`${TEST_CACHE_DIR}/${runtime}`)).mtime!.getTime();
+  assert.ok(Date.now() - used < 60_000, `the runtime snapshot was last used at ${new Date(used).toISOString()}`);
 
   await Deno.writeTextFile(`${folder}/settings_module.py`, 'VALUE = "second, edited"\n');
   {
