@@ -197,10 +197,10 @@ class DaemonRequest implements ResponseSink {
 
   /** Stops the application because the client has gone, or drops the request if it has not run. */
   cancel(): void {
-    this.job.abandoned = true;
     this.control.cancel();
     this.ring?.abort();
     this.#wakeFileSender?.();
+    this.#daemon.pool.abandon(this.job);
     if (!this.job.running) this.abandon();
   }
 

@@ -387,6 +387,9 @@ export class DaemonProcess {
         this.#finish(id, handle);
         if (handle.responseStarted) {
           sink.end({ type: "end", requestId, error });
+        } else if (handle.cancelled) {
+          // The client left, and the daemon process dropped the request before it ran.
+          sink.abandon();
         } else {
           // The isolate failed before the application started its response.
           sink.fail(

@@ -95,9 +95,9 @@ export class EmbeddedBackend implements AppBackend {
       },
       released: (bytes) => control.released(bytes),
       cancel: () => {
-        job.abandoned = true;
         control.cancel();
         ring?.abort();
+        this.pool.abandon(job);
       },
       close: () => {
         ring?.closeReader();

@@ -223,6 +223,18 @@ export class Isolate {
     this.#inbox.postMail();
   }
 
+  /**
+   * Takes back `job` if it waits behind the running one and the worker has
+   * not started it. Returns whether it did.
+   */
+  withdraw(job: Job): boolean {
+    const index = this.jobs.indexOf(job);
+    if (index < 1 || !job.control.withdraw(job.ticket!)) return false;
+    this.jobs.splice(index, 1);
+    job.running = false;
+    return true;
+  }
+
   /** Takes back the last posted job if the worker has not started it. */
   withdrawWaiting(): Job | undefined {
     if (this.jobs.length < 2) return undefined;

@@ -187,6 +187,21 @@ export class IsolatePool {
     this.#grow();
   }
 
+  /**
+   * Ends `job`, whose client left, at once if it waits in an isolate behind
+   * a running request, so that the application never runs it. A queued job
+   * ends when the queue reaches it.
+   */
+  abandon(job: Job): void {
+    job.abandoned = true;
+    for (const isolate of this.#isolates) {
+      if (isolate.withdraw(job)) {
+        job.sink.abandon();
+        return;
+      }
+    }
+  }
+
   /** Stops every isolate; queued jobs fail with 503. */
   stop(): void {
     this.#stopping = true;

@@ -245,14 +245,15 @@ Deno.test("held request whose client left ends", async () => {
   await server.waitForLog(/isolate=1\] isolate ready/);
   const running = fetch(`${server.origin}/?seconds=3`);
   await new Promise((resolve) => setTimeout(resolve, 200));
-  // The isolate holds this request behind the running one; then its client leaves.
+  // This request waits in the isolate behind the running one; then its client leaves.
   const client = new AbortController();
   const held = fetch(`${server.origin}/?seconds=0`, { signal: client.signal }).catch(() => null);
   await new Promise((resolve) => setTimeout(resolve, 200));
   client.abort();
   assert.equal(await held, null);
 
-  // The timeout takes the held request back from the isolate; the pool must end it.
+  // The pool takes the held request back when its client leaves, or at the latest when the
+  // running request times out. Either way the held request must end.
   const timedOut = await running;
   assert.equal(timedOut.status, 504);
   await timedOut.body?.cancel();
@@ -260,6 +261,40 @@ Deno.test("held request whose client left ends", async () => {
   assert.equal((await server.stop()).code, 0);
   assert.doesNotMatch(server.log(), /responses still running/);
 });
+
+for (const mode of ["embedded", "daemon"]) {
+  Deno.test(`${mode} held request whose client left never runs`, async () => {
+    await heldRequestNeverRuns(mode === "embedded" ? ["--threads", "1"] : [
+      "--daemon",
+      "group=held,processes=1,threads=1,user=nobody",
+    ]);
+  });
+}
+
+async function heldRequestNeverRuns(modeArgs: string[]): Promise<void> {
+  await using server = await startServer(
+    repoPath("tests/fixtures/pool_app.wsgi"),
+    [...modeArgs, "--access-log"],
+  );
+  await server.waitForLog(/isolate=1\] isolate ready/);
+  const running = fetch(`${server.origin}/?seconds=1.5`);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  const client = new AbortController();
+  const held = fetch(`${server.origin}/?seconds=0.1`, { signal: client.signal }).catch(() => null);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  client.abort();
+  assert.equal(await held, null);
+
+  const first = await running;
+  assert.equal(first.status, 200);
+  assert.equal(await first.text(), "slept 1.5");
+  // The next request runs at once, not behind the one that was taken back.
+  const next = await fetch(`${server.origin}/?seconds=0`);
+  assert.equal(await next.text(), "slept 0.0");
+  assert.match(server.output(), /"GET \/\?seconds=0\.1 [^"]*" 499/);
+  assert.doesNotMatch(server.output(), /"GET \/\?seconds=0\.1 [^"]*" 200/);
+  assert.doesNotMatch(server.log(), /\?seconds=0\.1|slept 0\.1/);
+}
 
 Deno.test("embedded queue timeout 0 waits", async () => {
   await using server = await startServer(
