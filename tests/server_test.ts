@@ -318,6 +318,22 @@ Deno.test("server with one isolate", async (t) => {
       assert.ok(growth < 64 * MiB, `the server grew by ${Math.round(growth / MiB)} MiB`);
     });
 
+    await t.step("client stopping mid-body raises OSError", async () => {
+      const token = randomToken();
+      const connection = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+      await connection.write(encoder.encode(
+        `POST /app/do/read-error?token=${token} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n`,
+      ));
+      await connection.write(new Uint8Array(200_000));
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      connection.close();
+      await server.waitForLog(
+        new RegExp(`read failed ${token}: OSError: request body read failed: the client stopped sending`),
+        5000,
+      );
+      assert.equal((await getText(server, "/app/do/hello")).text, "hello", "server still serves");
+    });
+
     await t.step("request larger than an inbox entry", async () => {
       // Most requests reach the isolate through its shared inbox; this one
       // does not fit an entry and takes the posted-message path, in order.

@@ -134,7 +134,15 @@ class InputStream:
     def _fill(self, want):
         """Pull chunks from the host until `want` bytes are buffered or the body ends."""
         while not self._eof and len(self._buffer) - self._position < want:
-            chunk = host.read(_INPUT_CHUNK)
+            try:
+                chunk = host.read(_INPUT_CHUNK)
+            except Exception as error:
+                # The host raises a JavaScript RequestCancelled when the client
+                # stops sending. Applications expect OSError from a failed
+                # read, as mod_wsgi and gunicorn raise it.
+                if getattr(error, "name", None) != "RequestCancelled":
+                    raise
+                raise OSError("request body read failed: %s" % error.message) from None
             if chunk is None:
                 self._eof = True
                 break
