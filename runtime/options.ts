@@ -41,7 +41,7 @@ export interface ServerOptions {
   queueLimit: number;
   /** Milliseconds a request may run in an embedded isolate before it gets 504; 0 for no limit. @default 60000 */
   requestTimeoutMs: number;
-  /** Milliseconds a request may wait for an embedded isolate before it gets 503. @default 45000 */
+  /** Milliseconds a request may wait for an embedded isolate before it gets 503; 0 for no limit. @default 45000 */
   queueTimeoutMs: number;
   app: AppSpec;
   /** Daemon process group that runs `app`; embedded when unset. */

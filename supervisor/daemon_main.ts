@@ -39,6 +39,7 @@ import {
   encodeJson,
   encodeStart,
   encodeText,
+  DROPPED_BEFORE_RUN,
   encodeUint32,
   Frame,
   FrameWriter,
@@ -205,7 +206,7 @@ class DaemonRequest implements ResponseSink {
   }
 
   abandon(): void {
-    this.end({ type: "end", requestId: this.job.requestId, error: "cancelled before it ran" });
+    this.end({ type: "end", requestId: this.job.requestId, error: DROPPED_BEFORE_RUN });
   }
 
   #whenFileSent(action: () => void): void {
@@ -259,6 +260,11 @@ class DaemonRequest implements ResponseSink {
   #abortResponse(error: string): void {
     this.#daemon.logger.error(error, { request: this.job.requestId });
     this.#daemon.send(Frame.END, this.id, encodeText(error));
+    this.#finish();
+  }
+
+  /** Ends the request here without a frame to the front, which takes it back (drain). */
+  finishWithoutReply(): void {
     this.#finish();
   }
 
@@ -399,11 +405,9 @@ class Daemon {
     this.#draining = true;
     for (const [id, request] of this.#requests) {
       if (request.job.running) continue;
-      // Abandoned jobs are skipped by the pool, so none of these starts after this point.
+      // The pool runs no abandoned job, and the request sends nothing once finished.
       request.job.abandoned = true;
-      request.ring?.closeReader();
-      request.control.release();
-      this.#requests.delete(id);
+      request.finishWithoutReply();
       this.send(Frame.RETURNED, id);
     }
     this.send(Frame.DRAINING, 0);

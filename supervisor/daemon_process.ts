@@ -14,6 +14,7 @@ import {
   decodeStart,
   decodeText,
   decodeUint32,
+  DROPPED_BEFORE_RUN,
   encodeJson,
   encodeRequest,
   encodeUint32,
@@ -387,8 +388,7 @@ export class DaemonProcess {
         this.#finish(id, handle);
         if (handle.responseStarted) {
           sink.end({ type: "end", requestId, error });
-        } else if (handle.cancelled) {
-          // The client left, and the daemon process dropped the request before it ran.
+        } else if (handle.cancelled && error === DROPPED_BEFORE_RUN) {
           sink.abandon();
         } else {
           // The isolate failed before the application started its response.

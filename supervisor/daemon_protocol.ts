@@ -76,6 +76,9 @@ export const Frame = {
 
 /** Request body bytes the front may send before the daemon acknowledges them. */
 export const BODY_WINDOW = 256 * 1024;
+
+/** Error text of the END frame for a request that a daemon process dropped because its client left before it ran. */
+export const DROPPED_BEFORE_RUN = "the client left before the request ran";
 /** Largest piece of a body sent in one frame. */
 export const MAX_BODY_FRAME = 64 * 1024;
 

@@ -33,7 +33,7 @@ export interface ResponseSink {
   end(message: EndMessage): void;
   /** The request could not run or its isolate died; `status` is what the client should get. */
   fail(status: number, reason: string): void;
-  /** The client left before an isolate ran the request, which the pool has now dropped. */
+  /** The client left before an isolate ran the request; the pool will not run it. May come twice. */
   abandon(): void;
 }
 
@@ -48,7 +48,7 @@ export interface Job {
   /** The ticket of the job's latest posting to an isolate. */
   ticket?: number;
   sink: ResponseSink;
-  /** Set by the front when the client left while the job was still queued. */
+  /** Set when the client left (IsolatePool.abandon); the pool runs the job no more. */
   abandoned?: boolean;
   /** Set when an isolate took the job. */
   running?: boolean;
@@ -94,7 +94,7 @@ function isolateReadPaths(app: AppSpec): string[] {
  * its snapshot is ready.
  */
 export function startIsolateWorker(app: AppSpec): Worker {
-  return new Worker(ISOLATE_WORKER_URL, {
+  const worker = new Worker(ISOLATE_WORKER_URL, {
     type: "module",
     name: ISOLATE_WORKER_NAME + app.python,
     deno: {
@@ -110,7 +110,17 @@ export function startIsolateWorker(app: AppSpec): Worker {
       },
     },
   });
+  // Until an Isolate takes the worker, an uncaught error in it must not end
+  // the server: it is kept and reported when the Isolate takes over.
+  worker.onerror = (event: ErrorEvent) => {
+    event.preventDefault();
+    earlyErrors.set(worker, event.message);
+  };
+  return worker;
 }
+
+/** Uncaught errors of workers that startIsolateWorker() started, before an Isolate took them. */
+const earlyErrors = new WeakMap<Worker, string>();
 
 export type IsolateState = "starting" | "idle" | "busy" | "dead";
 
@@ -165,6 +175,9 @@ export class Isolate {
       event.preventDefault();
       this.#die(`the worker raised an uncaught error: ${event.message}`);
     };
+    const early = earlyErrors.get(this.#worker);
+    // In a microtask, so that the pool has added this isolate when its onDead runs.
+    if (early !== undefined) queueMicrotask(() => this.#die(`the worker raised an uncaught error: ${early}`));
     this.#worker.postMessage({
       type: "init",
       app: options.app,

@@ -114,11 +114,16 @@ export class IsolatePool {
    * starts at once and loads Pyodide's scripts while the snapshot is prepared.
    */
   start(): Promise<void> {
+    let firstWorker: Worker | undefined;
+    try {
+      firstWorker = startIsolateWorker(this.app);
+    } catch {
+      // #spawn() tries again without it and reports the error as a failed start.
+    }
     this.#queueTimer = setInterval(() => this.#maintain(), 1000);
-    const firstWorker = startIsolateWorker(this.app);
     this.#prepareBoot().then(() => {
       if (this.#stopping) {
-        firstWorker.terminate();
+        firstWorker?.terminate();
         return;
       }
       this.#spawn(firstWorker);
@@ -188,9 +193,9 @@ export class IsolatePool {
   }
 
   /**
-   * Ends `job`, whose client left, at once if it waits in an isolate behind
-   * a running request, so that the application never runs it. A queued job
-   * ends when the queue reaches it.
+   * Marks `job` as one whose client left, and ends it at once if it waits in
+   * an isolate behind a running request, so that the application never runs
+   * it. The front ends a job that is still queued itself.
    */
   abandon(job: Job): void {
     job.abandoned = true;
@@ -335,9 +340,9 @@ export class IsolatePool {
       for (const job of jobs) job.sink.fail(503, this.#failedReason ?? "the server is shutting down");
       return;
     }
+    // A job keeps the time it first arrived: its queue timeout counts from there.
     const now = performance.now();
-    for (const job of jobs) job.queuedAt = now;
-    this.#queue.unshift(...jobs.map((job) => ({ job, queuedAt: now })));
+    this.#queue.unshift(...jobs.map((job) => ({ job, queuedAt: job.queuedAt ?? now })));
     for (const isolate of this.#isolates) if (isolate.canTake) this.#dispatchNext(isolate);
   }
 
@@ -369,11 +374,9 @@ export class IsolatePool {
       this.#markFailed(`${this.#failedStarts} isolates in a row failed to start; last error: ${reason}`);
       return;
     }
-    if (this.#queue.length > 0) {
-      // Requests wait, some of them taken back from this isolate: start one now.
-      this.#grow();
-      return;
-    }
+    // Requests wait, some of them taken back from this isolate: start one now,
+    // unless isolates fail to start, which keeps the delay below.
+    if (this.#queue.length > 0 && !neverStarted) this.#grow();
     if (this.#isolates.size >= this.#options.minSize) {
       // Above the minimum, the next queued request starts an isolate if one is needed.
       return;

@@ -91,9 +91,9 @@ const FACTORY_INSTALLERS: Record<PythonVersion, () => Promise<Record<string, unk
  * import that fails here fails again there, where the error is reported.
  */
 export function startImports(python: string): void {
-  if (python !== "3.12" && python !== "3.14") return;
-  PYODIDE_MODULES[python]().catch(() => {});
-  INTERPRETER_SCRIPTS[python]().catch(() => {});
+  if (!Object.hasOwn(PYODIDE_MODULES, python)) return;
+  PYODIDE_MODULES[python as PythonVersion]().catch(() => {});
+  INTERPRETER_SCRIPTS[python as PythonVersion]().catch(() => {});
 }
 
 const wrappedFactories = new WeakSet<ModuleFactory>();
