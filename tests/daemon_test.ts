@@ -113,6 +113,27 @@ async function warmUpTransfers(port: number): Promise<void> {
   }
 }
 
+/**
+ * Runs `transfer` after a warm-up and asserts that no process grew by
+ * RSS_GROWTH_LIMIT or more. A new isolate (about 70 MB) is not buffering:
+ * when one started during the transfer, for example a spare after an idle
+ * one retired, the transfer runs once more and only that run counts.
+ */
+async function assertTransferBounded(server: TestServer, transfer: () => Promise<void>): Promise<void> {
+  for (let attempt = 1; attempt <= 2; attempt++) {
+    await warmUpTransfers(server.port);
+    const pids = transferPids(server);
+    const before = pids.map(residentBytes);
+    const logStart = server.log().length;
+    const done = transfer();
+    const peaks = await peakResident(pids, done);
+    await done;
+    if (attempt === 1 && /isolate ready/.test(server.log().slice(logStart))) continue;
+    assertBoundedGrowth(pids, before, peaks);
+    return;
+  }
+}
+
 /** Returns the front's pid and the pids of the group "site", which serve the transfers. */
 function transferPids(server: TestServer): number[] {
   const site = daemonPids(server).filter((pid) =>
@@ -891,50 +912,34 @@ Deno.test("daemon server", async (t) => {
     });
 
     await t.step("streamed upload with bounded memory", async () => {
-      await warmUpTransfers(server.port);
-      const pids = transferPids(server);
-      const before = pids.map(residentBytes);
-      const upload = uploadGenerated(server.port, "/do/upload", TRANSFER_BYTES);
-      const peaks = await peakResident(pids, upload);
-
-      assert.equal(await upload, String(TRANSFER_BYTES));
-      assertBoundedGrowth(pids, before, peaks);
+      await assertTransferBounded(server, async () => {
+        assert.equal(await uploadGenerated(server.port, "/do/upload", TRANSFER_BYTES), String(TRANSFER_BYTES));
+      });
     });
 
     await t.step("chunked upload in small pieces", async () => {
-      await warmUpTransfers(server.port);
-      const pids = transferPids(server);
-      const before = pids.map(residentBytes);
-      const upload = uploadChunked(
-        `${origin}/do/upload?crc=1`,
-        CHUNKED_BYTES,
-        CHUNKED_PIECE_BYTES,
-        CHUNKED_BYTES_PER_SECOND,
-      );
-      const peaks = await peakResident(pids, upload);
-      const { status, body, crc } = await upload;
-      const [received, receivedCrc] = body.split(" ");
+      await assertTransferBounded(server, async () => {
+        const { status, body, crc } = await uploadChunked(
+          `${origin}/do/upload?crc=1`,
+          CHUNKED_BYTES,
+          CHUNKED_PIECE_BYTES,
+          CHUNKED_BYTES_PER_SECOND,
+        );
+        const [received, receivedCrc] = body.split(" ");
 
-      assert.equal(status, 200, body);
-      assert.equal(received, String(CHUNKED_BYTES));
-      assert.equal(receivedCrc, crc.toString(16).padStart(8, "0"));
-      assertBoundedGrowth(pids, before, peaks);
+        assert.equal(status, 200, body);
+        assert.equal(received, String(CHUNKED_BYTES));
+        assert.equal(receivedCrc, crc.toString(16).padStart(8, "0"));
+      });
     });
 
     await t.step("streamed download with bounded memory", async () => {
-      await warmUpTransfers(server.port);
-      const pids = transferPids(server);
-      const before = pids.map(residentBytes);
-      const download = (async () => {
+      await assertTransferBounded(server, async () => {
         const response = await fetch(`${origin}/do/download?size=${TRANSFER_BYTES}`);
         let total = 0;
         for await (const chunk of response.body!) total += chunk.length;
-        return total;
-      })();
-      const peaks = await peakResident(pids, download);
-
-      assert.equal(await download, TRANSFER_BYTES);
-      assertBoundedGrowth(pids, before, peaks);
+        assert.equal(total, TRANSFER_BYTES);
+      });
     });
 
     await t.step("SIGTERM drains and stops", async () => {

@@ -26,7 +26,8 @@ export function residentBytes(pid: number): number {
 export async function peakResident(pids: number[], done: Promise<unknown>): Promise<number[]> {
   const peaks = pids.map(residentBytes);
   let finished = false;
-  done.finally(() => (finished = true));
+  // The caller awaits `done` for its result; here only its end matters.
+  done.catch(() => {}).finally(() => (finished = true));
   while (!finished) {
     pids.forEach((pid, index) => (peaks[index] = Math.max(peaks[index], residentBytes(pid))));
     await new Promise((resolve) => setTimeout(resolve, 100));
