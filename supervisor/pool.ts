@@ -54,10 +54,6 @@ export class PoolUnavailableError extends Error {
   }
 }
 
-interface QueuedJob {
-  job: Job;
-  queuedAt: number;
-}
 
 const RESTART_DELAYS_MS = [100, 1000, 5000, 15000, 30000];
 
@@ -68,7 +64,8 @@ export class IsolatePool {
   #options: ResolvedPoolOptions;
   #logger: Logger;
   #isolates = new Set<Isolate>();
-  #queue: QueuedJob[] = [];
+  /** Jobs that wait for an isolate, in the order they will run. */
+  #queue: Job[] = [];
   #nextIsolateId = 1;
   #failedStarts = 0;
   #restarts = 0;
@@ -188,7 +185,7 @@ export class IsolatePool {
         1,
       );
     }
-    this.#queue.push({ job, queuedAt: job.queuedAt });
+    this.#queue.push(job);
     this.#grow();
   }
 
@@ -212,7 +209,7 @@ export class IsolatePool {
     this.#stopping = true;
     clearInterval(this.#queueTimer);
     for (const timer of this.#startupTimers.values()) clearTimeout(timer);
-    for (const { job } of this.#queue.splice(0)) job.sink.fail(503, "the server is shutting down");
+    for (const job of this.#queue.splice(0)) job.sink.fail(503, "the server is shutting down");
     for (const isolate of this.#isolates) {
       for (const job of isolate.terminate("the server is shutting down")) {
         job.sink.fail(503, "the server is shutting down");
@@ -311,7 +308,7 @@ export class IsolatePool {
 
   #dispatchNext(isolate: Isolate): void {
     while (this.#queue.length > 0 && isolate.canTake) {
-      const { job } = this.#queue.shift()!;
+      const job = this.#queue.shift()!;
       if (job.abandoned) {
         job.sink.abandon();
         continue;
@@ -342,7 +339,8 @@ export class IsolatePool {
     }
     // A job keeps the time it first arrived: its queue timeout counts from there.
     const now = performance.now();
-    this.#queue.unshift(...jobs.map((job) => ({ job, queuedAt: job.queuedAt ?? now })));
+    for (const job of jobs) job.queuedAt ??= now;
+    this.#queue.unshift(...jobs);
     for (const isolate of this.#isolates) if (isolate.canTake) this.#dispatchNext(isolate);
   }
 
@@ -393,7 +391,7 @@ export class IsolatePool {
     this.#failedReason = reason;
     this.#logger.critical(`application marked failed: ${reason}`);
     this.#firstReady.reject(new Error(reason));
-    for (const { job } of this.#queue.splice(0)) job.sink.fail(503, `application unavailable: ${reason}`);
+    for (const job of this.#queue.splice(0)) job.sink.fail(503, `application unavailable: ${reason}`);
   }
 
   /** Runs once a second: expires queued jobs, stops overdue requests, retires idle isolates. */
@@ -442,14 +440,14 @@ export class IsolatePool {
     };
     while (this.#queue.length > 0) {
       const head = this.#queue[0];
-      if (head.job.abandoned) {
+      if (head.abandoned) {
         this.#queue.shift();
-        head.job.sink.abandon();
+        head.sink.abandon();
         continue;
       }
-      if (now - head.queuedAt < timeout) break;
+      if (now - head.queuedAt! < timeout) break;
       this.#queue.shift();
-      expire(head.job);
+      expire(head);
     }
     // A job posted behind a running request waits too, for as long as that request runs.
     for (const isolate of this.#isolates) {

@@ -428,12 +428,14 @@ export async function pruneRuntimeSnapshots(logger: Logger, now = Date.now()): P
       const path = `${folder}/${name}`;
       const used = (await Deno.stat(path).catch(() => null))?.mtime?.getTime();
       if (used === undefined || now - used < (stale ? RUNTIME_SNAPSHOT_UNUSED_MS : LEFTOVER_MS)) continue;
-      const what = stale ? "a runtime snapshot of another build" : "a temporary file of a snapshot build that did not finish";
+      const description = stale
+        ? "a runtime snapshot of another build"
+        : "a temporary file of a snapshot build that did not finish";
       try {
         await Deno.remove(path);
-        logger.info(`removed ${path}: ${what}, unused for ${Math.floor((now - used) / 86_400_000)} days`);
+        logger.info(`removed ${path}: ${description}, unused for ${Math.floor((now - used) / 86_400_000)} days`);
       } catch (error) {
-        logger.warning(`cannot remove ${path} (${what}): ${error}`);
+        logger.warning(`cannot remove ${path} (${description}): ${error}`);
       }
     }
   } catch (error) {

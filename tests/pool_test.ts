@@ -237,6 +237,15 @@ Deno.test("timed-out isolate restarts for waiting requests", async () => {
   assert.doesNotMatch(server.log(), /restarting the isolate in/);
 });
 
+/** Sends a request and closes its connection 200 ms later, before any response. */
+async function sendAndLeave(url: string): Promise<void> {
+  const client = new AbortController();
+  const request = fetch(url, { signal: client.signal }).catch(() => null);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  client.abort();
+  assert.equal(await request, null, "no response came before the client left");
+}
+
 Deno.test("held request whose client left ends", async () => {
   await using server = await startServer(
     repoPath("tests/fixtures/pool_app.wsgi"),
@@ -246,11 +255,7 @@ Deno.test("held request whose client left ends", async () => {
   const running = fetch(`${server.origin}/?seconds=3`);
   await new Promise((resolve) => setTimeout(resolve, 200));
   // This request waits in the isolate behind the running one; then its client leaves.
-  const client = new AbortController();
-  const held = fetch(`${server.origin}/?seconds=0`, { signal: client.signal }).catch(() => null);
-  await new Promise((resolve) => setTimeout(resolve, 200));
-  client.abort();
-  assert.equal(await held, null);
+  await sendAndLeave(`${server.origin}/?seconds=0`);
 
   // The pool takes the held request back when its client leaves, or at the latest when the
   // running request times out. Either way the held request must end.
@@ -279,11 +284,7 @@ async function heldRequestNeverRuns(modeArgs: string[]): Promise<void> {
   await server.waitForLog(/isolate=1\] isolate ready/);
   const running = fetch(`${server.origin}/?seconds=1.5`);
   await new Promise((resolve) => setTimeout(resolve, 200));
-  const client = new AbortController();
-  const held = fetch(`${server.origin}/?seconds=0.1`, { signal: client.signal }).catch(() => null);
-  await new Promise((resolve) => setTimeout(resolve, 200));
-  client.abort();
-  assert.equal(await held, null);
+  await sendAndLeave(`${server.origin}/?seconds=0.1`);
 
   const first = await running;
   assert.equal(first.status, 200);

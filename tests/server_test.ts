@@ -307,7 +307,7 @@ Deno.test("server with one isolate", async (t) => {
     });
 
     await t.step("1 GiB upload with bounded memory", async () => {
-      // The front and the isolate reuse their read buffers; with a new array
+      // The front and the isolate reuse their read buffers. With a new array
       // per piece, this upload grew the server by about 100 MiB of garbage.
       const size = 1024 * MiB;
       const before = residentBytes(server.process.pid);
