@@ -8,8 +8,9 @@
  * `~/.cache/wsgirun`. A file's name carries a hash of everything that
  * decides its content (Pyodide's version, the adapter's source, the module
  * list, the application's location), so a change produces a new file
- * instead of a stale restore. Each file starts with a header that records
- * the SHA-256 of the snapshot, and a file whose hash does not match is
+ * instead of a stale restore. A file holds only the pages of the snapshot
+ * that contain data (see packSnapshot). It starts with a header that records
+ * the SHA-256 of what follows, and a file whose hash does not match is
  * rebuilt. Files are written under a temporary name and renamed, so two
  * servers building the same snapshot at once never read a half-written one.
  *
@@ -33,6 +34,7 @@ import {
 } from "./app_spec.ts";
 import type { Logger } from "./log.ts";
 import { type BuildSnapshotMessage, type FromWorker, SNAPSHOT_CONTENT_VERSION } from "../wasm/protocol.ts";
+import { packSnapshot, unpackSnapshot } from "../wasm/snapshot_pages.ts";
 import adapterSource from "../wasm/adapter.py" with { type: "text" };
 import appLoaderSource from "../wasm/app_loader.py" with { type: "text" };
 import { HOST_MODULES_KEY } from "../wasm/host_modules.ts";
@@ -63,7 +65,7 @@ export const RUNTIME_MODULES = [
   "wsgiref.util",
 ];
 
-const MAGIC = "WSGIRUN-SNAPSHOT 1\n";
+const MAGIC = "WSGIRUN-SNAPSHOT 2\n";
 /** The reason readFile() gives when the file does not exist. */
 const NO_CACHED_SNAPSHOT = "no cached snapshot";
 
@@ -81,8 +83,12 @@ const BUILD_TIMEOUT_MS = 180_000;
 
 interface SnapshotHeader {
   key: string;
+  /** SHA-256 of the packed snapshot that follows the header. */
   sha256: string;
+  /** Length of the packed snapshot. */
   bytes: number;
+  /** Length of the snapshot once unpacked. */
+  snapshotBytes: number;
   /** [path, size, mtime in ms] of each file the application imported. */
   files?: [string, number, number][];
 }
@@ -138,7 +144,7 @@ function encodeFile(header: SnapshotHeader, payload: Uint8Array): Uint8Array<Arr
   return out;
 }
 
-/** Returns the header and a SharedArrayBuffer copy of the snapshot, or a reason it is unusable. */
+/** Returns the header and the unpacked snapshot in shared memory, or a reason it is unusable. */
 async function readFile(
   path: string,
   key: string,
@@ -165,10 +171,27 @@ async function readFile(
     return `${path} is truncated (${payload.length} of ${header.bytes} bytes)`;
   }
   if (await sha256Hex(payload) !== header.sha256) return `${path} is corrupt (SHA-256 mismatch)`;
+  try {
+    return { header, snapshot: unpackSnapshot(payload, header.snapshotBytes) };
+  } catch (error) {
+    return `${path} is corrupt (${error instanceof Error ? error.message : error})`;
+  }
+}
 
-  const snapshot = new SharedArrayBuffer(payload.length);
-  new Uint8Array(snapshot).set(payload);
-  return { header, snapshot };
+/**
+ * Packs `snapshot` into the file at `path` and returns it unpacked in shared
+ * memory, as a read of the file would.
+ */
+async function writeSnapshot(
+  path: string,
+  key: string,
+  snapshot: Uint8Array,
+  files?: [string, number, number][],
+): Promise<SharedArrayBuffer> {
+  const packed = packSnapshot(snapshot);
+  const sha256 = await sha256Hex(packed);
+  await writeFile(path, { key, sha256, bytes: packed.length, snapshotBytes: snapshot.length, files }, packed);
+  return unpackSnapshot(packed, snapshot.length);
 }
 
 async function writeFile(path: string, header: SnapshotHeader, payload: Uint8Array): Promise<void> {
@@ -293,10 +316,8 @@ async function runtimeSnapshot(
   );
   const started = performance.now();
   const bytes = await buildRuntimeSnapshot(app.python, options.pyodideFolder, wasmModule, logger);
-  await writeFile(path, { key, sha256: await sha256Hex(bytes), bytes: bytes.length }, bytes);
+  const snapshot = await writeSnapshot(path, key, bytes);
   logger.info(`runtime snapshot built in ${Math.round(performance.now() - started)} ms: ${path}`);
-  const snapshot = new SharedArrayBuffer(bytes.length);
-  new Uint8Array(snapshot).set(bytes);
   return { key, snapshot };
 }
 
@@ -348,7 +369,7 @@ export async function writeRuntimeSnapshot(
   const wasmModule = await compiledInterpreter(python, pyodideFolder, logger);
   const bytes = await buildRuntimeSnapshot(python, pyodideFolder, wasmModule, logger);
   const path = `${folder}/${runtimeFileName(python, key)}`;
-  await writeFile(path, { key, sha256: await sha256Hex(bytes), bytes: bytes.length }, bytes);
+  await writeSnapshot(path, key, bytes);
   return path;
 }
 
@@ -465,14 +486,12 @@ async function buildApplicationSnapshot(
   }, [options.pyodideFolder, ...appReadPaths(app)], logger);
   const files = await fileStamps(built.files);
   const path = applicationPath(app, key);
-  await writeFile(path, { key, sha256: await sha256Hex(built.bytes), bytes: built.bytes.length, files }, built.bytes);
+  const snapshot = await writeSnapshot(path, key, built.bytes, files);
   await pruneApplicationSnapshots(logger);
   logger.info(
     `application snapshot built in ${Math.round(performance.now() - started)} ms ` +
       `(${files.length} imported ${files.length === 1 ? "file" : "files"} watched): ${path}`,
   );
-  const snapshot = new SharedArrayBuffer(built.bytes.length);
-  new Uint8Array(snapshot).set(built.bytes);
   return snapshot;
 }
 

@@ -4,7 +4,14 @@
  */
 
 import assert from "node:assert/strict";
-import { dataPages, PAGE_BYTES, writeDataPages } from "../wasm/snapshot_pages.ts";
+import {
+  dataPages,
+  dataPagesOf,
+  packSnapshot,
+  PAGE_BYTES,
+  unpackSnapshot,
+  writeDataPages,
+} from "../wasm/snapshot_pages.ts";
 
 const HEADER_BYTES = 32;
 const PAGES = 6;
@@ -71,4 +78,37 @@ Deno.test("sparse restore commits no memory for zero pages", () => {
   // A full copy would make all 64 MiB of the memory resident.
   assert.ok(growth < 16 * MiB, `resident memory grew by ${Math.round(growth / MiB)} MiB`);
   assert.equal(new Uint8Array(memory.buffer)[PAGE_BYTES - 1], 1);
+});
+
+Deno.test("packed snapshot holds only data pages and unpacks to the same bytes", () => {
+  // A short last page with data, as a heap image whose length is not a page multiple has.
+  const image = new Uint8Array(PAGES * PAGE_BYTES + 10);
+  image.set(sampleImage());
+  image[PAGES * PAGE_BYTES + 3] = 9;
+  const snapshot = fakeSnapshot(image);
+
+  const packed = packSnapshot(snapshot);
+  // Header, one map byte per page, pages 1 and 4 whole, and the 10 bytes of the last page.
+  assert.equal(packed.length, HEADER_BYTES + (PAGES + 1) + 2 * PAGE_BYTES + 10);
+
+  const unpacked = unpackSnapshot(packed, snapshot.length);
+  assert.deepEqual(new Uint8Array(unpacked), snapshot);
+  // The map travels with the file, and is the one a scan finds.
+  assert.deepEqual([...dataPagesOf(unpacked)], [0, 1, 0, 0, 1, 0, 1]);
+});
+
+Deno.test("unpacking rejects a page map that does not match the data", () => {
+  const snapshot = fakeSnapshot(sampleImage());
+  const packed = packSnapshot(snapshot);
+
+  const flagged = packed.slice();
+  flagged[HEADER_BYTES + 2] = 1; // one page more than the data holds
+  assert.throws(() => unpackSnapshot(flagged, snapshot.length), /invalid page map/);
+
+  const badFlag = packed.slice();
+  badFlag[HEADER_BYTES] = 7;
+  assert.throws(() => unpackSnapshot(badFlag, snapshot.length), /flag 7/);
+
+  assert.throws(() => unpackSnapshot(packed, snapshot.length + PAGE_BYTES), /invalid page map|does not fit/);
+  assert.throws(() => unpackSnapshot(packed.subarray(0, 6), snapshot.length), /too short/);
 });

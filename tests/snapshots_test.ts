@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { repoPath, startServer, TEST_CACHE_DIR } from "./helpers/server.ts";
 import { loadPyodideFor } from "../wasm/pyodide_loader.ts";
+import { unpackSnapshot } from "../wasm/snapshot_pages.ts";
 
 const HELLO = `
 def application(environ, start_response):
@@ -51,12 +52,20 @@ Deno.test("runtime snapshot reused from cache", async () => {
   assert.doesNotMatch(server.log(), /building the Python 3\.14 runtime snapshot/);
 });
 
-/** Returns the memory snapshot in a cache file, after wsgirun's two header lines. */
-async function snapshotPayload(path: string): Promise<Uint8Array> {
+/** Returns the header of a cache file (its second line) and the packed snapshot after it. */
+async function snapshotFile(path: string): Promise<{ header: { bytes: number; snapshotBytes: number }; packed: Uint8Array }> {
   const data = await Deno.readFile(path);
-  const headerEnd = data.indexOf(10, data.indexOf(10) + 1);
-  // A copy, because Pyodide reads the snapshot through 4-byte-aligned views.
-  return data.slice(headerEnd + 1);
+  const headerStart = data.indexOf(10) + 1;
+  const headerEnd = data.indexOf(10, headerStart);
+  const header = JSON.parse(new TextDecoder().decode(data.subarray(headerStart, headerEnd)));
+  // A copy, because the snapshot is read through 4-byte-aligned views.
+  return { header, packed: data.slice(headerEnd + 1) };
+}
+
+/** Returns the memory snapshot in a cache file. */
+async function snapshotPayload(path: string): Promise<Uint8Array> {
+  const { header, packed } = await snapshotFile(path);
+  return new Uint8Array(unpackSnapshot(packed, header.snapshotBytes));
 }
 
 Deno.test("runtime snapshot includes the adapter", async () => {
@@ -70,6 +79,19 @@ Deno.test("runtime snapshot includes the adapter", async () => {
   // Isolates restored from it skip compiling the adapter.
   assert.equal(pyodide.runPython("import sys; '_wsgirun_adapter' in sys.modules"), true);
   assert.equal(pyodide.runPython("sys.modules['_wsgirun_adapter'].host"), undefined);
+});
+
+Deno.test("runtime snapshot file holds only data pages", async () => {
+  await warmRuntimeSnapshot();
+  const [name] = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
+  const { header, packed } = await snapshotFile(`${TEST_CACHE_DIR}/${name}`);
+
+  assert.equal(packed.length, header.bytes);
+  // About half of a heap image is zero pages, which the file leaves out.
+  assert.ok(
+    header.bytes < 0.75 * header.snapshotBytes,
+    `the file holds ${header.bytes} bytes of a ${header.snapshotBytes}-byte snapshot`,
+  );
 });
 
 Deno.test("runtime snapshot corrupt file rebuilt", async () => {

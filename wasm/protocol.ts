@@ -9,11 +9,11 @@
 import type { AppSpec, PythonVersion } from "../supervisor/app_spec.ts";
 
 /**
- * Version of what wasm/snapshot_builder.ts imports into a snapshot. It is part
- * of every snapshot key, so raising it when the builder changes makes cached
- * snapshots rebuild.
+ * Version of what wasm/snapshot_builder.ts imports into a snapshot and of the
+ * layout of a snapshot file. It is part of every snapshot key, so raising it
+ * when either changes makes cached snapshots rebuild.
  */
-export const SNAPSHOT_CONTENT_VERSION = 2;
+export const SNAPSHOT_CONTENT_VERSION = 3;
 
 /** Prefix of an isolate worker's name, which ends with the Python version of its application. */
 export const ISOLATE_WORKER_NAME = "wsgirun-isolate-python-";
