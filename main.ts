@@ -14,6 +14,9 @@ if (import.meta.main) {
     const { runDaemon } = await import("./supervisor/daemon_main.ts");
     Deno.exit(await runDaemon());
   }
+  // Before the front's modules load: see supervisor/malloc.ts.
+  const { fixMmapThreshold } = await import("./supervisor/malloc.ts");
+  const mallocNote = fixMmapThreshold();
   const { runFront } = await import("./runtime/front_main.ts");
-  await runFront(Deno.args);
+  await runFront(Deno.args, mallocNote);
 }

@@ -100,7 +100,8 @@ async function start(
   }
 }
 
-export async function runFront(args: string[]): Promise<void> {
+/** `mallocNote`: what main.ts did to the C library's malloc settings, for the debug log. */
+export async function runFront(args: string[], mallocNote?: string): Promise<void> {
   const command = parseOrExit(args);
   if (command.kind !== "serve") {
     console.log(command.text);
@@ -108,6 +109,7 @@ export async function runFront(args: string[]): Promise<void> {
   }
   const options = command.options;
   const logger = new Logger(options.logLevel);
+  if (mallocNote) logger.child({ pid: Deno.pid }).debug(mallocNote);
   const server = await start(options, logger);
   server.ready.catch((error) => {
     logger.critical(`the application cannot start: ${error.message}`);

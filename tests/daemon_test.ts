@@ -660,6 +660,13 @@ Deno.test("daemon server", async (t) => {
       }
     });
 
+    await t.step("glibc's mmap threshold fixed in each process", () => {
+      for (const pid of daemonPids(server)) {
+        const environ = Deno.readTextFileSync(`/proc/${pid}/environ`).split("\0");
+        assert.ok(environ.includes("MALLOC_MMAP_THRESHOLD_=131072"), environ.join(" "));
+      }
+    });
+
     await t.step("environ and flags of the group", async () => {
       const facts = await (await fetch(origin + "/do/describe")).json();
       assert.equal(facts.multiprocess, true);

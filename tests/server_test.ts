@@ -603,6 +603,21 @@ Deno.test("server on Python 3.12", async () => {
   assert.match(version.text, /^3\.12\./);
 });
 
+const MMAP_ARGS = ["--callable-object", "app", "--threads", "1", "--log-level", "debug"];
+
+Deno.test("server fixes glibc's mmap threshold unless the user set it", async () => {
+  {
+    await using server = await startServer(APP_SCRIPT, MMAP_ARGS);
+    assert.equal((await getText(server, "/do/hello")).text, "hello");
+    assert.match(server.log(), /malloc: mmap threshold fixed at 131072 bytes/);
+  }
+  await using server = await startServer(APP_SCRIPT, MMAP_ARGS, {
+    env: { MALLOC_MMAP_THRESHOLD_: "262144" },
+  });
+  assert.equal((await getText(server, "/do/hello")).text, "hello");
+  assert.match(server.log(), /malloc: MALLOC_MMAP_THRESHOLD_ is set, keeping it/);
+});
+
 // ---------------------------------------------------------------------------
 // Command line through the real entry point
 
