@@ -27,6 +27,7 @@ import {
   buildDaemonLaunch,
   type DaemonCache,
   type DaemonIdentity,
+  type DaemonLaunch,
   prepareDaemonCache,
   resolveIdentity,
   unreachableFolder,
@@ -254,10 +255,12 @@ export class DaemonGroup implements AppBackend {
   #spawn(): void {
     const serial = ++this.#serial;
     let process: DaemonProcess;
+    let launch: DaemonLaunch | undefined;
     try {
+      launch = buildDaemonLaunch(this.spec, this.app, this.identity, this.#cache!);
       process = new DaemonProcess({
         serial,
-        launch: buildDaemonLaunch(this.spec, this.app, this.identity, this.#cache!),
+        launch,
         config: this.#config,
         logger: this.#logger,
         onReady: (ready) => this.#onReady(ready),
@@ -270,8 +273,12 @@ export class DaemonGroup implements AppBackend {
         },
       });
     } catch (error) {
-      this.#logger.error(`failed to start a daemon process: ${error}`);
-      this.#countFailedStart(`it could not be started: ${error}`);
+      // Deno names the program when the working folder is the part that cannot be entered.
+      const hint = error instanceof Deno.errors.PermissionDenied && launch
+        ? ` (${this.identity.description} must be able to run ${launch.command} and to enter its working folder ${launch.cwd})`
+        : "";
+      this.#logger.error(`failed to start a daemon process: ${error}${hint}`);
+      this.#countFailedStart(`it could not be started: ${error}${hint}`);
       return;
     }
     this.#processes.add(process);

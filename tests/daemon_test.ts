@@ -557,6 +557,8 @@ Deno.test("private app folder is reported", async () => {
     const response = await getText(server.origin + "/");
     assert.equal(response.status, 503);
     assert.equal(countMatches(server.log(), /failed to start a daemon process: /), 3);
+    // Deno's error names the program; the log adds the folder that is the cause.
+    assert.ok(server.log().includes(`and to enter its working folder ${folder})`), server.log());
   } finally {
     await Deno.remove(folder, { recursive: true });
   }
