@@ -12,6 +12,7 @@
 
 import { DaemonConfigError } from "../supervisor/daemon_command.ts";
 import { Logger } from "../supervisor/log.ts";
+import type { MallocNote } from "../supervisor/malloc.ts";
 import { formatUsageError, parseCommandLine, UsageError } from "./cli.ts";
 import { type RunningServer, startServer } from "./server.ts";
 
@@ -100,8 +101,8 @@ async function start(
   }
 }
 
-/** `mallocNote`: what main.ts did to the C library's malloc settings, for the debug log. */
-export async function runFront(args: string[], mallocNote?: string): Promise<void> {
+/** `mallocNote`: what main.ts did to the C library's malloc settings, for the log. */
+export async function runFront(args: string[], mallocNote?: MallocNote): Promise<void> {
   const command = parseOrExit(args);
   if (command.kind !== "serve") {
     console.log(command.text);
@@ -109,7 +110,7 @@ export async function runFront(args: string[], mallocNote?: string): Promise<voi
   }
   const options = command.options;
   const logger = new Logger(options.logLevel);
-  if (mallocNote) logger.child({ pid: Deno.pid }).debug(mallocNote);
+  if (mallocNote) logger.child({ pid: Deno.pid }).log(mallocNote.level, mallocNote.message);
   const server = await start(options, logger);
   server.ready.catch((error) => {
     logger.critical(`the application cannot start: ${error.message}`);

@@ -24,24 +24,39 @@ export const MMAP_THRESHOLD_VARIABLE = "MALLOC_MMAP_THRESHOLD_";
 /** mallopt()'s parameter number for the mmap threshold, from glibc's malloc.h. */
 const M_MMAP_THRESHOLD = -3;
 
+/** What fixMmapThreshold() did, for the log. */
+export interface MallocNote {
+  level: "debug" | "warning";
+  message: string;
+}
+
 /**
  * Fixes the mmap threshold of this process through glibc's mallopt(), unless
  * the user set MALLOC_MMAP_THRESHOLD_ already. Call it first thing: memory the
- * arenas kept before it stays theirs. Returns what it did, for the debug log.
+ * arenas kept before it stays theirs.
  */
-export function fixMmapThreshold(): string {
-  if (Deno.build.os !== "linux") return "malloc: mmap threshold left as it is on this system";
+export function fixMmapThreshold(): MallocNote {
+  if (Deno.build.os !== "linux") return { level: "debug", message: "malloc: mmap threshold left as it is on this system" };
   if (Deno.env.get(MMAP_THRESHOLD_VARIABLE) !== undefined) {
-    return `malloc: ${MMAP_THRESHOLD_VARIABLE} is set, keeping it`;
+    return { level: "debug", message: `malloc: ${MMAP_THRESHOLD_VARIABLE} is set, keeping it` };
   }
   let libc: Deno.DynamicLibrary<{ mallopt: { parameters: ["i32", "i32"]; result: "i32" } }> | undefined;
   try {
     libc = Deno.dlopen("libc.so.6", { mallopt: { parameters: ["i32", "i32"], result: "i32" } });
     if (libc.symbols.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) !== 1) throw new Error("mallopt() failed");
-    return `malloc: mmap threshold fixed at ${MMAP_THRESHOLD_BYTES} bytes`;
+    return { level: "debug", message: `malloc: mmap threshold fixed at ${MMAP_THRESHOLD_BYTES} bytes` };
   } catch (error) {
-    // Another C library, or no FFI permission: memory use stays as it was.
-    return `malloc: mmap threshold left as it is: ${error instanceof Error ? error.message : error}`;
+    const reason = error instanceof Error ? error.message : String(error);
+    if (error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied) {
+      return {
+        level: "warning",
+        message: `malloc: cannot fix the mmap threshold without FFI permission (${reason}); ` +
+          `the server may use about 100 MB more memory: run it with --allow-ffi, ` +
+          `or set ${MMAP_THRESHOLD_VARIABLE}=${MMAP_THRESHOLD_BYTES}`,
+      };
+    }
+    // Not glibc: mallopt() with this parameter is glibc's own.
+    return { level: "debug", message: `malloc: mmap threshold left as it is: ${reason}` };
   } finally {
     libc?.close();
   }

@@ -618,6 +618,17 @@ Deno.test("server fixes glibc's mmap threshold unless the user set it", async ()
   assert.match(server.log(), /malloc: MALLOC_MMAP_THRESHOLD_ is set, keeping it/);
 });
 
+Deno.test("server without FFI permission warns about malloc", async () => {
+  await using server = await startServer(APP_SCRIPT, MMAP_ARGS, {
+    permissions: ["--allow-read", "--allow-write", "--allow-net", "--allow-env", "--allow-run", "--allow-sys"],
+  });
+  assert.equal((await getText(server, "/do/hello")).text, "hello");
+  assert.match(
+    server.log(),
+    /WARNING \[pid=\d+\] malloc: cannot fix the mmap threshold without FFI permission .*--allow-ffi/,
+  );
+});
+
 // ---------------------------------------------------------------------------
 // Command line through the real entry point
 

@@ -42,10 +42,17 @@ export function repoPath(relative: string): string {
 export async function startServer(
   script: string,
   args: string[] = [],
-  options: { waitForReady?: boolean; timeoutMs?: number; env?: Record<string, string> } = {},
+  options: {
+    waitForReady?: boolean;
+    timeoutMs?: number;
+    env?: Record<string, string>;
+    /** Deno permission flags in place of --allow-all. */
+    permissions?: string[];
+  } = {},
 ): Promise<TestServer> {
+  const permissions = options.permissions ?? ["--allow-all"];
   const command = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--config", CONFIG, MAIN, script, "--port", "0", ...args],
+    args: ["run", ...permissions, "--config", CONFIG, MAIN, script, "--port", "0", ...args],
     stdout: "piped",
     stderr: "piped",
     stdin: "null",
