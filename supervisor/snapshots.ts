@@ -144,6 +144,28 @@ function encodeFile(header: SnapshotHeader, payload: Uint8Array): Uint8Array<Arr
   return out;
 }
 
+/**
+ * Maximum length of a cache file: a snapshot of the largest wasm32 memory
+ * (4 GiB), with room for its header. A longer file is not a snapshot.
+ */
+const MAX_FILE_BYTES = 4 * 1024 ** 3 + 64 * 1024 ** 2;
+
+function isStamp(value: unknown): value is [string, number, number] {
+  return Array.isArray(value) && value.length === 3 && typeof value[0] === "string" &&
+    Number.isFinite(value[1]) && Number.isFinite(value[2]);
+}
+
+/** Checks that a parsed header has every field with the right type, so a corrupt one is caught here. */
+function isHeader(value: unknown): value is SnapshotHeader {
+  if (typeof value !== "object" || value === null) return false;
+  const header = value as Record<string, unknown>;
+  const files = header.files;
+  return typeof header.key === "string" && typeof header.sha256 === "string" &&
+    Number.isSafeInteger(header.bytes) && (header.bytes as number) >= 0 &&
+    Number.isSafeInteger(header.snapshotBytes) && (header.snapshotBytes as number) > 0 &&
+    (files === undefined || (Array.isArray(files) && files.every(isStamp)));
+}
+
 /** Returns the header and the unpacked snapshot in shared memory, or a reason it is unusable. */
 async function readFile(
   path: string,
@@ -151,6 +173,10 @@ async function readFile(
 ): Promise<{ header: SnapshotHeader; snapshot: SharedArrayBuffer } | string> {
   let data: Uint8Array;
   try {
+    // A FIFO or a device at the path would block the read or never end it.
+    const info = await Deno.stat(path);
+    if (!info.isFile) return `${path} is not a regular file`;
+    if (info.size > MAX_FILE_BYTES) return `${path} is too large for a snapshot (${info.size} bytes)`;
     data = await Deno.readFile(path);
   } catch (error) {
     return error instanceof Deno.errors.NotFound ? NO_CACHED_SNAPSHOT : `cannot read ${path}: ${error}`;
@@ -159,16 +185,17 @@ async function readFile(
   const headerEnd = data.indexOf(10, MAGIC.length);
   if (magic !== MAGIC || headerEnd < 0) return `${path} is not a wsgirun snapshot`;
 
-  let header: SnapshotHeader;
+  let header: unknown;
   try {
     header = JSON.parse(new TextDecoder().decode(data.subarray(MAGIC.length, headerEnd)));
   } catch {
     return `${path} has a corrupt header`;
   }
+  if (!isHeader(header)) return `${path} has a corrupt header`;
   const payload = data.subarray(headerEnd + 1);
   if (header.key !== key) return `${path} belongs to another build`;
   if (payload.length !== header.bytes) {
-    return `${path} is truncated (${payload.length} of ${header.bytes} bytes)`;
+    return `${path} has the wrong length (${payload.length} bytes of snapshot, the header says ${header.bytes})`;
   }
   if (await sha256Hex(payload) !== header.sha256) return `${path} is corrupt (SHA-256 mismatch)`;
   try {
@@ -180,17 +207,28 @@ async function readFile(
 
 /**
  * Packs `snapshot` into the file at `path` and returns it unpacked in shared
- * memory, as a read of the file would.
+ * memory, as a read of the file would. Without a logger a failed write
+ * throws. With one it is logged, and the snapshot is still returned for this
+ * run.
  */
 async function writeSnapshot(
   path: string,
   key: string,
   snapshot: Uint8Array,
   files?: [string, number, number][],
+  logger?: Logger,
 ): Promise<SharedArrayBuffer> {
   const packed = packSnapshot(snapshot);
   const sha256 = await sha256Hex(packed);
-  await writeFile(path, { key, sha256, bytes: packed.length, snapshotBytes: snapshot.length, files }, packed);
+  try {
+    await writeFile(path, { key, sha256, bytes: packed.length, snapshotBytes: snapshot.length, files }, packed);
+  } catch (error) {
+    if (!logger) throw error;
+    logger.warning(
+      `cannot write the snapshot cache file ${path}: ${errorText(error)}; ` +
+        "this run uses the snapshot, the next one builds it again. Set WSGIRUN_CACHE_DIR to a writable folder",
+    );
+  }
   return unpackSnapshot(packed, snapshot.length);
 }
 
@@ -316,8 +354,8 @@ async function runtimeSnapshot(
   );
   const started = performance.now();
   const bytes = await buildRuntimeSnapshot(app.python, options.pyodideFolder, wasmModule, logger);
-  const snapshot = await writeSnapshot(path, key, bytes);
   logger.info(`runtime snapshot built in ${Math.round(performance.now() - started)} ms: ${path}`);
+  const snapshot = await writeSnapshot(path, key, bytes, undefined, logger);
   return { key, snapshot };
 }
 
@@ -476,6 +514,7 @@ async function buildApplicationSnapshot(
   const { app, logger } = options;
   logger.info(`building the application snapshot (${reason})`);
   const started = performance.now();
+  const buildStartedAt = Date.now();
   const built = await buildInWorker({
     type: "build-snapshot",
     python: app.python,
@@ -486,7 +525,17 @@ async function buildApplicationSnapshot(
   }, [options.pyodideFolder, ...appReadPaths(app)], logger);
   const files = await fileStamps(built.files);
   const path = applicationPath(app, key);
-  const snapshot = await writeSnapshot(path, key, built.bytes, files);
+  // The stamps are taken after the import, so a file saved during the build
+  // would look unchanged next time although the snapshot holds its old code.
+  const editedDuringBuild = files.find(([, , mtime]) => mtime >= buildStartedAt);
+  if (editedDuringBuild) {
+    logger.info(
+      `application snapshot not cached: ${editedDuringBuild[0]} changed while the application was imported; ` +
+        "the next start builds it again",
+    );
+    return unpackSnapshot(packSnapshot(built.bytes), built.bytes.length);
+  }
+  const snapshot = await writeSnapshot(path, key, built.bytes, files, logger);
   await pruneApplicationSnapshots(logger);
   logger.info(
     `application snapshot built in ${Math.round(performance.now() - started)} ms ` +

@@ -122,6 +122,62 @@ Deno.test("runtime snapshot corrupt file rebuilt", async () => {
   assert.equal(hex, rebuilt.header.sha256);
 });
 
+/** Starts a server on `cache` with only the runtime snapshot and returns its log after one request. */
+async function runtimeSnapshotStart(cache: string): Promise<string> {
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  await using server = await startServer(
+    `${folder}/app.wsgi`,
+    ["--threads", "1", "--snapshot", "runtime"],
+    { env: { WSGIRUN_CACHE_DIR: cache } },
+  );
+  assert.equal(await body(server.origin), "hello");
+  return server.log();
+}
+
+Deno.test("snapshot path of the wrong kind rebuilt", async () => {
+  await warmRuntimeSnapshot();
+  const [name] = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
+
+  // A FIFO would block the read for ever.
+  const cache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
+  const mkfifo = await new Deno.Command("mkfifo", { args: [`${cache}/${name}`] }).output();
+  assert.equal(mkfifo.code, 0);
+  const log = await runtimeSnapshotStart(cache);
+  assert.match(log, /runtime-python3\.14-\w+\.snapshot is not a regular file/);
+  assert.match(log, /runtime snapshot built/);
+  assert.ok((await Deno.stat(`${cache}/${name}`)).isFile);
+});
+
+Deno.test("snapshot header of the wrong shape rebuilt", async () => {
+  await warmRuntimeSnapshot();
+  const [name] = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
+  const data = await Deno.readFile(`${TEST_CACHE_DIR}/${name}`);
+  const magicEnd = data.indexOf(10) + 1;
+  const headerEnd = data.indexOf(10, magicEnd);
+
+  for (const header of ["null", '{"key":"x","files":5}', "[]"]) {
+    const cache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
+    const bytes = new TextEncoder().encode(header);
+    const file = new Uint8Array(magicEnd + bytes.length + data.length - headerEnd);
+    file.set(data.subarray(0, magicEnd));
+    file.set(bytes, magicEnd);
+    file.set(data.subarray(headerEnd), magicEnd + bytes.length);
+    await Deno.writeFile(`${cache}/${name}`, file);
+
+    const log = await runtimeSnapshotStart(cache);
+    assert.match(log, /runtime-python3\.14-\w+\.snapshot has a corrupt header/, header);
+    assert.match(log, /runtime snapshot built/, header);
+  }
+});
+
+Deno.test("snapshot used when the cache is unwritable", async () => {
+  const blocker = await Deno.makeTempFile({ prefix: "wsgirun-not-a-folder-" });
+  // A folder inside a regular file cannot be made, not even by root.
+  const log = await runtimeSnapshotStart(`${blocker}/cache`);
+  assert.match(log, /cannot write the snapshot cache file .*; this run uses the snapshot/);
+  assert.match(log, /isolates start from the runtime snapshot/);
+});
+
 Deno.test("runtime snapshot keyed by adapter source", async () => {
   await warmRuntimeSnapshot();
   // A copy of the program whose adapter differs by one comment line.
@@ -253,6 +309,34 @@ def application(environ, start_response):
     assert.equal(await body(server.origin), "second, edited");
     assert.match(server.log(), /building the application snapshot \(.*settings_module\.py changed\)/);
   }
+});
+
+Deno.test("app snapshot not cached after edit during build", async () => {
+  const slowModule = (version: string) =>
+    `import time\nstarted = time.time()\nwhile time.time() - started < 2:\n    pass\nVERSION = "${version}"\n`;
+  const folder = await makeApp({
+    "app.wsgi": `
+import slow_module
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [slow_module.VERSION.encode()]
+`,
+    "slow_module.py": slowModule("first"),
+  });
+  const script = `${folder}/app.wsgi`;
+
+  {
+    await using server = await startServer(script, ["--threads", "1"], { waitForReady: false });
+    await server.waitForLog(/building the application snapshot/, 30_000);
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    await Deno.writeTextFile(`${folder}/slow_module.py`, slowModule("second"));
+    await server.waitForLog(/application snapshot not cached: .*slow_module\.py changed while/, 30_000);
+    // This run keeps what it imported, as if the edit came after its start.
+    assert.equal(await body(server.origin), "first");
+  }
+  await using server = await startServer(script, ["--threads", "1"]);
+  assert.equal(await body(server.origin), "second");
+  assert.match(server.log(), /application snapshot built/);
 });
 
 Deno.test("app snapshot skipped for open file", async () => {
