@@ -30,7 +30,7 @@
  * - `--allow-sys=uid`: so the process can check that it does not run as root.
  * - no `--allow-env`, `--allow-run` or `--allow-ffi`; the environment is
  *   also cleared except for the variables that locate Deno's cache, and
- *   MALLOC_MMAP_THRESHOLD_ for glibc (see malloc.ts).
+ *   glibc's malloc setting (see malloc.ts).
  * Deno's own module cache (DENO_DIR) is read by the Deno CLI, not through
  * these permissions.
  *
@@ -46,7 +46,7 @@ import { fileURLToPath } from "node:url";
 import { appReadPaths, type AppSpec } from "./app_spec.ts";
 import type { DaemonGroupSpec } from "./daemon_spec.ts";
 import { DAEMON_SUBCOMMAND } from "./daemon_protocol.ts";
-import { MMAP_THRESHOLD_BYTES, MMAP_THRESHOLD_VARIABLE } from "./malloc.ts";
+import { daemonMallocEnvironment } from "./malloc.ts";
 import { pyodideFolder } from "./isolate.ts";
 import { snapshotCacheDir } from "./snapshots.ts";
 import { ISOLATE_WORKER_URL } from "./worker_url.ts";
@@ -214,7 +214,7 @@ function cacheEnvironment(cache: DaemonCache): Record<string, string> {
     DENO_NO_UPDATE_CHECK: "1",
     NO_COLOR: "1",
     WSGIRUN_CACHE_DIR: cache.snapshotDir,
-    [MMAP_THRESHOLD_VARIABLE]: Deno.env.get(MMAP_THRESHOLD_VARIABLE) ?? String(MMAP_THRESHOLD_BYTES),
+    ...daemonMallocEnvironment(),
   };
   if (cache.denoDir !== undefined) {
     env.DENO_DIR = cache.denoDir;

@@ -3,7 +3,7 @@
  * malloc arenas.
  *
  * glibc serves a large allocation with an mmap of its own and returns it to
- * the system when it is freed, but it raises the size limit for that to the
+ * the system when it is freed. It also raises the size limit for that to the
  * size of each such block freed, up to 32 MiB. An isolate's start reads
  * Pyodide's wasm file, its standard library and the memory snapshot into
  * buffers of several megabytes that are freed soon after. After the first
@@ -24,7 +24,40 @@ export const MMAP_THRESHOLD_VARIABLE = "MALLOC_MMAP_THRESHOLD_";
 /** mallopt()'s parameter number for the mmap threshold, from glibc's malloc.h. */
 const M_MMAP_THRESHOLD = -3;
 
-/** What fixMmapThreshold() did, for the log. */
+/** The largest threshold glibc accepts on 64-bit systems (half its HEAP_MAX_SIZE). */
+const MAX_THRESHOLD_BYTES = 32 * 1024 * 1024;
+
+/**
+ * Checks that glibc reads `value` as the threshold the user meant. glibc
+ * 2.36 takes "", "abc" or "1e6" as 0, which maps every allocation on its own
+ * and made isolate starts about 6 times slower, and ignores values above the
+ * maximum.
+ */
+function isValidThreshold(value: string): boolean {
+  return /^\d+$/.test(value) && Number(value) <= MAX_THRESHOLD_BYTES;
+}
+
+/** Checks whether GLIBC_TUNABLES sets the threshold, which glibc also reads at start. */
+function tunablesSetThreshold(tunables = Deno.env.get("GLIBC_TUNABLES")): boolean {
+  return tunables?.includes("glibc.malloc.mmap_threshold=") ?? false;
+}
+
+/**
+ * Returns the variables that give a daemon process the same malloc setting: the
+ * user's GLIBC_TUNABLES, and the user's valid MALLOC_MMAP_THRESHOLD_ or
+ * MMAP_THRESHOLD_BYTES unless GLIBC_TUNABLES sets the threshold.
+ */
+export function daemonMallocEnvironment(): Record<string, string> {
+  const env: Record<string, string> = {};
+  const tunables = Deno.env.get("GLIBC_TUNABLES");
+  if (tunables !== undefined) env.GLIBC_TUNABLES = tunables;
+  if (tunablesSetThreshold(tunables)) return env;
+  const user = Deno.env.get(MMAP_THRESHOLD_VARIABLE);
+  env[MMAP_THRESHOLD_VARIABLE] = user !== undefined && isValidThreshold(user) ? user : String(MMAP_THRESHOLD_BYTES);
+  return env;
+}
+
+/** A log line that reports the outcome of fixMmapThreshold(). */
 export interface MallocNote {
   level: "debug" | "warning";
   message: string;
@@ -32,14 +65,28 @@ export interface MallocNote {
 
 /**
  * Fixes the mmap threshold of this process through glibc's mallopt(), unless
- * the user set MALLOC_MMAP_THRESHOLD_ already. Call it first thing: memory the
- * arenas kept before it stays theirs.
+ * the user set a valid MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES sets it. Call
+ * it first thing: memory the arenas kept before it stays theirs.
  */
 export function fixMmapThreshold(): MallocNote {
   if (Deno.build.os !== "linux") return { level: "debug", message: "malloc: mmap threshold left as it is on this system" };
-  if (Deno.env.get(MMAP_THRESHOLD_VARIABLE) !== undefined) {
+  if (tunablesSetThreshold()) {
+    return { level: "debug", message: "malloc: GLIBC_TUNABLES sets glibc.malloc.mmap_threshold, keeping it" };
+  }
+  const user = Deno.env.get(MMAP_THRESHOLD_VARIABLE);
+  if (user !== undefined && isValidThreshold(user)) {
     return { level: "debug", message: `malloc: ${MMAP_THRESHOLD_VARIABLE} is set, keeping it` };
   }
+  const fixed = fixThroughLibc();
+  if (user === undefined || fixed.level !== "debug") return fixed;
+  return {
+    level: "warning",
+    message: `malloc: ignored ${MMAP_THRESHOLD_VARIABLE}=${JSON.stringify(user)}: glibc needs a number of bytes ` +
+      `from 0 to ${MAX_THRESHOLD_BYTES}; ${fixed.message.replace("malloc: ", "")}`,
+  };
+}
+
+function fixThroughLibc(): MallocNote {
   let libc: Deno.DynamicLibrary<{ mallopt: { parameters: ["i32", "i32"]; result: "i32" } }> | undefined;
   try {
     libc = Deno.dlopen("libc.so.6", { mallopt: { parameters: ["i32", "i32"], result: "i32" } });

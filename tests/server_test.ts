@@ -10,6 +10,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { OPTIONS } from "../runtime/cli.ts";
+import { daemonMallocEnvironment } from "../supervisor/malloc.ts";
 import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
 import { peakResident, residentBytes, uploadGenerated } from "./helpers/transfer.ts";
 
@@ -616,6 +617,45 @@ Deno.test("server fixes glibc's mmap threshold unless the user set it", async ()
   });
   assert.equal((await getText(server, "/do/hello")).text, "hello");
   assert.match(server.log(), /malloc: MALLOC_MMAP_THRESHOLD_ is set, keeping it/);
+});
+
+Deno.test("server replaces an invalid mmap threshold", async () => {
+  await using server = await startServer(APP_SCRIPT, MMAP_ARGS, { env: { MALLOC_MMAP_THRESHOLD_: "abc" } });
+  assert.equal((await getText(server, "/do/hello")).text, "hello");
+  assert.match(
+    server.log(),
+    /WARNING \[pid=\d+\] malloc: ignored MALLOC_MMAP_THRESHOLD_="abc": .* mmap threshold fixed at 131072 bytes/,
+  );
+});
+
+Deno.test("server keeps a threshold from GLIBC_TUNABLES", async () => {
+  await using server = await startServer(APP_SCRIPT, MMAP_ARGS, {
+    env: { GLIBC_TUNABLES: "glibc.malloc.mmap_threshold=262144" },
+  });
+  assert.equal((await getText(server, "/do/hello")).text, "hello");
+  assert.match(server.log(), /malloc: GLIBC_TUNABLES sets glibc.malloc.mmap_threshold, keeping it/);
+});
+
+Deno.test("daemon malloc environment follows the user's settings", () => {
+  const saved = { threshold: Deno.env.get("MALLOC_MMAP_THRESHOLD_"), tunables: Deno.env.get("GLIBC_TUNABLES") };
+  const set = (name: string, value: string | undefined) =>
+    value === undefined ? Deno.env.delete(name) : Deno.env.set(name, value);
+  try {
+    set("GLIBC_TUNABLES", undefined);
+    set("MALLOC_MMAP_THRESHOLD_", undefined);
+    assert.deepEqual(daemonMallocEnvironment(), { MALLOC_MMAP_THRESHOLD_: "131072" });
+    set("MALLOC_MMAP_THRESHOLD_", "262144");
+    assert.deepEqual(daemonMallocEnvironment(), { MALLOC_MMAP_THRESHOLD_: "262144" });
+    for (const invalid of ["", "abc", "-1", "1e6", "99999999999"]) {
+      set("MALLOC_MMAP_THRESHOLD_", invalid);
+      assert.deepEqual(daemonMallocEnvironment(), { MALLOC_MMAP_THRESHOLD_: "131072" }, invalid);
+    }
+    set("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536");
+    assert.deepEqual(daemonMallocEnvironment(), { GLIBC_TUNABLES: "glibc.malloc.mmap_threshold=65536" });
+  } finally {
+    set("MALLOC_MMAP_THRESHOLD_", saved.threshold);
+    set("GLIBC_TUNABLES", saved.tunables);
+  }
 });
 
 Deno.test("server without FFI permission warns about malloc", async () => {
