@@ -32,6 +32,7 @@ import {
 import { DaemonSpecError, defaultGroupSpec, parseDaemonSpec } from "../supervisor/daemon_spec.ts";
 import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
 import { peakResident, residentBytes, statusField, uploadGenerated } from "./helpers/transfer.ts";
+import { countMatches, delay, runLoad, waitForCount } from "./helpers/load.ts";
 
 const SITE_FIXTURE = repoPath("tests/fixtures/daemon_site");
 const OTHER_SCRIPT = repoPath("tests/fixtures/daemon_other/app.wsgi");
@@ -142,62 +143,6 @@ function transferPids(server: TestServer): number[] {
   return [server.process.pid, ...site];
 }
 
-function countMatches(text: string, pattern: RegExp): number {
-  return text.match(new RegExp(pattern.source, "g"))?.length ?? 0;
-}
-
-/** Waits until `pattern` appears `count` times in the server log after `from`. */
-async function waitForCount(
-  server: TestServer,
-  pattern: RegExp,
-  count: number,
-  from = 0,
-  timeoutMs = 60_000,
-) {
-  const deadline = Date.now() + timeoutMs;
-  while (countMatches(server.log().slice(from), pattern) < count) {
-    if (Date.now() > deadline) {
-      throw new Error(
-        `fewer than ${count} log lines matching ${pattern} within ${timeoutMs} ms:\n${
-          server.log().slice(from)
-        }`,
-      );
-    }
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
-}
-
-interface LoadResult {
-  ok: number;
-  failures: { status: number; body: string }[];
-  /** Request ids of the successful responses, in completion order. */
-  servedBy: string[];
-}
-
-/** Sends requests from `concurrency` loops until `stop` resolves. */
-async function runLoad(url: string, concurrency: number, stop: Promise<void>): Promise<LoadResult> {
-  let stopped = false;
-  stop.then(() => (stopped = true));
-  const result: LoadResult = { ok: 0, failures: [], servedBy: [] };
-  const loop = async () => {
-    while (!stopped) {
-      const response = await fetch(url);
-      const body = await response.text();
-      if (response.status === 200) {
-        result.ok += 1;
-        result.servedBy.push(body.trim());
-      } else {
-        result.failures.push({ status: response.status, body });
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: concurrency }, loop));
-  return result;
-}
-
-function delay(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
 
 async function getText(url: string): Promise<{ status: number; body: string }> {
   const response = await fetch(url);
