@@ -3,7 +3,8 @@
  * listener, then act on signals until the server stops.
  *
  * Signal handlers only queue the signal; one loop takes them in order:
- * - SIGHUP: every daemon group starts fresh processes and drains the old ones.
+ * - SIGHUP: every application starts fresh interpreters (fresh processes for
+ *   daemon groups) and the old ones finish their requests.
  * - SIGTERM, SIGINT: stop accepting, let running requests finish within the
  *   shutdown timeout, stop the daemon processes and exit 0. A second one
  *   exits at once with status 1; daemon processes then see their channel
@@ -68,7 +69,7 @@ async function handleSignals(server: RunningServer, logger: Logger): Promise<nev
   for (;;) {
     const signal = await signals.next();
     if (signal === "SIGHUP") {
-      logger.info("SIGHUP: reloading every daemon group");
+      logger.info("SIGHUP: reloading every application");
       server.reload("the server received SIGHUP");
       continue;
     }

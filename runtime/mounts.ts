@@ -146,14 +146,16 @@ export class MountTable {
     const groupSpec = options.daemonGroups.find((group) => group.name === spec.processGroup);
     if (!groupSpec) {
       const appLogger = logger.child({ app: spec.app.name, pid: Deno.pid });
-      const pool = new IsolatePool(spec.app, {
-        size: options.threads,
-        queueLimit: options.queueLimit,
-        requestTimeoutMs: options.requestTimeoutMs,
-        queueTimeoutMs: options.queueTimeoutMs,
-        logger: appLogger,
-      });
-      const backend = new EmbeddedBackend(pool, appLogger);
+      const createPool = (firstIsolateId: number) =>
+        new IsolatePool(spec.app, {
+          size: options.threads,
+          queueLimit: options.queueLimit,
+          requestTimeoutMs: options.requestTimeoutMs,
+          queueTimeoutMs: options.queueTimeoutMs,
+          firstIsolateId,
+          logger: appLogger,
+        });
+      const backend = new EmbeddedBackend(createPool, appLogger);
       return {
         mountPoint: spec.mountPoint,
         app: spec.app,
@@ -197,9 +199,9 @@ export class MountTable {
     return Promise.all(this.backends.map((backend) => backend.start())).then(() => {});
   }
 
-  /** Restarts every daemon group's processes (SIGHUP). */
+  /** Replaces the interpreters of every backend, embedded and daemon groups (SIGHUP). */
   reload(reason: string): void {
-    for (const group of this.groups) group.reload(reason);
+    for (const backend of this.backends) backend.reload(reason);
   }
 
   /** Stops every backend at once. */

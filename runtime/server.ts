@@ -26,7 +26,7 @@ export interface RunningServer {
    * stops every backend.
    */
   shutdown(timeoutMs?: number): Promise<void>;
-  /** Starts fresh daemon processes for every group and drains the old ones (SIGHUP). */
+  /** Starts fresh interpreters for every application and drains the old ones (SIGHUP). */
   reload(reason: string): void;
 }
 

@@ -34,6 +34,7 @@ import {
 } from "./daemon_command.ts";
 import { type DaemonConfig, DaemonExit } from "./daemon_protocol.ts";
 import { DaemonProcess, DaemonRequestHandle, type ProcessExit } from "./daemon_process.ts";
+import { ScriptWatcher } from "./script_watch.ts";
 import type { DaemonGroupSpec } from "./daemon_spec.ts";
 import type { Logger, LogLevel } from "./log.ts";
 import { PoolUnavailableError } from "./pool.ts";
@@ -85,8 +86,7 @@ export class DaemonGroup implements AppBackend {
   /** Set when a reload failed while older processes still serve: start no more until the next reload. */
   #holdReason: string | null = null;
   #stopping = false;
-  #scriptMtime: number | undefined;
-  #checkingScript = false;
+  #script: ScriptWatcher;
   #cache: DaemonCache | undefined;
   #firstReady = Promise.withResolvers<void>();
 
@@ -97,6 +97,7 @@ export class DaemonGroup implements AppBackend {
     this.app = app;
     this.#options = options;
     this.#logger = options.logger;
+    this.#script = new ScriptWatcher(app.scriptPath, () => this.reload("the script file changed"));
     this.identity = resolveIdentity(spec);
     this.#config = {
       group: spec.name,
@@ -144,7 +145,7 @@ export class DaemonGroup implements AppBackend {
           "only their isolates are narrowed",
       );
     }
-    this.#scriptMtime = await this.#readScriptMtime();
+    await this.#script.start();
     this.#tick = setInterval(() => this.#maintain(), TICK_MS);
     this.#logger.info(
       `starting ${this.spec.processes} daemon process${this.spec.processes === 1 ? "" : "es"} ` +
@@ -466,7 +467,7 @@ export class DaemonGroup implements AppBackend {
     this.#expireQueue();
     this.#murder();
     this.#recycle();
-    this.#checkScript();
+    if (!this.#stopping) this.#script.check();
   }
 
   #expireQueue(): void {
@@ -531,30 +532,6 @@ export class DaemonGroup implements AppBackend {
           } s)`,
         );
       }
-    }
-  }
-
-  /** Reloads the group when its script file's modification time changes (touch to reload). */
-  async #checkScript(): Promise<void> {
-    if (this.#checkingScript || this.#stopping) return;
-    this.#checkingScript = true;
-    try {
-      const mtime = await this.#readScriptMtime();
-      // A script being replaced by an editor may be missing for a moment.
-      if (mtime === undefined || mtime === this.#scriptMtime) return;
-      this.#scriptMtime = mtime;
-      this.reload("the script file changed");
-    } finally {
-      this.#checkingScript = false;
-    }
-  }
-
-  async #readScriptMtime(): Promise<number | undefined> {
-    if (!this.app.scriptPath) return undefined;
-    try {
-      return (await Deno.stat(this.app.scriptPath)).mtime?.getTime();
-    } catch {
-      return undefined;
     }
   }
 }

@@ -41,6 +41,8 @@ export interface PoolOptions {
   responseWindow?: number;
   /** Failed starts in a row after which the pool gives up. @default 3 */
   maxFailedStarts?: number;
+  /** Number of the pool's first isolate in the log, so that a pool that replaces another continues its numbers. @default 1 */
+  firstIsolateId?: number;
   logger: Logger;
 }
 
@@ -57,7 +59,9 @@ export class PoolUnavailableError extends Error {
 
 const RESTART_DELAYS_MS = [100, 1000, 5000, 15000, 30000];
 
-type ResolvedPoolOptions = Required<Omit<PoolOptions, "onApplicationLoaded">> & Pick<PoolOptions, "onApplicationLoaded">;
+type ResolvedPoolOptions =
+  & Required<Omit<PoolOptions, "onApplicationLoaded" | "firstIsolateId">>
+  & Pick<PoolOptions, "onApplicationLoaded">;
 
 export class IsolatePool {
   readonly app: AppSpec;
@@ -70,6 +74,8 @@ export class IsolatePool {
   #failedStarts = 0;
   #restarts = 0;
   #stopping = false;
+  /** Set by drain(): isolates that die are not replaced unless requests wait. */
+  #draining = false;
   #failedReason: string | null = null;
   #queueTimer: ReturnType<typeof setInterval> | undefined;
   #startupTimers = new Map<Isolate, ReturnType<typeof setTimeout>>();
@@ -99,6 +105,7 @@ export class IsolatePool {
       ...options,
     };
     this.#logger = options.logger;
+    this.#nextIsolateId = options.firstIsolateId ?? 1;
     // start() hands this promise out; a pool that no caller awaits must not crash the process.
     this.#firstReady.promise.catch(() => {});
   }
@@ -204,15 +211,36 @@ export class IsolatePool {
     }
   }
 
-  /** Stops every isolate; queued jobs fail with 503. */
-  stop(): void {
+  /** Number of the last isolate this pool started (its first is `firstIsolateId`). */
+  get lastIsolateId(): number {
+    return this.#nextIsolateId - 1;
+  }
+
+  /**
+   * Lets the queued and running requests finish, then stops every isolate.
+   * After `timeoutMs` the ones left fail as in stop(). The pool takes no new
+   * requests meanwhile: its owner sends them elsewhere.
+   */
+  async drain(timeoutMs: number): Promise<void> {
+    this.#draining = true;
+    const deadline = performance.now() + timeoutMs;
+    const busy = () => this.#queue.length > 0 || [...this.#isolates].some((isolate) => isolate.jobs.length > 0);
+    while (busy() && performance.now() < deadline && !this.#stopping) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    if (busy()) this.#logger.warning(`requests still running after ${timeoutMs} ms of draining; stopping them`);
+    this.stop("the application was reloaded and the replaced isolates ran out of time");
+  }
+
+  /** Stops every isolate; queued jobs fail with 503, for `reason`. */
+  stop(reason = "the server is shutting down"): void {
     this.#stopping = true;
     clearInterval(this.#queueTimer);
     for (const timer of this.#startupTimers.values()) clearTimeout(timer);
-    for (const job of this.#queue.splice(0)) job.sink.fail(503, "the server is shutting down");
+    for (const job of this.#queue.splice(0)) job.sink.fail(503, reason);
     for (const isolate of this.#isolates) {
-      for (const job of isolate.terminate("the server is shutting down")) {
-        job.sink.fail(503, "the server is shutting down");
+      for (const job of isolate.terminate(reason)) {
+        job.sink.fail(503, reason);
       }
     }
     this.#isolates.clear();
@@ -375,7 +403,7 @@ export class IsolatePool {
     // Requests wait, some of them taken back from this isolate: start one now,
     // unless isolates fail to start, which keeps the delay below.
     if (this.#queue.length > 0 && !neverStarted) this.#grow();
-    if (this.#isolates.size >= this.#options.minSize) {
+    if (this.#isolates.size >= this.#options.minSize || this.#draining) {
       // Above the minimum, the next queued request starts an isolate if one is needed.
       return;
     }

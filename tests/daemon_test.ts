@@ -851,7 +851,7 @@ Deno.test("daemon server", async (t) => {
       const otherLoad = runLoad(origin + "/other/", 2, stop);
       await delay(1000);
       server.process.kill("SIGHUP");
-      await server.waitForLog(/SIGHUP: reloading every daemon group/);
+      await server.waitForLog(/SIGHUP: reloading every application/);
       await waitForCount(server, /daemon process exited with code 0/, 3, from);
       await delay(1000);
       stopLoad();
@@ -863,6 +863,8 @@ Deno.test("daemon server", async (t) => {
         server.log().slice(from),
         /\[app=app.wsgi group=other\] reloading: the server received SIGHUP/,
       );
+      // The embedded mount of this server reloads too.
+      assert.match(server.log().slice(from), /reloading: starting fresh isolates \(the server received SIGHUP\)/);
     });
 
     await t.step("streamed upload with bounded memory", async () => {

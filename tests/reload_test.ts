@@ -1,0 +1,65 @@
+/**
+ * Reloads in embedded mode: a changed script file or SIGHUP starts fresh
+ * isolates while the old ones finish their requests, through the real server.
+ */
+
+import assert from "node:assert/strict";
+import { startServer } from "./helpers/server.ts";
+import { countMatches, delay, runLoad, waitForCount } from "./helpers/load.ts";
+
+/** A script that returns its version after a pause of `ms` milliseconds per request. */
+function versionScript(version: string, ms: number): string {
+  return `
+import time
+
+def application(environ, start_response):
+    time.sleep(${ms} / 1000)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"${version}"]
+`;
+}
+
+async function writeScript(version: string): Promise<string> {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-reload-" });
+  await Deno.writeTextFile(`${folder}/app.wsgi`, versionScript(version, 20));
+  return `${folder}/app.wsgi`;
+}
+
+Deno.test("embedded reload on script change under load", async () => {
+  const script = await writeScript("one");
+  await using server = await startServer(script, ["--threads", "2"]);
+  const { promise: stop, resolve: stopLoad } = Promise.withResolvers<void>();
+  const load = runLoad(server.origin + "/", 6, stop);
+  await delay(500);
+
+  await Deno.writeTextFile(script, versionScript("two", 20));
+  await server.waitForLog(/reloaded: fresh isolates take new requests/, 30_000);
+  await delay(1000);
+  stopLoad();
+  const result = await load;
+
+  // No request is lost, and the last ones run the new code.
+  assert.deepEqual(result.failures, []);
+  assert.ok(result.servedBy.includes("one"));
+  assert.deepEqual(new Set(result.servedBy.slice(-10)), new Set(["two"]));
+  assert.match(server.log(), /reloading: starting fresh isolates \(the script file changed\)/);
+  // The fresh isolates continue the numbering, so log lines stay unambiguous.
+  assert.match(server.log(), /isolate=3\] isolate ready/);
+  assert.equal(countMatches(server.log(), /requests still running after/), 0);
+});
+
+Deno.test("embedded reload on SIGHUP", async () => {
+  const script = await writeScript("one");
+  await using server = await startServer(script, ["--threads", "1"]);
+  assert.equal(await (await fetch(server.origin + "/")).text(), "one");
+
+  // Without a change of the file only the signal reloads, with the same code.
+  server.process.kill("SIGHUP");
+  await server.waitForLog(/SIGHUP: reloading every application/);
+  await waitForCount(server, /reloaded: fresh isolates take new requests/, 1);
+  assert.match(server.log(), /reloading: starting fresh isolates \(the server received SIGHUP\)/);
+  assert.equal(await (await fetch(server.origin + "/")).text(), "one");
+  // The replaced isolate is stopped once it has finished.
+  await waitForCount(server, /replaced isolates stopped \(those numbered up to 1\)/, 1);
+  assert.match(server.log(), /isolate=2\] isolate ready/);
+});
