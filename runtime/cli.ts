@@ -442,6 +442,9 @@ must be an existing file.`;
 const HELP_TAIL = `Options that take a value accept both '--option VALUE' and '--option=VALUE'.
 Arguments after '--' are never read as options.
 
+Touching a script file, or sending the server SIGHUP, reloads the application:
+fresh interpreters take new requests, and the old ones finish theirs.
+
 Examples:
   wsgirun app.wsgi
       Serve app.wsgi at http://127.0.0.1:8000/ with one isolate per CPU core.
