@@ -348,15 +348,76 @@ async function runtimeSnapshot(
   const reason = cached === NO_CACHED_SNAPSHOT && await hasOtherRuntimeSnapshot(app.python, name)
     ? "the cached one is of another wsgirun or Pyodide build"
     : cached;
-  logger.info(
-    `building the Python ${app.python} runtime snapshot (${reason}); ` +
-      "this happens once per Python version and build",
-  );
-  const started = performance.now();
-  const bytes = await buildRuntimeSnapshot(app.python, options.pyodideFolder, wasmModule, logger);
-  logger.info(`runtime snapshot built in ${Math.round(performance.now() - started)} ms: ${path}`);
-  const snapshot = await writeSnapshot(path, key, bytes, undefined, logger);
-  return { key, snapshot };
+  const recheck = async () => {
+    const built = await readFile(path, key);
+    if (typeof built === "string") return undefined;
+    logger.info(`using the runtime snapshot that another process built meanwhile: ${path}`);
+    return { key, snapshot: built.snapshot };
+  };
+  return await withBuildLock(logger, recheck, async () => {
+    logger.info(
+      `building the Python ${app.python} runtime snapshot (${reason}); ` +
+        "this happens once per Python version and build",
+    );
+    const started = performance.now();
+    const bytes = await buildRuntimeSnapshot(app.python, options.pyodideFolder, wasmModule, logger);
+    logger.info(`runtime snapshot built in ${Math.round(performance.now() - started)} ms: ${path}`);
+    const snapshot = await writeSnapshot(path, key, bytes, undefined, logger);
+    return { key, snapshot };
+  });
+}
+
+/** Longest wait for another process's snapshot build before this one builds without the lock. */
+const BUILD_LOCK_WAIT_MS = 60_000;
+/** Wait after which a process that waits for the build lock says so. */
+const BUILD_LOCK_NOTICE_MS = 500;
+
+/**
+ * Runs `build` while holding the cache folder's build lock (an flock on
+ * `build.lock`), so that servers and daemon processes that start together
+ * build each snapshot once. A process that had to wait first calls
+ * `recheck`, which returns what the other process built, if it did. The
+ * lock ends with the process that holds it, however it ends.
+ */
+async function withBuildLock<T>(
+  logger: Logger,
+  recheck: () => Promise<T | undefined>,
+  build: () => Promise<T>,
+): Promise<T> {
+  const lockPath = `${snapshotCacheDir()}/build.lock`;
+  let file: Deno.FsFile;
+  try {
+    await Deno.mkdir(snapshotCacheDir(), { recursive: true });
+    file = await Deno.open(lockPath, { create: true, write: true });
+  } catch (error) {
+    logger.debug(`snapshot builds are not coordinated: cannot open ${lockPath}: ${errorText(error)}`);
+    return await build();
+  }
+  try {
+    const notice = setTimeout(
+      () => logger.info(`waiting for another process that builds a snapshot (${lockPath})`),
+      BUILD_LOCK_NOTICE_MS,
+    );
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<"timeout">((resolve) => (timer = setTimeout(resolve, BUILD_LOCK_WAIT_MS, "timeout")));
+    const locked = file.lock(true).then(() => "locked" as const, () => "failed" as const);
+    const outcome = await Promise.race([locked, timeout]);
+    clearTimeout(notice);
+    clearTimeout(timer);
+    if (outcome === "locked") {
+      const found = await recheck();
+      if (found !== undefined) return found;
+    } else {
+      logger.warning(
+        `building a snapshot without the lock ${lockPath}: ` +
+          (outcome === "timeout" ? `another process held it for ${BUILD_LOCK_WAIT_MS / 1000} s` : "it cannot be locked"),
+      );
+    }
+    return await build();
+  } finally {
+    // Closing the file releases the lock.
+    file.close();
+  }
 }
 
 /** Returns whether the cache folder has a runtime snapshot of `python` other than `name`. */
@@ -590,7 +651,18 @@ async function chooseBoot(options: BootOptions): Promise<Boot> {
   if (!appKey) return { snapshot: runtime.snapshot, wasmModule, kind: "runtime" };
 
   try {
-    const snapshot = await buildApplicationSnapshot(options, appKey, runtime.snapshot, wasmModule, reason);
+    const key = appKey;
+    const recheck = async () => {
+      const built = await cachedApplicationSnapshot(app, key);
+      if (typeof built === "string") return undefined;
+      logger.info("using the application snapshot that another process built meanwhile");
+      return built;
+    };
+    const snapshot = await withBuildLock(
+      logger,
+      recheck,
+      () => buildApplicationSnapshot(options, key, runtime.snapshot, wasmModule, reason),
+    );
     return { snapshot, wasmModule, kind: "application" };
   } catch (error) {
     logger.warning(

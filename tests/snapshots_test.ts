@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 import { repoPath, startServer, TEST_CACHE_DIR } from "./helpers/server.ts";
 import { loadPyodideFor } from "../wasm/pyodide_loader.ts";
 import { unpackSnapshot } from "../wasm/snapshot_pages.ts";
+import { countMatches } from "./helpers/load.ts";
 
 const HELLO = `
 def application(environ, start_response):
@@ -161,6 +162,24 @@ Deno.test("snapshot header of the wrong shape rebuilt", async () => {
     assert.match(log, /runtime-python3\.14-\w+\.snapshot has a corrupt header/, header);
     assert.match(log, /runtime snapshot built/, header);
   }
+});
+
+Deno.test("servers started together build each snapshot once", async () => {
+  const cache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  const start = () =>
+    startServer(`${folder}/app.wsgi`, ["--threads", "1"], { env: { WSGIRUN_CACHE_DIR: cache } });
+  const servers = await Promise.all([start(), start()]);
+  await using first = servers[0];
+  await using second = servers[1];
+  assert.equal(await body(first.origin), "hello");
+  assert.equal(await body(second.origin), "hello");
+
+  const logs = first.log() + second.log();
+  assert.equal(countMatches(logs, /building the Python 3\.14 runtime snapshot/), 1, logs);
+  assert.equal(countMatches(logs, /building the application snapshot/), 1, logs);
+  assert.match(logs, /using the runtime snapshot that another process built meanwhile/);
+  assert.match(logs, /using the application snapshot that another process built meanwhile/);
 });
 
 Deno.test("snapshot used when the cache is unwritable", async () => {
