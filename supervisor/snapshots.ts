@@ -367,17 +367,17 @@ async function runtimeSnapshot(
   });
 }
 
-/** Longest wait for another process's snapshot build before this one builds without the lock. */
+/** Maximum wait for another process's snapshot build before this one builds without the lock. */
 const BUILD_LOCK_WAIT_MS = 60_000;
-/** Wait after which a process that waits for the build lock says so. */
+/** Wait after which a process that waits for the build lock logs it. */
 const BUILD_LOCK_NOTICE_MS = 500;
 
 /**
  * Runs `build` while holding the cache folder's build lock (an flock on
  * `build.lock`), so that servers and daemon processes that start together
- * build each snapshot once. A process that had to wait first calls
- * `recheck`, which returns what the other process built, if it did. The
- * lock ends with the process that holds it, however it ends.
+ * build each snapshot once. With the lock taken it first calls `recheck`,
+ * which returns what another process built meanwhile, if anything. The lock
+ * ends with the process that holds it, however that process ends.
  */
 async function withBuildLock<T>(
   logger: Logger,
@@ -587,7 +587,7 @@ async function buildApplicationSnapshot(
   const files = await fileStamps(built.files);
   const path = applicationPath(app, key);
   // The stamps are taken after the import, so a file saved during the build
-  // would look unchanged next time although the snapshot holds its old code.
+  // would look unchanged next time although the snapshot contains its old code.
   const editedDuringBuild = files.find(([, , mtime]) => mtime >= buildStartedAt);
   if (editedDuringBuild) {
     logger.info(
