@@ -11,7 +11,7 @@ import type { AppSpec } from "../supervisor/app_spec.ts";
 import type { AppBackend } from "../supervisor/backend.ts";
 import { DaemonGroup } from "../supervisor/daemon_group.ts";
 import { type DaemonGroupSpec, groupAppSpec } from "../supervisor/daemon_spec.ts";
-import { EmbeddedBackend } from "../supervisor/embedded_backend.ts";
+import { EmbeddedBackend, type PoolSettings } from "../supervisor/embedded_backend.ts";
 import type { Logger } from "../supervisor/log.ts";
 import { IsolatePool } from "../supervisor/pool.ts";
 import { splitMount } from "./environ.ts";
@@ -146,14 +146,14 @@ export class MountTable {
     const groupSpec = options.daemonGroups.find((group) => group.name === spec.processGroup);
     if (!groupSpec) {
       const appLogger = logger.child({ app: spec.app.name, pid: Deno.pid });
-      const createPool = (firstIsolateId: number) =>
+      const createPool = (settings: PoolSettings) =>
         new IsolatePool(spec.app, {
           size: options.threads,
           queueLimit: options.queueLimit,
           requestTimeoutMs: options.requestTimeoutMs,
           queueTimeoutMs: options.queueTimeoutMs,
-          firstIsolateId,
           logger: appLogger,
+          ...settings,
         });
       const backend = new EmbeddedBackend(createPool, appLogger);
       return {

@@ -4,9 +4,10 @@
  * shared ring with backpressure, and the response window through shared
  * control words (see wasm/channel.ts).
  *
- * A reload (the script file changed, or SIGHUP) starts a fresh pool, sends
- * new requests to it once its first isolate is ready, and lets the old pool
- * finish the requests it holds.
+ * A reload (the script file changed, or SIGHUP) starts a fresh pool. Once
+ * its first isolate is ready (and, with preload, has imported the
+ * application), new requests go to it, and so do the old pool's requests
+ * that have not started, while the old pool finishes the running ones.
  */
 
 import type { AppBackend, BackendRequest, RequestHandle } from "./backend.ts";
@@ -62,11 +63,24 @@ async function pumpBody(body: ReadableStream<Uint8Array>, ring: BodyRing, logger
 const SCRIPT_CHECK_MS = 1000;
 /** Time the replaced pool gets to finish its requests after a reload. */
 const DRAIN_TIMEOUT_MS = 15_000;
+/** Time a preloaded application gets to import in a fresh pool before the reload counts as failed. */
+const PRELOAD_TIMEOUT_MS = 120_000;
+
+/** Settings that EmbeddedBackend gives the factory of each of its pools. */
+export interface PoolSettings {
+  /** Numbers isolates across the pools of one backend, so log lines stay unambiguous. */
+  nextIsolateId: () => number;
+  /** Called when an isolate has imported the application at start (preload). */
+  onApplicationLoaded?: (error: string | undefined) => void;
+}
 
 export class EmbeddedBackend implements AppBackend {
   readonly name = "embedded";
   #pool: IsolatePool;
-  #createPool: (firstIsolateId: number) => IsolatePool;
+  #createPool: (settings: PoolSettings) => IsolatePool;
+  #isolatesStarted = 0;
+  /** The pool that runs each request now; a reload moves requests that have not started. */
+  #poolOf = new WeakMap<Job, IsolatePool>();
   #logger: Logger;
   #script: ScriptWatcher;
   #scriptTimer: ReturnType<typeof setInterval> | undefined;
@@ -78,9 +92,9 @@ export class EmbeddedBackend implements AppBackend {
   #stopped = false;
 
   /** `createPool` makes each pool: the first, and a fresh one on every reload. */
-  constructor(createPool: (firstIsolateId: number) => IsolatePool, logger: Logger) {
+  constructor(createPool: (settings: PoolSettings) => IsolatePool, logger: Logger) {
     this.#createPool = createPool;
-    this.#pool = createPool(1);
+    this.#pool = createPool({ nextIsolateId: this.#nextIsolateId });
     this.#logger = logger;
     this.#script = new ScriptWatcher(this.#pool.app.scriptPath, () => this.reload("the script file changed"));
   }
@@ -90,6 +104,8 @@ export class EmbeddedBackend implements AppBackend {
     return this.#pool;
   }
 
+  #nextIsolateId = () => ++this.#isolatesStarted;
+
   async start(): Promise<void> {
     await this.#script.start();
     this.#scriptTimer = setInterval(() => this.#script.check(), SCRIPT_CHECK_MS);
@@ -97,7 +113,6 @@ export class EmbeddedBackend implements AppBackend {
   }
 
   submit(request: BackendRequest): RequestHandle {
-    // A reload may replace the pool while this request runs; it stays with this one.
     const pool = this.#pool;
     const stream = request.body instanceof ReadableStream ? request.body : null;
     const bytes = request.body instanceof Uint8Array ? request.body : null;
@@ -118,6 +133,7 @@ export class EmbeddedBackend implements AppBackend {
       control.release();
       throw error;
     }
+    this.#poolOf.set(job, pool);
     if (stream && ring) pumpBody(stream, ring, this.#logger.child({ request: request.requestId }));
 
     return {
@@ -128,7 +144,7 @@ export class EmbeddedBackend implements AppBackend {
       cancel: () => {
         control.cancel();
         ring?.abort();
-        pool.abandon(job);
+        (this.#poolOf.get(job) ?? pool).abandon(job);
       },
       close: () => {
         ring?.closeReader();
@@ -152,27 +168,46 @@ export class EmbeddedBackend implements AppBackend {
     });
   }
 
+  /** Starts a fresh pool and, once it can serve, makes it the current one. Resolves then. */
   async #replacePool(reason: string): Promise<void> {
-    const old = this.#pool;
     this.#logger.info(`reloading: starting fresh isolates (${reason})`);
-    const fresh = this.#createPool(old.lastIsolateId + 1);
+    const loaded = Promise.withResolvers<string | undefined>();
+    const fresh = this.#createPool({
+      nextIsolateId: this.#nextIsolateId,
+      onApplicationLoaded: (error) => loaded.resolve(error),
+    });
     try {
       await fresh.start();
+      // With preload, an application that no longer imports must not replace one that runs.
+      const importError = fresh.app.preload ? await withTimeout(loaded.promise, PRELOAD_TIMEOUT_MS) : undefined;
+      if (importError !== undefined) throw new Error(`the application failed to import: ${importError}`);
     } catch (error) {
-      fresh.stop();
-      this.#logger.error(`reload failed, the running isolates keep serving: ${error instanceof Error ? error.message : error}`);
+      fresh.stop("the reload failed");
+      this.#logger.error(
+        `reload failed, the running isolates keep serving: ${error instanceof Error ? error.message : error}`,
+      );
       return;
     }
     if (this.#stopped) {
       fresh.stop();
       return;
     }
+    const old = this.#pool;
     this.#pool = fresh;
     this.#logger.info("reloaded: fresh isolates take new requests, the replaced ones finish theirs");
+    void this.#drain(old);
+  }
+
+  /** Moves the old pool's requests that have not started to the current pool, then stops it. */
+  async #drain(old: IsolatePool): Promise<void> {
     this.#draining.add(old);
-    await old.drain(DRAIN_TIMEOUT_MS);
+    const stopped = await old.drain(DRAIN_TIMEOUT_MS, (jobs) => {
+      const pool = this.#pool;
+      for (const job of jobs) this.#poolOf.set(job, pool);
+      pool.adopt(jobs);
+    });
     this.#draining.delete(old);
-    this.#logger.info(`replaced isolates stopped (those numbered up to ${old.lastIsolateId})`);
+    this.#logger.info(`replaced isolates stopped: ${stopped.length > 0 ? stopped.join(", ") : "none were left"}`);
   }
 
   stop(): Promise<void> {
@@ -181,5 +216,16 @@ export class EmbeddedBackend implements AppBackend {
     this.#pool.stop();
     for (const pool of this.#draining) pool.stop();
     return Promise.resolve();
+  }
+}
+
+/** Resolves as `promise` does, or to a timeout message after `ms`. */
+async function withTimeout(promise: Promise<string | undefined>, ms: number): Promise<string | undefined> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<string>((resolve) => (timer = setTimeout(resolve, ms, `no import within ${ms / 1000} s`)));
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
   }
 }

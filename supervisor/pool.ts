@@ -41,8 +41,8 @@ export interface PoolOptions {
   responseWindow?: number;
   /** Failed starts in a row after which the pool gives up. @default 3 */
   maxFailedStarts?: number;
-  /** Number of the pool's first isolate in the log, so that a pool that replaces another continues its numbers. @default 1 */
-  firstIsolateId?: number;
+  /** Returns the number of the next isolate, for the log; pools that replace each other share one counter. @default a counter of this pool */
+  nextIsolateId?: () => number;
   logger: Logger;
 }
 
@@ -60,7 +60,7 @@ export class PoolUnavailableError extends Error {
 const RESTART_DELAYS_MS = [100, 1000, 5000, 15000, 30000];
 
 type ResolvedPoolOptions =
-  & Required<Omit<PoolOptions, "onApplicationLoaded" | "firstIsolateId">>
+  & Required<Omit<PoolOptions, "onApplicationLoaded">>
   & Pick<PoolOptions, "onApplicationLoaded">;
 
 export class IsolatePool {
@@ -70,12 +70,11 @@ export class IsolatePool {
   #isolates = new Set<Isolate>();
   /** Jobs that wait for an isolate, in the order they will run. */
   #queue: Job[] = [];
-  #nextIsolateId = 1;
   #failedStarts = 0;
   #restarts = 0;
   #stopping = false;
-  /** Set by drain(): isolates that die are not replaced unless requests wait. */
-  #draining = false;
+  /** Set by drain(): where requests that have not started go instead of this pool's queue. */
+  #handOff: ((jobs: Job[]) => void) | null = null;
   #failedReason: string | null = null;
   #queueTimer: ReturnType<typeof setInterval> | undefined;
   #startupTimers = new Map<Isolate, ReturnType<typeof setTimeout>>();
@@ -102,10 +101,12 @@ export class IsolatePool {
       idleTimeoutMs: 0,
       requestTimeoutMs: 0,
       multiprocess: options.size > 1,
+      nextIsolateId: () => 0,
       ...options,
     };
     this.#logger = options.logger;
-    this.#nextIsolateId = options.firstIsolateId ?? 1;
+    let count = 0;
+    this.#options.nextIsolateId = options.nextIsolateId ?? (() => ++count);
     // start() hands this promise out; a pool that no caller awaits must not crash the process.
     this.#firstReady.promise.catch(() => {});
   }
@@ -211,25 +212,40 @@ export class IsolatePool {
     }
   }
 
-  /** Number of the last isolate this pool started (its first is `firstIsolateId`). */
-  get lastIsolateId(): number {
-    return this.#nextIsolateId - 1;
-  }
-
   /**
-   * Lets the queued and running requests finish, then stops every isolate.
-   * After `timeoutMs` the ones left fail as in stop(). The pool takes no new
-   * requests meanwhile: its owner sends them elsewhere.
+   * Hands the requests that have not started to `handOff`, lets the running
+   * ones finish, then stops every isolate and returns their numbers. After
+   * `timeoutMs` the requests still running fail as in stop(). The pool takes
+   * no new requests meanwhile: its owner sends them elsewhere, and so does
+   * `handOff` with the ones a dying isolate gives back.
    */
-  async drain(timeoutMs: number): Promise<void> {
-    this.#draining = true;
+  async drain(timeoutMs: number, handOff: (jobs: Job[]) => void): Promise<number[]> {
+    this.#handOff = handOff;
+    const waiting = this.#queue.splice(0);
+    for (const isolate of this.#isolates) {
+      for (let job = isolate.withdrawWaiting(); job; job = isolate.withdrawWaiting()) waiting.push(job);
+    }
+    if (waiting.length > 0) handOff(waiting);
+
     const deadline = performance.now() + timeoutMs;
-    const busy = () => this.#queue.length > 0 || [...this.#isolates].some((isolate) => isolate.jobs.length > 0);
+    const busy = () => [...this.#isolates].some((isolate) => isolate.jobs.length > 0);
     while (busy() && performance.now() < deadline && !this.#stopping) {
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
     if (busy()) this.#logger.warning(`requests still running after ${timeoutMs} ms of draining; stopping them`);
+    const ids = [...this.#isolates].map((isolate) => isolate.id);
     this.stop("the application was reloaded and the replaced isolates ran out of time");
+    return ids;
+  }
+
+  /**
+   * Takes requests that another pool of the same application accepted but
+   * did not start, ahead of this pool's own queue. They keep their arrival
+   * time, so their queue timeout goes on.
+   */
+  adopt(jobs: Job[]): void {
+    this.#requeue(jobs);
+    this.#grow();
   }
 
   /** Stops every isolate; queued jobs fail with 503, for `reason`. */
@@ -256,7 +272,7 @@ export class IsolatePool {
 
   /** Starts one more isolate when queued jobs outnumber the isolates still starting. */
   #grow(): void {
-    if (!this.#boot || this.#isolates.size >= this.#options.size || this.#failedReason) return;
+    if (!this.#boot || this.#isolates.size >= this.#options.size || this.#failedReason || this.#handOff) return;
     let starting = 0;
     let idle = 0;
     for (const isolate of this.#isolates) {
@@ -286,7 +302,7 @@ export class IsolatePool {
   #spawn(worker?: Worker): void {
     const isolate = new Isolate({
       worker,
-      id: this.#nextIsolateId++,
+      id: this.#options.nextIsolateId(),
       app: this.app,
       logger: this.#logger,
       responseWindow: this.#options.responseWindow,
@@ -361,6 +377,10 @@ export class IsolatePool {
   /** Puts jobs an isolate never started back at the front of the queue and dispatches them. */
   #requeue(jobs: Job[]): void {
     if (jobs.length === 0) return;
+    if (this.#handOff) {
+      this.#handOff(jobs);
+      return;
+    }
     if (this.#stopping || this.#failedReason) {
       for (const job of jobs) job.sink.fail(503, this.#failedReason ?? "the server is shutting down");
       return;
@@ -403,7 +423,7 @@ export class IsolatePool {
     // Requests wait, some of them taken back from this isolate: start one now,
     // unless isolates fail to start, which keeps the delay below.
     if (this.#queue.length > 0 && !neverStarted) this.#grow();
-    if (this.#isolates.size >= this.#options.minSize || this.#draining) {
+    if (this.#isolates.size >= this.#options.minSize || this.#handOff) {
       // Above the minimum, the next queued request starts an isolate if one is needed.
       return;
     }

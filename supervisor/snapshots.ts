@@ -374,8 +374,8 @@ const BUILD_LOCK_NOTICE_MS = 500;
 
 /**
  * Runs `build` while holding the cache folder's build lock (an flock on
- * `build.lock`), so that servers and daemon processes that start together
- * build each snapshot once. With the lock taken it first calls `recheck`,
+ * `build.lock`), so that servers and daemon processes that start together,
+ * or two pools of one server during a reload, build each snapshot once. With the lock taken it first calls `recheck`,
  * which returns what another process built meanwhile, if anything. The lock
  * ends with the process that holds it, however that process ends.
  */
@@ -395,7 +395,7 @@ async function withBuildLock<T>(
   }
   try {
     const notice = setTimeout(
-      () => logger.info(`waiting for another process that builds a snapshot (${lockPath})`),
+      () => logger.info(`waiting for another snapshot build to finish (${lockPath})`),
       BUILD_LOCK_NOTICE_MS,
     );
     let timer: ReturnType<typeof setTimeout> | undefined;

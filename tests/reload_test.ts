@@ -7,13 +7,17 @@ import assert from "node:assert/strict";
 import { startServer } from "./helpers/server.ts";
 import { countMatches, delay, runLoad, waitForCount } from "./helpers/load.ts";
 
-/** A script that returns its version after a pause of `ms` milliseconds per request. */
+/**
+ * A script that returns its version after a pause of `ms` milliseconds per
+ * request, or of the milliseconds in the query string (`/?2000`).
+ */
 function versionScript(version: string, ms: number): string {
   return `
 import time
 
 def application(environ, start_response):
-    time.sleep(${ms} / 1000)
+    pause = int(environ.get("QUERY_STRING") or ${ms})
+    time.sleep(pause / 1000)
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"${version}"]
 `;
@@ -60,6 +64,51 @@ Deno.test("embedded reload on SIGHUP", async () => {
   assert.match(server.log(), /reloading: starting fresh isolates \(the server received SIGHUP\)/);
   assert.equal(await (await fetch(server.origin + "/")).text(), "one");
   // The replaced isolate is stopped once it has finished.
-  await waitForCount(server, /replaced isolates stopped \(those numbered up to 1\)/, 1);
+  await waitForCount(server, /replaced isolates stopped: 1\n/, 1);
   assert.match(server.log(), /isolate=2\] isolate ready/);
+});
+
+Deno.test("embedded reload moves waiting requests", async () => {
+  const script = await writeScript("one");
+  await using server = await startServer(script, ["--threads", "1"]);
+  const started = performance.now();
+  const slow = fetch(server.origin + "/?3000").then(async (response) => ({
+    status: response.status,
+    body: await response.text(),
+    ms: performance.now() - started,
+  }));
+  await delay(300);
+  // These wait behind the slow request in the only isolate.
+  const waiting = Array.from({ length: 3 }, () =>
+    fetch(server.origin + "/").then(async (response) => ({
+      status: response.status,
+      body: await response.text(),
+      ms: performance.now() - started,
+    })));
+  await delay(300);
+
+  server.process.kill("SIGHUP");
+  const moved = await Promise.all(waiting);
+  const first = await slow;
+
+  assert.equal(first.status, 200);
+  for (const response of moved) {
+    assert.equal(response.status, 200);
+    // The fresh isolate ran them while the old one still ran the slow request.
+    assert.ok(response.ms < first.ms, `a waiting request ended after ${response.ms} ms, the slow one after ${first.ms} ms`);
+  }
+  await waitForCount(server, /replaced isolates stopped: 1\n/, 1);
+});
+
+Deno.test("embedded reload keeps a preloaded app that fails", async () => {
+  const script = await writeScript("one");
+  await using server = await startServer(script, ["--threads", "1", "--preload"]);
+  assert.equal(await (await fetch(server.origin + "/")).text(), "one");
+
+  await Deno.writeTextFile(script, versionScript("two", 20) + "\nraise RuntimeError('broken at import')\n");
+  await server.waitForLog(/reload failed, the running isolates keep serving: the application failed to import/, 30_000);
+  const response = await fetch(server.origin + "/");
+  assert.equal(response.status, 200);
+  assert.equal(await response.text(), "one");
+  assert.doesNotMatch(server.log(), /reloaded: fresh isolates take new requests/);
 });
