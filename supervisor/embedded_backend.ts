@@ -79,6 +79,7 @@ export class EmbeddedBackend implements AppBackend {
   #pool: IsolatePool;
   #createPool: (settings: PoolSettings) => IsolatePool;
   #isolatesStarted = 0;
+  #nextIsolateId = () => ++this.#isolatesStarted;
   /** The pool that runs each request now; a reload moves requests that have not started. */
   #poolOf = new WeakMap<Job, IsolatePool>();
   #logger: Logger;
@@ -103,8 +104,6 @@ export class EmbeddedBackend implements AppBackend {
   get pool(): IsolatePool {
     return this.#pool;
   }
-
-  #nextIsolateId = () => ++this.#isolatesStarted;
 
   async start(): Promise<void> {
     await this.#script.start();
