@@ -72,6 +72,8 @@ export interface PoolSettings {
   nextIsolateId: () => number;
   /** Called when an isolate has imported the application at start (preload). */
   onApplicationLoaded?: (error: string | undefined) => void;
+  /** "error" for a pool that a reload starts while the running one keeps serving. */
+  failureLogLevel?: "critical" | "error";
 }
 
 export class EmbeddedBackend implements AppBackend {
@@ -174,6 +176,7 @@ export class EmbeddedBackend implements AppBackend {
     const fresh = this.#createPool({
       nextIsolateId: this.#nextIsolateId,
       onApplicationLoaded: (error) => loaded.resolve(error),
+      failureLogLevel: "error",
     });
     try {
       await fresh.start();

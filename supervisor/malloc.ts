@@ -78,15 +78,29 @@ export function fixMmapThreshold(): MallocNote {
     return { level: "debug", message: `malloc: ${MMAP_THRESHOLD_VARIABLE} is set, keeping it` };
   }
   const fixed = fixThroughLibc();
-  if (user === undefined || fixed.level !== "debug") return fixed;
+  if (user === undefined) return fixed;
+  const invalid = `${MMAP_THRESHOLD_VARIABLE}=${JSON.stringify(user)} is invalid: glibc needs a number of bytes ` +
+    `from 0 to ${MAX_THRESHOLD_BYTES}`;
+  if (fixed.level === "debug") {
+    return { level: "warning", message: `malloc: ${invalid}; ${fixed.message.replace("malloc: ", "")} instead` };
+  }
   return {
     level: "warning",
-    message: `malloc: ignored ${MMAP_THRESHOLD_VARIABLE}=${JSON.stringify(user)}: glibc needs a number of bytes ` +
-      `from 0 to ${MAX_THRESHOLD_BYTES}; ${fixed.message.replace("malloc: ", "")}`,
+    message: `malloc: ${invalid}, and without FFI permission the server cannot replace it, so isolates ` +
+      `start several times slower: correct or unset it, or run the server with --allow-ffi`,
   };
 }
 
 function fixThroughLibc(): MallocNote {
+  // Without the permission dlopen() would prompt on a terminal instead of failing.
+  if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") {
+    return {
+      level: "warning",
+      message: "malloc: cannot fix the mmap threshold without FFI permission; " +
+        `the server may use about 100 MB more memory: run it with --allow-ffi, ` +
+        `or set ${MMAP_THRESHOLD_VARIABLE}=${MMAP_THRESHOLD_BYTES}`,
+    };
+  }
   let libc: Deno.DynamicLibrary<{ mallopt: { parameters: ["i32", "i32"]; result: "i32" } }> | undefined;
   try {
     libc = Deno.dlopen("libc.so.6", { mallopt: { parameters: ["i32", "i32"], result: "i32" } });

@@ -43,6 +43,12 @@ export interface PoolOptions {
   maxFailedStarts?: number;
   /** Returns the number of the next isolate, for the log; pools that replace each other share one counter. @default a counter of this pool */
   nextIsolateId?: () => number;
+  /**
+   * Level of the log line when the pool gives up: "critical" for the pool
+   * that serves, "error" for a pool that a reload starts while another
+   * one keeps serving. @default "critical"
+   */
+  failureLogLevel?: "critical" | "error";
   logger: Logger;
 }
 
@@ -102,6 +108,7 @@ export class IsolatePool {
       requestTimeoutMs: 0,
       multiprocess: options.size > 1,
       nextIsolateId: () => 0,
+      failureLogLevel: "critical",
       ...options,
     };
     this.#logger = options.logger;
@@ -431,13 +438,14 @@ export class IsolatePool {
     this.#restarts += 1;
     this.#logger.info(`restarting the isolate in ${delay} ms, or at once when a request comes`, { isolate: isolate.id });
     setTimeout(() => {
-      if (!this.#stopping && !this.#failedReason && this.#isolates.size < this.#options.size) this.#spawn();
+      if (this.#stopping || this.#failedReason || this.#handOff) return;
+      if (this.#isolates.size < this.#options.size) this.#spawn();
     }, delay);
   }
 
   #markFailed(reason: string): void {
     this.#failedReason = reason;
-    this.#logger.critical(`application marked failed: ${reason}`);
+    this.#logger.log(this.#options.failureLogLevel, `application marked failed: ${reason}`);
     this.#firstReady.reject(new Error(reason));
     for (const job of this.#queue.splice(0)) job.sink.fail(503, `application unavailable: ${reason}`);
   }

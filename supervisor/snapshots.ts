@@ -351,10 +351,10 @@ async function runtimeSnapshot(
   const recheck = async () => {
     const built = await readFile(path, key);
     if (typeof built === "string") return undefined;
-    logger.info(`using the runtime snapshot that another process built meanwhile: ${path}`);
+    logger.info(`using the runtime snapshot that another build made meanwhile: ${path}`);
     return { key, snapshot: built.snapshot };
   };
-  return await withBuildLock(logger, recheck, async () => {
+  return await withBuildLock(path, logger, recheck, async () => {
     logger.info(
       `building the Python ${app.python} runtime snapshot (${reason}); ` +
         "this happens once per Python version and build",
@@ -367,24 +367,31 @@ async function runtimeSnapshot(
   });
 }
 
-/** Maximum wait for another process's snapshot build before this one builds without the lock. */
+/** Maximum wait for another build of the same snapshot before this one builds without the lock. */
 const BUILD_LOCK_WAIT_MS = 60_000;
 /** Wait after which a process that waits for the build lock logs it. */
 const BUILD_LOCK_NOTICE_MS = 500;
 
+/** Returns the path of the lock file of the snapshot at `path`. */
+function lockPathOf(path: string): string {
+  return `${path}.lock`;
+}
+
 /**
- * Runs `build` while holding the cache folder's build lock (an flock on
- * `build.lock`), so that servers and daemon processes that start together,
- * or two pools of one server during a reload, build each snapshot once. With the lock taken it first calls `recheck`,
- * which returns what another process built meanwhile, if anything. The lock
- * ends with the process that holds it, however that process ends.
+ * Runs `build` while holding the lock of the snapshot at `path` (an flock on
+ * `path.lock`), so that servers and daemon processes that start together,
+ * or two pools of one server during a reload, build each snapshot once.
+ * Builds of other snapshots do not wait. With the lock taken it first calls
+ * `recheck`, which returns what another build made meanwhile, if anything.
+ * The lock ends with the process that holds it, however that process ends.
  */
 async function withBuildLock<T>(
+  path: string,
   logger: Logger,
   recheck: () => Promise<T | undefined>,
   build: () => Promise<T>,
 ): Promise<T> {
-  const lockPath = `${snapshotCacheDir()}/build.lock`;
+  const lockPath = lockPathOf(path);
   let file: Deno.FsFile;
   try {
     await Deno.mkdir(snapshotCacheDir(), { recursive: true });
@@ -395,7 +402,7 @@ async function withBuildLock<T>(
   }
   try {
     const notice = setTimeout(
-      () => logger.info(`waiting for another snapshot build to finish (${lockPath})`),
+      () => logger.info(`waiting for another build of the same snapshot to finish (${lockPath})`),
       BUILD_LOCK_NOTICE_MS,
     );
     let timer: ReturnType<typeof setTimeout> | undefined;
@@ -410,7 +417,7 @@ async function withBuildLock<T>(
     } else {
       logger.warning(
         `building a snapshot without the lock ${lockPath}: ` +
-          (outcome === "timeout" ? `another process held it for ${BUILD_LOCK_WAIT_MS / 1000} s` : "it cannot be locked"),
+          (outcome === "timeout" ? `another build held it for ${BUILD_LOCK_WAIT_MS / 1000} s` : "it cannot be locked"),
       );
     }
     return await build();
@@ -519,6 +526,7 @@ async function pruneApplicationSnapshots(logger: Logger): Promise<void> {
   snapshots.sort((a, b) => b.used - a.used);
   for (const { path } of snapshots.slice(MAX_APPLICATION_SNAPSHOTS)) {
     await Deno.remove(path).catch(() => {});
+    await Deno.remove(lockPathOf(path)).catch(() => {});
     logger.info(`removed the least recently used application snapshot ${path}`);
   }
 }
@@ -553,6 +561,7 @@ export async function pruneRuntimeSnapshots(logger: Logger, now = Date.now()): P
         : "a temporary file of a snapshot build that did not finish";
       try {
         await Deno.remove(path);
+        if (stale) await Deno.remove(lockPathOf(path)).catch(() => {});
         logger.info(`removed ${path}: ${description}, unused for ${Math.floor((now - used) / 86_400_000)} days`);
       } catch (error) {
         logger.warning(`cannot remove ${path} (${description}): ${error}`);
@@ -588,7 +597,9 @@ async function buildApplicationSnapshot(
   const path = applicationPath(app, key);
   // The stamps are taken after the import, so a file saved during the build
   // would look unchanged next time although the snapshot contains its old code.
-  const editedDuringBuild = files.find(([, , mtime]) => mtime >= buildStartedAt);
+  // A time after now is a clock that runs ahead (a network file system), not an edit.
+  const builtAt = Date.now();
+  const editedDuringBuild = files.find(([, , mtime]) => mtime >= buildStartedAt && mtime <= builtAt);
   if (editedDuringBuild) {
     logger.info(
       `application snapshot not cached: ${editedDuringBuild[0]} changed while the application was imported; ` +
@@ -655,10 +666,11 @@ async function chooseBoot(options: BootOptions): Promise<Boot> {
     const recheck = async () => {
       const built = await cachedApplicationSnapshot(app, key);
       if (typeof built === "string") return undefined;
-      logger.info("using the application snapshot that another process built meanwhile");
+      logger.info("using the application snapshot that another build made meanwhile");
       return built;
     };
     const snapshot = await withBuildLock(
+      applicationPath(app, key),
       logger,
       recheck,
       () => buildApplicationSnapshot(options, key, runtime.snapshot, wasmModule, reason),

@@ -624,7 +624,7 @@ Deno.test("server replaces an invalid mmap threshold", async () => {
   assert.equal((await getText(server, "/do/hello")).text, "hello");
   assert.match(
     server.log(),
-    /WARNING \[pid=\d+\] malloc: ignored MALLOC_MMAP_THRESHOLD_="abc": .* mmap threshold fixed at 131072 bytes/,
+    /WARNING \[pid=\d+\] malloc: MALLOC_MMAP_THRESHOLD_="abc" is invalid: .* mmap threshold fixed at 131072 bytes instead/,
   );
 });
 
@@ -665,7 +665,19 @@ Deno.test("server without FFI permission warns about malloc", async () => {
   assert.equal((await getText(server, "/do/hello")).text, "hello");
   assert.match(
     server.log(),
-    /WARNING \[pid=\d+\] malloc: cannot fix the mmap threshold without FFI permission .*--allow-ffi/,
+    /WARNING \[pid=\d+\] malloc: cannot fix the mmap threshold without FFI permission.*--allow-ffi/,
+  );
+});
+
+Deno.test("server without FFI names an invalid threshold", async () => {
+  await using server = await startServer(APP_SCRIPT, MMAP_ARGS, {
+    permissions: ["--allow-read", "--allow-write", "--allow-net", "--allow-env", "--allow-run", "--allow-sys"],
+    env: { MALLOC_MMAP_THRESHOLD_: "abc" },
+  });
+  assert.equal((await getText(server, "/do/hello")).text, "hello");
+  assert.match(
+    server.log(),
+    /WARNING \[pid=\d+\] malloc: MALLOC_MMAP_THRESHOLD_="abc" is invalid: .* cannot replace it, .*correct or unset it/,
   );
 });
 

@@ -178,8 +178,48 @@ Deno.test("servers started together build each snapshot once", async () => {
   const logs = first.log() + second.log();
   assert.equal(countMatches(logs, /building the Python 3\.14 runtime snapshot/), 1, logs);
   assert.equal(countMatches(logs, /building the application snapshot/), 1, logs);
-  assert.match(logs, /using the runtime snapshot that another process built meanwhile/);
-  assert.match(logs, /using the application snapshot that another process built meanwhile/);
+  assert.match(logs, /using the runtime snapshot that another build made meanwhile/);
+  assert.match(logs, /using the application snapshot that another build made meanwhile/);
+});
+
+Deno.test("builds of different snapshots do not wait", async () => {
+  await warmRuntimeSnapshot();
+  const cache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
+  const [runtime] = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
+  await Deno.copyFile(`${TEST_CACHE_DIR}/${runtime}`, `${cache}/${runtime}`);
+  // Two applications whose imports each take 1.5 s, so their builds overlap.
+  const slowApp = (name: string) =>
+    makeApp({
+      [`${name}.wsgi`]: `import time\nstarted = time.time()\nwhile time.time() - started < 1.5:\n    pass\n${HELLO}`,
+    });
+  const [first, second] = await Promise.all([slowApp("first"), slowApp("second")]);
+  const start = (script: string) => startServer(script, ["--threads", "1"], { env: { WSGIRUN_CACHE_DIR: cache } });
+
+  const servers = await Promise.all([start(`${first}/first.wsgi`), start(`${second}/second.wsgi`)]);
+  await using one = servers[0];
+  await using two = servers[1];
+  assert.equal(await body(one.origin), "hello");
+  assert.equal(await body(two.origin), "hello");
+  const logs = one.log() + two.log();
+  assert.equal(countMatches(logs, /application snapshot built/), 2, logs);
+  assert.doesNotMatch(logs, /waiting for another/);
+});
+
+Deno.test("app snapshot cached despite future file times", async () => {
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  // A file system whose clock runs ahead, as network file systems can.
+  const future = new Date(Date.now() + 3600_000);
+  await Deno.utime(`${folder}/app.wsgi`, future, future);
+  const script = `${folder}/app.wsgi`;
+  {
+    await using server = await startServer(script, ["--threads", "1"]);
+    assert.equal(await body(server.origin), "hello");
+    assert.match(server.log(), /application snapshot built/);
+    assert.doesNotMatch(server.log(), /not cached/);
+  }
+  await using server = await startServer(script, ["--threads", "1"]);
+  assert.equal(await body(server.origin), "hello");
+  assert.doesNotMatch(server.log(), /building the application snapshot/);
 });
 
 Deno.test("snapshot used when the cache is unwritable", async () => {
