@@ -217,19 +217,21 @@ async function writeSnapshot(
   snapshot: Uint8Array,
   files?: [string, number, number][],
   logger?: Logger,
-): Promise<SharedArrayBuffer> {
+): Promise<{ snapshot: SharedArrayBuffer; written: boolean }> {
   const packed = packSnapshot(snapshot);
   const sha256 = await sha256Hex(packed);
+  let written = true;
   try {
     await writeFile(path, { key, sha256, bytes: packed.length, snapshotBytes: snapshot.length, files }, packed);
   } catch (error) {
     if (!logger) throw error;
+    written = false;
     logger.warning(
       `cannot write the snapshot cache file ${path}: ${errorText(error)}; ` +
         "this run uses the snapshot, the next one builds it again. Set WSGIRUN_CACHE_DIR to a writable folder",
     );
   }
-  return unpackSnapshot(packed, snapshot.length);
+  return { snapshot: unpackSnapshot(packed, snapshot.length), written };
 }
 
 async function writeFile(path: string, header: SnapshotHeader, payload: Uint8Array): Promise<void> {
@@ -361,8 +363,9 @@ async function runtimeSnapshot(
     );
     const started = performance.now();
     const bytes = await buildRuntimeSnapshot(app.python, options.pyodideFolder, wasmModule, logger);
-    logger.info(`runtime snapshot built in ${Math.round(performance.now() - started)} ms: ${path}`);
-    const snapshot = await writeSnapshot(path, key, bytes, undefined, logger);
+    const ms = Math.round(performance.now() - started);
+    const { snapshot, written } = await writeSnapshot(path, key, bytes, undefined, logger);
+    logger.info(`runtime snapshot built in ${ms} ms${written ? `: ${path}` : ", for this run only"}`);
     return { key, snapshot };
   });
 }
@@ -517,11 +520,16 @@ async function touch(path: string): Promise<void> {
 async function pruneApplicationSnapshots(logger: Logger): Promise<void> {
   const folder = snapshotCacheDir();
   const snapshots: { path: string; used: number }[] = [];
-  for await (const entry of Deno.readDir(folder)) {
-    if (!entry.isFile || !entry.name.startsWith("app-") || !entry.name.endsWith(".snapshot")) continue;
-    const path = `${folder}/${entry.name}`;
-    const info = await Deno.stat(path).catch(() => null);
-    if (info) snapshots.push({ path, used: info.mtime?.getTime() ?? 0 });
+  try {
+    for await (const entry of Deno.readDir(folder)) {
+      if (!entry.isFile || !entry.name.startsWith("app-") || !entry.name.endsWith(".snapshot")) continue;
+      const path = `${folder}/${entry.name}`;
+      const info = await Deno.stat(path).catch(() => null);
+      if (info) snapshots.push({ path, used: info.mtime?.getTime() ?? 0 });
+    }
+  } catch (error) {
+    logger.warning(`cannot look for old application snapshots in ${folder}: ${errorText(error)}`);
+    return;
   }
   snapshots.sort((a, b) => b.used - a.used);
   for (const { path } of snapshots.slice(MAX_APPLICATION_SNAPSHOTS)) {
@@ -607,11 +615,12 @@ async function buildApplicationSnapshot(
     );
     return unpackSnapshot(packSnapshot(built.bytes), built.bytes.length);
   }
-  const snapshot = await writeSnapshot(path, key, built.bytes, files, logger);
-  await pruneApplicationSnapshots(logger);
+  const { snapshot, written } = await writeSnapshot(path, key, built.bytes, files, logger);
+  if (written) await pruneApplicationSnapshots(logger);
   logger.info(
     `application snapshot built in ${Math.round(performance.now() - started)} ms ` +
-      `(${files.length} imported ${files.length === 1 ? "file" : "files"} watched): ${path}`,
+      `(${files.length} imported ${files.length === 1 ? "file" : "files"} watched)` +
+      (written ? `: ${path}` : ", for this run only"),
   );
   return snapshot;
 }

@@ -227,7 +227,19 @@ Deno.test("snapshot used when the cache is unwritable", async () => {
   // A folder inside a regular file cannot be made, not even by root.
   const log = await runtimeSnapshotStart(`${blocker}/cache`);
   assert.match(log, /cannot write the snapshot cache file .*; this run uses the snapshot/);
+  assert.match(log, /runtime snapshot built in \d+ ms, for this run only/);
   assert.match(log, /isolates start from the runtime snapshot/);
+});
+
+Deno.test("app snapshot used when the cache is unwritable", async () => {
+  const blocker = await Deno.makeTempFile({ prefix: "wsgirun-not-a-folder-" });
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"], {
+    env: { WSGIRUN_CACHE_DIR: `${blocker}/cache` },
+  });
+  assert.equal(await body(server.origin), "hello");
+  assert.match(server.log(), /application snapshot built in \d+ ms \(.*\), for this run only/);
+  assert.match(server.log(), /isolates start from the application snapshot/);
 });
 
 Deno.test("runtime snapshot keyed by adapter source", async () => {
