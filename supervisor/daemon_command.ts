@@ -28,9 +28,9 @@
  * - `--allow-net`: only the group's allow-net hosts. The channel to the front
  *   is the process's standard input and output, which need no permission.
  * - `--allow-sys=uid`: so the process can check that it does not run as root.
- * - no other `--allow-env`, and no `--allow-run` or `--allow-ffi`; the environment is
- *   also cleared except for the variables that locate Deno's cache, and
- *   glibc's malloc setting (see malloc.ts).
+ * - no other `--allow-env`, and no `--allow-run` or `--allow-ffi`. The
+ *   environment is cleared too, except for the variables that locate Deno's
+ *   cache and glibc's malloc setting (see malloc.ts).
  * Deno's own module cache (DENO_DIR) is read by the Deno CLI, not through
  * these permissions.
  *

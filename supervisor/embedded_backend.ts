@@ -82,7 +82,7 @@ export class EmbeddedBackend implements AppBackend {
   #createPool: (settings: PoolSettings) => IsolatePool;
   #isolatesStarted = 0;
   #nextIsolateId = () => ++this.#isolatesStarted;
-  /** The pool that runs each request now; a reload moves requests that have not started. */
+  /** The pool of each request that a reload moved; the others stay with the pool that took them. */
   #poolOf = new WeakMap<Job, IsolatePool>();
   #logger: Logger;
   #script: ScriptWatcher;
@@ -134,7 +134,6 @@ export class EmbeddedBackend implements AppBackend {
       control.release();
       throw error;
     }
-    this.#poolOf.set(job, pool);
     if (stream && ring) pumpBody(stream, ring, this.#logger.child({ request: request.requestId }));
 
     return {

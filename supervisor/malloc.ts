@@ -9,10 +9,12 @@
  * buffers of several megabytes that are freed soon after. After the first
  * of them, buffers up to that size come from the arenas of the threads,
  * which keep their pages when the buffers are freed. Fixing the limit turns
- * that growth off. Measured with hello world and a warm snapshot cache
- * (Deno 2.9.6, glibc 2.36, 2 cores), 3 s after the last isolate was ready:
- * the server's resident memory went from 232 to 245 MB down to 188 to 191
- * MB with 1 isolate, from 331 to 256 MB with 2, and from 473 to 372 MB with 4.
+ * that growth off.
+ *
+ * Measured with hello world and a warm snapshot cache (Deno 2.9.6, glibc
+ * 2.36, 2 cores), 3 s after the last isolate was ready. The server's resident
+ * memory fell from 232–245 MB to 188–191 MB with 1 isolate, from 330–331 MB
+ * to 254–258 MB with 2, and from 473–478 MB to 371–372 MB with 4.
  */
 
 /** Allocations from this size up get an mmap of their own (glibc's default start value). */
@@ -91,16 +93,19 @@ export function fixMmapThreshold(): MallocNote {
   };
 }
 
+/** Returns the warning for a server that may not call mallopt(), with `detail` after its first clause. */
+function withoutFfi(detail = ""): MallocNote {
+  return {
+    level: "warning",
+    message: `malloc: cannot fix the mmap threshold without FFI permission${detail}; ` +
+      `the server may use about 100 MB more memory: run it with --allow-ffi, ` +
+      `or set ${MMAP_THRESHOLD_VARIABLE}=${MMAP_THRESHOLD_BYTES}`,
+  };
+}
+
 function fixThroughLibc(): MallocNote {
   // Without the permission dlopen() would prompt on a terminal instead of failing.
-  if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") {
-    return {
-      level: "warning",
-      message: "malloc: cannot fix the mmap threshold without FFI permission; " +
-        `the server may use about 100 MB more memory: run it with --allow-ffi, ` +
-        `or set ${MMAP_THRESHOLD_VARIABLE}=${MMAP_THRESHOLD_BYTES}`,
-    };
-  }
+  if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") return withoutFfi();
   let libc: Deno.DynamicLibrary<{ mallopt: { parameters: ["i32", "i32"]; result: "i32" } }> | undefined;
   try {
     libc = Deno.dlopen("libc.so.6", { mallopt: { parameters: ["i32", "i32"], result: "i32" } });
@@ -109,12 +114,7 @@ function fixThroughLibc(): MallocNote {
   } catch (error) {
     const reason = error instanceof Error ? error.message : String(error);
     if (error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied) {
-      return {
-        level: "warning",
-        message: `malloc: cannot fix the mmap threshold without FFI permission (${reason}); ` +
-          `the server may use about 100 MB more memory: run it with --allow-ffi, ` +
-          `or set ${MMAP_THRESHOLD_VARIABLE}=${MMAP_THRESHOLD_BYTES}`,
-      };
+      return withoutFfi(` (${reason})`);
     }
     // Not glibc: mallopt() with this parameter is glibc's own.
     return { level: "debug", message: `malloc: mmap threshold left as it is: ${reason}` };

@@ -235,6 +235,7 @@ export class IsolatePool {
     if (waiting.length > 0) handOff(waiting);
 
     const deadline = performance.now() + timeoutMs;
+    // NOTE: a running request whose client left still counts until it ends or the time runs out.
     const busy = () => [...this.#isolates].some((isolate) => isolate.jobs.length > 0);
     while (busy() && performance.now() < deadline && !this.#stopping) {
       await new Promise((resolve) => setTimeout(resolve, 50));

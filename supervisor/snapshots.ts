@@ -197,6 +197,8 @@ async function readFile(
   if (payload.length !== header.bytes) {
     return `${path} has the wrong length (${payload.length} bytes of snapshot, the header says ${header.bytes})`;
   }
+  // NOTE: the hash covers the payload only. A changed header field that still
+  // unpacks, such as a smaller snapshotBytes over zero pages, goes unnoticed.
   if (await sha256Hex(payload) !== header.sha256) return `${path} is corrupt (SHA-256 mismatch)`;
   try {
     return { header, snapshot: unpackSnapshot(payload, header.snapshotBytes) };

@@ -5,7 +5,7 @@
  */
 
 import assert from "node:assert/strict";
-import { repoPath, startServer } from "./helpers/server.ts";
+import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
 
 Deno.test("waiting request moves to free isolate", async () => {
   await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "2"]);
@@ -246,16 +246,26 @@ async function sendAndLeave(url: string): Promise<void> {
   assert.equal(await request, null, "no response came before the client left");
 }
 
+/**
+ * Starts a request of `runningSeconds` on the server's only isolate, then one
+ * of `heldSeconds` whose client leaves while it waits behind the first.
+ * Returns the first request's response.
+ */
+async function holdAndLeave(server: TestServer, runningSeconds: number, heldSeconds: number): Promise<Response> {
+  await server.waitForLog(/isolate=1\] isolate ready/);
+  const running = fetch(`${server.origin}/?seconds=${runningSeconds}`);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  await sendAndLeave(`${server.origin}/?seconds=${heldSeconds}`);
+  return running;
+}
+
 Deno.test("held request whose client left ends", async () => {
   await using server = await startServer(
     repoPath("tests/fixtures/pool_app.wsgi"),
     ["--threads", "1", "--request-timeout", "1"],
   );
-  await server.waitForLog(/isolate=1\] isolate ready/);
-  const running = fetch(`${server.origin}/?seconds=3`);
-  await new Promise((resolve) => setTimeout(resolve, 200));
-  // This request waits in the isolate behind the running one; then its client leaves.
-  await sendAndLeave(`${server.origin}/?seconds=0`);
+  // The second request waits in the isolate behind the running one; then its client leaves.
+  const running = await holdAndLeave(server, 3, 0);
 
   // The pool takes the held request back when its client leaves, or at the latest when the
   // running request times out. Either way the held request must end.
@@ -281,10 +291,7 @@ async function heldRequestNeverRuns(modeArgs: string[]): Promise<void> {
     repoPath("tests/fixtures/pool_app.wsgi"),
     [...modeArgs, "--access-log"],
   );
-  await server.waitForLog(/isolate=1\] isolate ready/);
-  const running = fetch(`${server.origin}/?seconds=1.5`);
-  await new Promise((resolve) => setTimeout(resolve, 200));
-  await sendAndLeave(`${server.origin}/?seconds=0.1`);
+  const running = await holdAndLeave(server, 1.5, 0.1);
 
   const first = await running;
   assert.equal(first.status, 200);

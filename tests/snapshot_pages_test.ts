@@ -102,7 +102,7 @@ Deno.test("unpacking rejects a page map that does not match the data", () => {
   const packed = packSnapshot(snapshot);
 
   const flagged = packed.slice();
-  flagged[HEADER_BYTES + 2] = 1; // one page more than the data holds
+  flagged[HEADER_BYTES + 2] = 1; // one page more than the data contains
   assert.throws(() => unpackSnapshot(flagged, snapshot.length), /invalid page map/);
 
   const badFlag = packed.slice();
