@@ -94,6 +94,8 @@ export interface OptionValues {
   queueLimit: number;
   requestTimeoutMs: number;
   queueTimeoutMs: number;
+  /** From `--shutdown-timeout`; unset keeps the default that depends on the daemon groups. */
+  shutdownTimeoutMs?: number;
   daemonGroups: DaemonGroupSpec[];
   processGroup?: string;
   /** `--mount` uses, with SCRIPT still unresolved. */
@@ -344,6 +346,19 @@ export const OPTIONS: readonly OptionSpec[] = [
     },
   },
   {
+    name: "--shutdown-timeout",
+    valueNames: ["SECONDS"],
+    help: "Maximum time in seconds (up to 3 decimals) that running requests get to " +
+      "finish after SIGTERM or SIGINT. Requests still running then get 503 Service " +
+      "Unavailable, or lose their connection if their response has started, and the " +
+      "server exits. 0 stops them at once.",
+    defaultText: "5, or the groups' longest shutdown-timeout",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.shutdownTimeoutMs = parseDuration("--shutdown-timeout", value);
+    },
+  },
+  {
     name: "--daemon",
     valueNames: ["SPEC"],
     help: "Define a daemon process group: SPEC is group=NAME followed by ,key=value " +
@@ -582,6 +597,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     daemonGroups: draft.daemonGroups,
   };
   if (processGroup !== undefined) options.processGroup = processGroup;
+  if (draft.shutdownTimeoutMs !== undefined) options.shutdownTimeoutMs = draft.shutdownTimeoutMs;
   return { kind: "serve", options };
 }
 

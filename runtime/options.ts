@@ -43,6 +43,11 @@ export interface ServerOptions {
   requestTimeoutMs: number;
   /** Milliseconds a request may wait for an embedded isolate before it gets 503; 0 for no limit. @default 45000 */
   queueTimeoutMs: number;
+  /**
+   * Milliseconds running requests get to finish when the server stops.
+   * @default the longest shutdown-timeout of the daemon groups, else 5000
+   */
+  shutdownTimeoutMs?: number;
   app: AppSpec;
   /** Daemon process group that runs `app`; embedded when unset. */
   processGroup?: string;

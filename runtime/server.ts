@@ -22,8 +22,8 @@ export interface RunningServer {
   finished: Promise<void>;
   /**
    * Stops accepting, lets running responses finish within `timeoutMs` (by
-   * default the longest shutdown-timeout of the daemon groups, or 5 s), then
-   * stops every backend.
+   * default --shutdown-timeout, else the longest shutdown-timeout of the
+   * daemon groups, else 5 s), then stops every backend.
    */
   shutdown(timeoutMs?: number): Promise<void>;
   /** Starts fresh interpreters for every application and drains the old ones (SIGHUP). */
@@ -32,9 +32,15 @@ export interface RunningServer {
 
 /** Grace period for running responses when the server stops and no group sets its own. */
 const DEFAULT_SHUTDOWN_MS = 5000;
+/** Time the 503 responses of requests stopped at the end of a shutdown get to reach their clients. */
+const FLUSH_AFTER_STOP_MS = 1000;
 
 const encoder = new TextEncoder();
 const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+
+function delay<T>(ms: number, value: T): Promise<T> {
+  return new Promise((resolve) => setTimeout(resolve, ms, value));
+}
 
 /** Formats a time as in Apache's access log: 04/Dec/2026:21:18:11 +0000. */
 function accessLogTime(date: Date): string {
@@ -152,20 +158,26 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
     appLogger.info(`listening on http://${addr.hostname}:${addr.port}${options.mountPoint || "/"} (${runsIn})`);
     logMounts(mounts, options, appLogger);
     const groupShutdownMs = Math.max(0, ...mounts.groups.map((group) => group.spec.shutdownTimeoutMs));
+    const shutdownMs = options.shutdownTimeoutMs ?? (groupShutdownMs || DEFAULT_SHUTDOWN_MS);
     return {
       addr,
       mounts,
       ready,
       finished: server.finished,
       reload: (reason) => mounts.reload(reason),
-      async shutdown(timeoutMs = groupShutdownMs || DEFAULT_SHUTDOWN_MS) {
+      async shutdown(timeoutMs = shutdownMs) {
         appLogger.info("shutting down: no new connections");
-        const timeout = new Promise((resolve) => setTimeout(resolve, timeoutMs, "timeout"));
-        const result = await Promise.race([server.shutdown().then(() => "drained"), timeout]);
+        const drained = server.shutdown().then(() => "drained");
+        const result = await Promise.race([drained, delay(timeoutMs, "timeout")]);
         if (result === "timeout") {
           appLogger.warning(`responses still running after ${timeoutMs} ms; stopping them`);
         }
         await mounts.stop();
+        if (result === "timeout") {
+          // Stopping the backends answered the requests that had not sent a
+          // response head with 503; give Deno a moment to write those out.
+          await Promise.race([drained, delay(FLUSH_AFTER_STOP_MS, "timeout")]);
+        }
         appLogger.info("server stopped");
       },
     };

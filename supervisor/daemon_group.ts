@@ -208,6 +208,7 @@ export class DaemonGroup implements AppBackend {
     for (const process of processes) {
       process.stopReason = "was stopped because the server is shutting down";
       process.stopPlanned = true;
+      process.runningFailStatus = 503;
       process.retire(0);
       process.closeInput();
     }

@@ -244,6 +244,8 @@ export class DaemonProcess {
   stopReason: string | undefined;
   /** Whether that stop is part of normal operation (shutdown, reload, drain), not a failure. */
   stopPlanned = false;
+  /** HTTP status of the requests still running when the process exits: 502 unless the server stops it. */
+  runningFailStatus = 502;
   /** Resolves when the child has exited and its requests have been settled. */
   readonly exited: Promise<ProcessExit>;
   #child: Deno.ChildProcess;
@@ -472,7 +474,7 @@ export class DaemonProcess {
     for (const [id, handle] of this.#requests) {
       this.#requests.delete(id);
       handle.finish();
-      handle.request.sink.fail(502, `daemon process ${this.pid} ${exit.reason}`);
+      handle.request.sink.fail(this.runningFailStatus, `daemon process ${this.pid} ${exit.reason}`);
     }
     return exit;
   }

@@ -551,6 +551,8 @@ Deno.test("daemon server", async (t) => {
     server = await startServer(siteScript, [
       "--threads",
       "1",
+      "--shutdown-timeout",
+      "3",
       "--daemon",
       `group=site,processes=2,threads=2,user=nobody,env=GREETING=hi,home=${HOME_DIR},inactivity-timeout=2`,
       "--daemon",
@@ -902,12 +904,20 @@ Deno.test("daemon server", async (t) => {
     await t.step("SIGTERM drains and stops", async () => {
       const pids = daemonPids(server);
       const slow = getText(origin + "/do/slow?ms=1500");
+      const stuck = getText(origin + "/do/slow?ms=30000");
       await delay(300);
       const status = await server.stop();
       const response = await slow;
+      const stuckResponse = await stuck;
 
       assert.equal(response.status, 200);
+      assert.equal(stuckResponse.status, 503);
       assert.equal(status.code, 0);
+      assert.match(server.log(), /responses still running after 3000 ms; stopping them/);
+      assert.match(
+        server.log(),
+        /request failed with 503: daemon process \d+ was stopped because the server is shutting down/,
+      );
       for (const pid of pids) {
         const alive = (() => {
           try {

@@ -357,6 +357,25 @@ Deno.test("stop signal delivered twice drains", async () => {
   assert.match(server.log(), /SIGINT again within \d+ ms: taken as the same stop/);
 });
 
+Deno.test("shutdown timeout answers running request", async () => {
+  await using server = await startServer(
+    repoPath("tests/fixtures/pool_app.wsgi"),
+    ["--threads", "1", "--shutdown-timeout", "1"],
+  );
+  const stuck = fetch(`${server.origin}/?seconds=30`);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+
+  server.process.kill("SIGTERM");
+  const response = await stuck;
+  const status = await server.process.status;
+
+  assert.equal(response.status, 503);
+  assert.equal(await response.text(), "Service Unavailable\n");
+  assert.equal(status.code, 0);
+  assert.match(server.log(), /responses still running after 1000 ms; stopping them/);
+  assert.match(server.log(), /request failed with 503: the server is shutting down/);
+});
+
 Deno.test("later second stop signal exits at once", async () => {
   await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "1"]);
   const slow = fetch(`${server.origin}/?seconds=5`).catch((error) => error);

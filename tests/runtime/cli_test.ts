@@ -158,6 +158,8 @@ const VALID_CASES: ValidCase[] = [
   { args: ["--request-timeout", "0"], read: (o) => o.requestTimeoutMs, expected: () => 0 },
   { args: ["--queue-timeout", "0.125"], read: (o) => o.queueTimeoutMs, expected: () => 125 },
   { args: ["--queue-timeout", "90"], read: (o) => o.queueTimeoutMs, expected: () => 90_000 },
+  { args: ["--shutdown-timeout", "1.5"], read: (o) => o.shutdownTimeoutMs, expected: () => 1500 },
+  { args: ["--shutdown-timeout", "0"], read: (o) => o.shutdownTimeoutMs, expected: () => 0 },
 ];
 
 for (const testCase of VALID_CASES) {
@@ -319,6 +321,7 @@ const INVALID_CASES: InvalidCase[] = [
   { args: ["--request-timeout", "2.0001"], option: "--request-timeout", value: "2.0001" },
   { args: ["--request-timeout", "2592001"], option: "--request-timeout", value: "2592001" },
   { args: ["--queue-timeout", "soon"], option: "--queue-timeout", value: "soon" },
+  { args: ["--shutdown-timeout", "5s"], option: "--shutdown-timeout", value: "5s" },
   { args: ["--access-log=yes"], option: "--access-log", value: "yes" },
   { args: ["--preload=true"], option: "--preload", value: "true" },
 ];
