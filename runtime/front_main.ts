@@ -4,7 +4,8 @@
  *
  * Signal handlers only queue the signal; one loop takes them in order:
  * - SIGHUP: every application starts fresh interpreters (fresh processes for
- *   daemon groups) and the old ones finish their requests.
+ *   daemon groups) and the old ones finish their requests. Once the server
+ *   is stopping, SIGHUP is ignored.
  * - SIGTERM, SIGINT: stop accepting, let running requests finish within the
  *   shutdown timeout, stop the daemon processes and exit 0. A second one
  *   exits at once with status 1; daemon processes then see their channel
@@ -68,6 +69,10 @@ async function handleSignals(server: RunningServer, logger: Logger): Promise<nev
   let stoppingSince: number | undefined;
   for (;;) {
     const signal = await signals.next();
+    if (signal === "SIGHUP" && stoppingSince !== undefined) {
+      logger.info("SIGHUP ignored: the server is stopping");
+      continue;
+    }
     if (signal === "SIGHUP") {
       logger.info("SIGHUP: reloading every application");
       server.reload("the server received SIGHUP");

@@ -68,6 +68,26 @@ Deno.test("embedded reload on SIGHUP", async () => {
   assert.match(server.log(), /isolate=2\] isolate ready/);
 });
 
+Deno.test("SIGHUP during stop is ignored", async () => {
+  const script = await writeScript("one");
+  await using server = await startServer(script, ["--threads", "1"]);
+  const slow = fetch(server.origin + "/?1500");
+  await delay(300);
+
+  server.process.kill("SIGTERM");
+  await server.waitForLog(/SIGTERM: stopping gracefully/);
+  server.process.kill("SIGHUP");
+  await server.waitForLog(/SIGHUP ignored: the server is stopping/);
+  const response = await slow;
+  const status = await server.process.status;
+
+  assert.equal(response.status, 200);
+  assert.equal(await response.text(), "one");
+  assert.equal(status.code, 0);
+  assert.doesNotMatch(server.log(), /reloading: starting fresh isolates/);
+  assert.doesNotMatch(server.log(), /isolate=2\]/);
+});
+
 Deno.test("embedded reload moves waiting requests", async () => {
   const script = await writeScript("one");
   await using server = await startServer(script, ["--threads", "1"]);
