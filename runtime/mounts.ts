@@ -110,6 +110,11 @@ function checkGroupUse(name: string, mounts: { app: AppSpec; processGroup?: stri
   }
 }
 
+/** Returns the daemon group that runs `spec`, or undefined for an embedded mount. */
+function findGroupSpec(options: ServerOptions, spec: MountSpec): DaemonGroupSpec | undefined {
+  return options.daemonGroups.find((group) => group.name === spec.processGroup);
+}
+
 /** One mount as the server routes to it. */
 export interface Mount {
   mountPoint: string;
@@ -117,8 +122,45 @@ export interface Mount {
   backend: AppBackend;
   /** Host folders `wsgi.file_wrapper` may send from (embedded mounts only). */
   filePaths: string[];
-  /** Logger whose lines name the application and, for a daemon mount, its group. */
+  /**
+   * Logger whose lines name the application, for a daemon mount its group,
+   * and the mount's prefix when another mount has the same application name
+   * and group (see mountsNeedingPrefix).
+   */
   logger: Logger;
+}
+
+/** Returns the prefix as log lines show it: `mount=/a`, or `mount=/` for the root. */
+function mountLabel(mountPoint: string): string {
+  return mountPoint || "/";
+}
+
+/** The default context of a mount's log lines: app name and, for a daemon mount, group. */
+interface MountLogIdentity {
+  mountPoint: string;
+  appName: string;
+  group?: string;
+}
+
+/**
+ * Returns the mount points whose log lines must also name the mount.
+ *
+ * A mount's lines name its application by file or module name and, for a
+ * daemon mount, its group. When two mounts share both, for example one
+ * script mounted at two prefixes, or two `app.wsgi` files from different
+ * folders, their lines would look the same. A mount whose app name and
+ * group differ from every other mount's gets no `mount=` key, so its lines
+ * stay as they were.
+ */
+function mountsNeedingPrefix(mounts: MountLogIdentity[]): Set<string> {
+  const contextOf = (mount: MountLogIdentity) => JSON.stringify([mount.appName, mount.group]);
+  const counts = new Map<string, number>();
+  for (const mount of mounts) {
+    const context = contextOf(mount);
+    counts.set(context, (counts.get(context) ?? 0) + 1);
+  }
+  const shared = mounts.filter((mount) => counts.get(contextOf(mount))! > 1);
+  return new Set(shared.map((mount) => mount.mountPoint));
 }
 
 /** The mounts of a running server, longest prefix first. */
@@ -132,20 +174,31 @@ export class MountTable {
       { mountPoint: options.mountPoint, app: options.app, processGroup: options.processGroup },
       ...options.mounts,
     ];
-    this.mounts = specs.map((spec) => this.#makeMount(spec, options, logger, groups));
+    const labelled = mountsNeedingPrefix(specs.map((spec) => ({
+      mountPoint: spec.mountPoint,
+      appName: spec.app.name,
+      group: findGroupSpec(options, spec)?.name,
+    })));
+    this.mounts = specs.map((spec) =>
+      this.#makeMount(spec, options, logger, groups, labelled.has(spec.mountPoint))
+    );
     this.mounts.sort((a, b) => b.mountPoint.length - a.mountPoint.length);
     this.groups = [...groups.values()];
   }
 
+  /** Builds a mount and its backend. `labelled` adds `mount=PREFIX` to its log lines. */
   #makeMount(
     spec: MountSpec,
     options: ServerOptions,
     logger: Logger,
     groups: Map<string, DaemonGroup>,
+    labelled: boolean,
   ): Mount {
-    const groupSpec = options.daemonGroups.find((group) => group.name === spec.processGroup);
+    // An undefined value leaves the key out of the lines.
+    const mountPrefix = labelled ? mountLabel(spec.mountPoint) : undefined;
+    const groupSpec = findGroupSpec(options, spec);
     if (!groupSpec) {
-      const appLogger = logger.child({ app: spec.app.name, pid: Deno.pid });
+      const appLogger = logger.child({ app: spec.app.name, mount: mountPrefix, pid: Deno.pid });
       const createPool = (settings: PoolSettings) =>
         new IsolatePool(spec.app, {
           size: options.threads,
@@ -166,16 +219,18 @@ export class MountTable {
     }
 
     const app = groupAppSpec(spec.app, groupSpec);
-    const appLogger = logger.child({ app: app.name, group: groupSpec.name });
     let group = groups.get(groupSpec.name);
     if (!group) {
+      // The group's own lines (its processes, reloads) belong to every mount
+      // that uses it, so they name the group and never one mount.
       group = new DaemonGroup(groupSpec, app, {
-        logger: appLogger,
+        logger: logger.child({ app: app.name, group: groupSpec.name }),
         logLevel: options.logLevel,
         queueLimit: options.queueLimit,
       });
       groups.set(groupSpec.name, group);
     }
+    const appLogger = logger.child({ app: app.name, mount: mountPrefix, group: groupSpec.name });
     // A daemon sends file_wrapper files itself, so the front reads no file for it.
     return { mountPoint: spec.mountPoint, app, backend: group, filePaths: [], logger: appLogger };
   }

@@ -4,7 +4,8 @@
  * Lines go to standard error as `<ISO time> <LEVEL> [key=value ...] message`,
  * so they can be read by people and split by scripts. Context keys carry the
  * ids the guide asks every line to have: app, group, process (pid), isolate
- * and request.
+ * and request. A mount's lines also carry `mount=PREFIX` when another mount
+ * has the same app name and group (see runtime/mounts.ts).
  */
 
 export const LOG_LEVELS = ["debug", "info", "warning", "error", "critical"] as const;

@@ -16,6 +16,8 @@ import { peakResident, residentBytes, uploadGenerated } from "./helpers/transfer
 
 const APP_SCRIPT = repoPath("tests/fixtures/server_app.wsgi");
 const IMPORT_SCRIPT = repoPath("tests/fixtures/server_import.wsgi");
+const MOUNT_LOG_SCRIPT = repoPath("tests/fixtures/mount_log_app.wsgi");
+const OTHER_APP_SCRIPT = repoPath("tests/fixtures/daemon_other/app.wsgi");
 const STATIC_DIR = repoPath("tests/fixtures/server_static");
 const MiB = 1024 * 1024;
 const encoder = new TextEncoder();
@@ -586,6 +588,60 @@ Deno.test("server import failures", async (t) => {
   } finally {
     await Deno.remove(folder, { recursive: true });
   }
+});
+
+// ---------------------------------------------------------------------------
+// One script at two prefixes: the log lines name the mount
+
+Deno.test("server log names shared-name mounts", async () => {
+  await using server = await startServer(MOUNT_LOG_SCRIPT, [
+    "--threads",
+    "1",
+    "--mount-point",
+    "/a",
+    "--mount",
+    "/b",
+    MOUNT_LOG_SCRIPT,
+    // A third application, with a name no other mount has, keeps its lines unchanged.
+    "--mount",
+    "/c",
+    OTHER_APP_SCRIPT,
+    "--access-log",
+  ], { waitForReady: false });
+  await server.waitForLog(/(isolate ready[\s\S]*){3}/, 120_000);
+  const log = () => server.log();
+
+  // Each pool numbers its isolates from 1, so only the mount key distinguishes the two pools.
+  assert.match(log(), /\[app=mount_log_app\.wsgi mount=\/a pid=\d+ isolate=1\] isolate ready/);
+  assert.match(log(), /\[app=mount_log_app\.wsgi mount=\/b pid=\d+ isolate=1\] isolate ready/);
+  assert.match(log(), /\[app=app\.wsgi pid=\d+ isolate=1\] isolate ready/);
+  const unlabelled = /\[app=mount_log_app\.wsgi pid=\d+ isolate=/;
+  assert.doesNotMatch(log(), unlabelled, "an isolate line without mount=");
+
+  // The server's own lines keep the main application's context, and their
+  // messages name the prefixes.
+  assert.match(log(), /listening on http:\/\/127\.0\.0\.1:\d+\/a \(/);
+  assert.match(log(), /mounted mount_log_app\.wsgi at \/b: embedded/);
+  assert.match(log(), /mounted app\.wsgi at \/c: embedded/);
+
+  const idA = (await getText(server, "/a/")).text;
+  const idB = (await getText(server, "/b/")).text;
+  assert.match(idA, /^[a-z0-9]+-\d+$/);
+  assert.match(idB, /^[a-z0-9]+-\d+$/);
+  assert.notEqual(idA, idB, "request ids are unique across mounts");
+
+  const requestLine = (id: string) => new RegExp(`.*request=${id}\\] mount log request.*`);
+  const lineA = await server.waitForLog(requestLine(idA), 10_000);
+  const lineB = await server.waitForLog(requestLine(idB), 10_000);
+  assert.match(lineA, /ERROR \[app=mount_log_app\.wsgi mount=\/a pid=\d+ isolate=1 request=/);
+  assert.match(lineA, /mount log request for \/a$/);
+  assert.match(lineB, /ERROR \[app=mount_log_app\.wsgi mount=\/b pid=\d+ isolate=1 request=/);
+  assert.match(lineB, /mount log request for \/b$/);
+
+  // The access log shows the full path, prefix included.
+  const output = await pollUntil(() => server.output(), (text) => text.includes("GET /b/ "));
+  assert.match(output, /"GET \/a\/ HTTP\/1\.1" 200 /);
+  assert.match(output, /"GET \/b\/ HTTP\/1\.1" 200 /);
 });
 
 // ---------------------------------------------------------------------------
