@@ -259,6 +259,11 @@ export class MountTable {
     for (const backend of this.backends) backend.reload(reason);
   }
 
+  /** Makes every backend ignore reloads, because the server is stopping. */
+  stopReloads(): void {
+    for (const backend of this.backends) backend.stopReloads();
+  }
+
   /** Stops every backend at once. */
   async stop(): Promise<void> {
     await Promise.all(this.backends.map((backend) => backend.stop()));

@@ -167,6 +167,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
       reload: (reason) => mounts.reload(reason),
       async shutdown(timeoutMs = shutdownMs) {
         appLogger.info("shutting down: no new connections");
+        mounts.stopReloads();
         const drained = server.shutdown().then(() => "drained");
         const result = await Promise.race([drained, delay(timeoutMs, "timeout")]);
         if (result === "timeout") {

@@ -46,6 +46,11 @@ export interface AppBackend {
   submit(request: BackendRequest): RequestHandle;
   /** Replaces the backend's interpreters with fresh ones without dropping accepted requests. */
   reload(reason: string): void;
+  /**
+   * Ignores reloads from now on and ends one in progress, because the server
+   * is stopping. Requests keep being served until stop().
+   */
+  stopReloads(): void;
   /** Stops everything at once; requests still queued fail with 503. */
   stop(): Promise<void>;
 }

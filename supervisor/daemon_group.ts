@@ -86,6 +86,8 @@ export class DaemonGroup implements AppBackend {
   /** Set when a reload failed while older processes still serve: start no more until the next reload. */
   #holdReason: string | null = null;
   #stopping = false;
+  /** Set once the server is stopping: touches and SIGHUP no longer start fresh processes. */
+  #reloadsStopped = false;
   #script: ScriptWatcher;
   #cache: DaemonCache | undefined;
   #firstReady = Promise.withResolvers<void>();
@@ -178,6 +180,10 @@ export class DaemonGroup implements AppBackend {
 
   reload(reason: string): void {
     if (this.#stopping) return;
+    if (this.#reloadsStopped) {
+      this.#logger.info(`reload ignored (${reason}): the server is stopping`);
+      return;
+    }
     const current = [...this.#processes].filter((p) =>
       p.state === "starting" || p.state === "ready"
     );
@@ -194,6 +200,10 @@ export class DaemonGroup implements AppBackend {
     this.#nextSpawnAt = 0;
     for (const process of current) process.replaced = true;
     this.#manage();
+  }
+
+  stopReloads(): void {
+    this.#reloadsStopped = true;
   }
 
   async stop(): Promise<void> {
@@ -468,7 +478,7 @@ export class DaemonGroup implements AppBackend {
     this.#expireQueue();
     this.#murder();
     this.#recycle();
-    if (!this.#stopping) this.#script.check();
+    if (!this.#stopping && !this.#reloadsStopped) this.#script.check();
   }
 
   #expireQueue(): void {

@@ -93,6 +93,8 @@ export class EmbeddedBackend implements AppBackend {
   /** Replaced pools that still finish their requests. */
   #draining = new Set<IsolatePool>();
   #stopped = false;
+  /** Set once the server is stopping: no reload starts or completes after that. */
+  #reloadsStopped = false;
 
   /** `createPool` makes each pool: the first, and a fresh one on every reload. */
   constructor(createPool: (settings: PoolSettings) => IsolatePool, logger: Logger) {
@@ -155,6 +157,10 @@ export class EmbeddedBackend implements AppBackend {
 
   reload(reason: string): void {
     if (this.#stopped) return;
+    if (this.#reloadsStopped) {
+      this.#logger.info(`reload ignored (${reason}): the server is stopping`);
+      return;
+    }
     if (this.#reloading) {
       this.#nextReload = reason;
       return;
@@ -189,8 +195,9 @@ export class EmbeddedBackend implements AppBackend {
       );
       return;
     }
-    if (this.#stopped) {
+    if (this.#stopped || this.#reloadsStopped) {
       fresh.stop();
+      this.#logger.info("reload abandoned: the server is stopping, so the fresh isolates were stopped");
       return;
     }
     const old = this.#pool;
@@ -209,6 +216,12 @@ export class EmbeddedBackend implements AppBackend {
     });
     this.#draining.delete(old);
     this.#logger.info(`replaced isolates stopped: ${stopped.length > 0 ? stopped.join(", ") : "none were left"}`);
+  }
+
+  stopReloads(): void {
+    this.#reloadsStopped = true;
+    this.#nextReload = null;
+    clearInterval(this.#scriptTimer);
   }
 
   stop(): Promise<void> {

@@ -906,7 +906,12 @@ Deno.test("daemon server", async (t) => {
       const slow = getText(origin + "/do/slow?ms=1500");
       const stuck = getText(origin + "/do/slow?ms=30000");
       await delay(300);
-      const status = await server.stop();
+      const stopped = server.stop();
+      await server.waitForLog(/SIGTERM: stopping gracefully/);
+      // A touch while the server stops must not start fresh processes.
+      const now = new Date();
+      await Deno.utime(siteScript, now, new Date(now.getTime() + 2000));
+      const status = await stopped;
       const response = await slow;
       const stuckResponse = await stuck;
 
@@ -914,6 +919,8 @@ Deno.test("daemon server", async (t) => {
       assert.equal(stuckResponse.status, 503);
       assert.equal(status.code, 0);
       assert.match(server.log(), /responses still running after 3000 ms; stopping them/);
+      const stopLog = server.log().slice(server.log().indexOf("SIGTERM: stopping gracefully"));
+      assert.doesNotMatch(stopLog, /reloading: the script file changed/);
       assert.match(
         server.log(),
         /request failed with 503: daemon process \d+ was stopped because the server is shutting down/,

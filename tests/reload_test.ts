@@ -88,6 +88,25 @@ Deno.test("SIGHUP during stop is ignored", async () => {
   assert.doesNotMatch(server.log(), /isolate=2\]/);
 });
 
+Deno.test("script change during stop is ignored", async () => {
+  const script = await writeScript("one");
+  await using server = await startServer(script, ["--threads", "1"]);
+  const slow = fetch(server.origin + "/?3000");
+  await delay(300);
+
+  server.process.kill("SIGTERM");
+  await server.waitForLog(/SIGTERM: stopping gracefully/);
+  await Deno.writeTextFile(script, versionScript("two", 20));
+  const response = await slow;
+  const status = await server.process.status;
+
+  // The server checks the script once a second, so it had over two checks to notice the change.
+  assert.equal(response.status, 200);
+  assert.equal(await response.text(), "one");
+  assert.equal(status.code, 0);
+  assert.doesNotMatch(server.log(), /reloading: starting fresh isolates/);
+});
+
 Deno.test("embedded reload moves waiting requests", async () => {
   const script = await writeScript("one");
   await using server = await startServer(script, ["--threads", "1"]);
