@@ -9,10 +9,12 @@
  * decides its content (Pyodide's version, the adapter's source, the module
  * list, the application's location), so a change produces a new file
  * instead of a stale restore. A file holds only the pages of the snapshot
- * that contain data (see packSnapshot). It starts with a header that records
- * the SHA-256 of what follows, and a file whose hash does not match is
- * rebuilt. Files are written under a temporary name and renamed, so two
- * servers building the same snapshot at once never read a half-written one.
+ * that contain data (see packSnapshot). It starts with a line that names the
+ * file format, a line with the SHA-256 of everything after it, and a JSON
+ * header, so an edited header field is caught as well as a damaged snapshot.
+ * A file whose hash does not match is rebuilt. Files are written under a
+ * temporary name and renamed, so two servers building the same snapshot at
+ * once never read a half-written one.
  *
  * An application snapshot also records the size and modification time of
  * every host file the application imported; editing any of them rebuilds it.
@@ -65,7 +67,17 @@ export const RUNTIME_MODULES = [
   "wsgiref.util",
 ];
 
-const MAGIC = "WSGIRUN-SNAPSHOT 2\n";
+/**
+ * First line of a cache file. The number is the version of the file layout:
+ * raise it whenever the layout changes, so files of another version are
+ * rebuilt instead of misread. Version 3 moved the SHA-256 out of the header
+ * onto its own line, where it also covers the header.
+ */
+const MAGIC = "WSGIRUN-SNAPSHOT 3\n";
+/** Start of MAGIC that every version shares. */
+const MAGIC_PREFIX = "WSGIRUN-SNAPSHOT ";
+/** Length of the line after MAGIC: a SHA-256 in hex and a newline. */
+const HASH_LINE_BYTES = 65;
 /** The reason readFile() gives when the file does not exist. */
 const NO_CACHED_SNAPSHOT = "no cached snapshot";
 
@@ -81,10 +93,9 @@ const RUNTIME_SNAPSHOT_UNUSED_MS = 7 * 24 * 3600 * 1000;
 const LEFTOVER_MS = 24 * 3600 * 1000;
 const BUILD_TIMEOUT_MS = 180_000;
 
+/** JSON header of a cache file, covered by the SHA-256 on the line before it. */
 interface SnapshotHeader {
   key: string;
-  /** SHA-256 of the packed snapshot that follows the header. */
-  sha256: string;
   /** Length of the packed snapshot. */
   bytes: number;
   /** Length of the snapshot once unpacked. */
@@ -136,11 +147,18 @@ export function compiledInterpreter(
 
 // ---- cache files ----
 
-function encodeFile(header: SnapshotHeader, payload: Uint8Array): Uint8Array<ArrayBuffer> {
-  const head = new TextEncoder().encode(MAGIC + JSON.stringify(header) + "\n");
-  const out = new Uint8Array(head.length + payload.length);
-  out.set(head);
-  out.set(payload, head.length);
+/** Returns the bytes of a cache file: MAGIC, the SHA-256 line, the header line and the packed snapshot. */
+async function encodeFile(header: SnapshotHeader, payload: Uint8Array): Promise<Uint8Array<ArrayBuffer>> {
+  const encoder = new TextEncoder();
+  const magic = encoder.encode(MAGIC);
+  const head = encoder.encode(JSON.stringify(header) + "\n");
+  const hashed = magic.length + HASH_LINE_BYTES;
+  const out = new Uint8Array(hashed + head.length + payload.length);
+  out.set(magic);
+  out.set(head, hashed);
+  out.set(payload, hashed + head.length);
+  // The hash covers the header and the snapshot as they are in the file.
+  out.set(encoder.encode(await sha256Hex(out.subarray(hashed)) + "\n"), magic.length);
   return out;
 }
 
@@ -160,7 +178,7 @@ function isHeader(value: unknown): value is SnapshotHeader {
   if (typeof value !== "object" || value === null) return false;
   const header = value as Record<string, unknown>;
   const files = header.files;
-  return typeof header.key === "string" && typeof header.sha256 === "string" &&
+  return typeof header.key === "string" &&
     Number.isSafeInteger(header.bytes) && (header.bytes as number) >= 0 &&
     Number.isSafeInteger(header.snapshotBytes) && (header.snapshotBytes as number) > 0 &&
     (files === undefined || (Array.isArray(files) && files.every(isStamp)));
@@ -181,13 +199,25 @@ async function readFile(
   } catch (error) {
     return error instanceof Deno.errors.NotFound ? NO_CACHED_SNAPSHOT : `cannot read ${path}: ${error}`;
   }
-  const magic = new TextDecoder().decode(data.subarray(0, MAGIC.length));
-  const headerEnd = data.indexOf(10, MAGIC.length);
-  if (magic !== MAGIC || headerEnd < 0) return `${path} is not a wsgirun snapshot`;
+  const decoder = new TextDecoder();
+  const magic = decoder.decode(data.subarray(0, MAGIC.length));
+  if (magic !== MAGIC) {
+    const otherVersion = decoder.decode(data.subarray(0, MAGIC_PREFIX.length)) === MAGIC_PREFIX;
+    return otherVersion
+      ? `${path} has another version of the snapshot file format (this wsgirun reads "${MAGIC.trim()}")`
+      : `${path} is not a wsgirun snapshot`;
+  }
+  const hashed = MAGIC.length + HASH_LINE_BYTES;
+  const sha256 = decoder.decode(data.subarray(MAGIC.length, hashed - 1));
+  const headerEnd = data.indexOf(10, hashed);
+  if (!/^[0-9a-f]{64}$/.test(sha256) || data[hashed - 1] !== 10 || headerEnd < 0) {
+    return `${path} has a corrupt header`;
+  }
 
+  // The header is checked before the hash, which takes longer.
   let header: unknown;
   try {
-    header = JSON.parse(new TextDecoder().decode(data.subarray(MAGIC.length, headerEnd)));
+    header = JSON.parse(decoder.decode(data.subarray(hashed, headerEnd)));
   } catch {
     return `${path} has a corrupt header`;
   }
@@ -197,9 +227,7 @@ async function readFile(
   if (payload.length !== header.bytes) {
     return `${path} has the wrong length (${payload.length} bytes of snapshot, the header says ${header.bytes})`;
   }
-  // NOTE: the hash covers the payload only. A changed header field that still
-  // unpacks, such as a smaller snapshotBytes over zero pages, goes unnoticed.
-  if (await sha256Hex(payload) !== header.sha256) return `${path} is corrupt (SHA-256 mismatch)`;
+  if (await sha256Hex(data.subarray(hashed)) !== sha256) return `${path} is corrupt (SHA-256 mismatch)`;
   try {
     return { header, snapshot: unpackSnapshot(payload, header.snapshotBytes) };
   } catch (error) {
@@ -221,10 +249,9 @@ async function writeSnapshot(
   logger?: Logger,
 ): Promise<{ snapshot: SharedArrayBuffer; written: boolean }> {
   const packed = packSnapshot(snapshot);
-  const sha256 = await sha256Hex(packed);
   let written = true;
   try {
-    await writeFile(path, { key, sha256, bytes: packed.length, snapshotBytes: snapshot.length, files }, packed);
+    await writeFile(path, { key, bytes: packed.length, snapshotBytes: snapshot.length, files }, packed);
   } catch (error) {
     if (!logger) throw error;
     written = false;
@@ -241,7 +268,7 @@ async function writeFile(path: string, header: SnapshotHeader, payload: Uint8Arr
   await Deno.mkdir(folder, { recursive: true });
   const temporary = `${path}.${Deno.pid}.${crypto.randomUUID().slice(0, 8)}.tmp`;
   try {
-    await Deno.writeFile(temporary, encodeFile(header, payload));
+    await Deno.writeFile(temporary, await encodeFile(header, payload));
     await Deno.rename(temporary, path);
   } catch (error) {
     await Deno.remove(temporary).catch(() => {});
@@ -383,12 +410,27 @@ function lockPathOf(path: string): string {
 }
 
 /**
+ * Times a build opens the lock file again because another process removed it
+ * while this one waited. A lock file is removed only after a build that kept
+ * no snapshot, or when no build holds it, so the limit is reached only when
+ * such builds end quickly one after another.
+ */
+const MAX_LOCK_ATTEMPTS = 20;
+
+/** The open lock file of a snapshot, and whether this process holds its lock. */
+type BuildLock = { file: Deno.FsFile; held: true } | { file: Deno.FsFile; held: false; reason: string };
+
+/**
  * Runs `build` while holding the lock of the snapshot at `path` (an flock on
  * `path.lock`), so that servers and daemon processes that start together,
  * or two pools of one server during a reload, build each snapshot once.
  * Builds of other snapshots do not wait. With the lock taken it first calls
  * `recheck`, which returns what another build made meanwhile, if anything.
  * The lock ends with the process that holds it, however that process ends.
+ *
+ * When no snapshot exists at `path` after the build (it was skipped, not
+ * kept or not written), the lock file is removed before the lock is released,
+ * so the cache folder does not collect one empty file per such snapshot.
  */
 async function withBuildLock<T>(
   path: string,
@@ -397,37 +439,140 @@ async function withBuildLock<T>(
   build: () => Promise<T>,
 ): Promise<T> {
   const lockPath = lockPathOf(path);
-  let file: Deno.FsFile;
+  let lock: BuildLock;
   try {
     await Deno.mkdir(snapshotCacheDir(), { recursive: true });
-    file = await Deno.open(lockPath, { create: true, write: true });
+    lock = await lockBuildFile(lockPath, logger);
   } catch (error) {
     logger.debug(`snapshot builds are not coordinated: cannot open ${lockPath}: ${errorText(error)}`);
     return await build();
   }
   try {
-    const notice = setTimeout(
-      () => logger.info(`waiting for another build of the same snapshot to finish (${lockPath})`),
-      BUILD_LOCK_NOTICE_MS,
-    );
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const timeout = new Promise<"timeout">((resolve) => (timer = setTimeout(resolve, BUILD_LOCK_WAIT_MS, "timeout")));
-    const locked = file.lock(true).then(() => "locked" as const, () => "failed" as const);
-    const outcome = await Promise.race([locked, timeout]);
-    clearTimeout(notice);
-    clearTimeout(timer);
-    if (outcome === "locked") {
+    if (lock.held) {
       const found = await recheck();
       if (found !== undefined) return found;
     } else {
-      logger.warning(
-        `building a snapshot without the lock ${lockPath}: ` +
-          (outcome === "timeout" ? `another build held it for ${BUILD_LOCK_WAIT_MS / 1000} s` : "it cannot be locked"),
-      );
+      logger.warning(`building a snapshot without the lock ${lockPath} because ${lock.reason}`);
     }
     return await build();
   } finally {
+    if (lock.held) await removeLockWithoutSnapshot(path, logger, "no snapshot was kept after its build");
     // Closing the file releases the lock.
+    lock.file.close();
+  }
+}
+
+/**
+ * Opens and locks `lockPath`, waiting at most BUILD_LOCK_WAIT_MS. A holder
+ * may remove the file before it releases the lock (see withBuildLock). A
+ * process that waited on it then holds the lock of a file that is no longer
+ * at that path, and a newer process may have locked a new file there. So
+ * after each lock this checks that the path still names the locked file, and
+ * else opens the path again. Throws when the file cannot be opened.
+ */
+async function lockBuildFile(lockPath: string, logger: Logger): Promise<BuildLock> {
+  const notice = setTimeout(
+    () => logger.info(`waiting for another build of the same snapshot to finish (${lockPath})`),
+    BUILD_LOCK_NOTICE_MS,
+  );
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<"timeout">((resolve) => (timer = setTimeout(resolve, BUILD_LOCK_WAIT_MS, "timeout")));
+  try {
+    for (let attempt = 1;; attempt++) {
+      const file = await Deno.open(lockPath, { create: true, write: true });
+      const locked = file.lock(true).then(() => "locked" as const, (error) => errorText(error));
+      const outcome = await Promise.race([locked, timeout]);
+      if (outcome === "timeout") {
+        return { file, held: false, reason: `another build held it for ${BUILD_LOCK_WAIT_MS / 1000} s` };
+      }
+      if (outcome !== "locked") return { file, held: false, reason: `locking it failed (${outcome})` };
+
+      let atPath: boolean;
+      try {
+        atPath = await isFileAtPath(file, lockPath);
+      } catch (error) {
+        const reason = `checking that the path still names the locked file failed (${errorText(error)})`;
+        return { file, held: false, reason };
+      }
+      if (atPath) return { file, held: true };
+      if (attempt === MAX_LOCK_ATTEMPTS) {
+        return { file, held: false, reason: `it was removed ${attempt} times while this build waited for it` };
+      }
+      logger.debug(`${lockPath} was removed while this build waited for its lock, so the file now at that path is locked`);
+      file.close();
+    }
+  } finally {
+    clearTimeout(notice);
+    clearTimeout(timer);
+  }
+}
+
+/** Returns whether `path` names the open `file`, and not a file created after that one was removed. */
+async function isFileAtPath(file: Deno.FsFile, path: string): Promise<boolean> {
+  const opened = await file.stat();
+  let current: Deno.FileInfo;
+  try {
+    current = await Deno.stat(path);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return false;
+    throw error;
+  }
+  return current.dev === opened.dev && current.ino === opened.ino;
+}
+
+/**
+ * Removes the lock file of the snapshot at `path` if no snapshot exists
+ * there. The caller must hold the lock: a lock file removed while another
+ * process holds it would let a third one lock a new file and build too.
+ */
+async function removeLockWithoutSnapshot(path: string, logger: Logger, reason: string): Promise<void> {
+  const lockPath = lockPathOf(path);
+  try {
+    await Deno.lstat(path);
+    return;
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) {
+      logger.debug(`kept the lock file ${lockPath} because checking for its snapshot failed: ${errorText(error)}`);
+      return;
+    }
+  }
+  try {
+    await Deno.remove(lockPath);
+    logger.debug(`removed the lock file ${lockPath}: ${reason}`);
+  } catch (error) {
+    logger.debug(`cannot remove the lock file ${lockPath}: ${errorText(error)}`);
+  }
+}
+
+/**
+ * Removes the lock file of the snapshot at `path` when no snapshot exists
+ * there and no build holds the lock: the file of a build that crashed, or of
+ * a snapshot that was deleted. A held lock file is left to its holder.
+ */
+async function removeUnusedLockFile(path: string, logger: Logger): Promise<void> {
+  const lockPath = lockPathOf(path);
+  let file: Deno.FsFile;
+  try {
+    // Opening a FIFO would block, so only a regular file is opened.
+    if (!(await Deno.lstat(lockPath)).isFile) return;
+    file = await Deno.open(lockPath, { read: true });
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) {
+      logger.debug(`cannot open the lock file ${lockPath} to remove it: ${errorText(error)}`);
+    }
+    return;
+  }
+  try {
+    if (!(await file.tryLock(true))) {
+      logger.debug(`kept the lock file ${lockPath} because a build holds its lock`);
+      return;
+    }
+    // The file was removed after it was opened here, and the path may name a newer one that a build uses.
+    if (!(await isFileAtPath(file, lockPath))) return;
+    await removeLockWithoutSnapshot(path, logger, "its snapshot does not exist and no build holds its lock");
+  } catch (error) {
+    logger.debug(`cannot lock ${lockPath} to remove it: ${errorText(error)}`);
+  } finally {
     file.close();
   }
 }
@@ -536,8 +681,8 @@ async function pruneApplicationSnapshots(logger: Logger): Promise<void> {
   snapshots.sort((a, b) => b.used - a.used);
   for (const { path } of snapshots.slice(MAX_APPLICATION_SNAPSHOTS)) {
     await Deno.remove(path).catch(() => {});
-    await Deno.remove(lockPathOf(path)).catch(() => {});
     logger.info(`removed the least recently used application snapshot ${path}`);
+    await removeUnusedLockFile(path, logger);
   }
 }
 
@@ -546,7 +691,8 @@ let runtimeSnapshotsPruned = false;
 /**
  * Deletes runtime snapshots whose key is not the current one for their
  * Python version and whose last use is older than RUNTIME_SNAPSHOT_UNUSED_MS,
- * and temporary files of builds that stopped more than LEFTOVER_MS ago.
+ * temporary files of builds that stopped more than LEFTOVER_MS ago, and lock
+ * files whose snapshot does not exist and that no build holds.
  * Runs once per process.
  */
 export async function pruneRuntimeSnapshots(logger: Logger, now = Date.now()): Promise<void> {
@@ -559,6 +705,10 @@ export async function pruneRuntimeSnapshots(logger: Logger, now = Date.now()): P
   try {
     for await (const entry of Deno.readDir(folder)) {
       const name = entry.name;
+      if (entry.isFile && name.endsWith(".snapshot.lock")) {
+        await removeUnusedLockFile(`${folder}/${name.slice(0, -".lock".length)}`, logger);
+        continue;
+      }
       const stale = /^runtime-python[\d.]+-\w+\.snapshot$/.test(name) && !current.has(name);
       // writeFile() renames its temporary file at once; one that is left belongs to a build that crashed.
       const leftover = /\.snapshot\.\d+\.\w+\.tmp$/.test(name);
@@ -571,8 +721,8 @@ export async function pruneRuntimeSnapshots(logger: Logger, now = Date.now()): P
         : "a temporary file of a snapshot build that did not finish";
       try {
         await Deno.remove(path);
-        if (stale) await Deno.remove(lockPathOf(path)).catch(() => {});
         logger.info(`removed ${path}: ${description}, unused for ${Math.floor((now - used) / 86_400_000)} days`);
+        if (stale) await removeUnusedLockFile(path, logger);
       } catch (error) {
         logger.warning(`cannot remove ${path} (${description}): ${error}`);
       }

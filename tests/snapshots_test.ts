@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { repoPath, startServer, TEST_CACHE_DIR } from "./helpers/server.ts";
 import { loadPyodideFor } from "../wasm/pyodide_loader.ts";
-import { unpackSnapshot } from "../wasm/snapshot_pages.ts";
+import { PAGE_BYTES, unpackSnapshot } from "../wasm/snapshot_pages.ts";
 import { countMatches } from "./helpers/load.ts";
 
 const HELLO = `
@@ -53,16 +53,48 @@ Deno.test("runtime snapshot reused from cache", async () => {
   assert.doesNotMatch(server.log(), /building the Python 3\.14 runtime snapshot/);
 });
 
-/** Returns the header of a cache file (its second line) and the packed snapshot after it. */
-async function snapshotFile(
-  path: string,
-): Promise<{ header: { bytes: number; snapshotBytes: number; sha256: string }; packed: Uint8Array }> {
+interface SnapshotFile {
+  /** First line, which names the file format. */
+  magic: string;
+  /** Second line: the SHA-256 of everything after it. */
+  sha256: string;
+  /** Third line, the JSON header. */
+  header: { key: string; bytes: number; snapshotBytes: number; files?: [string, number, number][] };
+  /** The packed snapshot after the header. */
+  packed: Uint8Array;
+  /** The bytes that the SHA-256 covers: the header line and the packed snapshot. */
+  hashed: Uint8Array;
+}
+
+/** Returns the parts of a cache file. */
+async function snapshotFile(path: string): Promise<SnapshotFile> {
   const data = await Deno.readFile(path);
-  const headerStart = data.indexOf(10) + 1;
+  const hashStart = data.indexOf(10) + 1;
+  const headerStart = data.indexOf(10, hashStart) + 1;
   const headerEnd = data.indexOf(10, headerStart);
-  const header = JSON.parse(new TextDecoder().decode(data.subarray(headerStart, headerEnd)));
-  // A copy, because the snapshot is read through 4-byte-aligned views.
-  return { header, packed: data.slice(headerEnd + 1) };
+  const decoder = new TextDecoder();
+  return {
+    magic: decoder.decode(data.subarray(0, hashStart - 1)),
+    sha256: decoder.decode(data.subarray(hashStart, headerStart - 1)),
+    header: JSON.parse(decoder.decode(data.subarray(headerStart, headerEnd))),
+    // A copy, because the snapshot is read through 4-byte-aligned views.
+    packed: data.slice(headerEnd + 1),
+    hashed: data.subarray(headerStart),
+  };
+}
+
+/** Returns the bytes of a cache file made of `lines` (each without its newline) and `packed`. */
+function joinSnapshotFile(lines: string[], packed: Uint8Array): Uint8Array<ArrayBuffer> {
+  const head = new TextEncoder().encode(lines.map((line) => line + "\n").join(""));
+  const file = new Uint8Array(head.length + packed.length);
+  file.set(head);
+  file.set(packed, head.length);
+  return file;
+}
+
+async function sha256Hex(data: Uint8Array): Promise<string> {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>));
+  return Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join("");
 }
 
 /** Returns the memory snapshot in a cache file. */
@@ -123,9 +155,7 @@ Deno.test("runtime snapshot corrupt file rebuilt", async () => {
   // Two builds of a snapshot need not be byte for byte equal, so the new
   // file is checked against its own hash.
   const rebuilt = await snapshotFile(`${cache}/${name}`);
-  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", rebuilt.packed as Uint8Array<ArrayBuffer>));
-  const hex = Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join("");
-  assert.equal(hex, rebuilt.header.sha256);
+  assert.equal(await sha256Hex(rebuilt.hashed), rebuilt.sha256);
 });
 
 Deno.test("snapshot path of the wrong kind rebuilt", async () => {
@@ -145,22 +175,88 @@ Deno.test("snapshot path of the wrong kind rebuilt", async () => {
 Deno.test("snapshot header of the wrong shape rebuilt", async () => {
   await warmRuntimeSnapshot();
   const [name] = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
-  const data = await Deno.readFile(`${TEST_CACHE_DIR}/${name}`);
-  const magicEnd = data.indexOf(10) + 1;
-  const headerEnd = data.indexOf(10, magicEnd);
+  const { magic, sha256, packed } = await snapshotFile(`${TEST_CACHE_DIR}/${name}`);
 
   for (const header of ["null", '{"key":"x","files":5}', "[]"]) {
     const cache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
-    const bytes = new TextEncoder().encode(header);
-    const file = new Uint8Array(magicEnd + bytes.length + data.length - headerEnd);
-    file.set(data.subarray(0, magicEnd));
-    file.set(bytes, magicEnd);
-    file.set(data.subarray(headerEnd), magicEnd + bytes.length);
-    await Deno.writeFile(`${cache}/${name}`, file);
+    await Deno.writeFile(`${cache}/${name}`, joinSnapshotFile([magic, sha256, header], packed));
 
     const log = await runtimeSnapshotStart(cache);
     assert.match(log, /runtime-python3\.14-\w+\.snapshot has a corrupt header/, header);
     assert.match(log, /runtime snapshot built/, header);
+  }
+});
+
+/** Returns a new cache folder that contains the current Python 3.14 runtime snapshot. */
+async function cacheWithRuntimeSnapshot(): Promise<string> {
+  await warmRuntimeSnapshot();
+  const cache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
+  const [runtime] = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
+  await Deno.copyFile(`${TEST_CACHE_DIR}/${runtime}`, `${cache}/${runtime}`);
+  return cache;
+}
+
+/** Returns a snapshot length other than `snapshotBytes` that `packed` still unpacks to, if there is one. */
+function otherUnpackableLength(packed: Uint8Array, snapshotBytes: number): number | undefined {
+  // Lengths within the last page keep the page count, which a zero last page allows.
+  for (const delta of [-1, 1, -8, 8, 1 - PAGE_BYTES, PAGE_BYTES - 1]) {
+    try {
+      unpackSnapshot(packed, snapshotBytes + delta);
+      return snapshotBytes + delta;
+    } catch {
+      // This length does not fit the page map, so the next one is tried.
+    }
+  }
+  return undefined;
+}
+
+Deno.test("app snapshot header edits rebuilt", async () => {
+  const cache = await cacheWithRuntimeSnapshot();
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  const start = () =>
+    startServer(`${folder}/app.wsgi`, ["--threads", "1"], { env: { WSGIRUN_CACHE_DIR: cache } });
+  {
+    await using server = await start();
+    assert.match(server.log(), /application snapshot built/);
+  }
+  const [name] = await snapshotFiles(cache, "app-");
+  const path = `${cache}/${name}`;
+
+  const edits: { change: string; edit: (file: SnapshotFile) => Uint8Array | Promise<Uint8Array>; reason: RegExp }[] = [
+    {
+      change: "a snapshotBytes that still unpacks",
+      edit: (file) => {
+        const length = otherUnpackableLength(file.packed, file.header.snapshotBytes);
+        assert.ok(length !== undefined, `no length near ${file.header.snapshotBytes} unpacks ${name}`);
+        const header = JSON.stringify({ ...file.header, snapshotBytes: length });
+        return joinSnapshotFile([file.magic, file.sha256, header], file.packed);
+      },
+      reason: /is corrupt \(SHA-256 mismatch\)/,
+    },
+    {
+      change: "an empty list of imported files",
+      edit: (file) => {
+        const header = JSON.stringify({ ...file.header, files: [] });
+        return joinSnapshotFile([file.magic, file.sha256, header], file.packed);
+      },
+      reason: /is corrupt \(SHA-256 mismatch\)/,
+    },
+    {
+      change: "format version 2, whose SHA-256 in the header covers only the snapshot",
+      edit: async (file) => {
+        const header = JSON.stringify({ ...file.header, sha256: await sha256Hex(file.packed) });
+        return joinSnapshotFile(["WSGIRUN-SNAPSHOT 2", header], file.packed);
+      },
+      reason: /has another version of the snapshot file format/,
+    },
+  ];
+  for (const { change, edit, reason } of edits) {
+    await Deno.writeFile(path, await edit(await snapshotFile(path)));
+
+    await using server = await start();
+    assert.equal(await body(server.origin), "hello", change);
+    assert.match(server.log(), reason, change);
+    assert.match(server.log(), /application snapshot built/, change);
   }
 });
 
@@ -203,6 +299,95 @@ Deno.test("builds of different snapshots do not wait", async () => {
   const logs = one.log() + two.log();
   assert.equal(countMatches(logs, /application snapshot built/), 2, logs);
   assert.doesNotMatch(logs, /waiting for another/);
+});
+
+/** Returns the names of the lock files in `folder`. */
+function lockFiles(folder: string): string[] {
+  return Array.from(Deno.readDirSync(folder), (entry) => entry.name).filter((name) => name.endsWith(".lock"));
+}
+
+Deno.test("lock removed after skipped app snapshot", async () => {
+  const cache = await cacheWithRuntimeSnapshot();
+  const folder = await makeApp({ "app.wsgi": `import js\nHOLDER = js.Object.new()\n${HELLO}` });
+  await using server = await startServer(
+    `${folder}/app.wsgi`,
+    ["--threads", "1", "--log-level", "debug"],
+    { env: { WSGIRUN_CACHE_DIR: cache } },
+  );
+
+  assert.equal(await body(server.origin), "hello");
+  assert.match(server.log(), /no application snapshot/);
+  // The build itself removes the file before it releases the lock, ahead of the cleanup of unused lock files.
+  assert.match(
+    server.log(),
+    /removed the lock file \S*\/app-app\.wsgi-\w+\.snapshot\.lock: no snapshot was kept after its build/,
+  );
+  assert.deepEqual(lockFiles(cache), []);
+});
+
+Deno.test("unused lock files removed", async () => {
+  const cache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
+  const orphanLock = "app-crashed.wsgi-00000000000000aa.snapshot.lock";
+  const keptSnapshot = "app-kept.wsgi-00000000000000bb.snapshot";
+  const heldLock = "app-building.wsgi-00000000000000cc.snapshot.lock";
+  await Deno.writeTextFile(`${cache}/${orphanLock}`, "");
+  await Deno.writeTextFile(`${cache}/${keptSnapshot}`, "a snapshot");
+  await Deno.writeTextFile(`${cache}/${keptSnapshot}.lock`, "");
+  // The test process holds this lock, as a server that builds its snapshot would.
+  using holder = await Deno.open(`${cache}/${heldLock}`, { create: true, write: true });
+  await holder.lock(true);
+
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  await using server = await startServer(
+    `${folder}/app.wsgi`,
+    ["--threads", "1", "--snapshot", "off", "--log-level", "debug"],
+    { env: { WSGIRUN_CACHE_DIR: cache } },
+  );
+  assert.equal(await body(server.origin), "hello");
+  await server.waitForLog(
+    /removed the lock file \S*00000000000000aa\.snapshot\.lock: its snapshot does not exist and no build holds its lock/,
+    10_000,
+  );
+  await server.waitForLog(/kept the lock file \S*00000000000000cc\.snapshot\.lock because a build holds its lock/, 10_000);
+
+  const left = lockFiles(cache);
+  assert.ok(!left.includes(orphanLock), "a lock file without its snapshot is removed");
+  assert.ok(left.includes(`${keptSnapshot}.lock`), "a lock file next to its snapshot is kept");
+  assert.ok(left.includes(heldLock), "a held lock file is kept");
+});
+
+Deno.test("build relocks a replaced lock file", async () => {
+  const cache = await cacheWithRuntimeSnapshot();
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  const script = `${folder}/app.wsgi`;
+  const args = ["--threads", "1", "--log-level", "debug"];
+  const env = { WSGIRUN_CACHE_DIR: cache };
+  {
+    await using server = await startServer(script, args, { env });
+    assert.match(server.log(), /application snapshot built/);
+  }
+  // Without its snapshot the next start builds again, after this test releases the lock.
+  const [name] = await snapshotFiles(cache, "app-");
+  await Deno.remove(`${cache}/${name}`);
+  const lockPath = `${cache}/${name}.lock`;
+  using first = await Deno.open(lockPath, { create: true, write: true });
+  await first.lock(true);
+  await using server = await startServer(script, args, { env, waitForReady: false });
+  await server.waitForLog(/waiting for another build of the same snapshot/, 30_000);
+
+  // A holder that removes the file before it releases the lock, and a newer
+  // build that has locked a new file at the same path meanwhile.
+  await Deno.remove(lockPath);
+  using second = await Deno.open(lockPath, { create: true, write: true });
+  await second.lock(true);
+  await first.unlock();
+  await server.waitForLog(/was removed while this build waited for its lock/, 10_000);
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  assert.doesNotMatch(server.log(), /building the application snapshot/, "the server built while the new file was locked");
+
+  await second.unlock();
+  await server.waitForLog(/application snapshot built/, 60_000);
+  assert.equal(await body(server.origin), "hello");
 });
 
 Deno.test("app snapshot cached despite future file times", async () => {
