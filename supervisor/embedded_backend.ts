@@ -12,7 +12,7 @@
 
 import type { AppBackend, BackendRequest, RequestHandle } from "./backend.ts";
 import type { Job } from "./isolate.ts";
-import type { Logger } from "./log.ts";
+import { type Logger, tracebackSummary } from "./log.ts";
 import type { IsolatePool } from "./pool.ts";
 import { BODY_RING_BYTES, BodyRing } from "../wasm/channel.ts";
 import { ScriptWatcher } from "./script_watch.ts";
@@ -187,7 +187,11 @@ export class EmbeddedBackend implements AppBackend {
       await fresh.start();
       // With preload, an application that no longer imports must not replace one that runs.
       const importError = fresh.app.preload ? await withTimeout(loaded.promise, PRELOAD_TIMEOUT_MS) : undefined;
-      if (importError !== undefined) throw new Error(`the application failed to import: ${importError}`);
+      if (importError !== undefined) {
+        // The isolate has logged the traceback, so this line names only the exception.
+        const summary = tracebackSummary(importError);
+        throw new Error(`the application failed to import (${summary ? `${summary}; traceback above` : importError})`);
+      }
     } catch (error) {
       fresh.stop("the reload failed");
       this.#logger.error(

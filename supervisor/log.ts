@@ -83,3 +83,15 @@ export class Logger {
     this.log("critical", message, context);
   }
 }
+
+/**
+ * Returns the last line of a Python traceback in `text`, which names the
+ * exception, such as "ModuleNotFoundError: No module named 'x'". Returns
+ * undefined when `text` holds no traceback. Lets a second log line about the
+ * same failure name it without repeating the whole traceback.
+ */
+export function tracebackSummary(text: string): string | undefined {
+  if (!text.includes("Traceback (most recent call last)")) return undefined;
+  const lines = text.split("\n").map((line) => line.trim()).filter((line) => line !== "");
+  return lines.at(-1);
+}

@@ -34,7 +34,7 @@ import {
   PYTHON_VERSIONS,
   type PythonVersion,
 } from "./app_spec.ts";
-import type { Logger } from "./log.ts";
+import { type Logger, tracebackSummary } from "./log.ts";
 import { type BuildSnapshotMessage, type FromWorker, SNAPSHOT_CONTENT_VERSION } from "../wasm/protocol.ts";
 import { packSnapshot, unpackSnapshot } from "../wasm/snapshot_pages.ts";
 import adapterSource from "../wasm/adapter.py" with { type: "text" };
@@ -838,9 +838,10 @@ async function chooseBoot(options: BootOptions): Promise<Boot> {
     );
     return { snapshot, wasmModule, kind: "application" };
   } catch (error) {
-    logger.warning(
-      `no application snapshot, each isolate imports the application itself: ${errorText(error)}`,
-    );
+    // An import error's traceback is logged by each isolate that imports the application.
+    const summary = tracebackSummary(errorText(error));
+    const cause = summary ? `the application failed to import (${summary})` : errorText(error);
+    logger.warning(`no application snapshot, each isolate imports the application itself: ${cause}`);
     return { snapshot: runtime.snapshot, wasmModule, kind: "runtime" };
   }
 }

@@ -150,4 +150,14 @@ Deno.test("embedded reload keeps a preloaded app that fails", async () => {
   assert.equal(response.status, 200);
   assert.equal(await response.text(), "one");
   assert.doesNotMatch(server.log(), /reloaded: fresh isolates take new requests/);
+  assert.match(
+    server.log(),
+    /reload failed, the running isolates keep serving: the application failed to import \(RuntimeError: broken at import; traceback above\)\n/,
+  );
+  assert.match(
+    server.log(),
+    /no application snapshot, each isolate imports the application itself: the application failed to import \(RuntimeError: broken at import\)\n/,
+  );
+  // The isolate that tried the import logs the traceback, and no other line repeats it.
+  assert.equal(countMatches(server.log(), /Traceback \(most recent call last\)/), 1);
 });
