@@ -87,7 +87,7 @@ export class Logger {
 /**
  * Returns the last line of a Python traceback in `text`, which names the
  * exception, such as "ModuleNotFoundError: No module named 'x'". Returns
- * undefined when `text` holds no traceback. Lets a second log line about the
+ * undefined when `text` contains no traceback. Lets a second log line about the
  * same failure name it without repeating the whole traceback.
  */
 export function tracebackSummary(text: string): string | undefined {
