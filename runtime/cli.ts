@@ -94,6 +94,9 @@ export interface OptionValues {
   queueLimit: number;
   requestTimeoutMs: number;
   queueTimeoutMs: number;
+  /** From `--min-threads`; unset means the value of `threads`. */
+  minThreads?: number;
+  inactivityTimeoutMs: number;
   /** From `--shutdown-timeout`; unset keeps the default that depends on the daemon groups. */
   shutdownTimeoutMs?: number;
   daemonGroups: DaemonGroupSpec[];
@@ -151,12 +154,37 @@ export const OPTIONS: readonly OptionSpec[] = [
   {
     name: "--threads",
     valueNames: ["N"],
-    help: "Number of Python isolates (one Pyodide interpreter on its own worker thread " +
-      `each) that serve requests in parallel, from 1 to ${MAX_THREADS}.`,
+    help: "Maximum number of Python isolates (one Pyodide interpreter on its own worker " +
+      `thread each) that serve requests in parallel, from 1 to ${MAX_THREADS}.`,
     defaultText: `the number of CPU cores, at most ${MAX_THREADS}`,
     repeatable: false,
     apply: ([value], draft) => {
       draft.threads = parseInteger("--threads", value, 1, MAX_THREADS);
+    },
+  },
+  {
+    name: "--min-threads",
+    valueNames: ["N"],
+    help: "Number of isolates that start with the server and stay running when idle, from " +
+      "1 to --threads. Below --threads, the pool adds isolates one at a time while " +
+      "requests wait, keeps one spare isolate ready, and retires isolates above N after " +
+      "--inactivity-timeout.",
+    defaultText: "the value of --threads",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.minThreads = parseInteger("--min-threads", value, 1, MAX_THREADS);
+    },
+  },
+  {
+    name: "--inactivity-timeout",
+    valueNames: ["SECONDS"],
+    help: "Time in seconds (up to 3 decimals) an idle isolate above --min-threads waits " +
+      "before it is retired. 0 keeps every isolate once started. Daemon groups take the " +
+      "inactivity-timeout key instead.",
+    defaultText: "60",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.inactivityTimeoutMs = parseDuration("--inactivity-timeout", value);
     },
   },
   {
@@ -563,6 +591,13 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
   const draft = defaultOptionValues(env);
   for (const use of tokens.uses) use.spec.apply?.(use.values, draft, cwd);
 
+  const minThreads = draft.minThreads ?? draft.threads;
+  if (minThreads > draft.threads) {
+    throw new UsageError(
+      `invalid value for --min-threads: '${minThreads}' (expected a number from 1 to --threads, which is ${draft.threads})`,
+    );
+  }
+
   const app = buildApp(scriptArgument, draft, cwd, draft.callableObject);
   const mounts: MountSpec[] = draft.mounts.map((mount) => ({
     mountPoint: mount.mountPoint,
@@ -585,6 +620,8 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     host: draft.host,
     port: draft.port,
     threads: draft.threads,
+    minThreads,
+    inactivityTimeoutMs: draft.inactivityTimeoutMs,
     mountPoint: draft.mountPoint,
     urlAliases: draft.urlAliases,
     accessLog: draft.accessLog,
@@ -642,6 +679,7 @@ function defaultOptionValues(env: ParseEnvironment): OptionValues {
     queueLimit: 100,
     requestTimeoutMs: 60_000,
     queueTimeoutMs: 45_000,
+    inactivityTimeoutMs: 60_000,
     daemonGroups: [],
     mounts: [],
   };

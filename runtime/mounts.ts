@@ -202,6 +202,8 @@ export class MountTable {
       const createPool = (settings: PoolSettings) =>
         new IsolatePool(spec.app, {
           size: options.threads,
+          minSize: options.minThreads,
+          idleTimeoutMs: options.inactivityTimeoutMs,
           queueLimit: options.queueLimit,
           requestTimeoutMs: options.requestTimeoutMs,
           queueTimeoutMs: options.queueTimeoutMs,

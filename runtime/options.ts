@@ -25,8 +25,12 @@ export interface ServerOptions {
   host: string;
   /** @default 8000 */
   port: number;
-  /** Isolates in the embedded pool. @default navigator.hardwareConcurrency */
+  /** Maximum isolates of an embedded pool. @default navigator.hardwareConcurrency */
   threads: number;
+  /** Isolates an embedded pool starts with and keeps when idle, at most `threads`. @default threads */
+  minThreads: number;
+  /** Milliseconds an idle isolate above `minThreads` is kept; 0 keeps it. @default 60000 */
+  inactivityTimeoutMs: number;
   /** URL prefix the application is mounted at: "" for the root, else "/prefix". @default "" */
   mountPoint: string;
   urlAliases: UrlAlias[];

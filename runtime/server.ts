@@ -38,6 +38,13 @@ const FLUSH_AFTER_STOP_MS = 1000;
 const encoder = new TextEncoder();
 const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
 
+/** Describes an embedded pool's size for the start lines: "1 isolate", "4 isolates" or "1 to 4 isolates". */
+function describeIsolates(options: ServerOptions): string {
+  const { minThreads, threads } = options;
+  if (minThreads < threads) return `${minThreads} to ${threads} isolates`;
+  return `${threads} isolate${threads === 1 ? "" : "s"}`;
+}
+
 function delay<T>(ms: number, value: T): Promise<T> {
   return new Promise((resolve) => setTimeout(resolve, ms, value));
 }
@@ -69,7 +76,7 @@ function logMounts(mounts: MountTable, options: ServerOptions, logger: Logger): 
     const url = mount.mountPoint || "/";
     if (mount.backend.name === "embedded") {
       if (mount.app === options.app) continue;
-      logger.info(`mounted ${mount.app.name} at ${url}: embedded, Python ${mount.app.python}, ${options.threads} isolates`);
+      logger.info(`mounted ${mount.app.name} at ${url}: embedded, Python ${mount.app.python}, ${describeIsolates(options)}`);
       continue;
     }
     logger.info(`mounted ${mount.app.name} at ${url}: daemon group '${mount.backend.name}' on Python ${mount.app.python}`);
@@ -153,7 +160,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
   return listening.then((addr) => {
     listenAddr = addr;
     const runsIn = options.processGroup === undefined
-      ? `Python ${app.python}, ${options.threads} isolate${options.threads === 1 ? "" : "s"}`
+      ? `Python ${app.python}, ${describeIsolates(options)}`
       : `daemon group '${options.processGroup}'`;
     appLogger.info(`listening on http://${addr.hostname}:${addr.port}${options.mountPoint || "/"} (${runsIn})`);
     logMounts(mounts, options, appLogger);
@@ -175,7 +182,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
         }
         await mounts.stop();
         if (result === "timeout") {
-          // Stopping the backends answered the requests that had not sent a
+          // Stopping the backends failed the requests that had not sent a
           // response head with 503; give Deno a moment to write those out.
           await Promise.race([drained, delay(FLUSH_AFTER_STOP_MS, "timeout")]);
         }

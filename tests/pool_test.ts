@@ -6,6 +6,7 @@
 
 import assert from "node:assert/strict";
 import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
+import { waitForCount } from "./helpers/load.ts";
 
 Deno.test("waiting request moves to free isolate", async () => {
   await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "2"]);
@@ -32,6 +33,33 @@ Deno.test("waiting request moves to free isolate", async () => {
   // replies in either order. Either way it must not wait for "long".
   assert.equal(finished.at(-1), "long");
   assert.ok(finished.indexOf("waiting") < finished.indexOf("long"));
+});
+
+Deno.test("embedded pool grows and shrinks", async () => {
+  await using server = await startServer(
+    repoPath("tests/fixtures/pool_app.wsgi"),
+    ["--threads", "3", "--min-threads", "1", "--inactivity-timeout", "1"],
+  );
+  assert.match(server.log(), /\(Python 3\.14, 1 to 3 isolates\)/);
+  // An idle pool at its minimum starts no other isolate.
+  assert.doesNotMatch(server.log(), /isolate=2\]/);
+
+  // Three requests at once: the pool adds isolates, one at a time, while they wait.
+  const statuses = await Promise.all(
+    [1, 2, 3].map(async () => {
+      const response = await fetch(`${server.origin}/?seconds=1.5`);
+      await response.text();
+      return response.status;
+    }),
+  );
+  assert.deepEqual(statuses, [200, 200, 200]);
+  assert.match(server.log(), /isolate=2\] isolate ready/);
+  assert.match(server.log(), /isolate=3\] isolate ready/);
+  assert.doesNotMatch(server.log(), /isolate=4\]/);
+
+  // Once idle for --inactivity-timeout, the isolates above --min-threads retire.
+  await waitForCount(server, /isolate retired after \d+ s idle/, 2, 0, 20_000);
+  assert.equal((await fetch(`${server.origin}/`)).status, 200);
 });
 
 Deno.test("queue limit counts requests held by isolates", async () => {

@@ -159,6 +159,11 @@ const VALID_CASES: ValidCase[] = [
   { args: ["--queue-timeout", "0.125"], read: (o) => o.queueTimeoutMs, expected: () => 125 },
   { args: ["--queue-timeout", "90"], read: (o) => o.queueTimeoutMs, expected: () => 90_000 },
   { args: ["--shutdown-timeout", "1.5"], read: (o) => o.shutdownTimeoutMs, expected: () => 1500 },
+  { args: ["--threads", "4"], read: (o) => o.minThreads, expected: () => 4 },
+  { args: ["--threads", "4", "--min-threads", "1"], read: (o) => o.minThreads, expected: () => 1 },
+  { args: ["--threads", "4", "--min-threads", "4"], read: (o) => o.minThreads, expected: () => 4 },
+  { args: ["--inactivity-timeout", "2.5"], read: (o) => o.inactivityTimeoutMs, expected: () => 2500 },
+  { args: ["--inactivity-timeout", "0"], read: (o) => o.inactivityTimeoutMs, expected: () => 0 },
   { args: ["--shutdown-timeout", "0"], read: (o) => o.shutdownTimeoutMs, expected: () => 0 },
 ];
 
@@ -322,6 +327,9 @@ const INVALID_CASES: InvalidCase[] = [
   { args: ["--request-timeout", "2592001"], option: "--request-timeout", value: "2592001" },
   { args: ["--queue-timeout", "soon"], option: "--queue-timeout", value: "soon" },
   { args: ["--shutdown-timeout", "5s"], option: "--shutdown-timeout", value: "5s" },
+  { args: ["--min-threads", "0"], option: "--min-threads", value: "0" },
+  { args: ["--threads", "2", "--min-threads", "3"], option: "--min-threads", value: "3" },
+  { args: ["--inactivity-timeout", "-1"], option: "--inactivity-timeout", value: "-1" },
   { args: ["--access-log=yes"], option: "--access-log", value: "yes" },
   { args: ["--preload=true"], option: "--preload", value: "true" },
 ];
