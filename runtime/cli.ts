@@ -97,6 +97,7 @@ export interface OptionValues {
   /** From `--min-threads`; unset means the value of `threads`. */
   minThreads?: number;
   inactivityTimeoutMs: number;
+  maximumRequests: number;
   /** From `--shutdown-timeout`; unset keeps the default that depends on the daemon groups. */
   shutdownTimeoutMs?: number;
   daemonGroups: DaemonGroupSpec[];
@@ -127,6 +128,8 @@ export interface OptionSpec {
 
 const MAX_THREADS = 256;
 const MAX_QUEUE_LIMIT = 100_000;
+/** Largest --maximum-requests, as for the maximum-requests key of daemon groups. */
+const MAX_MAXIMUM_REQUESTS = 1_000_000_000;
 
 /** Every option wsgirun accepts, in the order the help lists them. */
 export const OPTIONS: readonly OptionSpec[] = [
@@ -185,6 +188,19 @@ export const OPTIONS: readonly OptionSpec[] = [
     repeatable: false,
     apply: ([value], draft) => {
       draft.inactivityTimeoutMs = parseDuration("--inactivity-timeout", value);
+    },
+  },
+  {
+    name: "--maximum-requests",
+    valueNames: ["N"],
+    help: "Number of requests an embedded isolate serves before a fresh one replaces it, " +
+      "which bounds the memory of an application that leaks (an isolate's wasm memory " +
+      "never shrinks). The fresh isolate starts first, so no request waits for it. 0 " +
+      "turns it off. Daemon groups take the maximum-requests key instead.",
+    defaultText: "0",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.maximumRequests = parseInteger("--maximum-requests", value, 0, MAX_MAXIMUM_REQUESTS);
     },
   },
   {
@@ -622,6 +638,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     threads: draft.threads,
     minThreads,
     inactivityTimeoutMs: draft.inactivityTimeoutMs,
+    maximumRequests: draft.maximumRequests,
     mountPoint: draft.mountPoint,
     urlAliases: draft.urlAliases,
     accessLog: draft.accessLog,
@@ -680,6 +697,7 @@ function defaultOptionValues(env: ParseEnvironment): OptionValues {
     requestTimeoutMs: 60_000,
     queueTimeoutMs: 45_000,
     inactivityTimeoutMs: 60_000,
+    maximumRequests: 0,
     daemonGroups: [],
     mounts: [],
   };

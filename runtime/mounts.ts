@@ -204,6 +204,7 @@ export class MountTable {
           size: options.threads,
           minSize: options.minThreads,
           idleTimeoutMs: options.inactivityTimeoutMs,
+          maxRequests: options.maximumRequests,
           queueLimit: options.queueLimit,
           requestTimeoutMs: options.requestTimeoutMs,
           queueTimeoutMs: options.queueTimeoutMs,

@@ -31,6 +31,8 @@ export interface ServerOptions {
   minThreads: number;
   /** Milliseconds an idle isolate above `minThreads` is kept; 0 keeps it. @default 60000 */
   inactivityTimeoutMs: number;
+  /** Requests an embedded isolate serves before a fresh one replaces it; 0 turns it off. @default 0 */
+  maximumRequests: number;
   /** URL prefix the application is mounted at: "" for the root, else "/prefix". @default "" */
   mountPoint: string;
   urlAliases: UrlAlias[];

@@ -155,6 +155,8 @@ export class Isolate {
   jobs: Job[] = [];
   /** Requests this isolate has served. */
   served = 0;
+  /** Set when a fresh isolate has replaced this one: it finishes its requests and takes no more. */
+  retiring = false;
   /** performance.now() when the interpreter became ready; unset while starting. */
   readyAt: number | undefined;
   readonly startedAt = performance.now();
@@ -202,8 +204,8 @@ export class Isolate {
   /** Whether the isolate can take another request now. */
   get canTake(): boolean {
     // Every posting takes an inbox entry, a posted message too (see RequestInbox).
-    return (this.state === "idle" || this.state === "busy") && this.jobs.length < PIPELINE_DEPTH &&
-      this.#inbox.hasRoom;
+    return (this.state === "idle" || this.state === "busy") && !this.retiring &&
+      this.jobs.length < PIPELINE_DEPTH && this.#inbox.hasRoom;
   }
 
   /** Posts a job to the worker, to run after the ones it holds. */

@@ -5,6 +5,8 @@
  * Each isolate runs one request at a time. The pool starts `minSize`
  * isolates, adds one whenever a request must wait and fewer than `size` run,
  * and retires isolates above `minSize` that stayed idle for `idleTimeoutMs`.
+ * An isolate that has served `maxRequests` requests is replaced: a fresh one
+ * starts, and once it is ready the old one finishes its requests and stops.
  * When all are busy, requests wait in the queue; a full queue, or a request
  * that waited longer than the queue timeout, gets 503 from the front. An
  * isolate that dies is replaced with growing delays, and a pool whose
@@ -25,6 +27,8 @@ export interface PoolOptions {
   minSize?: number;
   /** Milliseconds an isolate above `minSize` may stay idle before it is retired; 0 keeps it. @default 0 */
   idleTimeoutMs?: number;
+  /** Requests an isolate serves before a fresh one replaces it; 0 turns it off. @default 0 */
+  maxRequests?: number;
   /** Milliseconds a request may run before its isolate is replaced and it fails with 504; 0 turns it off. @default 0 */
   requestTimeoutMs?: number;
   /** Value of `wsgi.multiprocess`. @default size > 1 */
@@ -94,6 +98,10 @@ export class IsolatePool {
   /** The snapshot and compiled module new isolates start from; set once prepared. */
   #boot: Boot | null = null;
   #controls = new ControlTable();
+  /** Isolates past maxRequests that serve on until a fresh isolate replaces them, oldest first. */
+  #worn: Isolate[] = [];
+  /** The isolate starting to replace the first of #worn; one replacement starts at a time. */
+  #replacement: Isolate | null = null;
 
   constructor(app: AppSpec, options: PoolOptions) {
     this.app = app;
@@ -106,6 +114,7 @@ export class IsolatePool {
       minSize: options.size,
       idleTimeoutMs: 0,
       requestTimeoutMs: 0,
+      maxRequests: 0,
       multiprocess: options.size > 1,
       nextIsolateId: () => 0,
       failureLogLevel: "critical",
@@ -307,7 +316,7 @@ export class IsolatePool {
     return pipelined;
   }
 
-  #spawn(worker?: Worker): void {
+  #spawn(worker?: Worker): Isolate {
     const isolate = new Isolate({
       worker,
       id: this.#options.nextIsolateId(),
@@ -321,6 +330,7 @@ export class IsolatePool {
       onIdle: (idle) => {
         // An isolate that finished a request is healthy: the next restart waits the shortest delay.
         this.#restarts = 0;
+        if (this.#recycle(idle)) return;
         if (idle.jobs.length === 0) {
           this.#jobStartedAt.delete(idle);
           this.#idleSince.set(idle, performance.now());
@@ -343,6 +353,7 @@ export class IsolatePool {
       this.#onDead(isolate, "startup timed out", isolate.terminate("startup timed out"));
     }, this.#options.startupTimeoutMs);
     this.#startupTimers.set(isolate, timer);
+    return isolate;
   }
 
   #onReady(isolate: Isolate): void {
@@ -350,12 +361,67 @@ export class IsolatePool {
     this.#startupTimers.delete(isolate);
     this.#idleSince.set(isolate, performance.now());
     this.#failedStarts = 0;
+    if (isolate === this.#replacement) this.#retireWorn();
     if (!this.#startedMinimum) {
       this.#startedMinimum = true;
       while (this.#isolates.size < this.#options.minSize) this.#spawn();
     }
     this.#firstReady.resolve();
     this.#dispatchNext(isolate);
+  }
+
+  /**
+   * Handles an isolate that finished a request with respect to maxRequests:
+   * one that reached it waits in #worn for a replacement, and one that was
+   * replaced stops once its last request is done. Returns true when the
+   * isolate stopped.
+   */
+  #recycle(isolate: Isolate): boolean {
+    const maximum = this.#options.maxRequests;
+    if (maximum <= 0 || this.#stopping || this.#handOff) return false;
+    if (isolate.retiring) {
+      if (isolate.jobs.length > 0) return false;
+      this.#stopWorn(isolate);
+      return true;
+    }
+    if (isolate.served >= maximum && !this.#worn.includes(isolate)) {
+      this.#worn.push(isolate);
+      this.#logger.info(
+        `isolate served ${isolate.served} requests (maximum-requests ${maximum}); starting a fresh one to replace it`,
+        { isolate: isolate.id },
+      );
+    }
+    this.#startReplacement();
+    return false;
+  }
+
+  /** Starts the replacement of the first worn isolate, unless one is starting. */
+  #startReplacement(): void {
+    if (this.#replacement || this.#worn.length === 0 || !this.#boot || this.#failedReason) return;
+    this.#replacement = this.#spawn();
+  }
+
+  /** The replacement is ready: the first worn isolate finishes its requests and stops. */
+  #retireWorn(): void {
+    this.#replacement = null;
+    const worn = this.#worn.shift();
+    if (worn && this.#isolates.has(worn)) {
+      worn.retiring = true;
+      // Requests posted behind its running one go to the other isolates.
+      const waiting: Job[] = [];
+      for (let job = worn.withdrawWaiting(); job; job = worn.withdrawWaiting()) waiting.push(job);
+      this.#requeue(waiting);
+      if (worn.jobs.length === 0) this.#stopWorn(worn);
+    }
+    this.#startReplacement();
+  }
+
+  #stopWorn(isolate: Isolate): void {
+    this.#isolates.delete(isolate);
+    this.#idleSince.delete(isolate);
+    this.#jobStartedAt.delete(isolate);
+    isolate.terminate("replaced after maximum-requests");
+    this.#logger.info(`isolate stopped: replaced after ${isolate.served} requests`, { isolate: isolate.id });
   }
 
   #dispatchNext(isolate: Isolate): void {
@@ -418,6 +484,8 @@ export class IsolatePool {
     this.#startupTimers.delete(isolate);
     this.#jobStartedAt.delete(isolate);
     this.#idleSince.delete(isolate);
+    if (isolate === this.#replacement) this.#replacement = null;
+    this.#worn = this.#worn.filter((worn) => worn !== isolate);
     if (!this.#isolates.delete(isolate) || this.#stopping) return;
 
     const neverStarted = isolate.readyAt === undefined;

@@ -6,7 +6,7 @@
 
 import assert from "node:assert/strict";
 import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
-import { waitForCount } from "./helpers/load.ts";
+import { countMatches, runLoad, waitForCount } from "./helpers/load.ts";
 
 Deno.test("waiting request moves to free isolate", async () => {
   await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "2"]);
@@ -60,6 +60,60 @@ Deno.test("embedded pool grows and shrinks", async () => {
   // Once idle for --inactivity-timeout, the isolates above --min-threads retire.
   await waitForCount(server, /isolate retired after \d+ s idle/, 2, 0, 20_000);
   assert.equal((await fetch(`${server.origin}/`)).status, 200);
+});
+
+/** Writes an application that returns how many requests its interpreter has served. */
+async function writeCountingScript(): Promise<string> {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-pool-" });
+  await Deno.writeTextFile(
+    `${folder}/app.wsgi`,
+    `
+import time
+
+served = 0
+
+def application(environ, start_response):
+    global served
+    served += 1
+    time.sleep(0.005)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(served).encode()]
+`,
+  );
+  return `${folder}/app.wsgi`;
+}
+
+Deno.test("maximum requests replaces isolate", async () => {
+  const script = await writeCountingScript();
+  await using server = await startServer(script, ["--threads", "1", "--maximum-requests", "3"]);
+  const get = async () => await (await fetch(server.origin + "/")).text();
+
+  assert.deepEqual([await get(), await get(), await get()], ["1", "2", "3"]);
+  await server.waitForLog(/isolate=1\] isolate served 3 requests \(maximum-requests 3\); starting a fresh one/);
+  await server.waitForLog(/isolate=2\] isolate ready/);
+  await server.waitForLog(/isolate=1\] isolate stopped: replaced after 3 requests/);
+
+  // The fresh interpreter counts from the start.
+  assert.equal(await get(), "1");
+  await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
+});
+
+Deno.test("maximum requests under load loses nothing", async () => {
+  const script = await writeCountingScript();
+  await using server = await startServer(script, ["--threads", "2", "--maximum-requests", "25"]);
+  const { promise: stop, resolve: stopLoad } = Promise.withResolvers<void>();
+  const load = runLoad(server.origin + "/", 6, stop);
+  await waitForCount(server, /isolate stopped: replaced after \d+ requests/, 4, 0, 60_000);
+  stopLoad();
+  const result = await load;
+
+  assert.deepEqual(result.failures, []);
+  // Each interpreter's first request gets "1": the 2 first ones and at least 3 of the 4
+  // replacements (the last may not have served yet).
+  const firsts = result.servedBy.filter((body) => body === "1").length;
+  assert.ok(firsts >= 5, `only ${firsts} interpreters served a first request`);
+  assert.equal(countMatches(server.log(), /isolate stopped: (?!replaced)/), 0);
+  await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
 });
 
 Deno.test("queue limit counts requests held by isolates", async () => {

@@ -164,6 +164,8 @@ const VALID_CASES: ValidCase[] = [
   { args: ["--threads", "4", "--min-threads", "4"], read: (o) => o.minThreads, expected: () => 4 },
   { args: ["--inactivity-timeout", "2.5"], read: (o) => o.inactivityTimeoutMs, expected: () => 2500 },
   { args: ["--inactivity-timeout", "0"], read: (o) => o.inactivityTimeoutMs, expected: () => 0 },
+  { args: ["--threads", "5"], read: (o) => o.maximumRequests, expected: () => 0 },
+  { args: ["--maximum-requests", "1000"], read: (o) => o.maximumRequests, expected: () => 1000 },
   { args: ["--shutdown-timeout", "0"], read: (o) => o.shutdownTimeoutMs, expected: () => 0 },
 ];
 
@@ -330,6 +332,8 @@ const INVALID_CASES: InvalidCase[] = [
   { args: ["--min-threads", "0"], option: "--min-threads", value: "0" },
   { args: ["--threads", "2", "--min-threads", "3"], option: "--min-threads", value: "3" },
   { args: ["--inactivity-timeout", "-1"], option: "--inactivity-timeout", value: "-1" },
+  { args: ["--maximum-requests", "1.5"], option: "--maximum-requests", value: "1.5" },
+  { args: ["--maximum-requests", "1000000001"], option: "--maximum-requests", value: "1000000001" },
   { args: ["--access-log=yes"], option: "--access-log", value: "yes" },
   { args: ["--preload=true"], option: "--preload", value: "true" },
 ];
