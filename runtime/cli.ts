@@ -22,7 +22,9 @@ import {
   DaemonSpecError,
   parseDaemonSpec,
   parseSeconds,
+  parseSize,
   SECONDS_FORM,
+  SIZE_FORM,
 } from "../supervisor/daemon_spec.ts";
 import { assignProcessGroups, MountConfigError, splitProcessGroup } from "./mounts.ts";
 import type { MountSpec, ServerOptions, UrlAlias } from "./options.ts";
@@ -98,6 +100,7 @@ export interface OptionValues {
   minThreads?: number;
   inactivityTimeoutMs: number;
   maximumRequests: number;
+  memoryLimitBytes: number;
   /** From `--shutdown-timeout`; unset keeps the default that depends on the daemon groups. */
   shutdownTimeoutMs?: number;
   daemonGroups: DaemonGroupSpec[];
@@ -201,6 +204,21 @@ export const OPTIONS: readonly OptionSpec[] = [
     repeatable: false,
     apply: ([value], draft) => {
       draft.maximumRequests = parseInteger("--maximum-requests", value, 0, MAX_MAXIMUM_REQUESTS);
+    },
+  },
+  {
+    name: "--memory-limit",
+    valueNames: ["SIZE"],
+    help: "Wasm memory above which an embedded isolate is replaced, checked after each " +
+      "request: bytes as in mod_wsgi, or a number with K, M or G, such as 512M. A fresh " +
+      "isolate starts first and the old one finishes its requests. 0 turns it off. " +
+      "Daemon groups take the memory-limit key instead.",
+    defaultText: "0",
+    repeatable: false,
+    apply: ([value], draft) => {
+      const bytes = parseSize(value);
+      if (bytes === undefined) throw invalidValue("--memory-limit", value, SIZE_FORM);
+      draft.memoryLimitBytes = bytes;
     },
   },
   {
@@ -412,7 +430,8 @@ export const OPTIONS: readonly OptionSpec[] = [
       "must run as root, and a daemon never runs as root). home: working directory. " +
       "python-path: DIR[:DIR...]. python: 3.12 or 3.14. display-name: the name ps " +
       "shows (default (wsgi:NAME)). maximum-requests, restart-interval: replace a " +
-      "process after that many requests or seconds. Timeouts in seconds: " +
+      "process after that many requests or seconds. memory-limit: replace an isolate " +
+      "whose wasm memory grew past this size, such as 512M. Timeouts in seconds: " +
       "inactivity-timeout (idle isolate retired, 60), request-timeout (504, 60), " +
       "queue-timeout (503, 45), startup-timeout (30), graceful-timeout (a reload " +
       "drains for this long, 15), shutdown-timeout (5). env=NAME=VALUE sets " +
@@ -639,6 +658,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     minThreads,
     inactivityTimeoutMs: draft.inactivityTimeoutMs,
     maximumRequests: draft.maximumRequests,
+    memoryLimitBytes: draft.memoryLimitBytes,
     mountPoint: draft.mountPoint,
     urlAliases: draft.urlAliases,
     accessLog: draft.accessLog,
@@ -698,6 +718,7 @@ function defaultOptionValues(env: ParseEnvironment): OptionValues {
     queueTimeoutMs: 45_000,
     inactivityTimeoutMs: 60_000,
     maximumRequests: 0,
+    memoryLimitBytes: 0,
     daemonGroups: [],
     mounts: [],
   };

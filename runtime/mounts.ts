@@ -205,6 +205,7 @@ export class MountTable {
           minSize: options.minThreads,
           idleTimeoutMs: options.inactivityTimeoutMs,
           maxRequests: options.maximumRequests,
+          memoryLimitBytes: options.memoryLimitBytes,
           queueLimit: options.queueLimit,
           requestTimeoutMs: options.requestTimeoutMs,
           queueTimeoutMs: options.queueTimeoutMs,

@@ -33,6 +33,8 @@ export interface ServerOptions {
   inactivityTimeoutMs: number;
   /** Requests an embedded isolate serves before a fresh one replaces it; 0 turns it off. @default 0 */
   maximumRequests: number;
+  /** Bytes of wasm memory above which an embedded isolate is replaced; 0 turns it off. @default 0 */
+  memoryLimitBytes: number;
   /** URL prefix the application is mounted at: "" for the root, else "/prefix". @default "" */
   mountPoint: string;
   urlAliases: UrlAlias[];

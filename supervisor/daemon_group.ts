@@ -111,6 +111,7 @@ export class DaemonGroup implements AppBackend {
       queueTimeoutMs: spec.queueTimeoutMs,
       requestTimeoutMs: spec.requestTimeoutMs,
       inactivityTimeoutMs: spec.inactivityTimeoutMs,
+      memoryLimitBytes: spec.memoryLimitBytes,
       startupTimeoutMs: spec.startupTimeoutMs,
       // Every isolate is its own interpreter, so one application object is
       // never called by two threads (wsgi.multithread stays False), while

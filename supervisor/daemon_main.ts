@@ -297,6 +297,7 @@ class Daemon {
       size: config.threads,
       minSize: 1,
       idleTimeoutMs: config.inactivityTimeoutMs,
+      memoryLimitBytes: config.memoryLimitBytes,
       requestTimeoutMs: config.requestTimeoutMs,
       queueLimit: config.queueLimit,
       queueTimeoutMs: config.queueTimeoutMs,

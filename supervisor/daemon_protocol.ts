@@ -98,6 +98,8 @@ export interface DaemonConfig {
   queueTimeoutMs: number;
   requestTimeoutMs: number;
   inactivityTimeoutMs: number;
+  /** See DaemonGroupSpec.memoryLimitBytes. */
+  memoryLimitBytes: number;
   startupTimeoutMs: number;
   /** Value of `wsgi.multiprocess` for the group's interpreters. */
   multiprocess: boolean;

@@ -33,6 +33,8 @@ export interface DaemonGroupSpec {
   displayName: string;
   /** Requests after which a process is replaced; 0 turns it off. @default 0 */
   maximumRequests: number;
+  /** Bytes of wasm memory above which an isolate of a process is replaced after its request; 0 turns it off. @default 0 */
+  memoryLimitBytes: number;
   /** Milliseconds after which a process is replaced; 0 turns it off. @default 0 */
   restartIntervalMs: number;
   /** Milliseconds an isolate may stay idle before it is retired; 0 keeps it. @default 60000 */
@@ -75,6 +77,28 @@ export function parseSeconds(value: string): number | undefined {
   // Number() would also accept "", "1e3" and "0x1f".
   if (!/^[0-9]+(\.[0-9]{1,3})?$/.test(value) || Number(value) > MAX_SECONDS) return undefined;
   return Math.round(Number(value) * 1000);
+}
+
+const MEBIBYTE = 1024 * 1024;
+/** Smallest memory limit: a fresh isolate's wasm memory alone is about 30 MiB. */
+const MIN_MEMORY_LIMIT = 32 * MEBIBYTE;
+/** Largest memory limit: a wasm32 memory cannot grow past 4 GiB. */
+const MAX_MEMORY_LIMIT = 4096 * MEBIBYTE;
+const SIZE_UNITS: Record<string, number> = { "": 1, K: 1024, M: MEBIBYTE, G: 1024 * MEBIBYTE };
+
+/** The accepted form of a memory size, for error messages. */
+export const SIZE_FORM = "0 (off), or a size from 32M to 4G: bytes, or a number with K, M or G (powers of 1024), such as 512M";
+
+/**
+ * Converts a size such as "536870912", "512M" or "1G" to bytes; undefined
+ * when not in SIZE_FORM. Plain numbers are bytes, as in mod_wsgi's memory-limit.
+ */
+export function parseSize(value: string): number | undefined {
+  const match = /^([0-9]{1,13})([KMG]?)$/i.exec(value);
+  if (!match) return undefined;
+  const bytes = Number(match[1]) * SIZE_UNITS[match[2].toUpperCase()];
+  if (bytes === 0) return 0;
+  return bytes >= MIN_MEMORY_LIMIT && bytes <= MAX_MEMORY_LIMIT ? bytes : undefined;
 }
 
 /** Group names: what a log line, a file name and `ps` can show without quoting. */
@@ -171,6 +195,15 @@ const KEYS: Record<string, KeySpec> = {
       spec.maximumRequests = parseInteger("maximum-requests", value, 0, 1_000_000_000);
     },
   },
+  "memory-limit": {
+    form: SIZE_FORM,
+    repeatable: false,
+    parse: (value, spec) => {
+      const bytes = parseSize(value);
+      if (bytes === undefined) throw invalidKey("memory-limit", value, SIZE_FORM);
+      spec.memoryLimitBytes = bytes;
+    },
+  },
   "restart-interval": secondsKey("restart-interval", (spec, ms) => (spec.restartIntervalMs = ms)),
   "inactivity-timeout": secondsKey(
     "inactivity-timeout",
@@ -242,6 +275,7 @@ export function defaultGroupSpec(name: string): DaemonGroupSpec {
     pythonPath: [],
     displayName: `(wsgi:${name})`,
     maximumRequests: 0,
+    memoryLimitBytes: 0,
     restartIntervalMs: 0,
     inactivityTimeoutMs: 60_000,
     requestTimeoutMs: 60_000,

@@ -145,6 +145,8 @@ export function pyodideFolder(python: PythonVersion): string {
  */
 export const PIPELINE_DEPTH = 2;
 
+const WASM_PAGE_BYTES = 64 * 1024;
+
 /** The signal number Pyodide turns into KeyboardInterrupt. */
 const SIGINT = 2;
 
@@ -165,6 +167,7 @@ export class Isolate {
   #logger: Logger;
   #inbox = new RequestInbox();
   #interrupt = new Int32Array(new SharedArrayBuffer(4));
+  #memoryPages = new Int32Array(new SharedArrayBuffer(4));
 
   constructor(options: IsolateOptions) {
     this.id = options.id;
@@ -192,8 +195,17 @@ export class Isolate {
       wasmModule: options.boot?.wasmModule ?? null,
       inbox: this.#inbox.buffer,
       interrupt: this.#interrupt.buffer as SharedArrayBuffer,
+      memoryPages: this.#memoryPages.buffer as SharedArrayBuffer,
       controlTable: options.controlTable?.buffer ?? null,
     });
+  }
+
+  /**
+   * Bytes of the interpreter's wasm memory, as the worker reported them when
+   * it was ready and after each request. Wasm memory only grows.
+   */
+  get memoryBytes(): number {
+    return Atomics.load(this.#memoryPages, 0) * WASM_PAGE_BYTES;
   }
 
   /** The request the worker runs now, if any. */
@@ -285,7 +297,8 @@ export class Isolate {
     switch (message.type) {
       case "ready":
         this.#logger.info(
-          `isolate ready: Python ${message.pythonVersion} (Pyodide ${message.pyodideVersion}) in ${message.loadMs} ms`,
+          `isolate ready: Python ${message.pythonVersion} (Pyodide ${message.pyodideVersion}) in ${message.loadMs} ms, ` +
+            `with ${Math.round(this.memoryBytes / (1024 * 1024))} MiB of wasm memory`,
         );
         this.state = "idle";
         this.readyAt = performance.now();

@@ -5,8 +5,9 @@
  * Each isolate runs one request at a time. The pool starts `minSize`
  * isolates, adds one whenever a request must wait and fewer than `size` run,
  * and retires isolates above `minSize` that stayed idle for `idleTimeoutMs`.
- * An isolate that has served `maxRequests` requests is replaced: a fresh one
- * starts, and once it is ready the old one finishes its requests and stops.
+ * An isolate that has served `maxRequests` requests, or whose wasm memory
+ * grew past `memoryLimitBytes`, is replaced: a fresh one starts, and once it
+ * is ready the old one finishes its requests and stops.
  * When all are busy, requests wait in the queue; a full queue, or a request
  * that waited longer than the queue timeout, gets 503 from the front. An
  * isolate that dies is replaced with growing delays, and a pool whose
@@ -29,6 +30,11 @@ export interface PoolOptions {
   idleTimeoutMs?: number;
   /** Requests an isolate serves before a fresh one replaces it; 0 turns it off. @default 0 */
   maxRequests?: number;
+  /**
+   * Bytes of wasm memory above which an isolate is replaced after its
+   * request; 0 turns it off. Checked after each request. @default 0
+   */
+  memoryLimitBytes?: number;
   /** Milliseconds a request may run before its isolate is replaced and it fails with 504; 0 turns it off. @default 0 */
   requestTimeoutMs?: number;
   /** Value of `wsgi.multiprocess`. @default size > 1 */
@@ -98,10 +104,12 @@ export class IsolatePool {
   /** The snapshot and compiled module new isolates start from; set once prepared. */
   #boot: Boot | null = null;
   #controls = new ControlTable();
-  /** Isolates past maxRequests that serve on until a fresh isolate replaces them, oldest first. */
+  /** Isolates past maxRequests or memoryLimitBytes that serve on until a fresh isolate replaces them, oldest first. */
   #worn: Isolate[] = [];
   /** The isolate starting to replace the first of #worn; one replacement starts at a time. */
   #replacement: Isolate | null = null;
+  /** Cleared when a fresh isolate already has more memory than memoryLimitBytes, which makes the limit useless. */
+  #memoryLimitUsable = true;
 
   constructor(app: AppSpec, options: PoolOptions) {
     this.app = app;
@@ -115,6 +123,7 @@ export class IsolatePool {
       idleTimeoutMs: 0,
       requestTimeoutMs: 0,
       maxRequests: 0,
+      memoryLimitBytes: 0,
       multiprocess: options.size > 1,
       nextIsolateId: () => 0,
       failureLogLevel: "critical",
@@ -361,6 +370,7 @@ export class IsolatePool {
     this.#startupTimers.delete(isolate);
     this.#idleSince.set(isolate, performance.now());
     this.#failedStarts = 0;
+    this.#checkMemoryLimit(isolate);
     if (isolate === this.#replacement) this.#retireWorn();
     if (!this.#startedMinimum) {
       this.#startedMinimum = true;
@@ -371,28 +381,50 @@ export class IsolatePool {
   }
 
   /**
-   * Handles an isolate that finished a request with respect to maxRequests:
-   * one that reached it waits in #worn for a replacement, and one that was
-   * replaced stops once its last request is done. Returns true when the
-   * isolate stopped.
+   * Handles an isolate that finished a request with respect to maxRequests
+   * and memoryLimitBytes: one past a limit waits in #worn for a replacement,
+   * and one that was replaced stops once its last request is done. Returns
+   * true when the isolate stopped.
    */
   #recycle(isolate: Isolate): boolean {
-    const maximum = this.#options.maxRequests;
-    if (maximum <= 0 || this.#stopping || this.#handOff) return false;
+    const { maxRequests, memoryLimitBytes } = this.#options;
+    if ((maxRequests <= 0 && memoryLimitBytes <= 0) || this.#stopping || this.#handOff) return false;
     if (isolate.retiring) {
       if (isolate.jobs.length > 0) return false;
       this.#stopWorn(isolate);
       return true;
     }
-    if (isolate.served >= maximum && !this.#worn.includes(isolate)) {
+    const reason = this.#worn.includes(isolate) ? undefined : this.#wornReason(isolate);
+    if (reason) {
       this.#worn.push(isolate);
-      this.#logger.info(
-        `isolate served ${isolate.served} requests (maximum-requests ${maximum}); starting a fresh one to replace it`,
-        { isolate: isolate.id },
-      );
+      this.#logger.info(`isolate ${reason}; starting a fresh one to replace it`, { isolate: isolate.id });
     }
     this.#startReplacement();
     return false;
+  }
+
+  /** Returns why `isolate` is due for a replacement, or undefined when it is not. */
+  #wornReason(isolate: Isolate): string | undefined {
+    const { maxRequests, memoryLimitBytes } = this.#options;
+    if (maxRequests > 0 && isolate.served >= maxRequests) {
+      return `served ${isolate.served} requests (maximum-requests ${maxRequests})`;
+    }
+    if (memoryLimitBytes > 0 && this.#memoryLimitUsable && isolate.memoryBytes > memoryLimitBytes) {
+      return `has ${mebibytes(isolate.memoryBytes)} of wasm memory (memory-limit ${mebibytes(memoryLimitBytes)})`;
+    }
+    return undefined;
+  }
+
+  /** Turns the memory limit off when a fresh isolate is already above it, since replacing it would not help. */
+  #checkMemoryLimit(isolate: Isolate): void {
+    const limit = this.#options.memoryLimitBytes;
+    if (limit <= 0 || !this.#memoryLimitUsable || isolate.memoryBytes <= limit) return;
+    this.#memoryLimitUsable = false;
+    this.#logger.warning(
+      `memory-limit ${mebibytes(limit)} is below the ${mebibytes(isolate.memoryBytes)} of wasm memory that a ` +
+        "fresh isolate has, so no isolate is replaced for its memory; raise the limit",
+      { isolate: isolate.id },
+    );
   }
 
   /** Starts the replacement of the first worn isolate, unless one is starting. */
@@ -583,4 +615,8 @@ export class IsolatePool {
       if (job) expire(job);
     }
   }
+}
+
+function mebibytes(bytes: number): string {
+  return `${Math.round(bytes / (1024 * 1024))} MiB`;
 }

@@ -230,7 +230,7 @@ Deno.test("parseDaemonSpec defaults", () => {
 Deno.test("parseDaemonSpec every key", () => {
   const spec = parseDaemonSpec(
     "group=site1,processes=2,threads=4,user=nobody,group=nogroup,home=.,python-path=.,python=3.12," +
-      "display-name=%{GROUP}-x,maximum-requests=100,restart-interval=3600,inactivity-timeout=2.5," +
+      "display-name=%{GROUP}-x,maximum-requests=100,memory-limit=512M,restart-interval=3600,inactivity-timeout=2.5," +
       "request-timeout=30,queue-timeout=10,startup-timeout=20,graceful-timeout=7,shutdown-timeout=3," +
       "env=A=1,env=B=x=y,allow-net=127.0.0.1:5432,allow-net=[::1]:80,allow-write=.",
     HOME_DIR,
@@ -246,6 +246,7 @@ Deno.test("parseDaemonSpec every key", () => {
   assert.equal(spec.python, "3.12");
   assert.equal(spec.displayName, "(wsgi:site1)-x");
   assert.equal(spec.maximumRequests, 100);
+  assert.equal(spec.memoryLimitBytes, 512 * 1024 * 1024);
   assert.equal(spec.restartIntervalMs, 3_600_000);
   assert.equal(spec.inactivityTimeoutMs, 2_500);
   assert.equal(spec.requestTimeoutMs, 30_000);
@@ -282,6 +283,7 @@ Deno.test("parseDaemonSpec rejects invalid input", () => {
     ["group=a,processes=x", /invalid value for processes: 'x'/],
     ["group=a,python=3.11", /invalid value for python: '3.11' \(expected 3.12 or 3.14\)/],
     ["group=a,queue-timeout=1m", /invalid value for queue-timeout: '1m' \(expected seconds from 0/],
+    ["group=a,memory-limit=1M", /invalid value for memory-limit: '1M' \(expected 0 \(off\), or a size from 32M to 4G/],
     ["group=a,env=1A=2", /invalid value for env: '1A=2' \(expected NAME=VALUE/],
     ["group=a,allow-net=host:99999", /invalid value for allow-net: 'host:99999'/],
     [
@@ -504,6 +506,48 @@ Deno.test("private app folder is reported", async () => {
     assert.equal(countMatches(server.log(), /failed to start a daemon process: /), 3);
     // Deno's error names the program; the log adds the folder that is the cause.
     assert.ok(server.log().includes(`and to enter its working folder ${folder})`), server.log());
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
+Deno.test("daemon memory limit replaces isolate", async () => {
+  const folder = await Deno.realPath(await Deno.makeTempDir({ prefix: "wsgirun_daemon_test_" }));
+  await Deno.chmod(folder, 0o755);
+  // Returns how many requests its interpreter served; ?grow keeps 80 MiB more.
+  await Deno.writeTextFile(
+    join(folder, "app.wsgi"),
+    `
+served = 0
+kept = []
+
+def application(environ, start_response):
+    global served
+    served += 1
+    if environ["QUERY_STRING"] == "grow":
+        kept.append(bytearray(80 * 1024 * 1024))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(served).encode()]
+`,
+  );
+  try {
+    await using server = await startServer(join(folder, "app.wsgi"), [
+      "--daemon",
+      "group=memory,user=nobody,processes=1,threads=1,memory-limit=96M",
+    ], { waitForReady: false });
+    await server.waitForLog(/daemon process ready/, 120_000);
+    const get = async (query = "") => (await getText(`${server.origin}/?${query}`)).body;
+
+    assert.equal(await get(), "1");
+    assert.equal(await get("grow"), "2");
+    await server.waitForLog(
+      /group=memory pid=\d+ isolate=1\] isolate has \d+ MiB of wasm memory \(memory-limit 96 MiB\); starting a fresh one/,
+    );
+    await server.waitForLog(/isolate=1\] isolate stopped: replaced after 2 requests/);
+
+    // The process stays, and its fresh interpreter counts from the start.
+    assert.equal(await get(), "1");
+    assert.doesNotMatch(server.log(), /daemon process exited/);
   } finally {
     await Deno.remove(folder, { recursive: true });
   }

@@ -62,8 +62,11 @@ Deno.test("embedded pool grows and shrinks", async () => {
   assert.equal((await fetch(`${server.origin}/`)).status, 200);
 });
 
-/** Writes an application that returns how many requests its interpreter has served. */
-async function writeCountingScript(): Promise<string> {
+/**
+ * Writes an application that returns how many requests its interpreter has
+ * served. `?grow` keeps 80 MiB more, and `importMiB` are allocated at import.
+ */
+async function writeCountingScript(importMiB = 0): Promise<string> {
   const folder = await Deno.makeTempDir({ prefix: "wsgirun-pool-" });
   await Deno.writeTextFile(
     `${folder}/app.wsgi`,
@@ -71,10 +74,13 @@ async function writeCountingScript(): Promise<string> {
 import time
 
 served = 0
+kept = [bytearray(${importMiB} * 1024 * 1024)]
 
 def application(environ, start_response):
     global served
     served += 1
+    if environ.get("QUERY_STRING") == "grow":
+        kept.append(bytearray(80 * 1024 * 1024))
     time.sleep(0.005)
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [str(served).encode()]
@@ -113,6 +119,38 @@ Deno.test("maximum requests under load loses nothing", async () => {
   const firsts = result.servedBy.filter((body) => body === "1").length;
   assert.ok(firsts >= 5, `only ${firsts} interpreters served a first request`);
   assert.equal(countMatches(server.log(), /isolate stopped: (?!replaced)/), 0);
+  await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
+});
+
+Deno.test("memory limit replaces isolate", async () => {
+  const script = await writeCountingScript();
+  await using server = await startServer(script, ["--threads", "1", "--memory-limit", "96M"]);
+  const get = async (query = "") => await (await fetch(`${server.origin}/?${query}`)).text();
+
+  assert.equal(await get(), "1");
+  assert.equal(await get(), "2");
+  assert.doesNotMatch(server.log(), /starting a fresh one/);
+  assert.equal(await get("grow"), "3");
+  await server.waitForLog(
+    /isolate=1\] isolate has \d+ MiB of wasm memory \(memory-limit 96 MiB\); starting a fresh one to replace it/,
+  );
+  await server.waitForLog(/isolate=2\] isolate ready/);
+  await server.waitForLog(/isolate=1\] isolate stopped: replaced after 3 requests/);
+
+  assert.equal(await get(), "1");
+  await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
+});
+
+Deno.test("memory limit below fresh isolate", async () => {
+  const script = await writeCountingScript(40);
+  await using server = await startServer(script, ["--threads", "1", "--memory-limit", "48M"]);
+  await server.waitForLog(/memory-limit 48 MiB is below the \d+ MiB of wasm memory that a fresh isolate has/);
+
+  // Replacing the isolate would not bring it under the limit, so it keeps serving.
+  for (const expected of ["1", "2", "3"]) {
+    assert.equal(await (await fetch(server.origin + "/")).text(), expected);
+  }
+  assert.doesNotMatch(server.log(), /starting a fresh one/);
   await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
 });
 

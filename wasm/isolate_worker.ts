@@ -20,7 +20,7 @@ import {
   type ToWorker,
 } from "./protocol.ts";
 import { type AppSpec, appReadPaths } from "../supervisor/app_spec.ts";
-import { loadPyodideFor, mountHostFolders, startImports } from "./pyodide_loader.ts";
+import { interpreterMemoryPages, loadPyodideFor, mountHostFolders, startImports } from "./pyodide_loader.ts";
 import { buildSnapshot, writeAdapterFiles } from "./snapshot_builder.ts";
 import { installHostModules, type PyodideForHost } from "./host_modules.ts";
 
@@ -78,6 +78,12 @@ let mailEntries = 0;
  * the pool takes back the ones it posted and runs them in another isolate.
  */
 let broken = false;
+/** See InitMessage.memoryPages. */
+let memoryPages: Int32Array | null = null;
+
+function reportMemory(): void {
+  if (memoryPages) Atomics.store(memoryPages, 0, interpreterMemoryPages());
+}
 
 function post(message: FromWorker, transfer: Transferable[] = []): void {
   self.postMessage(message, transfer);
@@ -229,6 +235,8 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
   handle = adapter.handle;
   applyProcessSettings(app);
   if (message.interrupt) pyodide.setInterruptBuffer(new Int32Array(message.interrupt));
+  if (message.memoryPages) memoryPages = new Int32Array(message.memoryPages);
+  reportMemory();
 
   const pythonVersion = String(pyodide.runPython("import sys; sys.version.split()[0]"));
   post({
@@ -306,6 +314,7 @@ function runRequest(request: InboxRequest, control: RequestControl, ring: BodyRi
   } finally {
     current = null;
     control.finish();
+    reportMemory();
   }
 }
 

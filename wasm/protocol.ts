@@ -43,6 +43,8 @@ export interface InitMessage {
    * terminates the worker, so that Python code in a loop raises KeyboardInterrupt.
    */
   interrupt?: SharedArrayBuffer | null;
+  /** One word that the worker sets to its wasm memory size, in 64 KiB pages, when it is ready and after each request. */
+  memoryPages?: SharedArrayBuffer | null;
 }
 
 /** Asks a worker to build a memory snapshot and send it back. */

@@ -196,6 +196,11 @@ export async function loadPyodideFor(options: LoadOptions): Promise<unknown> {
   }
 }
 
+/** Returns the size of the wasm memory of the interpreter loaded last, in 64 KiB pages, or 0 before one is loaded. */
+export function interpreterMemoryPages(): number {
+  return (interpreterMemory?.buffer.byteLength ?? 0) / WASM_PAGE_BYTES;
+}
+
 /** The part of Emscripten's file system API used to mount host folders. */
 export interface MountableFS {
   mkdirTree(path: string): void;

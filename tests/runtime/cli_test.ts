@@ -166,6 +166,12 @@ const VALID_CASES: ValidCase[] = [
   { args: ["--inactivity-timeout", "0"], read: (o) => o.inactivityTimeoutMs, expected: () => 0 },
   { args: ["--threads", "5"], read: (o) => o.maximumRequests, expected: () => 0 },
   { args: ["--maximum-requests", "1000"], read: (o) => o.maximumRequests, expected: () => 1000 },
+  { args: ["--threads", "6"], read: (o) => o.memoryLimitBytes, expected: () => 0 },
+  { args: ["--memory-limit", "512M"], read: (o) => o.memoryLimitBytes, expected: () => 512 * 1024 * 1024 },
+  { args: ["--memory-limit", "1g"], read: (o) => o.memoryLimitBytes, expected: () => 1024 * 1024 * 1024 },
+  { args: ["--memory-limit", "65536K"], read: (o) => o.memoryLimitBytes, expected: () => 64 * 1024 * 1024 },
+  { args: ["--memory-limit", "268435456"], read: (o) => o.memoryLimitBytes, expected: () => 268435456 },
+  { args: ["--memory-limit", "0"], read: (o) => o.memoryLimitBytes, expected: () => 0 },
   { args: ["--shutdown-timeout", "0"], read: (o) => o.shutdownTimeoutMs, expected: () => 0 },
 ];
 
@@ -333,6 +339,10 @@ const INVALID_CASES: InvalidCase[] = [
   { args: ["--threads", "2", "--min-threads", "3"], option: "--min-threads", value: "3" },
   { args: ["--inactivity-timeout", "-1"], option: "--inactivity-timeout", value: "-1" },
   { args: ["--maximum-requests", "1.5"], option: "--maximum-requests", value: "1.5" },
+  { args: ["--memory-limit", "16M"], option: "--memory-limit", value: "16M" },
+  { args: ["--memory-limit", "5G"], option: "--memory-limit", value: "5G" },
+  { args: ["--memory-limit", "512MB"], option: "--memory-limit", value: "512MB" },
+  { args: ["--memory-limit", "-1"], option: "--memory-limit", value: "-1" },
   { args: ["--maximum-requests", "1000000001"], option: "--maximum-requests", value: "1000000001" },
   { args: ["--access-log=yes"], option: "--access-log", value: "yes" },
   { args: ["--preload=true"], option: "--preload", value: "true" },
