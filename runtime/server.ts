@@ -164,8 +164,10 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
       : `daemon group '${options.processGroup}'`;
     appLogger.info(`listening on http://${addr.hostname}:${addr.port}${options.mountPoint || "/"} (${runsIn})`);
     logMounts(mounts, options, appLogger);
-    const groupShutdownMs = Math.max(0, ...mounts.groups.map((group) => group.spec.shutdownTimeoutMs));
-    const shutdownMs = options.shutdownTimeoutMs ?? (groupShutdownMs || DEFAULT_SHUTDOWN_MS);
+    const groupShutdownMs = mounts.groups.length > 0
+      ? Math.max(...mounts.groups.map((group) => group.spec.shutdownTimeoutMs))
+      : DEFAULT_SHUTDOWN_MS;
+    const shutdownMs = options.shutdownTimeoutMs ?? groupShutdownMs;
     return {
       addr,
       mounts,

@@ -86,7 +86,7 @@ export class DaemonGroup implements AppBackend {
   /** Set when a reload failed while older processes still serve: start no more until the next reload. */
   #holdReason: string | null = null;
   #stopping = false;
-  /** Set once the server is stopping: touches and SIGHUP no longer start fresh processes. */
+  /** Set once the server is stopping: no process starts after that, for a reload, a recycle or a crash. */
   #reloadsStopped = false;
   #script: ScriptWatcher;
   #cache: DaemonCache | undefined;
@@ -205,6 +205,15 @@ export class DaemonGroup implements AppBackend {
 
   stopReloads(): void {
     this.#reloadsStopped = true;
+    clearTimeout(this.#spawnTimer);
+    // Processes of a reload under way that are not ready yet would never
+    // serve, so they stop; the ones that serve go on until stop().
+    for (const process of this.#processes) {
+      if (process.state !== "starting") continue;
+      process.stopReason = "was stopped before it was ready because the server is stopping";
+      process.stopPlanned = true;
+      process.closeInput();
+    }
   }
 
   async stop(): Promise<void> {
@@ -310,7 +319,8 @@ export class DaemonGroup implements AppBackend {
   #onRequestDone(process: DaemonProcess): void {
     const maximum = this.spec.maximumRequests;
     if (
-      maximum > 0 && process.served >= maximum && !process.replaced && process.state === "ready"
+      maximum > 0 && process.served >= maximum && !process.replaced && process.state === "ready" &&
+      !this.#reloadsStopped
     ) {
       this.#replace(process, `it served ${process.served} requests (maximum-requests ${maximum})`);
     }
@@ -433,7 +443,8 @@ export class DaemonGroup implements AppBackend {
 
   /** Starts missing processes and retires replaced ones as fresh ones become ready. */
   #manage(): void {
-    if (this.#stopping) return;
+    // Once the server stops, no process starts and none is retired for a reload.
+    if (this.#stopping || this.#reloadsStopped) return;
     const all = [...this.#processes];
     const fresh = all.filter((p) => !p.replaced && (p.state === "starting" || p.state === "ready"));
     const freshReady = fresh.filter((p) => p.state === "ready").length;

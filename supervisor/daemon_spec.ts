@@ -67,7 +67,11 @@ export class DaemonSpecError extends Error {
 
 const MAX_PROCESSES = 64;
 const MAX_THREADS = 256;
-export const MAX_SECONDS = 30 * 24 * 3600;
+/**
+ * Longest duration in seconds (about 24.8 days): setTimeout() takes at most
+ * 2^31 - 1 ms and fires at once for anything longer.
+ */
+export const MAX_SECONDS = 2_147_483;
 
 /** The accepted form of a duration in seconds, for error messages. */
 export const SECONDS_FORM = `seconds from 0 to ${MAX_SECONDS} with at most 3 decimals, such as 30 or 2.5`;

@@ -518,6 +518,8 @@ Deno.test("daemon memory limit replaces isolate", async () => {
   await Deno.writeTextFile(
     join(folder, "app.wsgi"),
     `
+import time
+
 served = 0
 kept = []
 
@@ -526,6 +528,8 @@ def application(environ, start_response):
     served += 1
     if environ["QUERY_STRING"] == "grow":
         kept.append(bytearray(80 * 1024 * 1024))
+    if environ["QUERY_STRING"] == "sleep":
+        time.sleep(30)
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [str(served).encode()]
 `,
@@ -533,7 +537,7 @@ def application(environ, start_response):
   try {
     await using server = await startServer(join(folder, "app.wsgi"), [
       "--daemon",
-      "group=memory,user=nobody,processes=1,threads=1,memory-limit=96M",
+      "group=memory,user=nobody,processes=1,threads=1,memory-limit=96M,shutdown-timeout=0",
     ], { waitForReady: false });
     await server.waitForLog(/daemon process ready/, 120_000);
     const get = async (query = "") => (await getText(`${server.origin}/?${query}`)).body;
@@ -548,6 +552,42 @@ def application(environ, start_response):
     // The process stays, and its fresh interpreter counts from the start.
     assert.equal(await get(), "1");
     assert.doesNotMatch(server.log(), /daemon process exited/);
+
+    // shutdown-timeout=0 gives running requests no time when the server stops.
+    const stuck = getText(`${server.origin}/?sleep`);
+    await delay(300);
+    await server.stop();
+    assert.equal((await stuck).status, 503);
+    assert.match(server.log(), /responses still running after 0 ms; stopping them/);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
+Deno.test("daemon reload cut short by stop", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  const script = join(folder, "app.wsgi");
+  try {
+    await using server = await startServer(script, [
+      "--daemon",
+      "group=cut,user=nobody,processes=1,threads=1,graceful-timeout=30",
+    ], { waitForReady: false });
+    await server.waitForLog(/daemon process ready/, 120_000);
+    const slow = getText(server.origin + "/do/slow?ms=1500");
+    await delay(300);
+
+    const now = new Date();
+    await Deno.utime(script, now, new Date(now.getTime() + 2000));
+    await server.waitForLog(/reloading: the script file changed/);
+    const status = await server.stop();
+    const response = await slow;
+
+    assert.equal(response.status, 200);
+    assert.equal(status.code, 0);
+    const stopLog = server.log().slice(server.log().indexOf("SIGTERM: stopping gracefully"));
+    assert.match(stopLog, /was stopped before it was ready because the server is stopping/);
+    assert.doesNotMatch(stopLog, /daemon process ready/);
+    assert.equal(countMatches(server.log(), /daemon process ready/), 1);
   } finally {
     await Deno.remove(folder, { recursive: true });
   }

@@ -173,6 +173,7 @@ const VALID_CASES: ValidCase[] = [
   { args: ["--memory-limit", "268435456"], read: (o) => o.memoryLimitBytes, expected: () => 268435456 },
   { args: ["--memory-limit", "0"], read: (o) => o.memoryLimitBytes, expected: () => 0 },
   { args: ["--shutdown-timeout", "0"], read: (o) => o.shutdownTimeoutMs, expected: () => 0 },
+  { args: ["--shutdown-timeout", "2147483"], read: (o) => o.shutdownTimeoutMs, expected: () => 2_147_483_000 },
 ];
 
 for (const testCase of VALID_CASES) {
@@ -332,7 +333,8 @@ const INVALID_CASES: InvalidCase[] = [
   { args: ["--request-timeout", "1e3"], option: "--request-timeout", value: "1e3" },
   { args: ["--request-timeout", "-1"], option: "--request-timeout", value: "-1" },
   { args: ["--request-timeout", "2.0001"], option: "--request-timeout", value: "2.0001" },
-  { args: ["--request-timeout", "2592001"], option: "--request-timeout", value: "2592001" },
+  { args: ["--request-timeout", "2147484"], option: "--request-timeout", value: "2147484" },
+  { args: ["--shutdown-timeout", "2592000"], option: "--shutdown-timeout", value: "2592000" },
   { args: ["--queue-timeout", "soon"], option: "--queue-timeout", value: "soon" },
   { args: ["--shutdown-timeout", "5s"], option: "--shutdown-timeout", value: "5s" },
   { args: ["--min-threads", "0"], option: "--min-threads", value: "0" },
