@@ -34,7 +34,7 @@ import {
   PYTHON_VERSIONS,
   type PythonVersion,
 } from "./app_spec.ts";
-import { type Logger, tracebackSummary } from "./log.ts";
+import type { Logger } from "./log.ts";
 import { type BuildSnapshotMessage, type FromWorker, SNAPSHOT_CONTENT_VERSION } from "../wasm/protocol.ts";
 import { packSnapshot, unpackSnapshot } from "../wasm/snapshot_pages.ts";
 import adapterSource from "../wasm/adapter.py" with { type: "text" };
@@ -444,7 +444,10 @@ async function withBuildLock<T>(
     await Deno.mkdir(snapshotCacheDir(), { recursive: true });
     lock = await lockBuildFile(lockPath, logger);
   } catch (error) {
-    logger.debug(`snapshot builds are not coordinated: cannot open ${lockPath}: ${errorText(error)}`);
+    const message = `snapshot builds are not coordinated: cannot open ${lockPath}: ${errorText(error)}`;
+    // An unwritable cache folder is reported where the snapshot is written.
+    if (error instanceof LockFileTypeError) logger.warning(message);
+    else logger.debug(message);
     return await build();
   }
   try {
@@ -479,6 +482,7 @@ async function lockBuildFile(lockPath: string, logger: Logger): Promise<BuildLoc
   const timeout = new Promise<"timeout">((resolve) => (timer = setTimeout(resolve, BUILD_LOCK_WAIT_MS, "timeout")));
   try {
     for (let attempt = 1;; attempt++) {
+      await checkLockFileType(lockPath);
       const file = await Deno.open(lockPath, { create: true, write: true });
       const locked = file.lock(true).then(() => "locked" as const, (error) => errorText(error));
       const outcome = await Promise.race([locked, timeout]);
@@ -505,6 +509,27 @@ async function lockBuildFile(lockPath: string, logger: Logger): Promise<BuildLoc
     clearTimeout(notice);
     clearTimeout(timer);
   }
+}
+
+/** Thrown when something other than a regular file is at a lock file's path. */
+class LockFileTypeError extends Error {}
+
+/**
+ * Throws LockFileTypeError unless `lockPath` is a regular file or missing.
+ * Opening a FIFO for writing blocks until a reader comes, and a symbolic
+ * link would make the server create or lock a file elsewhere.
+ */
+async function checkLockFileType(lockPath: string): Promise<void> {
+  let info: Deno.FileInfo;
+  try {
+    info = await Deno.lstat(lockPath);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return;
+    throw error;
+  }
+  if (info.isFile) return;
+  const kind = info.isSymlink ? "a symbolic link" : info.isDirectory ? "a directory" : "not a regular file";
+  throw new LockFileTypeError(`it is ${kind}; remove it`);
 }
 
 /** Returns whether `path` names the open `file`, and not a file created after that one was removed. */
@@ -838,10 +863,9 @@ async function chooseBoot(options: BootOptions): Promise<Boot> {
     );
     return { snapshot, wasmModule, kind: "application" };
   } catch (error) {
-    // An import error's traceback is logged by each isolate that imports the application.
-    const summary = tracebackSummary(errorText(error));
-    const cause = summary ? `the application failed to import (${summary})` : errorText(error);
-    logger.warning(`no application snapshot, each isolate imports the application itself: ${cause}`);
+    // The whole traceback stays: an import that fails only in the build (a
+    // socket opened at import, for one) leaves no other trace of it.
+    logger.warning(`no application snapshot, each isolate imports the application itself: ${errorText(error)}`);
     return { snapshot: runtime.snapshot, wasmModule, kind: "runtime" };
   }
 }

@@ -325,6 +325,28 @@ Deno.test("lock removed after skipped app snapshot", async () => {
   assert.deepEqual(lockFiles(cache), []);
 });
 
+Deno.test("lock path of the wrong kind reported", async () => {
+  await warmRuntimeSnapshot();
+  const [runtime] = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
+  const cache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
+  // Opening a FIFO for writing would wait for a reader forever.
+  const mkfifo = await new Deno.Command("mkfifo", { args: [`${cache}/${runtime}.lock`] }).output();
+  assert.equal(mkfifo.code, 0);
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  await using server = await startServer(
+    `${folder}/app.wsgi`,
+    ["--threads", "1", "--snapshot", "runtime"],
+    { env: { WSGIRUN_CACHE_DIR: cache }, timeoutMs: 120_000 },
+  );
+
+  assert.equal(await body(server.origin), "hello");
+  assert.match(
+    server.log(),
+    /WARNING .*snapshot builds are not coordinated: cannot open \S+\.snapshot\.lock: it is not a regular file; remove it/,
+  );
+  assert.match(server.log(), /runtime snapshot built/);
+});
+
 Deno.test("unused lock files removed", async () => {
   const cache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
   const orphanLock = "app-crashed.wsgi-00000000000000aa.snapshot.lock";
