@@ -10,6 +10,7 @@ import { MountTable } from "./mounts.ts";
 import type { ServerOptions } from "./options.ts";
 import { matchAlias, serveStatic } from "./static_files.ts";
 import { errorResponse, type ResponseRecord } from "./wsgi_response.ts";
+import { markServerStopping } from "../supervisor/backend.ts";
 import { handleWsgiRequest } from "./wsgi_request.ts";
 
 export interface RunningServer {
@@ -176,6 +177,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
       reload: (reason) => mounts.reload(reason),
       async shutdown(timeoutMs = shutdownMs) {
         appLogger.info("shutting down: no new connections");
+        markServerStopping();
         mounts.stopReloads();
         const drained = server.shutdown().then(() => "drained");
         const result = await Promise.race([drained, delay(timeoutMs, "timeout")]);

@@ -7,7 +7,7 @@
  * it moves to the isolate with backpressure in both directions.
  */
 
-import type { AppBackend, RequestHandle } from "../supervisor/backend.ts";
+import { type AppBackend, bodyReadFailure, isServerStopping, type RequestHandle } from "../supervisor/backend.ts";
 import { PoolUnavailableError } from "../supervisor/pool.ts";
 import type { Logger } from "../supervisor/log.ts";
 import { errorResponse, ResponseBuilder, type ResponseRecord } from "./wsgi_response.ts";
@@ -33,7 +33,7 @@ async function readSmallBody(request: Request, logger: Logger): Promise<Uint8Arr
   try {
     return new Uint8Array(await request.arrayBuffer());
   } catch (error) {
-    logger.info(`client stopped sending the request body: ${error}`);
+    logger.info(bodyReadFailure(error));
     return undefined;
   }
 }
@@ -65,6 +65,10 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
     const length = declaredLength(request);
     if (length !== undefined && length <= READ_AHEAD_BYTES) {
       const whole = await readSmallBody(request, logger);
+      if (whole === undefined && isServerStopping()) {
+        input.onDone({ status: 503, bytes: 0, error: "the server is shutting down" });
+        return errorResponse(503, "Service Unavailable");
+      }
       if (whole === undefined) {
         input.onDone({ status: 400, bytes: 0, error: "client disconnected" });
         return errorResponse(400, "Incomplete request body");

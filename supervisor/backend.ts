@@ -54,3 +54,27 @@ export interface AppBackend {
   /** Stops everything at once; requests still queued fail with 503. */
   stop(): Promise<void>;
 }
+
+let serverStopping = false;
+
+/** Records that the server has begun to stop; it never serves normally again. */
+export function markServerStopping(): void {
+  serverStopping = true;
+}
+
+/** Returns whether the server has begun to stop (see markServerStopping). */
+export function isServerStopping(): boolean {
+  return serverStopping;
+}
+
+/**
+ * Returns the log message for a request body that could not be read to its
+ * end. Deno 2.9.6 stops reading request bodies as soon as the server begins
+ * to stop, so the body of an upload still in progress then fails too,
+ * through no fault of the client.
+ */
+export function bodyReadFailure(error: unknown): string {
+  return serverStopping
+    ? `request body cut off because the server is stopping (Deno stops reading bodies then): ${error}`
+    : `client stopped sending the request body: ${error}`;
+}

@@ -4,7 +4,7 @@
  * an isolate runs them, and hands response frames to each request's sink.
  */
 
-import type { BackendRequest, RequestHandle } from "./backend.ts";
+import { type BackendRequest, bodyReadFailure, type RequestHandle } from "./backend.ts";
 import type { DaemonLaunch } from "./daemon_command.ts";
 import {
   BODY_WINDOW,
@@ -218,7 +218,7 @@ export class DaemonRequestHandle implements RequestHandle {
       }
     } catch (error) {
       if (this.#bodyStopped(process)) return;
-      logger.info(`client stopped sending the request body: ${error}`, {
+      logger.info(bodyReadFailure(error), {
         request: this.request.requestId,
       });
       process.send(Frame.BODY_ABORT, id);

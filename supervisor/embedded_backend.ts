@@ -10,7 +10,7 @@
  * that have not started, while the old pool finishes the running ones.
  */
 
-import type { AppBackend, BackendRequest, RequestHandle } from "./backend.ts";
+import { type AppBackend, type BackendRequest, bodyReadFailure, type RequestHandle } from "./backend.ts";
 import type { Job } from "./isolate.ts";
 import { type Logger, tracebackSummary } from "./log.ts";
 import type { IsolatePool } from "./pool.ts";
@@ -54,7 +54,7 @@ async function pumpBody(body: ReadableStream<Uint8Array>, ring: BodyRing, logger
       if (reader instanceof ReadableStreamBYOBReader) buffer = value.buffer as ArrayBuffer;
     }
   } catch (error) {
-    logger.info(`client stopped sending the request body: ${error}`);
+    logger.info(bodyReadFailure(error));
     ring.abort();
   }
 }

@@ -496,6 +496,27 @@ Deno.test("shutdown timeout answers running request", async () => {
   assert.match(server.log(), /request failed with 503: the server is shutting down/);
 });
 
+Deno.test("upload cut by stop gets 503", async () => {
+  await using server = await startServer(
+    repoPath("tests/fixtures/pool_app.wsgi"),
+    ["--threads", "1", "--shutdown-timeout", "3"],
+  );
+  // Half of a small body: the server reads such a body whole before it queues the request.
+  const connection = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+  const head = "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n";
+  await connection.write(new TextEncoder().encode(head + "x".repeat(500)));
+  await new Promise((resolve) => setTimeout(resolve, 300));
+
+  server.process.kill("SIGTERM");
+  const reply = await new Response(connection.readable).text();
+  const status = await server.process.status;
+
+  assert.match(reply, /^HTTP\/1\.1 503 /);
+  assert.equal(status.code, 0);
+  assert.match(server.log(), /request body cut off because the server is stopping/);
+  assert.doesNotMatch(server.log(), /client stopped sending the request body/);
+});
+
 Deno.test("later second stop signal exits at once", async () => {
   await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "1"]);
   const slow = fetch(`${server.origin}/?seconds=5`).catch((error) => error);
