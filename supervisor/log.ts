@@ -85,13 +85,24 @@ export class Logger {
 }
 
 /**
- * Returns the last line of a Python traceback in `text`, which names the
- * exception, such as "ModuleNotFoundError: No module named 'x'". Returns
- * undefined when `text` contains no traceback. Lets a second log line about the
- * same failure name it without repeating the whole traceback.
+ * Returns the line of a Python traceback in `text` that names the exception,
+ * such as "ModuleNotFoundError: No module named 'x'", or undefined when
+ * `text` contains no traceback. Lets a second log line about the same
+ * failure name it without repeating the whole traceback.
  */
 export function tracebackSummary(text: string): string | undefined {
   if (!text.includes("Traceback (most recent call last)")) return undefined;
-  const lines = text.split("\n").map((line) => line.trim()).filter((line) => line !== "");
-  return lines.at(-1);
+  const lines = text.split("\n").filter((line) => line.trim() !== "");
+  // The exception line is the first one at the left margin after the last
+  // frame. The lines after it are the rest of a long message or notes.
+  let lastFrame = -1;
+  lines.forEach((line, index) => {
+    if (/^\s*File "/.test(line)) lastFrame = index;
+  });
+  const exceptionLine = lines.slice(lastFrame + 1).find((line) => /^\S/.test(line));
+  if (exceptionLine !== undefined && lastFrame >= 0) return exceptionLine;
+  // An exception group draws its traceback inside "| " margins.
+  const grouped = lines.map((line) => /^[\s|+]*([A-Za-z_][\w.]*(?:Error|Exception|Group)\b.*)$/.exec(line))
+    .find((match) => match !== null);
+  return grouped?.[1] ?? lines.at(-1)?.trim();
 }

@@ -154,10 +154,7 @@ Deno.test("embedded reload keeps a preloaded app that fails", async () => {
     server.log(),
     /reload failed, the running isolates keep serving: the application failed to import \(RuntimeError: broken at import; traceback above\)\n/,
   );
-  assert.match(
-    server.log(),
-    /no application snapshot, each isolate imports the application itself: the application failed to import \(RuntimeError: broken at import\)\n/,
-  );
-  // The isolate that tried the import logs the traceback, and no other line repeats it.
-  assert.equal(countMatches(server.log(), /Traceback \(most recent call last\)/), 1);
+  // The snapshot build and the isolate that tried the import log the traceback; the reload's line does not repeat it.
+  assert.match(server.log(), /no application snapshot, each isolate imports the application itself: .*Traceback/);
+  assert.equal(countMatches(server.log(), /Traceback \(most recent call last\)/), 2);
 });

@@ -1,0 +1,58 @@
+/**
+ * Log helpers: the one-line summary of a Python traceback that a second log
+ * line about the same failure shows instead of the whole traceback.
+ */
+
+import assert from "node:assert/strict";
+import { tracebackSummary } from "../supervisor/log.ts";
+
+Deno.test("traceback summary names the exception", () => {
+  const text = [
+    "PythonError: Traceback (most recent call last):",
+    '  File "/lib/loader.py", line 69, in load_application',
+    "    module = _load_script(settings.script_path)",
+    '  File "/srv/app.wsgi", line 1, in <module>',
+    "    import missing_module",
+    "ModuleNotFoundError: No module named 'missing_module'",
+  ].join("\n");
+
+  assert.equal(tracebackSummary(text), "ModuleNotFoundError: No module named 'missing_module'");
+});
+
+Deno.test("traceback summary skips message lines and notes", () => {
+  const longMessage = [
+    "Traceback (most recent call last):",
+    '  File "/srv/app.wsgi", line 3, in <module>',
+    '    raise RuntimeError("first line\\nsecond line")',
+    "RuntimeError: first line",
+    "second line",
+  ].join("\n");
+  const withNote = [
+    "Traceback (most recent call last):",
+    '  File "/srv/app.wsgi", line 3, in <module>',
+    '    raise KeyError("PORT")',
+    "KeyError: 'PORT'",
+    "while reading the settings",
+  ].join("\n");
+
+  assert.equal(tracebackSummary(longMessage), "RuntimeError: first line");
+  assert.equal(tracebackSummary(withNote), "KeyError: 'PORT'");
+});
+
+Deno.test("traceback summary of an exception group", () => {
+  const text = [
+    "  + Exception Group Traceback (most recent call last):",
+    '  |   File "/srv/app.wsgi", line 2, in <module>',
+    '  |     raise ExceptionGroup("several", [ValueError(1)])',
+    "  | ExceptionGroup: several (1 sub-exception)",
+    "  +-+---------------- 1 ----------------",
+    "    | ValueError: 1",
+    "    +------------------------------------",
+  ].join("\n");
+
+  assert.equal(tracebackSummary(text), "ExceptionGroup: several (1 sub-exception)");
+});
+
+Deno.test("traceback summary needs a traceback", () => {
+  assert.equal(tracebackSummary("no import within 60 s"), undefined);
+});
