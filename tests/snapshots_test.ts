@@ -645,6 +645,37 @@ def application(environ, start_response):
   assert.match(server.log(), /no application snapshot/);
 });
 
+Deno.test("restored isolates get fresh random state", async () => {
+  const cache = await cacheWithRuntimeSnapshot();
+  const folder = await makeApp({
+    "app.wsgi": `
+import random
+import tempfile
+
+# Drawn once here, so the generator's state is in the application snapshot.
+random.random()
+next(tempfile._get_candidate_names())
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [("%r %s" % (random.random(), next(tempfile._get_candidate_names()))).encode()]
+`,
+  });
+  const firstValues: string[] = [];
+  for (let run = 0; run < 2; run++) {
+    await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"], {
+      env: { WSGIRUN_CACHE_DIR: cache },
+    });
+    firstValues.push(await body(server.origin));
+    if (run === 1) assert.match(server.log(), /isolates start from the application snapshot/);
+  }
+
+  const [numberA, nameA] = firstValues[0].split(" ");
+  const [numberB, nameB] = firstValues[1].split(" ");
+  assert.notEqual(numberA, numberB);
+  assert.notEqual(nameA, nameB);
+});
+
 Deno.test("snapshot off starts from scratch", async () => {
   const folder = await makeApp({ "app.wsgi": HELLO });
   await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--snapshot", "off"]);

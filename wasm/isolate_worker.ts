@@ -233,6 +233,7 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
     message.multiprocess,
   );
   handle = adapter.handle;
+  if (message.snapshot) renewRandomState();
   applyProcessSettings(app);
   if (message.interrupt) pyodide.setInterruptBuffer(new Int32Array(message.interrupt));
   if (message.memoryPages) memoryPages = new Int32Array(message.memoryPages);
@@ -247,6 +248,20 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
   });
 
   if (app.preload) preloadApplication(adapter);
+}
+
+/**
+ * Reseeds what a memory snapshot would otherwise give every isolate in the
+ * same state: the `random` module's generator, and the name sequence of
+ * `tempfile`, which would make isolates pick the same temporary file names.
+ * Generators an application created at import keep the snapshot's state, and
+ * so does the seed of `hash()`, which Python fixes when the interpreter starts.
+ */
+function renewRandomState(): void {
+  pyodide.runPython(
+    'import sys\nif "random" in sys.modules: sys.modules["random"].seed()\n' +
+      'if "tempfile" in sys.modules: sys.modules["tempfile"]._name_sequence = None',
+  );
 }
 
 /**
