@@ -22,6 +22,8 @@ import { type RunningServer, startServer } from "./server.ts";
 const EXIT_USAGE = 2;
 /** Exit status after a second stop signal cut the graceful stop short. */
 const EXIT_INTERRUPTED = 1;
+/** Exit status when the server cannot open its listening socket. */
+const EXIT_FAILURE = 1;
 /**
  * A stop signal this soon after the first one is the same stop delivered
  * twice: Ctrl-C under `deno task` reaches the server from the terminal and
@@ -101,10 +103,34 @@ async function start(
   try {
     return await startServer(options, logger);
   } catch (error) {
-    if (!(error instanceof DaemonConfigError)) throw error;
-    console.error(`wsgirun: ${error.message}`);
-    Deno.exit(EXIT_USAGE);
+    if (error instanceof DaemonConfigError) {
+      console.error(`wsgirun: ${error.message}`);
+      Deno.exit(EXIT_USAGE);
+    }
+    const reason = listenFailure(error);
+    if (reason === undefined) throw error;
+    console.error(`wsgirun: cannot listen on ${options.host}:${options.port}: ${reason}`);
+    Deno.exit(EXIT_FAILURE);
   }
+}
+
+/** Returns why the listening socket could not be opened, with the fix, or undefined for other errors. */
+function listenFailure(error: unknown): string | undefined {
+  if (error instanceof Deno.errors.AddrInUse) {
+    return "the address is already in use; stop the server that uses it or choose another --port";
+  }
+  if (error instanceof Deno.errors.AddrNotAvailable) {
+    return "no network interface of this machine has that address; give --host one of its addresses, " +
+      "or 0.0.0.0 for all of them";
+  }
+  if (error instanceof Deno.errors.PermissionDenied) {
+    return `permission denied (${error.message}); ports below 1024 need root or the CAP_NET_BIND_SERVICE capability`;
+  }
+  // Deno 2.9.6 reports an unknown host name with a plain Error.
+  if (error instanceof Error && error.message.startsWith("failed to lookup address information")) {
+    return `the host name cannot be resolved (${error.message}); give --host an IP address or a name that resolves`;
+  }
+  return undefined;
 }
 
 /** `mallocNote`: what main.ts did to the C library's malloc settings, for the log. */

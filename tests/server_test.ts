@@ -764,6 +764,23 @@ Deno.test("cli --help lists every option", async () => {
   }
 });
 
+Deno.test("cli port in use", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  try {
+    const result = await runCli([APP_SCRIPT, "--port", String(listener.addr.port)]);
+
+    assert.equal(result.code, 1);
+    assert.equal(
+      result.stderr.trim().split("\n").at(-1),
+      `wsgirun: cannot listen on 127.0.0.1:${listener.addr.port}: the address is already in use; ` +
+        "stop the server that uses it or choose another --port",
+    );
+    assert.doesNotMatch(result.stderr, /Uncaught|at startServer/);
+  } finally {
+    listener.close();
+  }
+});
+
 Deno.test("cli invalid --port", async () => {
   const result = await runCli([APP_SCRIPT, "--port", "abc"]);
   assert.equal(result.code, 2);
