@@ -84,6 +84,8 @@ export interface OptionValues {
   pythonPath: string[];
   /** `--allow-net` values, checked and kept as given. */
   allowNet: string[];
+  /** From `--env`, by name. */
+  environment: Record<string, string>;
   /** Absolute real paths from `--write`. */
   writePaths: string[];
   callableObject?: string;
@@ -257,6 +259,23 @@ export const OPTIONS: readonly OptionSpec[] = [
         throw new UsageError((error as Error).message);
       }
       draft.allowNet.push(value);
+    },
+  },
+  {
+    name: "--env",
+    valueNames: ["NAME=VALUE"],
+    help: "Set an environment variable in os.environ of every application, before it " +
+      "is imported. The applications see no other variable of the server's " +
+      "environment. May be given more than once.",
+    defaultText: "no variables",
+    repeatable: true,
+    apply: ([value], draft) => {
+      const equals = value.indexOf("=");
+      const name = equals < 0 ? "" : value.slice(0, equals);
+      if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name)) {
+        throw invalidValue("--env", value, "NAME=VALUE with NAME of letters, digits and '_', such as DEBUG=1");
+      }
+      draft.environment[name] = value.slice(equals + 1);
     },
   },
   {
@@ -692,6 +711,7 @@ function buildApp(
     snapshot: draft.snapshot,
   };
   if (draft.allowNet.length > 0) app.allowNet = [...draft.allowNet];
+  if (Object.keys(draft.environment).length > 0) app.environment = { ...draft.environment };
   if (draft.writePaths.length > 0) app.writePaths = [...new Set(draft.writePaths)];
   if (script.scriptPath !== undefined) app.scriptPath = script.scriptPath;
   if (script.module !== undefined) app.module = script.module;
@@ -706,6 +726,7 @@ function defaultOptionValues(env: ParseEnvironment): OptionValues {
     python: "3.14",
     pythonPath: [],
     allowNet: [],
+    environment: {},
     writePaths: [],
     mountPoint: "",
     urlAliases: [],

@@ -355,7 +355,8 @@ export function groupAppSpec(app: AppSpec, group: DaemonGroupSpec): AppSpec {
     ...app,
     python: group.python ?? app.python,
     pythonPath: [...new Set([...app.pythonPath, ...group.pythonPath])],
-    environment: { ...group.environment },
+    // Variables from --env apply to every application; the group's env keys add to them.
+    environment: { ...app.environment, ...group.environment },
     writePaths: [...new Set([...(app.writePaths ?? []), ...group.allowWrite])],
     allowNet: [...new Set([...(app.allowNet ?? []), ...group.allowNet])],
   };

@@ -265,10 +265,12 @@ async function writeSnapshot(
 
 async function writeFile(path: string, header: SnapshotHeader, payload: Uint8Array): Promise<void> {
   const folder = path.slice(0, path.lastIndexOf("/"));
-  await Deno.mkdir(folder, { recursive: true });
+  await Deno.mkdir(folder, { recursive: true, mode: 0o700 });
   const temporary = `${path}.${Deno.pid}.${crypto.randomUUID().slice(0, 8)}.tmp`;
   try {
-    await Deno.writeFile(temporary, await encodeFile(header, payload));
+    // An application snapshot contains what the application had in memory, such
+    // as --env values and secrets read at import, so only the owner may read it.
+    await Deno.writeFile(temporary, await encodeFile(header, payload), { mode: 0o600 });
     await Deno.rename(temporary, path);
   } catch (error) {
     await Deno.remove(temporary).catch(() => {});
@@ -441,7 +443,7 @@ async function withBuildLock<T>(
   const lockPath = lockPathOf(path);
   let lock: BuildLock;
   try {
-    await Deno.mkdir(snapshotCacheDir(), { recursive: true });
+    await Deno.mkdir(snapshotCacheDir(), { recursive: true, mode: 0o700 });
     lock = await lockBuildFile(lockPath, logger);
   } catch (error) {
     const message = `snapshot builds are not coordinated: cannot open ${lockPath}: ${errorText(error)}`;

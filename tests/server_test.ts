@@ -764,6 +764,34 @@ Deno.test("cli --help lists every option", async () => {
   }
 });
 
+Deno.test("server --env reaches the application", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-env-" });
+  await Deno.writeTextFile(
+    `${folder}/app.wsgi`,
+    `
+import os
+
+AT_IMPORT = os.environ.get("GREETING", "unset")
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    values = [AT_IMPORT, os.environ.get("GREETING", "unset"), os.environ.get("WSGIRUN_TEST_SERVER_ONLY", "unset")]
+    return [" ".join(values).encode()]
+`,
+  );
+  try {
+    await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--env", "GREETING=hello there"], {
+      env: { WSGIRUN_TEST_SERVER_ONLY: "secret" },
+    });
+    const text = await (await fetch(server.origin + "/")).text();
+
+    // Set before the import, so module code sees it; the server's own variables stay out.
+    assert.equal(text, "hello there hello there unset");
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("cli port in use", async () => {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   try {

@@ -645,6 +645,22 @@ def application(environ, start_response):
   assert.match(server.log(), /no application snapshot/);
 });
 
+Deno.test("snapshot files readable by owner only", async () => {
+  const cache = await cacheWithRuntimeSnapshot();
+  const folder = await makeApp({ "app.wsgi": `import os
+TOKEN = os.environ["TOKEN"]
+${HELLO}` });
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--env", "TOKEN=not-for-others"], {
+    env: { WSGIRUN_CACHE_DIR: `${cache}/sub` },
+  });
+  assert.equal(await body(server.origin), "hello");
+
+  // The application snapshot holds the variable's value, as the application's memory does.
+  const [snapshot] = await snapshotFiles(`${cache}/sub`, "app-app.wsgi-");
+  assert.equal((await Deno.stat(`${cache}/sub/${snapshot}`)).mode! & 0o777, 0o600);
+  assert.equal((await Deno.stat(`${cache}/sub`)).mode! & 0o777, 0o700);
+});
+
 Deno.test("restored isolates get fresh random state", async () => {
   const cache = await cacheWithRuntimeSnapshot();
   const folder = await makeApp({
