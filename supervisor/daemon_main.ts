@@ -25,7 +25,7 @@
 
 import { appReadPaths, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
 import type { Job, ResponseSink } from "./isolate.ts";
-import { Logger } from "./log.ts";
+import { Logger, tracebackSummary } from "./log.ts";
 import { IsolatePool, PoolUnavailableError } from "./pool.ts";
 import {
   BODY_WINDOW,
@@ -326,7 +326,12 @@ class Daemon {
   #onApplicationLoaded(error: string | undefined): void {
     if (this.#readySent) return;
     if (error !== undefined) {
-      this.logger.critical(`the application failed to import at start: ${error}`);
+      // The isolate has logged the traceback, so this line names only the exception.
+      const summary = tracebackSummary(error);
+      this.logger.critical(
+        `the application failed to import at start (${summary ? `${summary}; traceback above` : error}); ` +
+          "the process exits",
+      );
       this.#stop({ kind: "exit", code: DaemonExit.APP_LOAD_FAILED });
       return;
     }

@@ -612,6 +612,10 @@ Deno.test("group failing at start is marked failed", async () => {
     3,
   );
   assert.match(log, /this application fails to import on purpose/);
+  // Each failed start logs the traceback twice, from the snapshot build and from the
+  // isolate that tried the import, and the CRITICAL line names only the exception.
+  assert.equal(countMatches(log, /Traceback \(most recent call last\)/), 6);
+  assert.equal(countMatches(log, /CRITICAL .*the application failed to import at start \(.*; traceback above\); the process exits/), 3);
   assert.match(
     log,
     /CRITICAL \[app=app.wsgi group=broken\] group marked failed: 3 daemon processes in a row failed to start/,

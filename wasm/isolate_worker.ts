@@ -283,7 +283,7 @@ function preloadApplication(adapter: Record<string, PyProxyCallable>): void {
     adapter.load_application();
     post({ type: "loaded" });
   } catch (error) {
-    log("error", `failed to import the application at start; requests will retry: ${error}`);
+    log("error", `failed to import the application at start: ${error}`);
     post({ type: "loaded", error: String(error) });
   }
 }
