@@ -354,6 +354,9 @@ function runtimeKey(python: PythonVersion): Promise<string> {
     loader: appLoaderSource,
     modules: RUNTIME_MODULES,
     content: SNAPSHOT_CONTENT_VERSION,
+    // Builds that write another file layout use other file names, so two
+    // versions of wsgirun that share a cache folder do not rebuild each other's files.
+    format: MAGIC,
   }));
 }
 
