@@ -1,7 +1,30 @@
 /**
  * Touch to reload: notices when the modification time of an application's
- * script file changes, as mod_wsgi does for its script files.
+ * script file changes, as mod_wsgi does for its script files. For an
+ * application given as package.module:callable, the module's file is the
+ * one watched.
  */
+
+import type { AppSpec } from "./app_spec.ts";
+
+/**
+ * Returns the file whose changes reload `app`: its script, or for the
+ * module form the first file that Python's import would find for the module
+ * along `app.pythonPath` (`a/b.py` or `a/b/__init__.py` for `a.b`).
+ * Returns undefined when there is none, such as for a module of the
+ * standard library.
+ */
+export function reloadFile(app: AppSpec): string | undefined {
+  if (app.scriptPath !== undefined) return app.scriptPath;
+  if (app.module === undefined) return undefined;
+  const relative = app.module.split(".").join("/");
+  for (const folder of app.pythonPath) {
+    for (const candidate of [`${folder}/${relative}.py`, `${folder}/${relative}/__init__.py`]) {
+      if (isFile(candidate)) return candidate;
+    }
+  }
+  return undefined;
+}
 
 /** Polls a script file's modification time and calls `onChange` when it moved. */
 export class ScriptWatcher {
@@ -43,5 +66,13 @@ export class ScriptWatcher {
     } catch {
       return undefined;
     }
+  }
+}
+
+function isFile(path: string): boolean {
+  try {
+    return Deno.statSync(path).isFile;
+  } catch {
+    return false;
   }
 }

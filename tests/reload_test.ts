@@ -52,6 +52,22 @@ Deno.test("embedded reload on script change under load", async () => {
   assert.equal(countMatches(server.log(), /requests still running after/), 0);
 });
 
+Deno.test("embedded reload on module change", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-reload-" });
+  await Deno.mkdir(`${folder}/mysite`);
+  await Deno.writeTextFile(`${folder}/mysite/__init__.py`, "");
+  await Deno.writeTextFile(`${folder}/mysite/wsgi.py`, versionScript("one", 0));
+  await using server = await startServer("mysite.wsgi:application", ["--threads", "1", "--python-path", folder]);
+  assert.equal(await (await fetch(server.origin + "/")).text(), "one");
+
+  // In the package.module form the module's file is the one that a change reloads.
+  await Deno.writeTextFile(`${folder}/mysite/wsgi.py`, versionScript("two", 0));
+  await server.waitForLog(/reloaded: fresh isolates take new requests/, 30_000);
+
+  assert.equal(await (await fetch(server.origin + "/")).text(), "two");
+  await Deno.remove(folder, { recursive: true });
+});
+
 Deno.test("embedded reload on SIGHUP", async () => {
   const script = await writeScript("one");
   await using server = await startServer(script, ["--threads", "1"]);
