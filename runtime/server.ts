@@ -9,7 +9,7 @@ import { buildEnviron, decodePath, rawTarget, serverName } from "./environ.ts";
 import { MountTable } from "./mounts.ts";
 import type { ServerOptions } from "./options.ts";
 import { matchAlias, serveStatic } from "./static_files.ts";
-import { errorResponse, type ResponseRecord } from "./wsgi_response.ts";
+import { errorBodyBytes, errorResponse, type ResponseRecord } from "./wsgi_response.ts";
 import { markServerStopping } from "../supervisor/backend.ts";
 import { handleWsgiRequest } from "./wsgi_request.ts";
 
@@ -62,11 +62,22 @@ function quoted(value: string | null): string {
   return value.replace(/[\\"]/g, (c) => "\\" + c).replace(/[\x00-\x1f\x7f]/g, "?");
 }
 
-/** Writes one access log line in Apache's combined format plus the duration in microseconds. */
-function writeAccessLog(request: Request, uri: string, remote: string, record: ResponseRecord, startedMs: number) {
-  const micros = Math.round((performance.now() - startedMs) * 1000);
-  const line = `${remote} - - [${accessLogTime(new Date())}] "${request.method} ${quoted(uri)} HTTP/1.1" ` +
-    `${record.status} ${record.bytes || "-"} "${quoted(request.headers.get("referer"))}" ` +
+/**
+ * Writes one access log line in Apache's combined format plus the duration in
+ * microseconds. As in Apache, the time is when the request arrived, and the
+ * size is the body's bytes, "-" for none (a HEAD response sends none).
+ */
+function writeAccessLog(
+  request: Request,
+  uri: string,
+  remote: string,
+  record: ResponseRecord,
+  arrival: { wallMs: number; monotonicMs: number },
+) {
+  const micros = Math.round((performance.now() - arrival.monotonicMs) * 1000);
+  const bytes = request.method === "HEAD" ? 0 : record.bytes;
+  const line = `${remote} - - [${accessLogTime(new Date(arrival.wallMs))}] "${request.method} ${quoted(uri)} HTTP/1.1" ` +
+    `${record.status} ${bytes || "-"} "${quoted(request.headers.get("referer"))}" ` +
     `"${quoted(request.headers.get("user-agent"))}" ${micros}\n`;
   Deno.stdout.writeSync(encoder.encode(line));
 }
@@ -98,14 +109,14 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
   const requestPrefix = Math.random().toString(36).slice(2, 6);
 
   const handler = async (request: Request, info: Deno.ServeHandlerInfo<Deno.NetAddr>) => {
-    const started = performance.now();
+    const arrival = { wallMs: options.accessLog ? Date.now() : 0, monotonicMs: performance.now() };
     const requestId = `${requestPrefix}-${++requestCount}`;
     const requestLogger = appLogger.child({ request: requestId });
     const host = request.headers.get("host");
     const target = rawTarget(request.url, host, listenAddr.port);
     const remote = info.remoteAddr.hostname;
     const done = (record: ResponseRecord) => {
-      if (options.accessLog) writeAccessLog(request, target.uri, remote, record, started);
+      if (options.accessLog) writeAccessLog(request, target.uri, remote, record, arrival);
     };
 
     try {
@@ -119,7 +130,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
       const path = decodePath(target.path);
       const route = mounts.route(path);
       if (!route) {
-        done({ status: 404, bytes: 0 });
+        done({ status: 404, bytes: errorBodyBytes("Not Found") });
         return errorResponse(404, "Not Found");
       }
       const environ = buildEnviron(request, target, route.scriptName, route.pathInfo, {
@@ -139,7 +150,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
       });
     } catch (error) {
       requestLogger.error(`request failed in the server: ${error instanceof Error ? error.stack : error}`);
-      done({ status: 500, bytes: 0, error: String(error) });
+      done({ status: 500, bytes: errorBodyBytes("Internal Server Error"), error: String(error) });
       return errorResponse(500, "Internal Server Error");
     }
   };

@@ -10,7 +10,7 @@
 import { type AppBackend, bodyReadFailure, isServerStopping, type RequestHandle } from "../supervisor/backend.ts";
 import { PoolUnavailableError } from "../supervisor/pool.ts";
 import type { Logger } from "../supervisor/log.ts";
-import { errorResponse, ResponseBuilder, type ResponseRecord } from "./wsgi_response.ts";
+import { errorBodyBytes, errorResponse, ResponseBuilder, type ResponseRecord } from "./wsgi_response.ts";
 
 /** Bodies up to this size are read before the request is queued. */
 export const READ_AHEAD_BYTES = 64 * 1024;
@@ -56,7 +56,7 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
     logger.warning(
       `rejected Transfer-Encoding '${transferEncoding}': only 'chunked' is supported; send the body uncoded`,
     );
-    input.onDone({ status: 501, bytes: 0 });
+    input.onDone({ status: 501, bytes: errorBodyBytes("Transfer-Encoding not supported") });
     return errorResponse(501, "Transfer-Encoding not supported");
   }
 
@@ -66,11 +66,11 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
     if (length !== undefined && length <= READ_AHEAD_BYTES) {
       const whole = await readSmallBody(request, logger);
       if (whole === undefined && isServerStopping()) {
-        input.onDone({ status: 503, bytes: 0, error: "the server is shutting down" });
+        input.onDone({ status: 503, bytes: errorBodyBytes("Service Unavailable"), error: "the server is shutting down" });
         return errorResponse(503, "Service Unavailable");
       }
       if (whole === undefined) {
-        input.onDone({ status: 400, bytes: 0, error: "client disconnected" });
+        input.onDone({ status: 400, bytes: errorBodyBytes("Incomplete request body"), error: "client disconnected" });
         return errorResponse(400, "Incomplete request body");
       }
       body = whole;
@@ -107,7 +107,7 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
   } catch (error) {
     if (!(error instanceof PoolUnavailableError)) throw error;
     logger.warning(`request rejected with 503: ${error.message}`);
-    input.onDone({ status: 503, bytes: 0, error: error.message });
+    input.onDone({ status: 503, bytes: errorBodyBytes("Service Unavailable"), error: error.message });
     return errorResponse(503, "Service Unavailable", {
       "retry-after": String(error.retryAfterSeconds),
     });

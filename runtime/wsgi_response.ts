@@ -42,6 +42,13 @@ export interface ResponseBuilderOptions {
 }
 
 /** Returns a plain-text error response. */
+const encoder = new TextEncoder();
+
+/** Bytes of the body that errorResponse(status, text) sends, for the access log. */
+export function errorBodyBytes(text: string): number {
+  return encoder.encode(text + "\n").length;
+}
+
 export function errorResponse(status: number, text: string, headers: HeadersInit = {}): Response {
   return new Response(text + "\n", {
     status,
@@ -171,6 +178,7 @@ export class ResponseBuilder implements ResponseSink {
       this.#options.logger.error(`request failed with ${status}: ${reason}`);
       const headers: HeadersInit = status === 503 ? { "retry-after": "5" } : {};
       this.#resolve(errorResponse(status, httpReason(status), headers));
+      this.#bytes = errorBodyBytes(httpReason(status));
       this.#finish(reason);
       return;
     }
@@ -184,6 +192,7 @@ export class ResponseBuilder implements ResponseSink {
     this.#status = 499;
     this.#options.logger.info("client closed the connection while the request was queued");
     this.#resolve(errorResponse(503, "Service Unavailable"));
+    // The client left, so the body was never sent.
     this.#finish("client disconnected");
   }
 

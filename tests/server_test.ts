@@ -438,6 +438,43 @@ Deno.test("server with one isolate", async (t) => {
       assert.ok(lines[0].includes(`"GET /app/logged?${token} HTTP/1.1" 200 `), lines[0]);
     });
 
+    /** Returns the access log line of the request whose query is `token`. */
+    const accessLine = async (token: string) => {
+      const output = await pollUntil(() => server.output(), (text) => text.includes(token));
+      return output.split("\n").find((line) => line.includes(token)) ?? "";
+    };
+
+    await t.step("access log sizes of server bodies", async () => {
+      const missing = randomToken();
+      assert.equal((await getText(server, `/nowhere?${missing}`)).status, 404);
+      // "Not Found" and a newline.
+      assert.ok((await accessLine(missing)).includes(`"GET /nowhere?${missing} HTTP/1.1" 404 10 `));
+
+      const head = randomToken();
+      const response = await fetch(`${server.origin}/static/hello.txt?${head}`, { method: "HEAD" });
+      await response.body?.cancel();
+      assert.equal(response.status, 200);
+      // As in Apache, a HEAD response sent no body.
+      assert.ok((await accessLine(head)).includes(`"HEAD /static/hello.txt?${head} HTTP/1.1" 200 - `));
+    });
+
+    await t.step("access log time is the arrival", async () => {
+      const token = randomToken();
+      const sentAt = Date.now();
+      assert.equal((await getText(server, `/app/do/slow?${token}`)).text, "slow done");
+      const line = await accessLine(token);
+
+      // [05/Dec/2026:09:14:47 +0000] has whole seconds, rounded down. The arrival
+      // rounds down to at most sentAt plus the request's way to the server, while the
+      // completion, 1.5 s later, would round down to at least sentAt + 500 ms.
+      const stamp = /\[(\d\d)\/(\w{3})\/(\d{4}):(\d\d):(\d\d):(\d\d) \+0000\]/.exec(line);
+      assert.ok(stamp, line);
+      const months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+      const [, day, month, year, hours, minutes, seconds] = stamp;
+      const logged = Date.UTC(Number(year), months.indexOf(month), Number(day), Number(hours), Number(minutes), Number(seconds));
+      assert.ok(logged <= sentAt + 400, `logged ${logged - sentAt} ms after the request was sent: ${line}`);
+    });
+
     // --- Sandbox: the app requests host resources outside its folders
 
     const sandbox = async (caseName: string, query = "") => {
