@@ -27,7 +27,8 @@
  *   isolates themselves cannot read it.
  * - `--allow-net`: only the group's allow-net hosts. The channel to the front
  *   is the process's standard input and output, which need no permission.
- * - `--allow-sys=uid`: so the process can check that it does not run as root.
+ * - `--allow-sys=uid,gid`: so the process can check that it does not run as
+ *   root, and tell its isolates what os.getuid() and os.getgid() return.
  * - no other `--allow-env`, and no `--allow-run` or `--allow-ffi`. The
  *   environment is cleared too, except for the variables that locate Deno's
  *   cache and glibc's malloc setting (see malloc.ts).
@@ -355,7 +356,7 @@ export function permissionFlags(app: AppSpec, cache: DaemonCache): string[] {
   const flags = [
     `--allow-read=${read.join(",")}`,
     "--allow-env=WSGIRUN_CACHE_DIR",
-    "--allow-sys=uid",
+    "--allow-sys=uid,gid",
   ];
   if (write.length) flags.push(`--allow-write=${write.join(",")}`);
   if (app.allowNet?.length) flags.push(`--allow-net=${app.allowNet.join(",")}`);

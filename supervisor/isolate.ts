@@ -11,6 +11,7 @@ import {
   type FileMessage,
   type FromWorker,
   ISOLATE_WORKER_NAME,
+  type ProcessIdentity,
   type RequestMessage,
   type StartMessage,
 } from "../wasm/protocol.ts";
@@ -196,6 +197,7 @@ export class Isolate {
       inbox: this.#inbox.buffer,
       interrupt: this.#interrupt.buffer as SharedArrayBuffer,
       memoryPages: this.#memoryPages.buffer as SharedArrayBuffer,
+      identity: processIdentity(),
       controlTable: options.controlTable?.buffer ?? null,
     });
   }
@@ -359,4 +361,21 @@ export class Isolate {
     const unstarted = this.terminate(reason, 502);
     this.#options.onDead(this, reason, unstarted);
   }
+}
+
+let identity: ProcessIdentity | null | undefined;
+
+/**
+ * Returns the uid and gid of this process for the isolates, whose workers
+ * may not read them (Deno's `sys` permission), or null when this thread may
+ * not either.
+ */
+export function processIdentity(): ProcessIdentity | null {
+  if (identity !== undefined) return identity;
+  try {
+    identity = { uid: Deno.uid() ?? 0, gid: Deno.gid() ?? 0 };
+  } catch {
+    identity = null;
+  }
+  return identity;
 }

@@ -36,6 +36,7 @@ import {
 } from "./app_spec.ts";
 import type { Logger } from "./log.ts";
 import { type BuildSnapshotMessage, type FromWorker, SNAPSHOT_CONTENT_VERSION } from "../wasm/protocol.ts";
+import { processIdentity } from "./isolate.ts";
 import { packSnapshot, unpackSnapshot } from "../wasm/snapshot_pages.ts";
 import adapterSource from "../wasm/adapter.py" with { type: "text" };
 import appLoaderSource from "../wasm/app_loader.py" with { type: "text" };
@@ -782,6 +783,7 @@ async function buildApplicationSnapshot(
     base: runtime,
     wasmModule,
     app,
+    identity: processIdentity(),
   }, [options.pyodideFolder, ...appReadPaths(app)], logger);
   const files = await fileStamps(built.files);
   const path = applicationPath(app, key);

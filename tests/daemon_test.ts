@@ -713,6 +713,10 @@ Deno.test("daemon server", async (t) => {
       assert.equal(facts.greeting, "hi");
       assert.equal(facts.script, siteScript);
       assert.match(facts.request_id, /^site-\d+-\d+$/);
+      // The isolates report the account the process runs as, which their workers may not read.
+      assert.equal(facts.uid, NOBODY);
+      assert.equal(facts.gid, NOBODY);
+      assert.ok(!facts.environ_names.includes("_"), facts.environ_names.join(" "));
     });
 
     await t.step("mounts answer side by side", async () => {

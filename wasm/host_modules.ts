@@ -27,6 +27,7 @@ import { CryptoModule } from "./host_crypto.ts";
 import { ZONEINFO_FOLDER } from "./host_paths.ts";
 import { type GuardedModule, guardHostFileSystem } from "./host_fs.ts";
 import type { AppSpec } from "../supervisor/app_spec.ts";
+import type { ProcessIdentity } from "./protocol.ts";
 
 /** Folder of the isolate's file system that contains the Python files; first on sys.path. */
 export const SHIM_FOLDER = "/lib/wsgirun";
@@ -67,6 +68,8 @@ export interface PyodideForHost {
 
 export interface HostModuleSettings {
   app: AppSpec;
+  /** The values of os.getuid() and os.getgid(); 0 for both when null. */
+  identity: ProcessIdentity | null;
   /** Writes one line to the server's error log, tagged with the current request. */
   log: LogFunction;
 }
@@ -110,7 +113,7 @@ export function installHostModules(
   pyodide.registerJsModule("_wsgirun_sqlite", bindMethods(sqlite));
   pyodide.registerJsModule("_wsgirun_crypto", bindMethods(new CryptoModule()));
   pyodide.registerJsModule("_wsgirun_log", { log: settings.log });
-  installHostPython(pyodide, settings.app);
+  installHostPython(pyodide, settings.app, settings.identity);
 
   return {
     close() {
@@ -127,7 +130,7 @@ export function installHostModules(
  * this before it imports the application, and each isolate calls
  * `installHostModules` after the restore.
  */
-export function installHostPython(pyodide: PyodideForHost, app: AppSpec): void {
+export function installHostPython(pyodide: PyodideForHost, app: AppSpec, identity: ProcessIdentity | null): void {
   writeShimFiles(pyodide);
   mountWritableFolders(pyodide, app.writePaths ?? []);
   mountZoneinfo(pyodide);
@@ -136,7 +139,7 @@ export function installHostPython(pyodide: PyodideForHost, app: AppSpec): void {
   pyodide.runPython(`import sys\nif ${folder} not in sys.path: sys.path.insert(0, ${folder})`);
   const compat = pyodide.pyimport("_wsgirun_compat");
   try {
-    compat.install(...processIdentity());
+    compat.install(identity?.uid ?? 0, identity?.gid ?? 0);
   } finally {
     compat.destroy();
   }
@@ -194,21 +197,6 @@ function mountZoneinfo(pyodide: PyodideForHost): void {
   if (isHostMounted(pyodide, ZONEINFO_FOLDER)) return;
   pyodide.FS.mkdirTree(ZONEINFO_FOLDER);
   pyodide.FS.mount(pyodide.FS.filesystems.NODEFS, { root: hostFolder }, ZONEINFO_FOLDER);
-}
-
-/**
- * The uid and gid of the server process, or 0 where the worker may not ask
- * (Deno's `sys` permission), which is also what Pyodide 0.27 reports.
- */
-function processIdentity(): [number, number] {
-  const ask = (read: () => number | null) => {
-    try {
-      return read() ?? 0;
-    } catch {
-      return 0;
-    }
-  };
-  return [ask(() => Deno.uid()), ask(() => Deno.gid())];
 }
 
 /**

@@ -218,7 +218,11 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
 
   mountHostFolders(pyodide.FS, appReadPaths(message.app));
   pyodide.registerJsModule("_wsgirun_host", host);
-  installHostModules(pyodide as unknown as PyodideForHost, { app: message.app, log });
+  installHostModules(pyodide as unknown as PyodideForHost, {
+    app: message.app,
+    log,
+    identity: message.identity ?? null,
+  });
   writeAdapterFiles(pyodide);
 
   const adapter = pyodide.pyimport("_wsgirun_adapter");

@@ -43,8 +43,16 @@ export interface InitMessage {
    * terminates the worker, so that Python code in a loop raises KeyboardInterrupt.
    */
   interrupt?: SharedArrayBuffer | null;
+  /** The uid and gid of the process, which the worker may not read itself; null where unknown. */
+  identity?: ProcessIdentity | null;
   /** One word that the worker sets to its wasm memory size, in 64 KiB pages, when it is ready and after each request. */
   memoryPages?: SharedArrayBuffer | null;
+}
+
+/** The uid and gid that os.getuid() and os.getgid() return in an isolate. */
+export interface ProcessIdentity {
+  uid: number;
+  gid: number;
 }
 
 /** Asks a worker to build a memory snapshot and send it back. */
@@ -58,6 +66,8 @@ export interface BuildSnapshotMessage {
   wasmModule: WebAssembly.Module | null;
   /** The application to import into the snapshot; unset for a runtime snapshot. */
   app?: AppSpec;
+  /** See InitMessage.identity. */
+  identity?: ProcessIdentity | null;
 }
 
 export interface RequestMessage {

@@ -81,7 +81,7 @@ async function importApplication(pyodide: SnapshotPyodide, message: BuildSnapsho
   const app = message.app!;
   mountHostFolders(pyodide.FS, appReadPaths(app));
   // The application must import the host-backed sqlite3, socket and fcntl, as it does in isolates.
-  installHostPython(pyodide as unknown as PyodideForHost, app);
+  installHostPython(pyodide as unknown as PyodideForHost, app, message.identity ?? null);
   importAdapter(pyodide);
   if (app.environment && Object.keys(app.environment).length > 0) {
     // Applications often read settings from the environment while they import.

@@ -59,6 +59,7 @@ def install(uid, gid):
     _forget_stdlib_versions(["ssl", "sqlite3", "sqlite3.dbapi2", "pwd", "grp", "resource"])
     _install_fcntl()
     _set_identity(uid, gid)
+    _tidy_environment()
     _leave_event_loop()
     _add_key_derivation()
     _forbid_threads()
@@ -98,6 +99,13 @@ def _set_identity(uid, gid):
     # numbers it read instead.
     os.getuid = os.geteuid = lambda: uid
     os.getgid = os.getegid = lambda: gid
+
+
+def _tidy_environment():
+    # Emscripten sets "_" to the path of the JavaScript file that started the
+    # interpreter, a path of the server's machine that is no setting of the
+    # application.
+    os.environ.pop("_", None)
 
 
 def _leave_event_loop():
