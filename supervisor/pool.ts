@@ -556,6 +556,18 @@ export class IsolatePool {
     this.#expireQueued();
     this.#stopOverdueRequests();
     this.#retireIdle();
+    this.#checkIdleMemory();
+  }
+
+  /**
+   * Replaces idle isolates past the memory limit. The check after each
+   * request can miss memory that the request's last steps allocated.
+   */
+  #checkIdleMemory(): void {
+    if (this.#options.memoryLimitBytes <= 0) return;
+    for (const isolate of [...this.#isolates]) {
+      if (isolate.state === "idle" && !isolate.retiring) this.#recycle(isolate);
+    }
   }
 
   #stopOverdueRequests(): void {

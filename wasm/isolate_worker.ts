@@ -136,6 +136,8 @@ const host = {
     // The adapter rejects header names and values with control characters,
     // so a newline separates them safely.
     const headers = headerLines === "" ? [] : headerLines.split("\n");
+    // The pool checks the memory when the response is complete, which may be before this request's finally.
+    if (complete) reportMemory();
     if (complete && typeof body === "string" && ASCII_ONLY.test(body)) {
       post({ type: "start", requestId: request.id, status, headers, body, complete });
       return;
@@ -161,6 +163,7 @@ const host = {
 
   finish(error: string | undefined) {
     const request = requireRequest();
+    reportMemory();
     post({ type: "end", requestId: request.id, error: error ?? undefined });
   },
 
