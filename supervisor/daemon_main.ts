@@ -81,6 +81,7 @@ class DaemonRequest implements ResponseSink {
   constructor(
     id: number,
     daemon: Daemon,
+    frontRequestId: string,
     method: string,
     environ: string,
     body: Uint8Array<ArrayBuffer> | null,
@@ -90,7 +91,9 @@ class DaemonRequest implements ResponseSink {
     this.control = daemon.pool.newControl();
     this.ring = body === null ? BodyRing.create(BODY_RING_BYTES) : null;
     this.job = {
-      requestId: `${daemon.config.group}-${Deno.pid}-${id}`,
+      // The front's id, so that its lines and this process's match, and the
+      // pid of the process, which the front's lines about the request do not show.
+      requestId: `${frontRequestId}@${Deno.pid}`,
       method,
       environ,
       body,
@@ -388,7 +391,7 @@ class Daemon {
     }
     const decoded = decodeRequest(payload);
     const body = decoded.bodyMode === BodyMode.WHOLE ? decoded.body : null;
-    const request = new DaemonRequest(id, this, decoded.method, decoded.environ, body);
+    const request = new DaemonRequest(id, this, decoded.requestId, decoded.method, decoded.environ, body);
     this.#requests.set(id, request);
     try {
       this.pool.submit(request.job);

@@ -313,7 +313,7 @@ export class DaemonProcess {
     this.#requests.set(id, handle);
     const { request } = handle;
     const whole = request.body instanceof ReadableStream ? null : request.body ?? new Uint8Array(0);
-    this.send(Frame.REQUEST, id, encodeRequest(request.method, request.environ, whole));
+    this.send(Frame.REQUEST, id, encodeRequest(request.requestId, request.method, request.environ, whole));
   }
 
   /**

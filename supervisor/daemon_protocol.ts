@@ -172,6 +172,8 @@ export const BodyMode = {
 } as const;
 
 export interface RequestPayload {
+  /** The front's id of the request, which the daemon's log lines carry too. */
+  requestId: string;
   method: string;
   environ: string;
   bodyMode: number;
@@ -179,21 +181,29 @@ export interface RequestPayload {
   body: Uint8Array<ArrayBuffer>;
 }
 
-/** REQUEST payload: body mode (u8), method length (u8), method, environ length (u32), environ, body. */
+/**
+ * REQUEST payload: body mode (u8), request id length (u8), request id,
+ * method length (u8), method, environ length (u32), environ, body.
+ */
 export function encodeRequest(
+  requestId: string,
   method: string,
   environ: string,
   body: Uint8Array | null,
 ): Uint8Array {
+  const idBytes = encoder.encode(requestId);
   const methodBytes = encoder.encode(method);
   const environBytes = encoder.encode(environ);
   const bodyLength = body?.length ?? 0;
-  const payload = new Uint8Array(6 + methodBytes.length + environBytes.length + bodyLength);
+  const payload = new Uint8Array(7 + idBytes.length + methodBytes.length + environBytes.length + bodyLength);
   const view = new DataView(payload.buffer);
   view.setUint8(0, body ? BodyMode.WHOLE : BodyMode.STREAM);
-  view.setUint8(1, methodBytes.length);
-  payload.set(methodBytes, 2);
-  let offset = 2 + methodBytes.length;
+  view.setUint8(1, idBytes.length);
+  payload.set(idBytes, 2);
+  let offset = 2 + idBytes.length;
+  view.setUint8(offset, methodBytes.length);
+  payload.set(methodBytes, offset + 1);
+  offset += 1 + methodBytes.length;
   view.setUint32(offset, environBytes.length, true);
   offset += 4;
   payload.set(environBytes, offset);
@@ -205,16 +215,19 @@ export function encodeRequest(
 export function decodeRequest(payload: Uint8Array<ArrayBuffer>): RequestPayload {
   const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
   const bodyMode = view.getUint8(0);
-  const methodLength = view.getUint8(1);
-  const method = decoder.decode(payload.subarray(2, 2 + methodLength));
-  let offset = 2 + methodLength;
+  const idLength = view.getUint8(1);
+  const requestId = decoder.decode(payload.subarray(2, 2 + idLength));
+  let offset = 2 + idLength;
+  const methodLength = view.getUint8(offset);
+  const method = decoder.decode(payload.subarray(offset + 1, offset + 1 + methodLength));
+  offset += 1 + methodLength;
   const environLength = view.getUint32(offset, true);
   offset += 4;
   const environ = decoder.decode(payload.subarray(offset, offset + environLength));
   // A copy of just the body: posting a view to a worker would clone the
   // whole read buffer the view points into.
   const body = payload.slice(offset + environLength);
-  return { method, environ, bodyMode, body };
+  return { requestId, method, environ, bodyMode, body };
 }
 
 export interface StartPayload {

@@ -94,9 +94,9 @@ function daemonPids(server: TestServer): number[] {
   return pids;
 }
 
-/** Returns the daemon pid that served a request, from its id "GROUP-PID-N". */
+/** Returns the daemon pid that served a request, from its id in the daemon, "FRONT-ID@PID". */
 function servingPid(requestId: string): number {
-  return Number(requestId.split("-")[1]);
+  return Number(requestId.split("@")[1]);
 }
 
 /**
@@ -410,15 +410,16 @@ Deno.test("resolveIdentity as another user", () => {
 Deno.test("frames request round trip", () => {
   const body = new TextEncoder().encode("body bytes");
   const decoded = decodeRequest(
-    encodeRequest("POST", '{"PATH_INFO":"/é"}', body) as Uint8Array<ArrayBuffer>,
+    encodeRequest("ab12-7", "POST", '{"PATH_INFO":"/é"}', body) as Uint8Array<ArrayBuffer>,
   );
 
+  assert.equal(decoded.requestId, "ab12-7");
   assert.equal(decoded.method, "POST");
   assert.equal(decoded.environ, '{"PATH_INFO":"/é"}');
   assert.equal(decoded.bodyMode, 0);
   assert.deepEqual(decoded.body, body);
   assert.equal(
-    decodeRequest(encodeRequest("GET", "{}", null) as Uint8Array<ArrayBuffer>).bodyMode,
+    decodeRequest(encodeRequest("ab12-8", "GET", "{}", null) as Uint8Array<ArrayBuffer>).bodyMode,
     1,
   );
 });
@@ -712,7 +713,7 @@ Deno.test("daemon server", async (t) => {
       assert.equal(facts.cwd, HOME_DIR);
       assert.equal(facts.greeting, "hi");
       assert.equal(facts.script, siteScript);
-      assert.match(facts.request_id, /^site-\d+-\d+$/);
+      assert.match(facts.request_id, /^\w+-\d+@\d+$/);
       // The isolates report the account the process runs as, which their workers may not read.
       assert.equal(facts.uid, NOBODY);
       assert.equal(facts.gid, NOBODY);
@@ -725,8 +726,8 @@ Deno.test("daemon server", async (t) => {
         getText(origin + "/other/"),
         getText(origin + "/embedded/"),
       ]);
-      assert.match(site.body, /^hello from site-\d+-\d+$/m);
-      assert.match(other.body, /^other 3\.12 other-\d+-\d+$/);
+      assert.match(site.body, /^hello from \w+-\d+@\d+$/m);
+      assert.match(other.body, /^other 3\.12 \w+-\d+@\d+$/);
       // Embedded requests carry the front's request ids, without a group.
       assert.match(embedded.body, /^other 3\.14 [a-z0-9]+-\d+$/);
     });
@@ -770,13 +771,18 @@ Deno.test("daemon server", async (t) => {
       const response = await getText(origin + "/other/?sleep=5");
       const log = server.log().slice(from);
       assert.equal(response.status, 504);
-      assert.match(
-        log,
-        /\[group=other pid=\d+ isolate=\d+ request=other-\d+-\d+\] request timed out after \d+ ms \(request-timeout 2 s\); replacing the isolate/,
+      const daemonLine = log.match(
+        /\[group=other pid=(\d+) isolate=\d+ request=(\w+-\d+)@(\d+)\] request timed out after \d+ ms \(request-timeout 2 s\); replacing the isolate/,
       );
-      assert.match(
+      assert.ok(daemonLine, log);
+      const [, pid, frontId, idPid] = daemonLine;
+      assert.equal(idPid, pid);
+      // The front's line about the same request carries the same id.
+      assert.ok(
+        log.includes(
+          `ERROR [app=app.wsgi group=other request=${frontId}] request failed with 504: daemon process ${pid}: request timed out`,
+        ),
         log,
-        /ERROR \[app=app.wsgi group=other request=\S+\] request failed with 504: daemon process \d+: request timed out/,
       );
     });
 
