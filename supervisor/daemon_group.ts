@@ -33,7 +33,7 @@ import {
   unreachableFolder,
 } from "./daemon_command.ts";
 import { type DaemonConfig, DaemonExit } from "./daemon_protocol.ts";
-import { DaemonProcess, DaemonRequestHandle, type ProcessExit } from "./daemon_process.ts";
+import { DaemonProcess, DaemonRequestHandle, plural, type ProcessExit } from "./daemon_process.ts";
 import { reloadFile, ScriptWatcher } from "./script_watch.ts";
 import type { DaemonGroupSpec } from "./daemon_spec.ts";
 import type { Logger, LogLevel } from "./log.ts";
@@ -152,7 +152,7 @@ export class DaemonGroup implements AppBackend {
     this.#tick = setInterval(() => this.#maintain(), TICK_MS);
     this.#logger.info(
       `starting ${this.spec.processes} daemon process${this.spec.processes === 1 ? "" : "es"} ` +
-        `as ${this.identity.description}, each with up to ${this.spec.threads} isolates`,
+        `as ${this.identity.description}, each with up to ${plural(this.spec.threads, "isolate")}`,
     );
     this.#manage();
     return this.#firstReady.promise;
@@ -363,7 +363,7 @@ export class DaemonGroup implements AppBackend {
   ) {
     const parts = [`daemon process ${exit.reason} after serving ${process.served} requests`];
     if (running > 0) {
-      parts.push(`${running} running request${running === 1 ? "" : "s"} fail with 502`);
+      parts.push(`${plural(running, "running request")} ${running === 1 ? "fails" : "fail"} with 502`);
     }
     if (waiting > 0) {
       parts.push(
@@ -424,6 +424,8 @@ export class DaemonGroup implements AppBackend {
   }
 
   #markFailed(reason: string): void {
+    // The other processes of a failing group fail too; the first failure is the one reported.
+    if (this.#failedReason) return;
     this.#failedReason = reason;
     this.#logger.critical(
       `group marked failed: ${reason}. Requests get 503 until the script changes or the server gets SIGHUP`,
@@ -477,7 +479,7 @@ export class DaemonGroup implements AppBackend {
     const graceful = this.spec.gracefulTimeoutMs;
     process.logger.info(
       process.outstanding > 0
-        ? `retiring the daemon process: it finishes ${process.outstanding} requests within graceful-timeout (${
+        ? `retiring the daemon process: it finishes ${plural(process.outstanding, "request")} within graceful-timeout (${
           graceful / 1000
         } s)`
         : "retiring the daemon process",

@@ -54,10 +54,10 @@ export interface DaemonProcessOptions {
 }
 
 /** Decodes a child's exit status into words, using the daemon's named exit codes. */
-export function describeExit(status: Deno.CommandStatus): ProcessExit {
+export function describeExit(status: Deno.CommandStatus, killedByFront = false): ProcessExit {
   const { code, signal } = status;
   if (signal) {
-    const hint = signal === "SIGKILL" ? " (kill -9, or the system ran out of memory)" : "";
+    const hint = signal !== "SIGKILL" ? "" : killedByFront ? " (sent by wsgirun)" : " (kill -9, or the system ran out of memory)";
     return { code, signal, reason: `was killed by signal ${signal}${hint}`, bootFailure: false };
   }
   switch (code) {
@@ -449,7 +449,7 @@ export class DaemonProcess {
   #onDraining(): void {
     if (this.state === "exited" || this.state === "retiring") return;
     this.#logger.warning(
-      `daemon process received SIGTERM; it finishes ${this.outstanding} requests and stops`,
+      `daemon process received SIGTERM; it finishes ${plural(this.outstanding, "request")} and stops`,
     );
     this.stopReason = "stopped after SIGTERM";
     this.stopPlanned = true;
@@ -467,7 +467,8 @@ export class DaemonProcess {
 
   /** Fails the requests that were running; the group requeues the others first. */
   #onExit(status: Deno.CommandStatus): ProcessExit {
-    const exit = describeExit(status);
+    // A kill the front sent itself needs no guess at its cause.
+    const exit = describeExit(status, this.killed);
     if (this.stopReason) exit.reason = `${this.stopReason} (it ${exit.reason})`;
     this.state = "exited";
     this.#options.onExit(this, exit);
@@ -478,4 +479,9 @@ export class DaemonProcess {
     }
     return exit;
   }
+}
+
+/** Returns "1 request" or "2 requests". */
+export function plural(count: number, noun: string): string {
+  return `${count} ${noun}${count === 1 ? "" : "s"}`;
 }

@@ -219,7 +219,11 @@ export class EmbeddedBackend implements AppBackend {
       pool.adopt(jobs);
     });
     this.#draining.delete(old);
-    this.#logger.info(`replaced isolates stopped: ${stopped.length > 0 ? stopped.join(", ") : "none were left"}`);
+    this.#logger.info(
+      stopped.length === 0
+        ? "no replaced isolate was left to stop"
+        : `replaced isolate${stopped.length === 1 ? "" : "s"} ${stopped.join(", ")} stopped`,
+    );
   }
 
   stopReloads(): void {

@@ -598,25 +598,29 @@ Deno.test("group failing at start is marked failed", async () => {
   await using server = await startServer(BROKEN_SCRIPT, [
     "--preload",
     "--daemon",
-    "group=broken,user=nobody,processes=1,threads=1",
+    "group=broken,user=nobody,processes=2,threads=1",
   ], { waitForReady: false });
   await server.waitForLog(/group marked failed/, 90_000);
   const response = await getText(server.origin + "/");
+  // The second process may fail after the group was marked failed.
+  await delay(1000);
   const log = server.log();
 
   assert.equal(response.status, 503);
-  assert.equal(
-    countMatches(
-      log,
-      /daemon process failed to start: the application failed to import \(exit code 4\) after/,
-    ),
-    3,
+  const failedStarts = countMatches(
+    log,
+    /daemon process failed to start: the application failed to import \(exit code 4\) after/,
   );
+  assert.ok(failedStarts === 3 || failedStarts === 4, `${failedStarts} failed starts`);
+  assert.equal(countMatches(log, /group marked failed/), 1);
   assert.match(log, /this application fails to import on purpose/);
   // Each failed start logs the traceback twice, from the snapshot build and from the
   // isolate that tried the import, and the CRITICAL line names only the exception.
-  assert.equal(countMatches(log, /Traceback \(most recent call last\)/), 6);
-  assert.equal(countMatches(log, /CRITICAL .*the application failed to import at start \(.*; traceback above\); the process exits/), 3);
+  assert.equal(countMatches(log, /Traceback \(most recent call last\)/), 2 * failedStarts);
+  assert.equal(
+    countMatches(log, /CRITICAL .*the application failed to import at start \(.*; traceback above\); the process exits/),
+    failedStarts,
+  );
   assert.match(
     log,
     /CRITICAL \[app=app.wsgi group=broken\] group marked failed: 3 daemon processes in a row failed to start/,

@@ -80,7 +80,7 @@ Deno.test("embedded reload on SIGHUP", async () => {
   assert.match(server.log(), /reloading: starting fresh isolates \(the server received SIGHUP\)/);
   assert.equal(await (await fetch(server.origin + "/")).text(), "one");
   // The replaced isolate is stopped once it has finished.
-  await waitForCount(server, /replaced isolates stopped: 1\n/, 1);
+  await waitForCount(server, /replaced isolate 1 stopped\n/, 1);
   assert.match(server.log(), /isolate=2\] isolate ready/);
 });
 
@@ -152,7 +152,7 @@ Deno.test("embedded reload moves waiting requests", async () => {
     // The fresh isolate ran them while the old one still ran the slow request.
     assert.ok(response.ms < first.ms, `a waiting request ended after ${response.ms} ms, the slow one after ${first.ms} ms`);
   }
-  await waitForCount(server, /replaced isolates stopped: 1\n/, 1);
+  await waitForCount(server, /replaced isolate 1 stopped\n/, 1);
 });
 
 Deno.test("embedded reload keeps a preloaded app that fails", async () => {
