@@ -208,6 +208,13 @@ def _foreign_extension_message(fullname, path):
     )
 
 
+def _log_foreign_extension(message):
+    # Many packages (MarkupSafe's speedups, for one) try their C extension and
+    # fall back to pure Python on ImportError, so this is no warning: a package
+    # that does not fall back shows the message in its traceback.
+    log("info", message + " (a package that falls back to pure Python works without it)")
+
+
 class _ForeignExtensionFinder:
     """The last finder on sys.meta_path: explains a module that exists only as a foreign C extension."""
 
@@ -237,7 +244,7 @@ class _ForeignExtensionFinder:
             for entry in cls._extensions(folder):
                 if entry.startswith(name + "."):
                     message = _foreign_extension_message(fullname, os.path.join(folder, entry))
-                    log("warning", message)
+                    _log_foreign_extension(message)
                     raise ModuleNotFoundError(message, name=fullname)
         return None
 
@@ -261,7 +268,7 @@ def _install_extension_check():
             magic = _WASM_MAGIC
         if magic != _WASM_MAGIC:
             message = _foreign_extension_message(spec.name, self.path)
-            log("warning", message)
+            _log_foreign_extension(message)
             raise ImportError(message, name=spec.name, path=self.path)
         return original(self, spec)
 
