@@ -522,8 +522,9 @@ const HELP_COLUMN = 26;
 const HELP_HEAD = `Usage: wsgirun SCRIPT [options]
        wsgirun --help | --version
 
-Serve one Python WSGI application over HTTP. The application runs in Pyodide
-isolates (CPython compiled to WebAssembly) on worker threads of this process.
+Serve a Python WSGI application over HTTP, and more at other URL prefixes with
+--mount. Applications run in Pyodide isolates (CPython compiled to WebAssembly)
+on worker threads of this process, or in daemon processes with --daemon.
 
 SCRIPT names the application in one of two forms:
   FILE                    Path of a Python file that defines the WSGI callable,
