@@ -33,10 +33,10 @@ import {
   unreachableFolder,
 } from "./daemon_command.ts";
 import { type DaemonConfig, DaemonExit } from "./daemon_protocol.ts";
-import { DaemonProcess, DaemonRequestHandle, plural, type ProcessExit } from "./daemon_process.ts";
+import { DaemonProcess, DaemonRequestHandle, type ProcessExit } from "./daemon_process.ts";
 import { reloadFile, ScriptWatcher } from "./script_watch.ts";
 import type { DaemonGroupSpec } from "./daemon_spec.ts";
-import type { Logger, LogLevel } from "./log.ts";
+import { type Logger, type LogLevel, plural } from "./log.ts";
 import { PoolUnavailableError } from "./pool.ts";
 
 export interface DaemonGroupOptions {

@@ -24,7 +24,7 @@ import {
   MAX_BODY_FRAME,
   readFrames,
 } from "./daemon_protocol.ts";
-import type { Logger } from "./log.ts";
+import { type Logger, plural } from "./log.ts";
 
 export type DaemonProcessState = "starting" | "ready" | "retiring" | "exited";
 
@@ -479,9 +479,4 @@ export class DaemonProcess {
     }
     return exit;
   }
-}
-
-/** Returns "1 request" or "2 requests". */
-export function plural(count: number, noun: string): string {
-  return `${count} ${noun}${count === 1 ? "" : "s"}`;
 }

@@ -78,8 +78,12 @@ export interface IsolateOptions {
   onDead(isolate: Isolate, reason: string, unstarted: Job[]): void;
   /** The snapshot and compiled module the isolate starts from. */
   boot?: Boot;
-  /** Called when the isolate has imported the application at start, with the error if it failed. */
-  onLoaded?(isolate: Isolate, error: string | undefined): void;
+  /**
+   * Called when a preloading isolate has imported the application, or failed
+   * to. It takes requests (onReady) only afterwards, and only unless this
+   * returns false, which means the pool has stopped it.
+   */
+  onLoaded?(isolate: Isolate, error: string | undefined): boolean;
   /** A worker that startIsolateWorker() started ahead for this application. */
   worker?: Worker;
 }
@@ -302,16 +306,22 @@ export class Isolate {
           `isolate ready: Python ${message.pythonVersion} (Pyodide ${message.pyodideVersion}) in ${message.loadMs} ms, ` +
             `with ${Math.round(this.memoryBytes / (1024 * 1024))} MiB of wasm memory`,
         );
-        this.state = "idle";
         this.readyAt = performance.now();
+        // A preloading isolate takes requests once its import has a result.
+        if (this.#options.app.preload) return;
+        this.state = "idle";
         this.#options.onReady(this);
         return;
       case "fatal":
         this.#die(message.message);
         return;
-      case "loaded":
-        this.#options.onLoaded?.(this, message.error);
+      case "loaded": {
+        const keep = this.#options.onLoaded?.(this, message.error) ?? true;
+        if (!keep || this.state !== "starting") return;
+        this.state = "idle";
+        this.#options.onReady(this);
         return;
+      }
       case "log":
         this.#logger.log(message.level, message.message, { request: message.requestId });
         return;

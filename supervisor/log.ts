@@ -106,3 +106,8 @@ export function tracebackSummary(text: string): string | undefined {
     .find((match) => match !== null);
   return grouped?.[1] ?? lines.at(-1)?.trim();
 }
+
+/** Returns "1 request" or "2 requests", for log messages. */
+export function plural(count: number, noun: string): string {
+  return `${count} ${noun}${count === 1 ? "" : "s"}`;
+}

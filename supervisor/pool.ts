@@ -18,7 +18,7 @@
 import type { AppSpec } from "./app_spec.ts";
 import { Isolate, type Job, pyodideFolder, startIsolateWorker } from "./isolate.ts";
 import { type Boot, prepareBoot } from "./snapshots.ts";
-import type { Logger } from "./log.ts";
+import { type Logger, plural, tracebackSummary } from "./log.ts";
 import { ControlTable, type RequestControl } from "../wasm/channel.ts";
 
 export interface PoolOptions {
@@ -88,6 +88,11 @@ export class IsolatePool {
   #queue: Job[] = [];
   #failedStarts = 0;
   #restarts = 0;
+  /** performance.now() before which no isolate starts, after one failed to start. */
+  #spawnsBlockedUntil = 0;
+  #spawnRetryTimer: ReturnType<typeof setTimeout> | undefined;
+  /** Isolates that imported the application at start (`preload`) without an error. */
+  #imported = new WeakSet<Isolate>();
   #stopping = false;
   /** Set by drain(): where requests that have not started go instead of this pool's queue. */
   #handOff: ((jobs: Job[]) => void) | null = null;
@@ -110,6 +115,8 @@ export class IsolatePool {
   #replacement: Isolate | null = null;
   /** Cleared when a fresh isolate already has more memory than memoryLimitBytes, which makes the limit useless. */
   #memoryLimitUsable = true;
+  /** Isolates in a row that passed memoryLimitBytes in their first request. */
+  #overLimitAtFirstRequest = 0;
 
   constructor(app: AppSpec, options: PoolOptions) {
     this.app = app;
@@ -278,6 +285,7 @@ export class IsolatePool {
   stop(reason = "the server is shutting down"): void {
     this.#stopping = true;
     clearInterval(this.#queueTimer);
+    clearTimeout(this.#spawnRetryTimer);
     for (const timer of this.#startupTimers.values()) clearTimeout(timer);
     for (const job of this.#queue.splice(0)) job.sink.fail(503, reason);
     for (const isolate of this.#isolates) {
@@ -299,6 +307,7 @@ export class IsolatePool {
   /** Starts one more isolate when queued jobs outnumber the isolates still starting. */
   #grow(): void {
     if (!this.#boot || this.#isolates.size >= this.#options.size || this.#failedReason || this.#handOff) return;
+    if (this.#spawnsBlocked()) return;
     let starting = 0;
     let idle = 0;
     for (const isolate of this.#isolates) {
@@ -317,12 +326,15 @@ export class IsolatePool {
 
   /** Returns an idle isolate, else one that can take a request behind its running one. */
   #findIdle(): Isolate | undefined {
+    let worn: Isolate | undefined;
     let pipelined: Isolate | undefined;
     for (const isolate of this.#isolates) {
-      if (isolate.state === "idle") return isolate;
+      // An isolate due for replacement serves only while no other one is free.
+      if (isolate.state === "idle" && !this.#worn.includes(isolate)) return isolate;
+      if (isolate.state === "idle") worn ??= isolate;
       if (!pipelined && isolate.canTake) pipelined = isolate;
     }
-    return pipelined;
+    return worn ?? pipelined;
   }
 
   #spawn(worker?: Worker): Isolate {
@@ -349,7 +361,7 @@ export class IsolatePool {
         }
         this.#dispatchNext(idle);
       },
-      onLoaded: (_isolate, error) => this.#options.onApplicationLoaded?.(error),
+      onLoaded: (loaded, error) => this.#onLoaded(loaded, error),
       onDead: (dead, reason, unstarted) => this.#onDead(dead, reason, unstarted),
     });
     this.#isolates.add(isolate);
@@ -407,9 +419,16 @@ export class IsolatePool {
   #wornReason(isolate: Isolate): string | undefined {
     const { maxRequests, memoryLimitBytes } = this.#options;
     if (maxRequests > 0 && isolate.served >= maxRequests) {
-      return `served ${isolate.served} requests (maximum-requests ${maxRequests})`;
+      return `served ${plural(isolate.served, "request")} (maximum-requests ${maxRequests})`;
     }
     if (memoryLimitBytes > 0 && this.#memoryLimitUsable && isolate.memoryBytes > memoryLimitBytes) {
+      // Without an application snapshot the import comes with the first
+      // request, so the limit may be below what the application needs at all.
+      this.#overLimitAtFirstRequest = isolate.served <= 1 ? this.#overLimitAtFirstRequest + 1 : 0;
+      if (this.#overLimitAtFirstRequest >= 2) {
+        this.#disableMemoryLimit(isolate, "after its first request");
+        return undefined;
+      }
       return `has ${mebibytes(isolate.memoryBytes)} of wasm memory (memory-limit ${mebibytes(memoryLimitBytes)})`;
     }
     return undefined;
@@ -419,10 +438,14 @@ export class IsolatePool {
   #checkMemoryLimit(isolate: Isolate): void {
     const limit = this.#options.memoryLimitBytes;
     if (limit <= 0 || !this.#memoryLimitUsable || isolate.memoryBytes <= limit) return;
+    this.#disableMemoryLimit(isolate, "when it starts");
+  }
+
+  #disableMemoryLimit(isolate: Isolate, when: string): void {
     this.#memoryLimitUsable = false;
     this.#logger.warning(
-      `memory-limit ${mebibytes(limit)} is below the ${mebibytes(isolate.memoryBytes)} of wasm memory that a ` +
-        "fresh isolate has, so no isolate is replaced for its memory; raise the limit",
+      `memory-limit ${mebibytes(this.#options.memoryLimitBytes)} is below the ${mebibytes(isolate.memoryBytes)} ` +
+        `of wasm memory that a fresh isolate has ${when}, so no isolate is replaced for its memory; raise the limit`,
       { isolate: isolate.id },
     );
   }
@@ -430,6 +453,7 @@ export class IsolatePool {
   /** Starts the replacement of the first worn isolate, unless one is starting. */
   #startReplacement(): void {
     if (this.#replacement || this.#worn.length === 0 || !this.#boot || this.#failedReason) return;
+    if (this.#spawnsBlocked()) return;
     this.#replacement = this.#spawn();
   }
 
@@ -452,8 +476,8 @@ export class IsolatePool {
     this.#isolates.delete(isolate);
     this.#idleSince.delete(isolate);
     this.#jobStartedAt.delete(isolate);
-    isolate.terminate("replaced after maximum-requests");
-    this.#logger.info(`isolate stopped: replaced after ${isolate.served} requests`, { isolate: isolate.id });
+    isolate.terminate("replaced by a fresh isolate");
+    this.#logger.info(`isolate stopped: replaced after ${plural(isolate.served, "request")}`, { isolate: isolate.id });
   }
 
   #dispatchNext(isolate: Isolate): void {
@@ -510,7 +534,54 @@ export class IsolatePool {
     }
   }
 
-  #onDead(isolate: Isolate, reason: string, unstarted: Job[] = []): void {
+  /**
+   * Handles the import result of a preloading isolate; returns whether it
+   * may take requests. One whose import failed is stopped as a failed start
+   * while other isolates serve the application that imported, so a script
+   * broken after the start never replaces it.
+   */
+  #onLoaded(isolate: Isolate, error: string | undefined): boolean {
+    this.#options.onApplicationLoaded?.(error);
+    if (error === undefined) {
+      this.#imported.add(isolate);
+      return true;
+    }
+    const serving = [...this.#isolates].some((other) => other !== isolate && this.#imported.has(other));
+    if (!serving) return true;
+    const reason = `the application failed to import (${tracebackSummary(error) ?? error}); the running isolates keep serving`;
+    this.#onDead(isolate, reason, isolate.terminate(reason), true);
+    return false;
+  }
+
+  /**
+   * Returns whether isolates may not start now, after one failed to start,
+   * and makes sure that growing and replacing resume when they may.
+   */
+  #spawnsBlocked(): boolean {
+    const wait = this.#spawnsBlockedUntil - performance.now();
+    if (wait <= 0) return false;
+    if (this.#spawnRetryTimer === undefined) {
+      this.#spawnRetryTimer = setTimeout(() => {
+        this.#spawnRetryTimer = undefined;
+        if (this.#stopping || this.#failedReason || this.#handOff) return;
+        if (this.#isolates.size < this.#options.minSize) this.#spawn();
+        this.#grow();
+        this.#startReplacement();
+      }, wait);
+    }
+    return true;
+  }
+
+  /** Isolates that take requests now. */
+  #servingCount(): number {
+    let serving = 0;
+    for (const isolate of this.#isolates) {
+      if ((isolate.state === "idle" || isolate.state === "busy") && !isolate.retiring) serving += 1;
+    }
+    return serving;
+  }
+
+  #onDead(isolate: Isolate, reason: string, unstarted: Job[] = [], failedStart = isolate.readyAt === undefined): void {
     this.#requeue(unstarted);
     clearTimeout(this.#startupTimers.get(isolate));
     this.#startupTimers.delete(isolate);
@@ -520,12 +591,26 @@ export class IsolatePool {
     this.#worn = this.#worn.filter((worn) => worn !== isolate);
     if (!this.#isolates.delete(isolate) || this.#stopping) return;
 
-    const neverStarted = isolate.readyAt === undefined;
+    const neverStarted = failedStart;
     if (neverStarted) this.#failedStarts += 1;
     this.#logger.error(`isolate stopped: ${reason}`, { isolate: isolate.id });
 
-    if (this.#failedStarts >= this.#options.maxFailedStarts) {
+    const serving = this.#servingCount();
+    if (this.#failedStarts >= this.#options.maxFailedStarts && serving === 0) {
       this.#markFailed(`${this.#failedStarts} isolates in a row failed to start; last error: ${reason}`);
+      return;
+    }
+    if (neverStarted && serving > 0) {
+      // Growing or replacing failed while other isolates serve: they go on,
+      // and the next start waits longer after each failure in a row.
+      const delay = RESTART_DELAYS_MS[Math.min(this.#failedStarts - 1, RESTART_DELAYS_MS.length - 1)];
+      this.#spawnsBlockedUntil = performance.now() + delay;
+      this.#spawnsBlocked();
+      this.#logger.warning(
+        `${plural(this.#failedStarts, "isolate start")} in a row failed; ${plural(serving, "running isolate")} ` +
+          `${serving === 1 ? "keeps" : "keep"} serving, and the next start waits ${delay} ms`,
+        { isolate: isolate.id },
+      );
       return;
     }
     // Requests wait, some of them taken back from this isolate: start one now,
@@ -594,6 +679,8 @@ export class IsolatePool {
       this.#idleSince.delete(isolate);
       this.#isolates.delete(isolate);
       isolate.terminate("retired after being idle");
+      // A fresh isolate that was starting to replace it simply joins the pool.
+      this.#worn = this.#worn.filter((worn) => worn !== isolate);
       this.#logger.info(`isolate retired after ${Math.round((now - idleSince) / 1000)} s idle`, {
         isolate: isolate.id,
       });

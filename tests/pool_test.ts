@@ -122,6 +122,73 @@ Deno.test("maximum requests under load loses nothing", async () => {
   await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
 });
 
+Deno.test("failed replacement keeps isolate serving", async () => {
+  const script = await writeCountingScript();
+  const folder = script.slice(0, -"/app.wsgi".length);
+  await using server = await startServer(script, ["--threads", "1", "--maximum-requests", "1"]);
+  assert.equal(await (await fetch(server.origin + "/")).text(), "1");
+
+  // A deploy moves the folder away: fresh isolates cannot start, the running one still serves.
+  await Deno.rename(folder, `${folder}.moved`);
+  try {
+    for (let request = 0; request < 6; request++) {
+      const response = await fetch(server.origin + "/");
+      assert.equal(response.status, 200);
+      await response.text();
+      await new Promise((resolve) => setTimeout(resolve, 300));
+    }
+    await server.waitForLog(/isolate starts? in a row failed; 1 running isolate keeps serving, and the next start waits \d+ ms/);
+    assert.doesNotMatch(server.log(), /application marked failed/);
+    assert.doesNotMatch(server.log(), /\[object Object\]/);
+  } finally {
+    await Deno.rename(`${folder}.moved`, folder);
+  }
+
+  // With the folder back, a later try replaces the isolate.
+  await server.waitForLog(/isolate stopped: replaced after \d+ requests?/, 30_000);
+  await Deno.remove(folder, { recursive: true });
+});
+
+Deno.test("preload failure in new isolate rejected", async () => {
+  const script = await writeCountingScript();
+  await using server = await startServer(
+    script,
+    ["--threads", "1", "--maximum-requests", "2", "--preload", "--snapshot", "runtime"],
+  );
+  assert.equal(await (await fetch(server.origin + "/")).text(), "1");
+
+  await Deno.writeTextFile(script, "\nx = (\n", { append: true });
+  await server.waitForLog(/reload failed, the running isolates keep serving/, 30_000);
+  // The second request wears the isolate out; its replacement imports the broken script.
+  for (let request = 0; request < 5; request++) {
+    const response = await fetch(server.origin + "/");
+    assert.equal(response.status, 200);
+    await response.text();
+    await new Promise((resolve) => setTimeout(resolve, 300));
+  }
+
+  await server.waitForLog(
+    /isolate stopped: the application failed to import \(SyntaxError: .*\); the running isolates keep serving/,
+  );
+  assert.doesNotMatch(server.log(), /isolate stopped: replaced after/);
+  await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
+});
+
+Deno.test("memory limit needed by the import ignored", async () => {
+  const script = await writeCountingScript(12);
+  // Without an application snapshot each isolate imports the application, and
+  // with it the 12 MiB, during its first request.
+  await using server = await startServer(script, ["--threads", "1", "--memory-limit", "32M", "--snapshot", "runtime"]);
+  for (let request = 0; request < 6; request++) {
+    await (await fetch(server.origin + "/")).text();
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+
+  await server.waitForLog(/memory-limit 32 MiB is below the \d+ MiB of wasm memory that a fresh isolate has after its first request/);
+  assert.ok(countMatches(server.log(), /isolate stopped: replaced after/) <= 1, server.log());
+  await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
+});
+
 Deno.test("memory limit replaces isolate", async () => {
   const script = await writeCountingScript();
   await using server = await startServer(script, ["--threads", "1", "--memory-limit", "96M"]);

@@ -93,6 +93,27 @@ function log(level: "debug" | "info" | "warning" | "error", message: string): vo
   post({ type: "log", level, message, requestId: current?.id });
 }
 
+/**
+ * Describes a thrown value for the log. Emscripten's file system throws
+ * objects that are no Error, which a template string shows as [object Object].
+ */
+function describeError(error: unknown): string {
+  if (error instanceof Error) return String(error);
+  if (typeof error === "object" && error !== null) {
+    const fields = error as { name?: unknown; errno?: unknown };
+    if (typeof fields.errno === "number") {
+      return `${typeof fields.name === "string" ? fields.name : "error"} errno ${fields.errno} ` +
+        "(Emscripten's number; 44 is a missing file or folder, 2 a permission error)";
+    }
+    try {
+      return JSON.stringify(error);
+    } catch {
+      // Not serializable: fall back to String() below.
+    }
+  }
+  return String(error);
+}
+
 /** Copies a Python bytes object out of the wasm heap. */
 function copyBytes(proxy: BytesProxy): Uint8Array<ArrayBuffer> {
   const buffer = proxy.getBuffer("u8");
@@ -361,7 +382,7 @@ self.onmessage = async (event: MessageEvent<ToWorker>) => {
   try {
     await loadInterpreter(message);
   } catch (error) {
-    post({ type: "fatal", message: `Pyodide failed to start: ${error}` });
+    post({ type: "fatal", message: `Pyodide failed to start: ${describeError(error)}` });
     return;
   }
   if (message.inbox) {
