@@ -34,7 +34,7 @@ import {
 } from "./daemon_command.ts";
 import { type DaemonConfig, DaemonExit } from "./daemon_protocol.ts";
 import { DaemonProcess, DaemonRequestHandle, type ProcessExit } from "./daemon_process.ts";
-import { reloadFile, ScriptWatcher } from "./script_watch.ts";
+import { changeReason, reloadFile, ScriptWatcher } from "./script_watch.ts";
 import type { DaemonGroupSpec } from "./daemon_spec.ts";
 import { type Logger, type LogLevel, plural } from "./log.ts";
 import { PoolUnavailableError } from "./pool.ts";
@@ -99,7 +99,7 @@ export class DaemonGroup implements AppBackend {
     this.app = app;
     this.#options = options;
     this.#logger = options.logger;
-    this.#script = new ScriptWatcher(reloadFile(app), () => this.reload("the script file changed"));
+    this.#script = new ScriptWatcher(reloadFile(app), () => this.reload(changeReason(app)));
     this.identity = resolveIdentity(spec);
     this.#config = {
       group: spec.name,

@@ -15,7 +15,7 @@ import type { Job } from "./isolate.ts";
 import { type Logger, tracebackSummary } from "./log.ts";
 import type { IsolatePool } from "./pool.ts";
 import { BODY_RING_BYTES, BodyRing } from "../wasm/channel.ts";
-import { reloadFile, ScriptWatcher } from "./script_watch.ts";
+import { changeReason, reloadFile, ScriptWatcher } from "./script_watch.ts";
 
 
 /** Size of the buffer the front reads a streamed request body into. */
@@ -101,7 +101,7 @@ export class EmbeddedBackend implements AppBackend {
     this.#createPool = createPool;
     this.#pool = createPool({ nextIsolateId: this.#nextIsolateId });
     this.#logger = logger;
-    this.#script = new ScriptWatcher(reloadFile(this.#pool.app), () => this.reload("the script file changed"));
+    this.#script = new ScriptWatcher(reloadFile(this.#pool.app), () => this.reload(changeReason(this.#pool.app)));
   }
 
   /** The pool that takes new requests. */

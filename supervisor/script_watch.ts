@@ -10,16 +10,18 @@ import type { AppSpec } from "./app_spec.ts";
 /**
  * Returns the file whose changes reload `app`: its script, or for the
  * module form the first file that Python's import would find for the module
- * along `app.pythonPath` (`a/b.py` or `a/b/__init__.py` for `a.b`).
- * Returns undefined when there is none, such as for a module of the
- * standard library.
+ * along `app.pythonPath` or in the working folder (a daemon group's `home`):
+ * `a/b/__init__.py`, else `a/b.py`, for `a.b`, as a package comes before a
+ * module of the same name. Returns undefined when there is none, such as
+ * for a module of the standard library.
  */
 export function reloadFile(app: AppSpec): string | undefined {
   if (app.scriptPath !== undefined) return app.scriptPath;
   if (app.module === undefined) return undefined;
   const relative = app.module.split(".").join("/");
-  for (const folder of app.pythonPath) {
-    for (const candidate of [`${folder}/${relative}.py`, `${folder}/${relative}/__init__.py`]) {
+  const folders = app.home === undefined ? app.pythonPath : [...app.pythonPath, app.home];
+  for (const folder of folders) {
+    for (const candidate of [`${folder}/${relative}/__init__.py`, `${folder}/${relative}.py`]) {
       if (isFile(candidate)) return candidate;
     }
   }
@@ -67,6 +69,11 @@ export class ScriptWatcher {
       return undefined;
     }
   }
+}
+
+/** Returns the reload reason for a change of reloadFile(app), for the log. */
+export function changeReason(app: AppSpec): string {
+  return app.scriptPath !== undefined ? "the script file changed" : "the module file changed";
 }
 
 function isFile(path: string): boolean {

@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { startServer } from "./helpers/server.ts";
 import { countMatches, delay, runLoad, waitForCount } from "./helpers/load.ts";
+import { reloadFile } from "../supervisor/script_watch.ts";
 
 /**
  * A script that returns its version after a pause of `ms` milliseconds per
@@ -63,8 +64,37 @@ Deno.test("embedded reload on module change", async () => {
   // In the package.module form the module's file is the one that a change reloads.
   await Deno.writeTextFile(`${folder}/mysite/wsgi.py`, versionScript("two", 0));
   await server.waitForLog(/reloaded: fresh isolates take new requests/, 30_000);
+  assert.match(server.log(), /reloading: starting fresh isolates \(the module file changed\)/);
 
   assert.equal(await (await fetch(server.origin + "/")).text(), "two");
+  await Deno.remove(folder, { recursive: true });
+});
+
+Deno.test("reload file of a module", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-reload-" });
+  await Deno.mkdir(`${folder}/first/site/web`, { recursive: true });
+  await Deno.mkdir(`${folder}/home/site`, { recursive: true });
+  for (const file of ["first/site/__init__.py", "first/site/web.py", "first/site/web/__init__.py"]) {
+    await Deno.writeTextFile(`${folder}/${file}`, "");
+  }
+  await Deno.writeTextFile(`${folder}/home/site/__init__.py`, "");
+  await Deno.writeTextFile(`${folder}/home/site/only_home.py`, "");
+  const app = (module: string, home?: string) => ({
+    name: module,
+    callable: "application",
+    python: "3.14" as const,
+    pythonPath: [`${folder}/first`],
+    preload: false,
+    module,
+    ...(home ? { home } : {}),
+  });
+
+  // A package comes before a module of the same name, as in Python's import.
+  assert.equal(reloadFile(app("site.web")), `${folder}/first/site/web/__init__.py`);
+  // A daemon group's home is searched after the python path.
+  assert.equal(reloadFile(app("site.only_home", `${folder}/home`)), `${folder}/home/site/only_home.py`);
+  assert.equal(reloadFile(app("site.only_home")), undefined);
+  assert.equal(reloadFile(app("json")), undefined);
   await Deno.remove(folder, { recursive: true });
 });
 
