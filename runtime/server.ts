@@ -174,7 +174,9 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
     const runsIn = options.processGroup === undefined
       ? `Python ${app.python}, ${describeIsolates(options)}`
       : `daemon group '${options.processGroup}'`;
-    appLogger.info(`listening on http://${addr.hostname}:${addr.port}${options.mountPoint || "/"} (${runsIn})`);
+    // An IPv6 address goes in brackets in a URL.
+    const host = addr.hostname.includes(":") ? `[${addr.hostname}]` : addr.hostname;
+    appLogger.info(`listening on http://${host}:${addr.port}${options.mountPoint || "/"} (${runsIn})`);
     logMounts(mounts, options, appLogger);
     const groupShutdownMs = mounts.groups.length > 0
       ? Math.max(...mounts.groups.map((group) => group.spec.shutdownTimeoutMs))

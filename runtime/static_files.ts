@@ -544,8 +544,14 @@ function printable(text: string): string {
 }
 
 function textResponse(status: number, extraHeaders: Record<string, string> = {}): Response {
-  return new Response(STATUS_TEXT[status] + "\n", {
+  const body = new TextEncoder().encode(STATUS_TEXT[status] + "\n");
+  // The length also goes to the access log, which reads it from this header.
+  return new Response(body, {
     status,
-    headers: { "content-type": "text/plain; charset=utf-8", ...extraHeaders },
+    headers: {
+      "content-type": "text/plain; charset=utf-8",
+      "content-length": String(body.length),
+      ...extraHeaders,
+    },
   });
 }

@@ -450,6 +450,10 @@ Deno.test("server with one isolate", async (t) => {
       // "Not Found" and a newline.
       assert.ok((await accessLine(missing)).includes(`"GET /nowhere?${missing} HTTP/1.1" 404 10 `));
 
+      const missingFile = randomToken();
+      assert.equal((await getText(server, `/static/missing.txt?${missingFile}`)).status, 404);
+      assert.ok((await accessLine(missingFile)).includes(`"GET /static/missing.txt?${missingFile} HTTP/1.1" 404 10 `));
+
       const head = randomToken();
       const response = await fetch(`${server.origin}/static/hello.txt?${head}`, { method: "HEAD" });
       await response.body?.cancel();
@@ -827,6 +831,33 @@ def application(environ, start_response):
   } finally {
     await Deno.remove(folder, { recursive: true });
   }
+});
+
+Deno.test("server IPv6 address in brackets", async () => {
+  const command = new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-all", "--config", repoPath("deno.json"), repoPath("main.ts"), APP_SCRIPT, "--host", "::1", "--port", "0"],
+    stdout: "null",
+    stderr: "piped",
+    stdin: "null",
+  });
+  const process = command.spawn();
+  let log = "";
+  try {
+    const reader = process.stderr.pipeThrough(new TextDecoderStream()).getReader();
+    const deadline = Date.now() + 30_000;
+    while (!log.includes("listening on") && Date.now() < deadline) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      log += value;
+    }
+    reader.releaseLock();
+  } finally {
+    process.kill("SIGTERM");
+    await process.status;
+    await process.stderr.cancel().catch(() => {});
+  }
+
+  assert.match(log, /listening on http:\/\/\[::1\]:\d+\/ /);
 });
 
 Deno.test("cli port in use", async () => {
