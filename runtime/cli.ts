@@ -133,6 +133,17 @@ export interface OptionSpec {
 
 const MAX_THREADS = 256;
 const MAX_QUEUE_LIMIT = 100_000;
+/** Options that configure embedded pools only; daemon groups take keys of their own. */
+const EMBEDDED_ONLY_OPTIONS = new Set([
+  "--threads",
+  "--min-threads",
+  "--inactivity-timeout",
+  "--maximum-requests",
+  "--memory-limit",
+  "--request-timeout",
+  "--queue-timeout",
+]);
+
 /** Largest --maximum-requests, as for the maximum-requests key of daemon groups. */
 const MAX_MAXIMUM_REQUESTS = 1_000_000_000;
 
@@ -691,6 +702,15 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     daemonGroups: draft.daemonGroups,
   };
   if (processGroup !== undefined) options.processGroup = processGroup;
+  const allInGroups = processGroup !== undefined && mounts.every((mount) => mount.processGroup !== undefined);
+  const ignored = tokens.uses.map((use) => use.spec.name).filter((name) => EMBEDDED_ONLY_OPTIONS.has(name));
+  if (allInGroups && ignored.length > 0) {
+    options.warnings = [
+      `${[...new Set(ignored)].join(", ")} ${ignored.length === 1 ? "sets" : "set"} embedded pools only, and every ` +
+        "application here runs in a daemon group: use the group's keys (threads, maximum-requests, memory-limit, " +
+        "inactivity-timeout, request-timeout, queue-timeout) instead",
+    ];
+  }
   if (draft.shutdownTimeoutMs !== undefined) options.shutdownTimeoutMs = draft.shutdownTimeoutMs;
   return { kind: "serve", options };
 }

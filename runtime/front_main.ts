@@ -143,6 +143,7 @@ export async function runFront(args: string[], mallocNote?: MallocNote): Promise
   const options = command.options;
   const logger = new Logger(options.logLevel);
   if (mallocNote) logger.child({ pid: Deno.pid }).log(mallocNote.level, mallocNote.message);
+  for (const warning of options.warnings ?? []) logger.child({ pid: Deno.pid }).warning(warning);
   const server = await start(options, logger);
   server.ready.catch((error) => {
     logger.critical(`the application cannot start: ${error.message}`);

@@ -56,6 +56,8 @@ export interface ServerOptions {
    * @default the longest shutdown-timeout of the daemon groups, else 5000
    */
   shutdownTimeoutMs?: number;
+  /** Problems of the command line that do not stop the server, for the log at start. */
+  warnings?: string[];
   app: AppSpec;
   /** Daemon process group that runs `app`; embedded when unset. */
   processGroup?: string;

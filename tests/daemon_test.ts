@@ -315,6 +315,22 @@ Deno.test("parseCommandLine one group takes the script", () => {
   assert.deepEqual(options.mounts, []);
 });
 
+Deno.test("parseCommandLine embedded options in daemon mode", () => {
+  const daemonOnly = serveOptions(
+    [OTHER_SCRIPT, "--daemon", "group=site1,user=nobody", "--threads", "4", "--memory-limit", "512M"],
+    "/",
+  );
+  const mixed = serveOptions(
+    [OTHER_SCRIPT, "--daemon", "group=site1,user=nobody", "--process-group", "site1", "--mount", "/e", OTHER_SCRIPT, "--threads", "4"],
+    "/",
+  );
+
+  assert.equal(daemonOnly.warnings?.length, 1);
+  assert.match(daemonOnly.warnings![0], /^--threads, --memory-limit set embedded pools only, and every application here runs in a daemon group/);
+  // An embedded mount uses them.
+  assert.equal(mixed.warnings, undefined);
+});
+
 Deno.test("parseCommandLine mounts mixed", () => {
   const options = serveOptions([
     OTHER_SCRIPT,
