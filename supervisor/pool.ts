@@ -91,8 +91,12 @@ export class IsolatePool {
   /** performance.now() before which no isolate starts, after one failed to start. */
   #spawnsBlockedUntil = 0;
   #spawnRetryTimer: ReturnType<typeof setTimeout> | undefined;
+  /** When #spawnRetryTimer fires. */
+  #spawnRetryAt = 0;
   /** Isolates that imported the application at start (`preload`) without an error. */
   #imported = new WeakSet<Isolate>();
+  /** Whether an isolate of this pool ever imported the application at start. */
+  #everImported = false;
   #stopping = false;
   /** Set by drain(): where requests that have not started go instead of this pool's queue. */
   #handOff: ((jobs: Job[]) => void) | null = null;
@@ -382,11 +386,18 @@ export class IsolatePool {
     this.#startupTimers.delete(isolate);
     this.#idleSince.set(isolate, performance.now());
     this.#failedStarts = 0;
+    // A start worked, so the delay that failed starts set no longer applies.
+    this.#spawnsBlockedUntil = 0;
+    clearTimeout(this.#spawnRetryTimer);
+    this.#spawnRetryTimer = undefined;
     this.#checkMemoryLimit(isolate);
     if (isolate === this.#replacement) this.#retireWorn();
     if (!this.#startedMinimum) {
       this.#startedMinimum = true;
       while (this.#isolates.size < this.#options.minSize) this.#spawn();
+    } else if (this.#isolates.size < this.#options.minSize && !this.#stopping && !this.#handOff) {
+      // Failed starts left the pool below its minimum: refill it, one isolate at a time.
+      this.#spawn();
     }
     this.#firstReady.resolve();
     this.#dispatchNext(isolate);
@@ -536,19 +547,23 @@ export class IsolatePool {
 
   /**
    * Handles the import result of a preloading isolate; returns whether it
-   * may take requests. One whose import failed is stopped as a failed start
-   * while other isolates serve the application that imported, so a script
-   * broken after the start never replaces it.
+   * may take requests. Once an isolate of this pool has imported the
+   * application, one whose import fails is stopped as a failed start, so a
+   * script broken after the start never serves in place of the working one.
    */
   #onLoaded(isolate: Isolate, error: string | undefined): boolean {
     this.#options.onApplicationLoaded?.(error);
     if (error === undefined) {
       this.#imported.add(isolate);
+      this.#everImported = true;
       return true;
     }
+    if (!this.#everImported) return true;
     const serving = [...this.#isolates].some((other) => other !== isolate && this.#imported.has(other));
-    if (!serving) return true;
-    const reason = `the application failed to import (${tracebackSummary(error) ?? error}); the running isolates keep serving`;
+    const reason = `the application failed to import (${tracebackSummary(error) ?? error}); ` +
+      (serving
+        ? "the running isolates keep serving"
+        : "it imported in this pool before, so no isolate serves the broken script; fix it and touch it");
     this.#onDead(isolate, reason, isolate.terminate(reason), true);
     return false;
   }
@@ -560,15 +575,22 @@ export class IsolatePool {
   #spawnsBlocked(): boolean {
     const wait = this.#spawnsBlockedUntil - performance.now();
     if (wait <= 0) return false;
-    if (this.#spawnRetryTimer === undefined) {
-      this.#spawnRetryTimer = setTimeout(() => {
-        this.#spawnRetryTimer = undefined;
-        if (this.#stopping || this.#failedReason || this.#handOff) return;
-        if (this.#isolates.size < this.#options.minSize) this.#spawn();
-        this.#grow();
-        this.#startReplacement();
-      }, wait);
-    }
+    // A longer delay after another failure replaces the timer of a shorter one.
+    if (this.#spawnRetryTimer !== undefined && this.#spawnRetryAt >= this.#spawnsBlockedUntil) return true;
+    clearTimeout(this.#spawnRetryTimer);
+    this.#spawnRetryAt = this.#spawnsBlockedUntil;
+    this.#spawnRetryTimer = setTimeout(() => {
+      this.#spawnRetryTimer = undefined;
+      if (this.#stopping || this.#failedReason || this.#handOff || this.#spawnsBlocked()) return;
+      // One start at a time: the first of refilling, growing and replacing that applies.
+      if (this.#isolates.size < this.#options.minSize) {
+        this.#spawn();
+        return;
+      }
+      const before = this.#isolates.size;
+      this.#grow();
+      if (this.#isolates.size === before) this.#startReplacement();
+    }, wait);
     return true;
   }
 

@@ -174,6 +174,35 @@ Deno.test("preload failure in new isolate rejected", async () => {
   await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
 });
 
+Deno.test("broken script never serves after a timeout", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-pool-" });
+  const script = `${folder}/app.wsgi`;
+  await Deno.copyFile(repoPath("tests/fixtures/pool_app.wsgi"), script);
+  await using server = await startServer(
+    script,
+    ["--threads", "1", "--request-timeout", "1", "--queue-timeout", "30", "--preload", "--snapshot", "runtime"],
+  );
+  assert.equal((await fetch(server.origin + "/")).status, 200);
+
+  await Deno.writeTextFile(script, "\nraise RuntimeError('broken at import')\n", { append: true });
+  await server.waitForLog(/reload failed, the running isolates keep serving/, 30_000);
+  // The only isolate that imported the working script times out and is replaced.
+  const timedOut = await fetch(server.origin + "/?seconds=30");
+  await timedOut.text();
+  assert.equal(timedOut.status, 504);
+
+  // Its replacements import the broken script; none of them may serve it.
+  const statuses: number[] = [];
+  for (let request = 0; request < 3; request++) {
+    const response = await fetch(server.origin + "/");
+    await response.text();
+    statuses.push(response.status);
+  }
+  assert.ok(!statuses.includes(500), `statuses ${statuses}`);
+  assert.match(server.log(), /it imported in this pool before, so no isolate serves the broken script; fix it and touch it/);
+  await Deno.remove(folder, { recursive: true });
+});
+
 Deno.test("memory limit needed by the import ignored", async () => {
   const script = await writeCountingScript(12);
   // Without an application snapshot each isolate imports the application, and
