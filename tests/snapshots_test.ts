@@ -645,6 +645,28 @@ def application(environ, start_response):
   assert.match(server.log(), /no application snapshot/);
 });
 
+Deno.test("snapshot build logs foreign extension at info", async () => {
+  const cache = await cacheWithRuntimeSnapshot();
+  // An x86 build of a C extension next to a package that falls back without it.
+  const folder = await makeApp({
+    "app.wsgi": `try:
+    import fake_speedups
+except ImportError:
+    pass
+${HELLO}`,
+  });
+  await Deno.writeFile(
+    `${folder}/fake_speedups.cpython-312-x86_64-linux-gnu.so`,
+    new Uint8Array([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0]),
+  );
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"], { env: { WSGIRUN_CACHE_DIR: cache } });
+
+  assert.equal(await body(server.origin), "hello");
+  assert.match(server.log(), /application snapshot built/);
+  assert.match(server.log(), /INFO .*cannot import fake_speedups: .* is a C extension built for another platform/);
+  assert.doesNotMatch(server.log(), /WARNING .*fake_speedups/);
+});
+
 Deno.test("snapshot files readable by owner only", async () => {
   const cache = await cacheWithRuntimeSnapshot();
   const folder = await makeApp({ "app.wsgi": `import os

@@ -43,8 +43,9 @@ def log(level, message):
     try:
         _log.log(level, message)
     except ImportError:
-        # The snapshot builder registers no host modules; its standard error is logged.
-        print(message, file=sys.stderr)
+        # The snapshot builder registers no host modules. It logs standard
+        # output at info and standard error at warning.
+        print(message, file=sys.stderr if level in ("warning", "error", "critical") else sys.stdout)
 
 
 def install(uid, gid):
