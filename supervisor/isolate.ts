@@ -173,6 +173,8 @@ export class Isolate {
   #inbox = new RequestInbox();
   #interrupt = new Int32Array(new SharedArrayBuffer(4));
   #memoryPages = new Int32Array(new SharedArrayBuffer(4));
+  /** Versions and load time for the "isolate ready" line. */
+  #readyText = "";
 
   constructor(options: IsolateOptions) {
     this.id = options.id;
@@ -299,18 +301,22 @@ export class Isolate {
     return unstarted;
   }
 
+  #becomeReady(): void {
+    this.#logger.info(
+      `isolate ready: ${this.#readyText}, with ${Math.round(this.memoryBytes / (1024 * 1024))} MiB of wasm memory`,
+    );
+    this.state = "idle";
+    this.#options.onReady(this);
+  }
+
   #receive(message: FromWorker): void {
     switch (message.type) {
       case "ready":
-        this.#logger.info(
-          `isolate ready: Python ${message.pythonVersion} (Pyodide ${message.pyodideVersion}) in ${message.loadMs} ms, ` +
-            `with ${Math.round(this.memoryBytes / (1024 * 1024))} MiB of wasm memory`,
-        );
+        this.#readyText = `Python ${message.pythonVersion} (Pyodide ${message.pyodideVersion}) in ${message.loadMs} ms`;
         this.readyAt = performance.now();
-        // A preloading isolate takes requests once its import has a result.
+        // A preloading isolate takes requests, and is reported ready, once its import has a result.
         if (this.#options.app.preload) return;
-        this.state = "idle";
-        this.#options.onReady(this);
+        this.#becomeReady();
         return;
       case "fatal":
         this.#die(message.message);
@@ -318,8 +324,7 @@ export class Isolate {
       case "loaded": {
         const keep = this.#options.onLoaded?.(this, message.error) ?? true;
         if (!keep || this.state !== "starting") return;
-        this.state = "idle";
-        this.#options.onReady(this);
+        this.#becomeReady();
         return;
       }
       case "log":

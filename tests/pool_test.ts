@@ -167,10 +167,13 @@ Deno.test("preload failure in new isolate rejected", async () => {
     await new Promise((resolve) => setTimeout(resolve, 300));
   }
 
-  await server.waitForLog(
-    /isolate stopped: the application failed to import \(SyntaxError: .*\); the running isolates keep serving/,
+  const stopped = await server.waitForLog(
+    /isolate=(\d+)\] isolate stopped: the application failed to import \(SyntaxError: .*\); the running isolates keep serving/,
   );
   assert.doesNotMatch(server.log(), /isolate stopped: replaced after/);
+  // An isolate whose import failed was never ready for requests, and the log does not say it was.
+  const rejected = /isolate=(\d+)\]/.exec(stopped)![1];
+  assert.doesNotMatch(server.log(), new RegExp(`isolate=${rejected}\\] isolate ready`));
   await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
 });
 
