@@ -210,7 +210,7 @@ export class Isolate {
 
   /**
    * Bytes of the interpreter's wasm memory, as the worker reported them when
-   * it was ready and after each request. Wasm memory only grows.
+   * it was ready and as each response ended. Wasm memory only grows.
    */
   get memoryBytes(): number {
     return Atomics.load(this.#memoryPages, 0) * WASM_PAGE_BYTES;

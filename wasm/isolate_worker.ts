@@ -157,7 +157,7 @@ const host = {
     // The adapter rejects header names and values with control characters,
     // so a newline separates them safely.
     const headers = headerLines === "" ? [] : headerLines.split("\n");
-    // The pool checks the memory when the response is complete, which may be before this request's finally.
+    // The pool checks the memory when the response is complete, so the size goes out first.
     if (complete) reportMemory();
     if (complete && typeof body === "string" && ASCII_ONLY.test(body)) {
       post({ type: "start", requestId: request.id, status, headers, body, complete });
@@ -357,7 +357,6 @@ function runRequest(request: InboxRequest, control: RequestControl, ring: BodyRi
   } finally {
     current = null;
     control.finish();
-    reportMemory();
   }
 }
 

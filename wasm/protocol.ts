@@ -45,7 +45,7 @@ export interface InitMessage {
   interrupt?: SharedArrayBuffer | null;
   /** The uid and gid of the process, which the worker may not read itself; null where unknown. */
   identity?: ProcessIdentity | null;
-  /** One word that the worker sets to its wasm memory size, in 64 KiB pages, when it is ready and after each request. */
+  /** One word that the worker sets to its wasm memory size, in 64 KiB pages, when it is ready and as each response ends. */
   memoryPages?: SharedArrayBuffer | null;
 }
 
