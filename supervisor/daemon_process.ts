@@ -57,7 +57,8 @@ export interface DaemonProcessOptions {
 export function describeExit(status: Deno.CommandStatus, killedByFront = false): ProcessExit {
   const { code, signal } = status;
   if (signal) {
-    const hint = signal !== "SIGKILL" ? "" : killedByFront ? " (sent by wsgirun)" : " (kill -9, or the system ran out of memory)";
+    let hint = "";
+    if (signal === "SIGKILL") hint = killedByFront ? " (sent by wsgirun)" : " (kill -9, or the system ran out of memory)";
     return { code, signal, reason: `was killed by signal ${signal}${hint}`, bootFailure: false };
   }
   switch (code) {

@@ -68,7 +68,7 @@ export class DaemonSpecError extends Error {
 const MAX_PROCESSES = 64;
 const MAX_THREADS = 256;
 /**
- * Longest duration in seconds (about 24.8 days): setTimeout() takes at most
+ * Maximum duration in seconds (about 24.8 days). setTimeout() takes at most
  * 2^31 - 1 ms and fires at once for anything longer.
  */
 export const MAX_SECONDS = 2_147_483;

@@ -8,12 +8,12 @@
 import type { AppSpec } from "./app_spec.ts";
 
 /**
- * Returns the file whose changes reload `app`: its script, or for the
- * module form the first file that Python's import would find for the module
- * along `app.pythonPath` or in the working folder (a daemon group's `home`):
- * `a/b/__init__.py`, else `a/b.py`, for `a.b`, as a package comes before a
- * module of the same name. Returns undefined when there is none, such as
- * for a module of the standard library.
+ * Returns the file whose changes reload `app`. That is its script, or for
+ * the module form the first file that Python's import would find along
+ * `app.pythonPath` and then in the working folder (a daemon group's `home`).
+ * For `a.b` it looks for `a/b/__init__.py` before `a/b.py`, because a package
+ * comes before a module of the same name. Returns undefined when there is
+ * none, such as for a module of the standard library.
  */
 export function reloadFile(app: AppSpec): string | undefined {
   if (app.scriptPath !== undefined) return app.scriptPath;

@@ -534,7 +534,9 @@ async function checkLockFileType(lockPath: string): Promise<void> {
     throw error;
   }
   if (info.isFile) return;
-  const kind = info.isSymlink ? "a symbolic link" : info.isDirectory ? "a directory" : "not a regular file";
+  let kind = "not a regular file";
+  if (info.isSymlink) kind = "a symbolic link";
+  if (info.isDirectory) kind = "a directory";
   throw new LockFileTypeError(`it is ${kind}; remove it`);
 }
 

@@ -540,13 +540,13 @@ Deno.test("daemon memory limit replaces isolate", async () => {
 import time
 
 served = 0
-kept = []
+allocations = []
 
 def application(environ, start_response):
     global served
     served += 1
     if environ["QUERY_STRING"] == "grow":
-        kept.append(bytearray(80 * 1024 * 1024))
+        allocations.append(bytearray(80 * 1024 * 1024))
     if environ["QUERY_STRING"] == "sleep":
         time.sleep(30)
     start_response("200 OK", [("Content-Type", "text/plain")])

@@ -74,13 +74,13 @@ async function writeCountingScript(importMiB = 0): Promise<string> {
 import time
 
 served = 0
-kept = [bytearray(${importMiB} * 1024 * 1024)]
+allocations = [bytearray(${importMiB} * 1024 * 1024)]
 
 def application(environ, start_response):
     global served
     served += 1
     if environ.get("QUERY_STRING") == "grow":
-        kept.append(bytearray(80 * 1024 * 1024))
+        allocations.append(bytearray(80 * 1024 * 1024))
     time.sleep(0.005)
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [str(served).encode()]

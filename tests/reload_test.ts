@@ -114,14 +114,26 @@ Deno.test("embedded reload on SIGHUP", async () => {
   assert.match(server.log(), /isolate=2\] isolate ready/);
 });
 
-Deno.test("SIGHUP during stop is ignored", async () => {
+/**
+ * Starts a server on a fresh script, sends a request that takes `ms`
+ * milliseconds, and sends SIGTERM while it runs.
+ */
+async function stopDuringRequest(ms: number) {
   const script = await writeScript("one");
-  await using server = await startServer(script, ["--threads", "1"]);
-  const slow = fetch(server.origin + "/?1500");
+  const server = await startServer(script, ["--threads", "1"]);
+  const slow = fetch(`${server.origin}/?${ms}`);
   await delay(300);
 
   server.process.kill("SIGTERM");
   await server.waitForLog(/SIGTERM: stopping gracefully/);
+  return { script, server, slow };
+}
+
+Deno.test("SIGHUP during stop is ignored", async () => {
+  const stopping = await stopDuringRequest(1500);
+  await using server = stopping.server;
+  const slow = stopping.slow;
+
   server.process.kill("SIGHUP");
   await server.waitForLog(/SIGHUP ignored: the server is stopping/);
   const response = await slow;
@@ -135,14 +147,11 @@ Deno.test("SIGHUP during stop is ignored", async () => {
 });
 
 Deno.test("script change during stop is ignored", async () => {
-  const script = await writeScript("one");
-  await using server = await startServer(script, ["--threads", "1"]);
-  const slow = fetch(server.origin + "/?3000");
-  await delay(300);
+  const stopping = await stopDuringRequest(3000);
+  await using server = stopping.server;
+  const slow = stopping.slow;
 
-  server.process.kill("SIGTERM");
-  await server.waitForLog(/SIGTERM: stopping gracefully/);
-  await Deno.writeTextFile(script, versionScript("two", 20));
+  await Deno.writeTextFile(stopping.script, versionScript("two", 20));
   const response = await slow;
   const status = await server.process.status;
 

@@ -826,7 +826,7 @@ def application(environ, start_response):
     });
     const text = await (await fetch(server.origin + "/")).text();
 
-    // Set before the import, so module code sees it; the server's own variables stay out.
+    // The variable is set before the import, so module code reads it. The server's own variables stay out.
     assert.equal(text, "hello there hello there unset");
   } finally {
     await Deno.remove(folder, { recursive: true });

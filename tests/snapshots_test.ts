@@ -677,7 +677,7 @@ ${HELLO}` });
   });
   assert.equal(await body(server.origin), "hello");
 
-  // The application snapshot holds the variable's value, as the application's memory does.
+  // The application snapshot contains the variable's value, as the application's memory does.
   const [snapshot] = await snapshotFiles(`${cache}/sub`, "app-app.wsgi-");
   assert.equal((await Deno.stat(`${cache}/sub/${snapshot}`)).mode! & 0o777, 0o600);
   assert.equal((await Deno.stat(`${cache}/sub`)).mode! & 0o777, 0o700);
