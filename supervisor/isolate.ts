@@ -173,6 +173,7 @@ export class Isolate {
   #inbox = new RequestInbox();
   #interrupt = new Int32Array(new SharedArrayBuffer(4));
   #memoryPages = new Int32Array(new SharedArrayBuffer(4));
+  #blocked = new Int32Array(new SharedArrayBuffer(4));
   /** Versions and load time for the "isolate ready" line. */
   #readyText = "";
 
@@ -203,6 +204,7 @@ export class Isolate {
       inbox: this.#inbox.buffer,
       interrupt: this.#interrupt.buffer as SharedArrayBuffer,
       memoryPages: this.#memoryPages.buffer as SharedArrayBuffer,
+      blocked: this.#blocked.buffer as SharedArrayBuffer,
       identity: processIdentity(),
       controlTable: options.controlTable?.buffer ?? null,
     });
@@ -214,6 +216,11 @@ export class Isolate {
    */
   get memoryBytes(): number {
     return Atomics.load(this.#memoryPages, 0) * WASM_PAGE_BYTES;
+  }
+
+  /** Whether the running request waits now for the client, a socket or a sleep. */
+  get blocked(): boolean {
+    return Atomics.load(this.#blocked, 0) === 1;
   }
 
   /** The request the worker runs now, if any. */

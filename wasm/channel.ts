@@ -164,9 +164,30 @@ export class RequestControl {
       if (this.cancelled) throw new RequestCancelled();
       const inFlight = Atomics.load(this.#words, RESPONSE_BYTES_IN_FLIGHT);
       if (inFlight <= window) return;
-      Atomics.wait(this.#words, RESPONSE_BYTES_IN_FLIGHT, inFlight, WAIT_SLICE_MS);
+      waitBlocked(this.#words, RESPONSE_BYTES_IN_FLIGHT, inFlight, WAIT_SLICE_MS);
     }
   }
+}
+
+/**
+ * Worker side: a word that is 1 while the isolate's thread waits, in the
+ * middle of a request, for something outside the interpreter: the client,
+ * a socket or a sleep. The pool reads it to tell requests that block from
+ * requests that use the CPU, since only the former gain from more isolates
+ * than cores.
+ */
+let blockedWord: Int32Array | null = null;
+
+/** Worker side: sets the word that waitBlocked() keeps up to date. */
+export function useBlockedWord(buffer: SharedArrayBuffer): void {
+  blockedWord = new Int32Array(buffer);
+}
+
+/** Worker side: Atomics.wait, with the blocked word set meanwhile. */
+export function waitBlocked(words: Int32Array, index: number, value: number, timeoutMs: number): void {
+  if (blockedWord) Atomics.store(blockedWord, 0, 1);
+  Atomics.wait(words, index, value, timeoutMs);
+  if (blockedWord) Atomics.store(blockedWord, 0, 0);
 }
 
 /** Number of slots in a pool's ControlTable. Requests beyond it get control words of their own. */
@@ -496,7 +517,7 @@ export class BodyRing {
       }
       const written = Atomics.load(this.#header, WRITTEN);
       if (((written - Atomics.load(this.#header, READ)) | 0) === 0) {
-        Atomics.wait(this.#header, WRITTEN, written, WAIT_SLICE_MS);
+        waitBlocked(this.#header, WRITTEN, written, WAIT_SLICE_MS);
       }
     }
   }

@@ -17,6 +17,7 @@
 
 import { NET_LAYOUT, type NetRequest, runNetWorker } from "./net_worker.ts";
 import { formatNetAddress, isIpAddress, NetPolicy } from "./net_policy.ts";
+import { waitBlocked } from "./channel.ts";
 
 /** Bytes each socket can buffer from the peer before the network thread stops reading. */
 const RING_CAPACITY = 256 * 1024;
@@ -145,7 +146,7 @@ export class NetModule {
       const remaining = deadline - performance.now();
       if (timeout === 0) return WOULD_BLOCK;
       if (remaining <= 0) return TIMED_OUT;
-      Atomics.wait(socket.header, RING.sendInFlight, inFlight, Math.min(remaining, WAIT_SLICE_MS));
+      waitBlocked(socket.header, RING.sendInFlight, inFlight, Math.min(remaining, WAIT_SLICE_MS));
     }
 
     const buffer = data.getBuffer("u8");
@@ -183,7 +184,7 @@ export class NetModule {
       if (timeout === 0) return WOULD_BLOCK;
       const remaining = deadline - performance.now();
       if (remaining <= 0) return TIMED_OUT;
-      Atomics.wait(socket.header, RING.events, events, Math.min(remaining, WAIT_SLICE_MS));
+      waitBlocked(socket.header, RING.events, events, Math.min(remaining, WAIT_SLICE_MS));
     }
   }
 
@@ -292,7 +293,7 @@ export class NetModule {
     // NOTE: if the network thread died, this waits until the request timeout replaces the
     // isolate; its handlers catch every error of Deno's socket calls, so it should not die.
     while (Atomics.load(header, CALL.state) === CALL_STATE.pending) {
-      Atomics.wait(header, CALL.state, CALL_STATE.pending, WAIT_SLICE_MS);
+      waitBlocked(header, CALL.state, CALL_STATE.pending, WAIT_SLICE_MS);
     }
     const length = Atomics.load(header, CALL.length);
     const text = this.#decoder.decode(this.#callData!.slice(0, length));

@@ -11,7 +11,7 @@
 
 /// <reference lib="deno.worker" />
 
-import { BodyRing, type InboxRequest, RequestControl, RequestInbox } from "./channel.ts";
+import { BodyRing, type InboxRequest, RequestControl, RequestInbox, useBlockedWord, waitBlocked } from "./channel.ts";
 import {
   type FromWorker,
   type InitMessage,
@@ -207,7 +207,7 @@ const host = {
   sleep(seconds: number) {
     const until = performance.now() + seconds * 1000;
     for (let left = seconds * 1000; left > 0; left = until - performance.now()) {
-      Atomics.wait(sleepWord, 0, 0, Math.min(left, SLEEP_SLICE_MS));
+      waitBlocked(sleepWord, 0, 0, Math.min(left, SLEEP_SLICE_MS));
       pyodide.checkInterrupt();
     }
   },
@@ -265,6 +265,7 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
   applyProcessSettings(app);
   if (message.interrupt) pyodide.setInterruptBuffer(new Int32Array(message.interrupt));
   if (message.memoryPages) memoryPages = new Int32Array(message.memoryPages);
+  if (message.blocked) useBlockedWord(message.blocked);
   reportMemory();
 
   const pythonVersion = String(pyodide.runPython("import sys; sys.version.split()[0]"));
