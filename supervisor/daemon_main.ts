@@ -299,6 +299,7 @@ class Daemon {
     this.pool = new IsolatePool(config.app, {
       size: config.threads,
       minSize: 1,
+      eagerSize: config.eagerSize,
       idleTimeoutMs: config.inactivityTimeoutMs,
       memoryLimitBytes: config.memoryLimitBytes,
       requestTimeoutMs: config.requestTimeoutMs,

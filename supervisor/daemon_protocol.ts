@@ -93,6 +93,8 @@ export interface DaemonConfig {
   app: AppSpec;
   logLevel: LogLevel;
   threads: number;
+  /** See PoolOptions.eagerSize: the group's processes share the CPU cores. */
+  eagerSize: number;
   /** Requests the process's pool may hold beyond its running isolates. */
   queueLimit: number;
   queueTimeoutMs: number;

@@ -3,8 +3,10 @@
  * of it.
  *
  * Each isolate runs one request at a time. The pool starts `minSize`
- * isolates, adds one whenever a request must wait and fewer than `size` run,
- * and retires isolates above `minSize` that stayed idle for `idleTimeoutMs`.
+ * isolates and grows up to `size` while requests wait: at once up to
+ * `eagerSize`, and beyond it only while a running request blocks or runs
+ * long. It retires isolates above `minSize` that stayed idle for
+ * `idleTimeoutMs`.
  * An isolate that has served `maxRequests` requests, or whose wasm memory
  * grew past `memoryLimitBytes`, is replaced: a fresh one starts, and once it
  * is ready the old one finishes its requests and stops.
@@ -26,6 +28,13 @@ export interface PoolOptions {
   size: number;
   /** Isolates started at once and kept running. @default size */
   minSize?: number;
+  /**
+   * Isolates up to which the pool grows as soon as a request waits, keeping
+   * one spare isolate ready. Beyond it the pool grows only while a running
+   * request waits for the client, a socket or a sleep, or runs long (see
+   * #grow). @default the number of CPU cores
+   */
+  eagerSize?: number;
   /** Milliseconds an isolate above `minSize` may stay idle before it is retired; 0 keeps it. @default 0 */
   idleTimeoutMs?: number;
   /** Requests an isolate serves before a fresh one replaces it; 0 turns it off. @default 0 */
@@ -74,6 +83,14 @@ export class PoolUnavailableError extends Error {
 
 
 const RESTART_DELAYS_MS = [100, 1000, 5000, 15000, 30000];
+/**
+ * A request that has run this long lets a pool at `eagerSize` grow for the
+ * requests that wait, even when it only computes: the isolates then share
+ * the cores, so that short requests do not wait for long ones.
+ */
+const LONG_REQUEST_MS = 1000;
+/** Milliseconds between two checks of whether a waiting request calls for another isolate. */
+const GROW_CHECK_MS = 20;
 
 type ResolvedPoolOptions =
   & Required<Omit<PoolOptions, "onApplicationLoaded">>
@@ -102,6 +119,8 @@ export class IsolatePool {
   #handOff: ((jobs: Job[]) => void) | null = null;
   #failedReason: string | null = null;
   #queueTimer: ReturnType<typeof setInterval> | undefined;
+  /** Calls #grow again while requests wait and the pool may grow. */
+  #growTimer: ReturnType<typeof setTimeout> | undefined;
   #startupTimers = new Map<Isolate, ReturnType<typeof setTimeout>>();
   /** Whether the isolates up to `minSize` were started, after the first one was ready. */
   #startedMinimum = false;
@@ -131,6 +150,7 @@ export class IsolatePool {
       responseWindow: 256 * 1024,
       maxFailedStarts: 3,
       minSize: options.size,
+      eagerSize: navigator.hardwareConcurrency,
       idleTimeoutMs: 0,
       requestTimeoutMs: 0,
       maxRequests: 0,
@@ -290,6 +310,7 @@ export class IsolatePool {
     this.#stopping = true;
     clearInterval(this.#queueTimer);
     clearTimeout(this.#spawnRetryTimer);
+    clearTimeout(this.#growTimer);
     for (const timer of this.#startupTimers.values()) clearTimeout(timer);
     for (const job of this.#queue.splice(0)) job.sink.fail(503, reason);
     for (const isolate of this.#isolates) {
@@ -308,24 +329,58 @@ export class IsolatePool {
     this.#grow();
   }
 
-  /** Starts one more isolate when queued jobs outnumber the isolates still starting. */
+  /**
+   * Starts one more isolate when requests wait. Below `eagerSize` it starts
+   * one at once and keeps a spare ready. Beyond it, more isolates would
+   * only share the cores, so the pool grows only while a busy isolate waits
+   * for the client, a socket or a sleep, or has run a request for
+   * LONG_REQUEST_MS. Measured with hello world on 2 cores, daemon
+   * processes=2 threads=15 and wrk -c64: growing whenever every isolate was
+   * busy gave each process 15 isolates. Their restores took the cores for
+   * seconds and the p99 latency rose from about 30 ms to over 100 ms, for
+   * the request rate of 1 isolate per process.
+   */
   #grow(): void {
     if (!this.#boot || this.#isolates.size >= this.#options.size || this.#failedReason || this.#handOff) return;
     if (this.#spawnsBlocked()) return;
-    let starting = 0;
     let idle = 0;
     for (const isolate of this.#isolates) {
-      if (isolate.state === "starting") starting += 1;
+      // One isolate starts at a time: with 2 processes x 15 threads under load,
+      // 30 snapshot restores at once took the two cores from the requests
+      // (under 50 requests/s while the pools grew).
+      if (isolate.state === "starting") return;
       if (isolate.state === "idle") idle += 1;
     }
-    // Growing takes a snapshot restore (a few hundred milliseconds), so a
-    // pool below its maximum keeps one spare isolate started: the next
-    // request that finds every isolate busy is served at once.
-    const startSpare = idle === 0 && starting === 0 && this.#options.minSize < this.#options.size;
-    // One isolate starts at a time: with 2 processes x 15 threads under load,
-    // 30 snapshot restores at once took the two cores from the requests
-    // (under 50 requests/s while the pools grew).
-    if ((this.#queue.length > 0 && starting === 0) || startSpare) this.#spawn();
+    if (this.#isolates.size < this.#options.eagerSize) {
+      // Growing takes a snapshot restore (a few hundred milliseconds), so a
+      // pool below its maximum keeps one spare isolate started: the next
+      // request that finds every isolate busy is served at once.
+      const startSpare = idle === 0 && this.#options.minSize < this.#options.size;
+      if (this.#queue.length > 0 || startSpare) this.#spawn();
+      return;
+    }
+    if (!this.#hasWaiting()) return;
+    const now = performance.now();
+    for (const [isolate, startedAt] of this.#jobStartedAt) {
+      if (isolate.blocked || now - startedAt >= LONG_REQUEST_MS) {
+        this.#spawn();
+        return;
+      }
+    }
+    // Requests wait behind ones that compute: look again soon, for as long as they wait.
+    this.#growTimer ??= setTimeout(() => {
+      this.#growTimer = undefined;
+      if (!this.#stopping) this.#grow();
+    }, GROW_CHECK_MS);
+  }
+
+  /** Whether a request waits, queued or posted behind a running one. */
+  #hasWaiting(): boolean {
+    if (this.#queue.some((job) => !job.abandoned)) return true;
+    for (const isolate of this.#isolates) {
+      for (let i = 1; i < isolate.jobs.length; i++) if (!isolate.jobs[i].abandoned) return true;
+    }
+    return false;
   }
 
   /** Returns an idle isolate, else one that can take a request behind its running one. */
@@ -697,7 +752,7 @@ export class IsolatePool {
       if (this.#isolates.size <= this.#options.minSize) return;
       if (isolate.state !== "idle" || now - idleSince < timeout) continue;
       // Keep one idle isolate as the spare that #grow would start again.
-      if (this.#idleCount() <= 1) return;
+      if (this.#idleCount() <= 1 && this.#isolates.size <= this.#options.eagerSize) return;
       this.#idleSince.delete(isolate);
       this.#isolates.delete(isolate);
       isolate.terminate("retired after being idle");

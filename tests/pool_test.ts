@@ -6,7 +6,7 @@
 
 import assert from "node:assert/strict";
 import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
-import { countMatches, runLoad, waitForCount } from "./helpers/load.ts";
+import { countMatches, runLoad, runLoadFor, waitForCount } from "./helpers/load.ts";
 
 Deno.test("waiting request moves to free isolate", async () => {
   await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "2"]);
@@ -60,6 +60,75 @@ Deno.test("embedded pool grows and shrinks", async () => {
   // Once idle for --inactivity-timeout, the isolates above --min-threads retire.
   await waitForCount(server, /isolate retired after \d+ s idle/, 2, 0, 20_000);
   assert.equal((await fetch(`${server.origin}/`)).status, 200);
+});
+
+Deno.test({
+  name: "pool grows past cores for blocked requests",
+  // With 5 cores or more the pool may grow to 5 isolates at once, which this test rules out.
+  ignore: navigator.hardwareConcurrency >= 5,
+  fn: async () => {
+    await using server = await startServer(
+      repoPath("tests/fixtures/pool_app.wsgi"),
+      ["--threads", "6", "--min-threads", "1"],
+    );
+    // Requests that take a millisecond keep every isolate busy at 32
+    // connections. Isolates beyond the cores would only share them, so the
+    // pool grows past the cores only for a request that runs long.
+    const result = await runLoadFor(`${server.origin}/?seconds=0`, 32, 4000);
+    assert.deepEqual(result.failures, []);
+    assert.ok(result.ok > 100, `only ${result.ok} requests were served`);
+    assert.doesNotMatch(server.log(), /isolate=5\]/);
+
+    // Requests that sleep leave the cores free, so they do make it grow past
+    // them, even when each one is short.
+    for (let round = 0; round < 3; round++) {
+      const statuses = await Promise.all(
+        [1, 2, 3, 4, 5, 6].map(async () => {
+          const response = await fetch(`${server.origin}/?seconds=0.5`);
+          await response.text();
+          return response.status;
+        }),
+      );
+      assert.deepEqual(statuses, [200, 200, 200, 200, 200, 200]);
+    }
+    assert.match(server.log(), /isolate=5\] isolate ready/);
+  },
+});
+
+Deno.test({
+  name: "long requests grow pool past cores",
+  ignore: navigator.hardwareConcurrency >= 3,
+  fn: async () => {
+    await using server = await startServer(
+      repoPath("tests/fixtures/pool_app.wsgi"),
+      ["--threads", "3", "--min-threads", "1", "--request-timeout", "8"],
+    );
+    // Three requests that compute without end: once one has run for a
+    // second, the one still waiting gets an isolate of its own.
+    const spins = [1, 2, 3].map(async () => {
+      const response = await fetch(`${server.origin}/?spin=1`);
+      await response.text();
+      return response.status;
+    });
+    await server.waitForLog(/isolate=3\] isolate ready/, 6000);
+    assert.deepEqual(await Promise.all(spins), [504, 504, 504]);
+  },
+});
+
+Deno.test({
+  name: "daemon processes share the cores",
+  // Each process of a group grows at once up to its share of the cores: 1 of 2 here.
+  ignore: navigator.hardwareConcurrency > 2,
+  fn: async () => {
+    await using server = await startServer(
+      repoPath("tests/fixtures/pool_app.wsgi"),
+      ["--daemon", "group=cores,processes=2,threads=4,user=nobody"],
+    );
+    const result = await runLoadFor(`${server.origin}/?seconds=0`, 32, 4000);
+    assert.deepEqual(result.failures, []);
+    assert.equal(countMatches(server.log(), /isolate=1\] isolate ready/), 2);
+    assert.doesNotMatch(server.log(), /isolate=2\]/);
+  },
 });
 
 /**

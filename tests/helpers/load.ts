@@ -58,6 +58,15 @@ export async function runLoad(url: string, concurrency: number, stop: Promise<vo
   return result;
 }
 
+/** Sends requests from `concurrency` loops for `durationMs` milliseconds. */
+export async function runLoadFor(url: string, concurrency: number, durationMs: number): Promise<LoadResult> {
+  const { promise: stop, resolve: stopLoad } = Promise.withResolvers<void>();
+  const load = runLoad(url, concurrency, stop);
+  await delay(durationMs);
+  stopLoad();
+  return await load;
+}
+
 export function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
