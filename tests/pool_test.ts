@@ -209,6 +209,11 @@ Deno.test("failed replacement keeps isolate serving", async () => {
     await server.waitForLog(/isolate starts? in a row failed; 1 running isolate keeps serving, and the next start waits \d+ ms/);
     assert.doesNotMatch(server.log(), /application marked failed/);
     assert.doesNotMatch(server.log(), /\[object Object\]/);
+    // The start failed because the folder was gone, and the log names it.
+    assert.ok(
+      server.log().includes(`cannot mount ${folder} in the interpreter: ENOENT, no such file or directory`),
+      server.log(),
+    );
   } finally {
     await Deno.rename(`${folder}.moved`, folder);
   }

@@ -20,7 +20,13 @@ import {
   type ToWorker,
 } from "./protocol.ts";
 import { type AppSpec, appReadPaths } from "../supervisor/app_spec.ts";
-import { interpreterMemoryPages, loadPyodideFor, mountHostFolders, startImports } from "./pyodide_loader.ts";
+import {
+  describeError,
+  interpreterMemoryPages,
+  loadPyodideFor,
+  mountHostFolders,
+  startImports,
+} from "./pyodide_loader.ts";
 import { buildSnapshot, writeAdapterFiles } from "./snapshot_builder.ts";
 import { installHostModules, type PyodideForHost } from "./host_modules.ts";
 
@@ -91,27 +97,6 @@ function post(message: FromWorker, transfer: Transferable[] = []): void {
 
 function log(level: "debug" | "info" | "warning" | "error", message: string): void {
   post({ type: "log", level, message, requestId: current?.id });
-}
-
-/**
- * Describes a thrown value for the log. Emscripten's file system throws
- * objects that are no Error, which a template string shows as [object Object].
- */
-function describeError(error: unknown): string {
-  if (error instanceof Error) return String(error);
-  if (typeof error === "object" && error !== null) {
-    const fields = error as { name?: unknown; errno?: unknown };
-    if (typeof fields.errno === "number") {
-      return `${typeof fields.name === "string" ? fields.name : "error"} errno ${fields.errno} ` +
-        "(Emscripten's number; 44 is a missing file or folder, 2 a permission error)";
-    }
-    try {
-      return JSON.stringify(error);
-    } catch {
-      // Not serializable: fall back to String() below.
-    }
-  }
-  return String(error);
 }
 
 /** Copies a Python bytes object out of the wasm heap. */

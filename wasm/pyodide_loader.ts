@@ -218,8 +218,46 @@ export function mountHostFolders(fs: MountableFS, folders: string[]): void {
   const mounted: string[] = [];
   for (const folder of sorted) {
     if (mounted.some((parent) => folder === parent || folder.startsWith(parent + "/"))) continue;
-    fs.mkdirTree(folder);
-    fs.mount(fs.filesystems.NODEFS, { root: folder }, folder);
+    try {
+      fs.mkdirTree(folder);
+      fs.mount(fs.filesystems.NODEFS, { root: folder }, folder);
+    } catch (error) {
+      // Emscripten's error carries only a number, so name the folder here.
+      throw new Error(
+        `cannot mount ${folder} in the interpreter: ${describeError(error)}. ` +
+          "Check that the folder exists and that the server's account can read it",
+      );
+    }
     mounted.push(folder);
   }
+}
+
+/** Emscripten's errno numbers (WASI's) that a host folder can produce, with their names. */
+const EMSCRIPTEN_ERRNO: Record<number, string> = {
+  2: "EACCES, permission denied",
+  20: "EEXIST, file exists",
+  31: "EISDIR, is a directory",
+  44: "ENOENT, no such file or directory",
+  54: "ENOTDIR, not a directory",
+  63: "EPERM, operation not permitted",
+};
+
+/**
+ * Describes a thrown value for the log. Emscripten's file system throws
+ * objects that are no Error, which a template string shows as [object Object].
+ */
+export function describeError(error: unknown): string {
+  if (error instanceof Error && typeof (error as { errno?: unknown }).errno !== "number") return String(error);
+  if (typeof error === "object" && error !== null) {
+    const errno = (error as { errno?: unknown }).errno;
+    if (typeof errno === "number") {
+      return `${EMSCRIPTEN_ERRNO[errno] ?? "error"} (Emscripten errno ${errno})`;
+    }
+    try {
+      return JSON.stringify(error);
+    } catch {
+      // Not serializable: fall back to String() below.
+    }
+  }
+  return String(error);
 }
