@@ -278,7 +278,7 @@ export const OPTIONS: readonly OptionSpec[] = [
     valueNames: ["NAME=VALUE"],
     help: "Set an environment variable in os.environ of every application, before it " +
       "is imported. The applications see no other variable of the server's " +
-      "environment. May be given more than once.",
+      "environment.",
     defaultText: "no variables",
     repeatable: true,
     apply: ([value], draft) => {

@@ -693,6 +693,13 @@ Deno.test("help text options have defaults", () => {
   );
 });
 
+Deno.test("help text says repeatable once", () => {
+  // The help of a repeatable option gets this sentence added, so its own text must not have it.
+  for (const spec of OPTIONS) {
+    assert.ok(!spec.help.includes("May be given more than once"), `${spec.name} says it twice`);
+  }
+});
+
 Deno.test("help text fits 80 columns", () => {
   for (const line of HELP_TEXT.split("\n")) {
     assert.ok(line.length <= 80, `${line.length} columns: ${line}`);
