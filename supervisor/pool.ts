@@ -119,6 +119,8 @@ export class IsolatePool {
   #handOff: ((jobs: Job[]) => void) | null = null;
   #failedReason: string | null = null;
   #queueTimer: ReturnType<typeof setInterval> | undefined;
+  /** Idle isolates that #retryDispatch will offer requests to again. */
+  #dispatchRetries = new Set<Isolate>();
   /** Calls #grow again while requests wait and the pool may grow. */
   #growTimer: ReturnType<typeof setTimeout> | undefined;
   #startupTimers = new Map<Isolate, ReturnType<typeof setTimeout>>();
@@ -250,6 +252,9 @@ export class IsolatePool {
       );
     }
     this.#queue.push(job);
+    for (const isolate of this.#isolates) {
+      if (isolate.state === "idle" && !isolate.canTake && !isolate.retiring) this.#retryDispatch(isolate);
+    }
     this.#grow();
   }
 
@@ -388,10 +393,16 @@ export class IsolatePool {
     let worn: Isolate | undefined;
     let pipelined: Isolate | undefined;
     for (const isolate of this.#isolates) {
+      // An idle isolate whose inbox is still full of requests that other
+      // isolates took over cannot take one until its worker skips them.
+      if (!isolate.canTake) continue;
       // An isolate due for replacement serves only while no other one is free.
       if (isolate.state === "idle" && !this.#worn.includes(isolate)) return isolate;
-      if (isolate.state === "idle") worn ??= isolate;
-      if (!pipelined && isolate.canTake) pipelined = isolate;
+      if (isolate.state === "idle") {
+        worn ??= isolate;
+      } else {
+        pipelined ??= isolate;
+      }
     }
     return worn ?? pipelined;
   }
@@ -556,6 +567,22 @@ export class IsolatePool {
       this.#run(isolate, job);
     }
     if (isolate.state === "idle") this.#takeWaitingJob(isolate);
+    if (isolate.state === "idle" && !isolate.canTake && !isolate.retiring) this.#retryDispatch(isolate);
+  }
+
+  /**
+   * Dispatches to `isolate` again in a moment, while requests wait. Each
+   * request that another isolate took over while this one ran a long
+   * request leaves an entry in its inbox, which its worker skips only once
+   * that request has ended. A full inbox holds the isolate back until then.
+   */
+  #retryDispatch(isolate: Isolate): void {
+    if (this.#dispatchRetries.has(isolate) || !this.#hasWaiting()) return;
+    this.#dispatchRetries.add(isolate);
+    setTimeout(() => {
+      this.#dispatchRetries.delete(isolate);
+      if (this.#isolates.has(isolate) && !this.#stopping) this.#dispatchNext(isolate);
+    }, 1);
   }
 
   #idleCount(): number {
@@ -590,6 +617,7 @@ export class IsolatePool {
 
   /** Moves a job that waits behind another isolate's running request to the idle `isolate`. */
   #takeWaitingJob(isolate: Isolate): void {
+    if (!isolate.canTake) return;
     for (const other of this.#isolates) {
       if (other === isolate) continue;
       const job = other.withdrawWaiting();

@@ -6,7 +6,7 @@
 
 import assert from "node:assert/strict";
 import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
-import { countMatches, runLoad, runLoadFor, waitForCount } from "./helpers/load.ts";
+import { countMatches, delay, runLoad, runLoadFor, waitForCount } from "./helpers/load.ts";
 
 Deno.test("waiting request moves to free isolate", async () => {
   await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "2"]);
@@ -33,6 +33,40 @@ Deno.test("waiting request moves to free isolate", async () => {
   // replies in either order. Either way it must not wait for "long".
   assert.equal(finished.at(-1), "long");
   assert.ok(finished.indexOf("waiting") < finished.indexOf("long"));
+});
+
+Deno.test("long request with fast ones around it", async () => {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "2"]);
+  await server.waitForLog(/isolate=2\] isolate ready/);
+  // While one isolate computes, fast requests are posted behind it and
+  // moved to the other one, again and again. Each move leaves an entry in
+  // the busy isolate's inbox that it skips only once its request is over.
+  for (let round = 0; round < 3; round++) {
+    const long = fetch(`${server.origin}/?cpu=1.5`);
+    await delay(200);
+    let fast = 0;
+    let slowest = 0;
+    const deadline = performance.now() + 2000;
+    // Three clients keep the free isolate busy, so a request posted behind
+    // the long one would wait for it unless the pool moves it.
+    const client = async () => {
+      while (performance.now() < deadline) {
+        const started = performance.now();
+        const response = await fetch(`${server.origin}/?seconds=0`);
+        assert.equal(response.status, 200);
+        await response.text();
+        slowest = Math.max(slowest, performance.now() - started);
+        fast += 1;
+      }
+    };
+    await Promise.all([client(), client(), client()]);
+    const response = await long;
+    assert.equal(response.status, 200);
+    assert.equal(await response.text(), "computed");
+    assert.ok(fast > 50, `only ${fast} fast requests were served`);
+    assert.ok(slowest < 1000, `a fast request took ${Math.round(slowest)} ms`);
+  }
+  assert.doesNotMatch(server.log(), /ERROR|CRITICAL/);
 });
 
 Deno.test("embedded pool grows and shrinks", async () => {
