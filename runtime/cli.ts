@@ -186,9 +186,9 @@ export const OPTIONS: readonly OptionSpec[] = [
     valueNames: ["N"],
     help: "Number of isolates that start with the server and stay running when idle, from " +
       "1 to --threads. Below --threads, the pool adds isolates one at a time while " +
-      "requests wait (past the number of CPU cores only while a running request " +
-      "blocks or runs for a second), keeps one spare isolate ready up to the number " +
-      "of cores, and retires isolates above N after --inactivity-timeout.",
+      "requests wait and keeps one spare isolate ready: up to the number of CPU cores " +
+      "(at least 2) at any time, and past it only while a running request blocks or " +
+      "has run for 0.25 s. It retires isolates above N after --inactivity-timeout.",
     defaultText: "the value of --threads",
     repeatable: false,
     apply: ([value], draft) => {

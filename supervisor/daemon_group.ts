@@ -107,7 +107,7 @@ export class DaemonGroup implements AppBackend {
       app,
       logLevel: options.logLevel,
       threads: spec.threads,
-      eagerSize: Math.ceil(navigator.hardwareConcurrency / spec.processes),
+      eagerSize: Math.max(2, Math.ceil(navigator.hardwareConcurrency / spec.processes)),
       queueLimit: this.#capacity,
       queueTimeoutMs: spec.queueTimeoutMs,
       requestTimeoutMs: spec.requestTimeoutMs,

@@ -32,7 +32,8 @@ export interface PoolOptions {
    * Isolates up to which the pool grows as soon as a request waits, keeping
    * one spare isolate ready. Beyond it the pool grows only while a running
    * request waits for the client, a socket or a sleep, or runs long (see
-   * #grow). @default the number of CPU cores
+   * #grow). At least 2, so that a pool whose isolate runs a long request
+   * has another one for short requests. @default the number of CPU cores, at least 2
    */
   eagerSize?: number;
   /** Milliseconds an isolate above `minSize` may stay idle before it is retired; 0 keeps it. @default 0 */
@@ -84,11 +85,12 @@ export class PoolUnavailableError extends Error {
 
 const RESTART_DELAYS_MS = [100, 1000, 5000, 15000, 30000];
 /**
- * A request that has run this long lets a pool at `eagerSize` grow for the
- * requests that wait, even when it only computes: the isolates then share
- * the cores, so that short requests do not wait for long ones.
+ * A request that has run this long lets a pool at `eagerSize` grow, even
+ * when it only computes: the isolates then share the cores, so that short
+ * requests do not wait for long ones. Hello world requests ran over 100 ms
+ * now and then on 2 cores loaded by the test client.
  */
-const LONG_REQUEST_MS = 1000;
+const LONG_REQUEST_MS = 250;
 /** Milliseconds between two checks of whether a waiting request calls for another isolate. */
 const GROW_CHECK_MS = 20;
 
@@ -152,7 +154,7 @@ export class IsolatePool {
       responseWindow: 256 * 1024,
       maxFailedStarts: 3,
       minSize: options.size,
-      eagerSize: navigator.hardwareConcurrency,
+      eagerSize: Math.max(2, navigator.hardwareConcurrency),
       idleTimeoutMs: 0,
       requestTimeoutMs: 0,
       maxRequests: 0,
@@ -337,9 +339,9 @@ export class IsolatePool {
   /**
    * Starts one more isolate when requests wait. Below `eagerSize` it starts
    * one at once and keeps a spare ready. Beyond it, more isolates would
-   * only share the cores, so the pool grows only while a busy isolate waits
-   * for the client, a socket or a sleep, or has run a request for
-   * LONG_REQUEST_MS. Measured with hello world on 2 cores, daemon
+   * only share the cores, so the pool grows, and keeps a spare, only while
+   * a busy isolate waits for the client, a socket or a sleep, or has run a
+   * request for LONG_REQUEST_MS. Measured with hello world on 2 cores, daemon
    * processes=2 threads=15 and wrk -c64: growing whenever every isolate was
    * busy gave each process 15 isolates. Their restores took the cores for
    * seconds and the p99 latency rose from about 30 ms to over 100 ms, for
@@ -364,7 +366,9 @@ export class IsolatePool {
       if (this.#queue.length > 0 || startSpare) this.#spawn();
       return;
     }
-    if (!this.#hasWaiting()) return;
+    // Past `eagerSize`, a spare isolate is kept too, but only while a busy
+    // isolate blocks or runs long: the next short request then need not wait.
+    if (idle > 0 && !this.#hasWaiting()) return;
     const now = performance.now();
     for (const [isolate, startedAt] of this.#jobStartedAt) {
       if (isolate.blocked || now - startedAt >= LONG_REQUEST_MS) {
@@ -372,7 +376,8 @@ export class IsolatePool {
         return;
       }
     }
-    // Requests wait behind ones that compute: look again soon, for as long as they wait.
+    // Every isolate is busy, or requests wait, with requests that compute:
+    // look again soon, for as long as that lasts.
     this.#growTimer ??= setTimeout(() => {
       this.#growTimer = undefined;
       if (!this.#stopping) this.#grow();
@@ -574,7 +579,7 @@ export class IsolatePool {
    * Dispatches to `isolate` again in a moment, while requests wait. Each
    * request that another isolate took over while this one ran a long
    * request leaves an entry in its inbox, which its worker skips only once
-   * that request has ended. A full inbox holds the isolate back until then.
+   * that request has ended. Until then, a full inbox keeps the isolate from taking requests.
    */
   #retryDispatch(isolate: Isolate): void {
     if (this.#dispatchRetries.has(isolate) || !this.#hasWaiting()) return;
