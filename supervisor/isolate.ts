@@ -395,7 +395,7 @@ let identity: ProcessIdentity | null | undefined;
 export function processIdentity(): ProcessIdentity | null {
   if (identity !== undefined) return identity;
   try {
-    identity = { uid: Deno.uid() ?? 0, gid: Deno.gid() ?? 0 };
+    identity = { uid: Deno.uid() ?? 0, gid: Deno.gid() ?? 0, pid: Deno.pid };
   } catch {
     identity = null;
   }

@@ -740,6 +740,10 @@ Deno.test("daemon server", async (t) => {
       assert.equal(facts.uid, NOBODY);
       assert.equal(facts.gid, NOBODY);
       assert.ok(!facts.environ_names.includes("_"), facts.environ_names.join(" "));
+      assert.ok(!facts.environ_names.includes("PYTHONINSPECT"), facts.environ_names.join(" "));
+      assert.equal(facts.pwd, HOME_DIR);
+      // Emscripten's own getpid() returns 42.
+      assert.equal(facts.pid, servingPid(facts.request_id));
     });
 
     await t.step("mounts answer side by side", async () => {

@@ -139,7 +139,7 @@ export function installHostPython(pyodide: PyodideForHost, app: AppSpec, identit
   pyodide.runPython(`import sys\nif ${folder} not in sys.path: sys.path.insert(0, ${folder})`);
   const compat = pyodide.pyimport("_wsgirun_compat");
   try {
-    compat.install(identity?.uid ?? 0, identity?.gid ?? 0);
+    compat.install(identity?.uid ?? 0, identity?.gid ?? 0, identity?.pid ?? null);
   } finally {
     compat.destroy();
   }

@@ -290,6 +290,8 @@ function applyProcessSettings(app: AppSpec): void {
     pyodide.runPython(`import json, os; os.environ.update(json.loads(${json}))`);
   }
   if (app.home) pyodide.runPython(`import os; os.chdir(${JSON.stringify(app.home)})`);
+  // Emscripten sets PWD to "/", whatever the working folder is.
+  if (!app.environment?.PWD) pyodide.runPython(`import os; os.environ["PWD"] = os.getcwd()`);
 }
 
 function preloadApplication(adapter: Record<string, PyProxyCallable>): void {

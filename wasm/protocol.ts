@@ -55,6 +55,8 @@ export interface InitMessage {
 export interface ProcessIdentity {
   uid: number;
   gid: number;
+  /** The process id that os.getpid() returns, where Emscripten returns 42. */
+  pid?: number;
 }
 
 /** Asks a worker to build a memory snapshot and send it back. */

@@ -48,8 +48,8 @@ def log(level, message):
         print(message, file=sys.stderr if level in ("warning", "error", "critical") else sys.stdout)
 
 
-def install(uid, gid):
-    """Install everything; `uid` and `gid` are what os.getuid() and os.getgid() return."""
+def install(uid, gid, pid=None):
+    """Install everything; `uid`, `gid` and `pid` are what os.getuid(), os.getgid() and os.getpid() return."""
     if FOLDER in sys.path:
         sys.path.remove(FOLDER)
     sys.path.insert(0, FOLDER)
@@ -59,7 +59,7 @@ def install(uid, gid):
     _wsgirun_socket.install()
     _forget_stdlib_versions(["ssl", "sqlite3", "sqlite3.dbapi2", "pwd", "grp", "resource"])
     _install_fcntl()
-    _set_identity(uid, gid)
+    _set_identity(uid, gid, pid)
     _tidy_environment()
     _leave_event_loop()
     _add_key_derivation()
@@ -94,12 +94,15 @@ def _install_fcntl():
     spec.loader.exec_module(module)
 
 
-def _set_identity(uid, gid):
+def _set_identity(uid, gid, pid):
     # Pyodide 314 reads the uid from Deno, which the isolate's permissions
     # reject, and the rejection ends the interpreter. The host passes the
     # numbers it read instead.
     os.getuid = os.geteuid = lambda: uid
     os.getgid = os.getegid = lambda: gid
+    # Emscripten's getpid() returns 42 in every isolate of every process.
+    if pid is not None:
+        os.getpid = lambda: pid
 
 
 def _tidy_environment():
@@ -107,6 +110,8 @@ def _tidy_environment():
     # interpreter, a path of the server's machine that is no setting of the
     # application.
     os.environ.pop("_", None)
+    # Pyodide sets PYTHONINSPECT for its interactive console, which a server does not have.
+    os.environ.pop("PYTHONINSPECT", None)
 
 
 def _leave_event_loop():
