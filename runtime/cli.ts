@@ -358,7 +358,9 @@ export const OPTIONS: readonly OptionSpec[] = [
     name: "--preload",
     valueNames: [],
     help: "Import the application when each isolate starts instead of on its first " +
-      "request, so that import errors show before the first request.",
+      "request, so that import errors show before the first request. Application " +
+      "snapshots (--snapshot app, the default) import it at start already, except " +
+      "for an application that cannot be snapshotted.",
     defaultText: "off",
     repeatable: false,
     apply: (_values, draft) => {
@@ -458,7 +460,8 @@ export const OPTIONS: readonly OptionSpec[] = [
       "items with mod_wsgi's names. processes: processes in the group (default 1). " +
       "threads: isolates per process, created on demand and retired when idle " +
       "(default 15). user, group: the account the processes run as (the server " +
-      "must run as root, and a daemon never runs as root). home: working directory. " +
+      "must run as root, and a daemon never runs as root); only the first item, " +
+      "group=NAME, names the process group. home: working directory. " +
       "python-path: DIR[:DIR...]. python: 3.12 or 3.14. display-name: the name ps " +
       "shows (default (wsgi:NAME)). maximum-requests, restart-interval: replace a " +
       "process after that many requests or seconds. memory-limit: replace an isolate " +
@@ -466,7 +469,7 @@ export const OPTIONS: readonly OptionSpec[] = [
       "inactivity-timeout (idle isolate retired, 60), request-timeout (504, 60), " +
       "queue-timeout (503, 45), startup-timeout (30), graceful-timeout (a reload " +
       "drains for this long, 15), shutdown-timeout (5). env=NAME=VALUE sets " +
-      "os.environ, allow-net=HOST[:PORT] and allow-write=DIR grant the application " +
+      "os.environ, allow-net=HOST[:PORT] and allow-write=DIR (or write=DIR) grant the application " +
       "network and write access, which it has none of by default. With one SCRIPT " +
       "and one group, SCRIPT runs in that group. Touching the script, or SIGHUP, " +
       "starts fresh processes and drains the old ones. Example: --daemon " +
