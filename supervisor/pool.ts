@@ -267,6 +267,12 @@ export class IsolatePool {
    */
   abandon(job: Job): void {
     job.abandoned = true;
+    // Out of the queue at once, so that it no longer counts against the queue limit.
+    const queued = this.#queue.indexOf(job);
+    if (queued >= 0) {
+      this.#queue.splice(queued, 1);
+      return;
+    }
     for (const isolate of this.#isolates) {
       if (isolate.withdraw(job)) {
         job.sink.abandon();

@@ -401,6 +401,35 @@ Deno.test("queue limit counts requests held by isolates", async () => {
   assert.ok(rejected.headers.get("retry-after"));
 });
 
+Deno.test("queue limit ignores requests whose client left", async () => {
+  await using server = await startServer(
+    repoPath("tests/fixtures/pool_app.wsgi"),
+    ["--threads", "1", "--queue-limit", "5"],
+  );
+  const get = async (query: string, signal?: AbortSignal) => {
+    const response = await fetch(`${server.origin}/?${query}`, { signal });
+    await response.text();
+    return response.status;
+  };
+  // One request runs, one waits in the isolate behind it and one heads the queue.
+  const running = get("seconds=2");
+  await delay(300);
+  const held = get("seconds=0");
+  await delay(100);
+  const queued = get("seconds=0");
+  await delay(100);
+
+  // Three clients give up while their requests wait behind the live one.
+  const leaving = [1, 2, 3].map(() => get("seconds=0", AbortSignal.timeout(200)).catch(() => "aborted"));
+  assert.deepEqual(await Promise.all(leaving), ["aborted", "aborted", "aborted"]);
+  await waitForCount(server, /client closed the connection while the request was queued/, 3);
+
+  // Two waiting requests are left, so the queue has room for this one.
+  const later = get("seconds=0");
+  assert.deepEqual(await Promise.all([running, held, queued, later]), [200, 200, 200, 200]);
+  assert.doesNotMatch(server.log(), /queue is full/);
+});
+
 Deno.test("growing pool starts a spare isolate", async () => {
   // Daemon groups start one isolate and grow on demand up to `threads`.
   await using server = await startServer(
