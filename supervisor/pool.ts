@@ -375,12 +375,9 @@ export class IsolatePool {
     // Past `eagerSize`, a spare isolate is kept too, but only while a busy
     // isolate blocks or runs long: the next short request then need not wait.
     if (idle > 0 && !this.#hasWaiting()) return;
-    const now = performance.now();
-    for (const [isolate, startedAt] of this.#jobStartedAt) {
-      if (isolate.blocked || now - startedAt >= LONG_REQUEST_MS) {
-        this.#spawn();
-        return;
-      }
+    if (this.#runsSlowRequest()) {
+      this.#spawn();
+      return;
     }
     // Every isolate is busy, or requests wait, with requests that compute:
     // look again soon, for as long as that lasts.
@@ -388,6 +385,15 @@ export class IsolatePool {
       this.#growTimer = undefined;
       if (!this.#stopping) this.#grow();
     }, GROW_CHECK_MS);
+  }
+
+  /** Whether a busy isolate waits for the client, a socket or a sleep, or has run a request for LONG_REQUEST_MS. */
+  #runsSlowRequest(): boolean {
+    const now = performance.now();
+    for (const [isolate, startedAt] of this.#jobStartedAt) {
+      if (isolate.blocked || now - startedAt >= LONG_REQUEST_MS) return true;
+    }
+    return false;
   }
 
   /** Whether a request waits, queued or posted behind a running one. */
@@ -791,7 +797,8 @@ export class IsolatePool {
       if (this.#isolates.size <= this.#options.minSize) return;
       if (isolate.state !== "idle" || now - idleSince < timeout) continue;
       // Keep one idle isolate as the spare that #grow would start again.
-      if (this.#idleCount() <= 1 && this.#isolates.size <= this.#options.eagerSize) return;
+      const spareKept = this.#isolates.size <= this.#options.eagerSize || this.#runsSlowRequest();
+      if (this.#idleCount() <= 1 && spareKept) return;
       this.#idleSince.delete(isolate);
       this.#isolates.delete(isolate);
       isolate.terminate("retired after being idle");

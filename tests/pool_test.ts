@@ -172,6 +172,25 @@ Deno.test({
 });
 
 Deno.test({
+  name: "spare isolate stays while requests block",
+  ignore: navigator.hardwareConcurrency >= 3,
+  fn: async () => {
+    await using server = await startServer(
+      repoPath("tests/fixtures/pool_app.wsgi"),
+      ["--threads", "4", "--min-threads", "1", "--inactivity-timeout", "1"],
+    );
+    // Two sleeping requests keep a spare isolate ready past the cores. It
+    // stays idle for longer than --inactivity-timeout, but retiring it would
+    // only make the pool restore another one.
+    const sleeping = [1, 2].map(async () => (await fetch(`${server.origin}/?seconds=5`)).text());
+    await server.waitForLog(/isolate=3\] isolate ready/, 4000);
+    assert.deepEqual(await Promise.all(sleeping), ["slept 5.0", "slept 5.0"]);
+    assert.doesNotMatch(server.log(), /isolate=3\] isolate retired/);
+    assert.doesNotMatch(server.log(), /isolate=4\]/);
+  },
+});
+
+Deno.test({
   name: "daemon pool stays small under fast load",
   // Each process of a group grows at once up to its share of the cores, at least 2.
   ignore: Math.ceil(navigator.hardwareConcurrency / 2) > 2,
