@@ -146,7 +146,9 @@ export async function runFront(args: string[], mallocNote?: MallocNote): Promise
   for (const warning of options.warnings ?? []) logger.child({ pid: Deno.pid }).warning(warning);
   const server = await start(options, logger);
   server.ready.catch((error) => {
-    logger.critical(`the application cannot start: ${error.message}`);
+    logger.critical(
+      `the application cannot start: ${error.message}. The server keeps running and answers its requests with 503`,
+    );
   });
   await handleSignals(server, logger.child({ pid: Deno.pid }));
 }
