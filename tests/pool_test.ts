@@ -190,6 +190,38 @@ Deno.test({
   },
 });
 
+Deno.test("file lock wait counts as blocked", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-pool-" });
+  const lockPath = `${folder}/lock`;
+  await Deno.writeTextFile(lockPath, "");
+  await Deno.writeTextFile(
+    `${folder}/app.wsgi`,
+    `
+import fcntl
+
+def application(environ, start_response):
+    with open(${JSON.stringify(lockPath)}) as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        fcntl.flock(file, fcntl.LOCK_UN)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"locked"]
+`,
+  );
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "3", "--min-threads", "2"]);
+  await server.waitForLog(/isolate=2\] isolate ready/);
+
+  // Both isolates wait for a lock that this test holds. The wait is shorter
+  // than a long request, so only its being blocked lets the pool grow.
+  const holder = await Deno.open(lockPath);
+  await holder.lock(true);
+  const waiting = [1, 2].map(async () => (await fetch(server.origin + "/")).text());
+  await delay(200);
+  holder.close();
+  assert.deepEqual(await Promise.all(waiting), ["locked", "locked"]);
+  await server.waitForLog(/isolate=3\] isolate ready/, 5000);
+  await Deno.remove(folder, { recursive: true });
+});
+
 Deno.test({
   name: "daemon pool stays small under fast load",
   // Each process of a group grows at once up to its share of the cores, at least 2.

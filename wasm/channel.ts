@@ -172,7 +172,7 @@ export class RequestControl {
 /**
  * Worker side: a word that is 1 while the isolate's thread waits, in the
  * middle of a request, for something outside the interpreter: the client,
- * a socket or a sleep. The pool reads it to tell requests that block from
+ * a socket, a file lock or a sleep. The pool reads it to tell requests that block from
  * requests that use the CPU, since only the former gain from more isolates
  * than cores.
  */
@@ -181,6 +181,16 @@ let blockedWord: Int32Array | null = null;
 /** Worker side: sets the word that waitBlocked() keeps up to date. */
 export function useBlockedWord(buffer: SharedArrayBuffer): void {
   blockedWord = new Int32Array(buffer);
+}
+
+/** Worker side: runs `wait`, a call that blocks the thread, with the blocked word set meanwhile. */
+export function blockedDuring<T>(wait: () => T): T {
+  if (blockedWord) Atomics.store(blockedWord, 0, 1);
+  try {
+    return wait();
+  } finally {
+    if (blockedWord) Atomics.store(blockedWord, 0, 0);
+  }
 }
 
 /** Worker side: Atomics.wait, with the blocked word set meanwhile. */

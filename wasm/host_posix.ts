@@ -7,6 +7,8 @@
  * the same file. Emscripten's own `flock` succeeds without locking anything.
  */
 
+import { blockedDuring } from "./channel.ts";
+
 /** The parts of Emscripten's file system this module uses. */
 export interface EmscriptenFs {
   getStream(fd: number): EmscriptenStream | null;
@@ -69,7 +71,8 @@ export class PosixModule {
     const file = held ?? Deno.openSync(path, { read: true });
     // flock(2) converts a lock that the file already holds, so a second call changes its mode.
     if (blocking) {
-      file.lockSync(exclusive);
+      // Only a lock that has to wait for another holder counts as blocked.
+      if (!file.tryLockSync(exclusive)) blockedDuring(() => file.lockSync(exclusive));
     } else if (!file.tryLockSync(exclusive)) {
       if (!held) file.close();
       return WOULD_BLOCK;
