@@ -31,8 +31,7 @@ export interface PoolOptions {
   /**
    * Isolates up to which the pool grows as soon as a request waits, keeping
    * one spare isolate ready. Beyond it the pool grows only while a running
-   * request waits for the client, a socket or a sleep, or runs long (see
-   * #grow). At least 2, so that a pool whose isolate runs a long request
+   * request blocks (see waitBlocked) or runs long (see #grow). At least 2, so that a pool whose isolate runs a long request
    * has another one for short requests. @default the number of CPU cores, at least 2
    */
   eagerSize?: number;
@@ -254,9 +253,7 @@ export class IsolatePool {
       );
     }
     this.#queue.push(job);
-    for (const isolate of this.#isolates) {
-      if (isolate.state === "idle" && !isolate.canTake && !isolate.retiring) this.#retryDispatch(isolate);
-    }
+    for (const isolate of this.#isolates) this.#retryDispatch(isolate);
     this.#grow();
   }
 
@@ -345,9 +342,9 @@ export class IsolatePool {
   /**
    * Starts one more isolate when requests wait. Below `eagerSize` it starts
    * one at once and keeps a spare ready. Beyond it, more isolates would
-   * only share the cores, so the pool grows, and keeps a spare, only while
-   * a busy isolate waits for the client, a socket or a sleep, or has run a
-   * request for LONG_REQUEST_MS. Measured with hello world on 2 cores, daemon
+   * only share the cores. So there the pool grows, and keeps a spare, only
+   * while a busy isolate is blocked (see waitBlocked) or has run a request
+   * for LONG_REQUEST_MS. Measured with hello world on 2 cores, daemon
    * processes=2 threads=15 and wrk -c64: growing whenever every isolate was
    * busy gave each process 15 isolates. Their restores took the cores for
    * seconds and the p99 latency rose from about 30 ms to over 100 ms, for
@@ -387,7 +384,7 @@ export class IsolatePool {
     }, GROW_CHECK_MS);
   }
 
-  /** Whether a busy isolate waits for the client, a socket or a sleep, or has run a request for LONG_REQUEST_MS. */
+  /** Whether a busy isolate is blocked (see waitBlocked) or has run its request for LONG_REQUEST_MS. */
   #runsSlowRequest(): boolean {
     const now = performance.now();
     for (const [isolate, startedAt] of this.#jobStartedAt) {
@@ -584,16 +581,18 @@ export class IsolatePool {
       this.#run(isolate, job);
     }
     if (isolate.state === "idle") this.#takeWaitingJob(isolate);
-    if (isolate.state === "idle" && !isolate.canTake && !isolate.retiring) this.#retryDispatch(isolate);
+    this.#retryDispatch(isolate);
   }
 
   /**
-   * Dispatches to `isolate` again in a moment, while requests wait. Each
-   * request that another isolate took over while this one ran a long
-   * request leaves an entry in its inbox, which its worker skips only once
-   * that request has ended. Until then, a full inbox keeps the isolate from taking requests.
+   * Dispatches to `isolate` again in a moment if it is idle but cannot take
+   * a request while requests wait. Each request that another isolate took
+   * over while this one ran a long request leaves an entry in its inbox,
+   * which its worker skips only once that request has ended. Until then, a
+   * full inbox keeps the isolate from taking requests.
    */
   #retryDispatch(isolate: Isolate): void {
+    if (isolate.state !== "idle" || isolate.canTake || isolate.retiring) return;
     if (this.#dispatchRetries.has(isolate) || !this.#hasWaiting()) return;
     this.#dispatchRetries.add(isolate);
     setTimeout(() => {

@@ -247,12 +247,11 @@ const EMSCRIPTEN_ERRNO: Record<number, string> = {
  * objects that are no Error, which a template string shows as [object Object].
  */
 export function describeError(error: unknown): string {
-  if (error instanceof Error && typeof (error as { errno?: unknown }).errno !== "number") return String(error);
-  if (typeof error === "object" && error !== null) {
-    const errno = (error as { errno?: unknown }).errno;
-    if (typeof errno === "number") {
-      return `${EMSCRIPTEN_ERRNO[errno] ?? "error"} (Emscripten errno ${errno})`;
-    }
+  const isObject = typeof error === "object" && error !== null;
+  const errno = isObject ? (error as { errno?: unknown }).errno : undefined;
+  if (typeof errno === "number") return `${EMSCRIPTEN_ERRNO[errno] ?? "error"} (Emscripten errno ${errno})`;
+  if (error instanceof Error) return String(error);
+  if (isObject) {
     try {
       return JSON.stringify(error);
     } catch {
