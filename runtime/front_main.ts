@@ -147,7 +147,7 @@ export async function runFront(args: string[], mallocNote?: MallocNote): Promise
   const server = await start(options, logger);
   server.ready.catch((error) => {
     logger.critical(
-      `the application cannot start: ${error.message}. The server keeps running and answers its requests with 503`,
+      `the application cannot start: ${error.message}. The server keeps running and returns 503 for its requests`,
     );
   });
   await handleSignals(server, logger.child({ pid: Deno.pid }));

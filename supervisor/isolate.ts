@@ -218,7 +218,7 @@ export class Isolate {
     return Atomics.load(this.#memoryPages, 0) * WASM_PAGE_BYTES;
   }
 
-  /** Whether the running request waits now for the client, a socket or a sleep. */
+  /** Whether the running request waits now for something outside the interpreter (see waitBlocked). */
   get blocked(): boolean {
     return Atomics.load(this.#blocked, 0) === 1;
   }

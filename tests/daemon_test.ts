@@ -647,8 +647,8 @@ Deno.test("group failing at start is marked failed", async () => {
     log,
     /WARNING \[app=app.wsgi group=broken request=\S+\] request rejected with 503: group 'broken' is unavailable/,
   );
-  // The front says that it keeps running, since the failure reads as fatal.
-  assert.match(log, /CRITICAL .*the application cannot start: .*\. The server keeps running and answers its requests with 503/);
+  // The front's line states that it keeps running, since the failure reads as fatal.
+  assert.match(log, /CRITICAL .*the application cannot start: .*\. The server keeps running and returns 503 for its requests/);
 });
 
 // ---------------------------------------------------------------------------

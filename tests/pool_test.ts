@@ -235,7 +235,7 @@ Deno.test({
     assert.deepEqual(result.failures, []);
     assert.equal(countMatches(server.log(), /isolate=1\] isolate ready/), 2);
     // Growing whenever every isolate is busy would reach all 4 isolates of a
-    // process. A 3rd one can start when the loaded machine holds a request up
+    // process. A 3rd one can start when the loaded machine delays a request
     // for 0.25 s, which then counts as a long one.
     assert.doesNotMatch(server.log(), /isolate=4\]/);
   },
@@ -468,19 +468,26 @@ Deno.test("queue limit ignores requests whose client left", async () => {
   // One request runs, one waits in the isolate behind it and one heads the queue.
   const running = get("seconds=2");
   await delay(300);
-  const held = get("seconds=0");
+  const postedBehind = get("seconds=0");
   await delay(100);
   const queued = get("seconds=0");
   await delay(100);
 
   // Three clients give up while their requests wait behind the live one.
-  const leaving = [1, 2, 3].map(() => get("seconds=0", AbortSignal.timeout(200)).catch(() => "aborted"));
+  const leave = async () => {
+    try {
+      return await get("seconds=0", AbortSignal.timeout(200));
+    } catch {
+      return "aborted";
+    }
+  };
+  const leaving = [leave(), leave(), leave()];
   assert.deepEqual(await Promise.all(leaving), ["aborted", "aborted", "aborted"]);
   await waitForCount(server, /client closed the connection while the request was queued/, 3);
 
   // Two waiting requests are left, so the queue has room for this one.
   const later = get("seconds=0");
-  assert.deepEqual(await Promise.all([running, held, queued, later]), [200, 200, 200, 200]);
+  assert.deepEqual(await Promise.all([running, postedBehind, queued, later]), [200, 200, 200, 200]);
   assert.doesNotMatch(server.log(), /queue is full/);
 });
 

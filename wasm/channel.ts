@@ -172,9 +172,9 @@ export class RequestControl {
 /**
  * Worker side: a word that is 1 while the isolate's thread waits, in the
  * middle of a request, for something outside the interpreter: the client,
- * a socket, a file lock or a sleep. The pool reads it to tell requests that block from
- * requests that use the CPU, since only the former gain from more isolates
- * than cores.
+ * a socket, a file lock or a sleep. The pool reads it to tell requests that
+ * block from requests that use the CPU, since only the former gain from
+ * more isolates than cores.
  */
 let blockedWord: Int32Array | null = null;
 

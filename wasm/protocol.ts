@@ -47,7 +47,7 @@ export interface InitMessage {
   identity?: ProcessIdentity | null;
   /** One word that the worker sets to its wasm memory size, in 64 KiB pages, when it is ready and as each response ends. */
   memoryPages?: SharedArrayBuffer | null;
-  /** One word that the worker sets to 1 while a request waits for the client, a socket or a sleep (see waitBlocked). */
+  /** One word that the worker sets to 1 while a request waits outside the interpreter (see waitBlocked). */
   blocked?: SharedArrayBuffer | null;
 }
 
