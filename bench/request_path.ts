@@ -36,10 +36,14 @@ const environ = JSON.stringify({
 });
 
 if (mode === "plain") {
-  Deno.serve({ hostname: "127.0.0.1", port }, () => new Response(body, { headers: { "content-type": "text/plain" } }));
+  Deno.serve(
+    { hostname: "127.0.0.1", port },
+    () => new Response(body, { headers: { "content-type": "text/plain" } }),
+  );
 } else if (mode === "worker") {
   // The worker replies to each message at once, so only the hop is measured.
-  const source = 'self.onmessage = (e) => self.postMessage({ id: e.data.id, body: "Hello, world!\\n" });';
+  const source =
+    'self.onmessage = (e) => self.postMessage({ id: e.data.id, body: "Hello, world!\\n" });';
   const url = URL.createObjectURL(new Blob([source], { type: "text/javascript" }));
   const workers = [new Worker(url, { type: "module" }), new Worker(url, { type: "module" })];
   const waiting = new Map<number, (value: unknown) => void>();
@@ -67,7 +71,9 @@ if (mode === "plain") {
 } else if (mode === "inbox") {
   const controls = new ControlTable();
   const workers = [0, 1].map(() => {
-    const worker = new Worker(new URL("./request_path_worker.ts", import.meta.url), { type: "module" });
+    const worker = new Worker(new URL("./request_path_worker.ts", import.meta.url), {
+      type: "module",
+    });
     const inbox = new RequestInbox();
     worker.postMessage({ inbox: inbox.buffer, table: controls.buffer });
     return { worker, inbox };
@@ -80,7 +86,14 @@ if (mode === "plain") {
     const control = controls.allocate();
     const ticket = nextTicket();
     control.assign(ticket);
-    const request = { ticket, controlSlot: control.slot, requestId: String(id), method: "GET", environ, body: null };
+    const request = {
+      ticket,
+      controlSlot: control.slot,
+      requestId: String(id),
+      method: "GET",
+      environ,
+      body: null,
+    };
     target.inbox.postRequest(request);
     control.release();
   };

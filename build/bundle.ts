@@ -18,7 +18,8 @@ const workerUrlPlugin: esbuild.Plugin = {
   name: "isolate-worker-url",
   setup(build) {
     build.onLoad({ filter: /supervisor[\\/]worker_url\.ts$/ }, () => ({
-      contents: 'export const ISOLATE_WORKER_URL = new URL("./isolate_worker.js", import.meta.url);\n' +
+      contents:
+        'export const ISOLATE_WORKER_URL = new URL("./isolate_worker.js", import.meta.url);\n' +
         'export const SHIPPED_SNAPSHOTS_URL = new URL("./snapshots/", import.meta.url);',
       loader: "ts",
     }));

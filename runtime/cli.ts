@@ -285,7 +285,11 @@ export const OPTIONS: readonly OptionSpec[] = [
       const equals = value.indexOf("=");
       const name = equals < 0 ? "" : value.slice(0, equals);
       if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name)) {
-        throw invalidValue("--env", value, "NAME=VALUE with NAME of letters, digits and '_', such as DEBUG=1");
+        throw invalidValue(
+          "--env",
+          value,
+          "NAME=VALUE with NAME of letters, digits and '_', such as DEBUG=1",
+        );
       }
       draft.environment[name] = value.slice(equals + 1);
     },
@@ -380,7 +384,9 @@ export const OPTIONS: readonly OptionSpec[] = [
     repeatable: false,
     apply: ([value], draft) => {
       if (value !== "app" && value !== "runtime" && value !== "off") {
-        throw new UsageError(`invalid value for --snapshot: '${value}' (expected app, runtime or off)`);
+        throw new UsageError(
+          `invalid value for --snapshot: '${value}' (expected app, runtime or off)`,
+        );
       }
       draft.snapshot = value;
     },
@@ -507,7 +513,10 @@ export const OPTIONS: readonly OptionSpec[] = [
     defaultText: "none",
     repeatable: true,
     apply: ([url, script], draft) => {
-      draft.mounts.push({ mountPoint: parseUrlPrefix("--mount", url), ...splitProcessGroup(script) });
+      draft.mounts.push({
+        mountPoint: parseUrlPrefix("--mount", url),
+        ...splitProcessGroup(script),
+      });
     },
   },
   {
@@ -706,13 +715,18 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     daemonGroups: draft.daemonGroups,
   };
   if (processGroup !== undefined) options.processGroup = processGroup;
-  const allInGroups = processGroup !== undefined && mounts.every((mount) => mount.processGroup !== undefined);
-  const ignored = tokens.uses.map((use) => use.spec.name).filter((name) => EMBEDDED_ONLY_OPTIONS.has(name));
+  const allInGroups = processGroup !== undefined &&
+    mounts.every((mount) => mount.processGroup !== undefined);
+  const ignored = tokens.uses.map((use) => use.spec.name).filter((name) =>
+    EMBEDDED_ONLY_OPTIONS.has(name)
+  );
   if (allInGroups && ignored.length > 0) {
     options.warnings = [
-      `${[...new Set(ignored)].join(", ")} ${ignored.length === 1 ? "sets" : "set"} embedded pools only, and every ` +
-        "application here runs in a daemon group: use the group's keys (threads, maximum-requests, memory-limit, " +
-        "inactivity-timeout, request-timeout, queue-timeout) instead",
+      `${[...new Set(ignored)].join(", ")} ${
+        ignored.length === 1 ? "sets" : "set"
+      } embedded pools only, and every ` +
+      "application here runs in a daemon group: use the group's keys (threads, maximum-requests, memory-limit, " +
+      "inactivity-timeout, request-timeout, queue-timeout) instead",
     ];
   }
   if (draft.shutdownTimeoutMs !== undefined) options.shutdownTimeoutMs = draft.shutdownTimeoutMs;

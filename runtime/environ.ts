@@ -28,10 +28,13 @@ export interface RawTarget {
   uri: string;
 }
 
+// deno-lint-ignore no-control-regex -- the range is all of ASCII, NUL included
+const NON_ASCII = /[^\x00-\x7f]/;
+
 /** Returns the Latin-1 view of a string's UTF-8 bytes (one character per byte). */
 function latin1OfUtf8(text: string): string {
   // ASCII is the common case and needs no work.
-  if (!/[^\x00-\x7f]/.test(text)) return text;
+  if (!NON_ASCII.test(text)) return text;
   let out = "";
   for (const byte of encoder.encode(text)) out += String.fromCharCode(byte);
   return out;
@@ -44,7 +47,9 @@ function latin1OfUtf8(text: string): string {
 export function rawTarget(url: string, host: string | null, listenPort: number): RawTarget {
   const prefix = "http://" + (host ? host : `localhost:${listenPort}`);
   let target: string;
-  if (url.startsWith(prefix) && (url.length === prefix.length || "/?*".includes(url[prefix.length]))) {
+  if (
+    url.startsWith(prefix) && (url.length === prefix.length || "/?*".includes(url[prefix.length]))
+  ) {
     target = url.slice(prefix.length);
   } else {
     // Absolute-form request target ("GET http://other/x"): drop scheme and authority.

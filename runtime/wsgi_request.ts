@@ -7,10 +7,20 @@
  * it moves to the isolate with backpressure in both directions.
  */
 
-import { type AppBackend, bodyReadFailure, isServerStopping, type RequestHandle } from "../supervisor/backend.ts";
+import {
+  type AppBackend,
+  bodyReadFailure,
+  isServerStopping,
+  type RequestHandle,
+} from "../supervisor/backend.ts";
 import { PoolUnavailableError } from "../supervisor/pool.ts";
 import type { Logger } from "../supervisor/log.ts";
-import { errorBodyBytes, errorResponse, ResponseBuilder, type ResponseRecord } from "./wsgi_response.ts";
+import {
+  errorBodyBytes,
+  errorResponse,
+  ResponseBuilder,
+  type ResponseRecord,
+} from "./wsgi_response.ts";
 
 /** Bodies up to this size are read before the request is queued. */
 export const READ_AHEAD_BYTES = 64 * 1024;
@@ -29,7 +39,10 @@ export interface WsgiRequest {
 }
 
 /** Reads a whole small body; undefined when the client went away mid-body. */
-async function readSmallBody(request: Request, logger: Logger): Promise<Uint8Array<ArrayBuffer> | undefined> {
+async function readSmallBody(
+  request: Request,
+  logger: Logger,
+): Promise<Uint8Array<ArrayBuffer> | undefined> {
   try {
     return new Uint8Array(await request.arrayBuffer());
   } catch (error) {
@@ -66,11 +79,19 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
     if (length !== undefined && length <= READ_AHEAD_BYTES) {
       const whole = await readSmallBody(request, logger);
       if (whole === undefined && isServerStopping()) {
-        input.onDone({ status: 503, bytes: errorBodyBytes("Service Unavailable"), error: "the server is shutting down" });
+        input.onDone({
+          status: 503,
+          bytes: errorBodyBytes("Service Unavailable"),
+          error: "the server is shutting down",
+        });
         return errorResponse(503, "Service Unavailable");
       }
       if (whole === undefined) {
-        input.onDone({ status: 400, bytes: errorBodyBytes("Incomplete request body"), error: "client disconnected" });
+        input.onDone({
+          status: 400,
+          bytes: errorBodyBytes("Incomplete request body"),
+          error: "client disconnected",
+        });
         return errorResponse(400, "Incomplete request body");
       }
       body = whole;
@@ -107,7 +128,11 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
   } catch (error) {
     if (!(error instanceof PoolUnavailableError)) throw error;
     logger.warning(`request rejected with 503: ${error.message}`);
-    input.onDone({ status: 503, bytes: errorBodyBytes("Service Unavailable"), error: error.message });
+    input.onDone({
+      status: 503,
+      bytes: errorBodyBytes("Service Unavailable"),
+      error: error.message,
+    });
     return errorResponse(503, "Service Unavailable", {
       "retry-after": String(error.retryAfterSeconds),
     });

@@ -11,7 +11,12 @@
 import type { ResponseSink } from "../supervisor/isolate.ts";
 import type { Logger } from "../supervisor/log.ts";
 import type { RequestHandle } from "../supervisor/backend.ts";
-import { type EndMessage, type FileMessage, type StartMessage, startBodyBytes } from "../wasm/protocol.ts";
+import {
+  type EndMessage,
+  type FileMessage,
+  startBodyBytes,
+  type StartMessage,
+} from "../wasm/protocol.ts";
 
 const EMPTY_BODY = new Uint8Array(0);
 
@@ -75,7 +80,9 @@ function buildHeaders(message: StartMessage): Headers | string {
   for (let i = 0; i < message.headers.length; i += 2) {
     const name = message.headers[i];
     const value = message.headers[i + 1];
-    if (typeof name !== "string" || !HEADER_NAME.test(name)) return `invalid header name ${JSON.stringify(name)}`;
+    if (typeof name !== "string" || !HEADER_NAME.test(name)) {
+      return `invalid header name ${JSON.stringify(name)}`;
+    }
     if (typeof value !== "string" || INVALID_HEADER_VALUE.test(value)) {
       return `invalid value for header ${name}: ${JSON.stringify(value)}`;
     }
@@ -260,7 +267,9 @@ export class ResponseBuilder implements ResponseSink {
           continue;
         case "end":
           if (item.error) {
-            this.#options.logger.error(`response aborted after its headers were sent: ${item.error}`);
+            this.#options.logger.error(
+              `response aborted after its headers were sent: ${item.error}`,
+            );
             // Erroring the stream makes Deno close the connection without the
             // final chunk, so the client can tell the body is incomplete.
             controller.error(new Error(item.error));

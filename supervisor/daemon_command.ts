@@ -323,7 +323,9 @@ export async function unreachableFolder(
 ): Promise<{ folder: string; mode: number } | undefined> {
   const { uid, gid } = identity;
   if (uid === undefined || gid === undefined) return undefined;
-  const entry = Deno.mainModule.startsWith("file:") ? [dirname(fileURLToPath(Deno.mainModule))] : [];
+  const entry = Deno.mainModule.startsWith("file:")
+    ? [dirname(fileURLToPath(Deno.mainModule))]
+    : [];
   const targets = [...codeFolders(), ...entry, ...appReadPaths(app)];
   for (const target of targets) {
     for (let folder = target;; folder = dirname(folder)) {

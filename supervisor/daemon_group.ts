@@ -138,7 +138,9 @@ export class DaemonGroup implements AppBackend {
     const blocked = await unreachableFolder(this.app, this.identity);
     if (blocked) {
       this.#logger.warning(
-        `${this.identity.description} cannot enter ${blocked.folder} (mode ${blocked.mode.toString(8)}), ` +
+        `${this.identity.description} cannot enter ${blocked.folder} (mode ${
+          blocked.mode.toString(8)
+        }), ` +
           "so its daemon processes will likely fail to start: let that user enter the folders " +
           "of wsgirun and of the application (chmod o+x, or run from another folder)",
       );
@@ -364,7 +366,9 @@ export class DaemonGroup implements AppBackend {
   ) {
     const parts = [`daemon process ${exit.reason} after serving ${process.served} requests`];
     if (running > 0) {
-      parts.push(`${plural(running, "running request")} ${running === 1 ? "fails" : "fail"} with 502`);
+      parts.push(
+        `${plural(running, "running request")} ${running === 1 ? "fails" : "fail"} with 502`,
+      );
     }
     if (waiting > 0) {
       parts.push(
@@ -480,9 +484,9 @@ export class DaemonGroup implements AppBackend {
     const graceful = this.spec.gracefulTimeoutMs;
     process.logger.info(
       process.outstanding > 0
-        ? `retiring the daemon process: it finishes ${plural(process.outstanding, "request")} within graceful-timeout (${
-          graceful / 1000
-        } s)`
+        ? `retiring the daemon process: it finishes ${
+          plural(process.outstanding, "request")
+        } within graceful-timeout (${graceful / 1000} s)`
         : "retiring the daemon process",
     );
     process.retire(graceful);

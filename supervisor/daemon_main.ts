@@ -35,11 +35,11 @@ import {
   decodeJson,
   decodeRequest,
   decodeUint32,
+  DROPPED_BEFORE_RUN,
   encodeFail,
   encodeJson,
   encodeStart,
   encodeText,
-  DROPPED_BEFORE_RUN,
   encodeUint32,
   Frame,
   FrameWriter,
@@ -47,7 +47,12 @@ import {
   type ReadyInfo,
 } from "./daemon_protocol.ts";
 import { BODY_RING_BYTES, BodyRing, type RequestControl } from "../wasm/channel.ts";
-import { type EndMessage, type FileMessage, type StartMessage, startBodyBytes } from "../wasm/protocol.ts";
+import {
+  type EndMessage,
+  type FileMessage,
+  startBodyBytes,
+  type StartMessage,
+} from "../wasm/protocol.ts";
 
 const FILE_PIECE = 64 * 1024;
 /** Request body bytes the daemon acknowledges in one BODY_CREDIT frame, at most. */
@@ -333,7 +338,9 @@ class Daemon {
       // The isolate has logged the traceback, so this line names only the exception.
       const summary = tracebackSummary(error);
       this.logger.critical(
-        `the application failed to import at start (${summary ? `${summary}; traceback above` : error}); ` +
+        `the application failed to import at start (${
+          summary ? `${summary}; traceback above` : error
+        }); ` +
           "the process exits",
       );
       this.#stop({ kind: "exit", code: DaemonExit.APP_LOAD_FAILED });
@@ -392,7 +399,14 @@ class Daemon {
     }
     const decoded = decodeRequest(payload);
     const body = decoded.bodyMode === BodyMode.WHOLE ? decoded.body : null;
-    const request = new DaemonRequest(id, this, decoded.requestId, decoded.method, decoded.environ, body);
+    const request = new DaemonRequest(
+      id,
+      this,
+      decoded.requestId,
+      decoded.method,
+      decoded.environ,
+      body,
+    );
     this.#requests.set(id, request);
     try {
       this.pool.submit(request.job);

@@ -58,7 +58,9 @@ export function describeExit(status: Deno.CommandStatus, killedByFront = false):
   const { code, signal } = status;
   if (signal) {
     let hint = "";
-    if (signal === "SIGKILL") hint = killedByFront ? " (sent by wsgirun)" : " (kill -9, or the system ran out of memory)";
+    if (signal === "SIGKILL") {
+      hint = killedByFront ? " (sent by wsgirun)" : " (kill -9, or the system ran out of memory)";
+    }
     return { code, signal, reason: `was killed by signal ${signal}${hint}`, bootFailure: false };
   }
   switch (code) {
@@ -314,7 +316,11 @@ export class DaemonProcess {
     this.#requests.set(id, handle);
     const { request } = handle;
     const whole = request.body instanceof ReadableStream ? null : request.body ?? new Uint8Array(0);
-    this.send(Frame.REQUEST, id, encodeRequest(request.requestId, request.method, request.environ, whole));
+    this.send(
+      Frame.REQUEST,
+      id,
+      encodeRequest(request.requestId, request.method, request.environ, whole),
+    );
   }
 
   /**
@@ -450,7 +456,9 @@ export class DaemonProcess {
   #onDraining(): void {
     if (this.state === "exited" || this.state === "retiring") return;
     this.#logger.warning(
-      `daemon process received SIGTERM; it finishes ${plural(this.outstanding, "request")} and stops`,
+      `daemon process received SIGTERM; it finishes ${
+        plural(this.outstanding, "request")
+      } and stops`,
     );
     this.stopReason = "stopped after SIGTERM";
     this.stopPlanned = true;

@@ -197,7 +197,9 @@ export function encodeRequest(
   const methodBytes = encoder.encode(method);
   const environBytes = encoder.encode(environ);
   const bodyLength = body?.length ?? 0;
-  const payload = new Uint8Array(7 + idBytes.length + methodBytes.length + environBytes.length + bodyLength);
+  const payload = new Uint8Array(
+    7 + idBytes.length + methodBytes.length + environBytes.length + bodyLength,
+  );
   const view = new DataView(payload.buffer);
   view.setUint8(0, body ? BodyMode.WHOLE : BodyMode.STREAM);
   view.setUint8(1, idBytes.length);

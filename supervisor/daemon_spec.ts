@@ -74,7 +74,8 @@ const MAX_THREADS = 256;
 export const MAX_SECONDS = 2_147_483;
 
 /** The accepted form of a duration in seconds, for error messages. */
-export const SECONDS_FORM = `seconds from 0 to ${MAX_SECONDS} with at most 3 decimals, such as 30 or 2.5`;
+export const SECONDS_FORM =
+  `seconds from 0 to ${MAX_SECONDS} with at most 3 decimals, such as 30 or 2.5`;
 
 /** Converts a duration such as "30" or "2.5" seconds to milliseconds; undefined when not in SECONDS_FORM. */
 export function parseSeconds(value: string): number | undefined {
@@ -91,7 +92,8 @@ const MAX_MEMORY_LIMIT = 4096 * MEBIBYTE;
 const SIZE_UNITS: Record<string, number> = { "": 1, K: 1024, M: MEBIBYTE, G: 1024 * MEBIBYTE };
 
 /** The accepted form of a memory size, for error messages. */
-export const SIZE_FORM = "0 (off), or a size from 32M to 4G: bytes, or a number with K, M or G (powers of 1024), such as 512M";
+export const SIZE_FORM =
+  "0 (off), or a size from 32M to 4G: bytes, or a number with K, M or G (powers of 1024), such as 512M";
 
 /**
  * Converts a size such as "536870912", "512M" or "1G" to bytes; undefined
@@ -409,13 +411,17 @@ function parseDirectory(key: string, value: string, cwd: string): string {
   return Deno.realPathSync(path);
 }
 
+// deno-lint-ignore no-control-regex -- control characters are what must be escaped
+const CONTROL_CHARACTERS = /[\x00-\x1f\x7f]/g;
+
 function invalidKey(key: string, value: string, expected: string): DaemonSpecError {
   return new DaemonSpecError(`invalid value for ${key}: ${quote(value)} (expected ${expected})`);
 }
 
 function quote(value: string): string {
-  // deno-lint-ignore no-control-regex -- control characters are what must be escaped
-  return `'${
-    value.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`)
-  }'`;
+  const escaped = value.replace(
+    CONTROL_CHARACTERS,
+    (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`,
+  );
+  return `'${escaped}'`;
 }

@@ -10,13 +10,17 @@
  * that have not started, while the old pool finishes the running ones.
  */
 
-import { type AppBackend, type BackendRequest, bodyReadFailure, type RequestHandle } from "./backend.ts";
+import {
+  type AppBackend,
+  type BackendRequest,
+  bodyReadFailure,
+  type RequestHandle,
+} from "./backend.ts";
 import type { Job } from "./isolate.ts";
 import { type Logger, tracebackSummary } from "./log.ts";
 import type { IsolatePool } from "./pool.ts";
 import { BODY_RING_BYTES, BodyRing } from "../wasm/channel.ts";
 import { changeReason, reloadFile, ScriptWatcher } from "./script_watch.ts";
-
 
 /** Size of the buffer the front reads a streamed request body into. */
 const BODY_READ_BYTES = 64 * 1024;
@@ -101,7 +105,10 @@ export class EmbeddedBackend implements AppBackend {
     this.#createPool = createPool;
     this.#pool = createPool({ nextIsolateId: this.#nextIsolateId });
     this.#logger = logger;
-    this.#script = new ScriptWatcher(reloadFile(this.#pool.app), () => this.reload(changeReason(this.#pool.app)));
+    this.#script = new ScriptWatcher(
+      reloadFile(this.#pool.app),
+      () => this.reload(changeReason(this.#pool.app)),
+    );
   }
 
   /** The pool that takes new requests. */
@@ -186,27 +193,39 @@ export class EmbeddedBackend implements AppBackend {
     try {
       await fresh.start();
       // With preload, an application that no longer imports must not replace one that runs.
-      const importError = fresh.app.preload ? await withTimeout(loaded.promise, PRELOAD_TIMEOUT_MS) : undefined;
+      const importError = fresh.app.preload
+        ? await withTimeout(loaded.promise, PRELOAD_TIMEOUT_MS)
+        : undefined;
       if (importError !== undefined) {
         // The isolate has logged the traceback, so this line names only the exception.
         const summary = tracebackSummary(importError);
-        throw new Error(`the application failed to import (${summary ? `${summary}; traceback above` : importError})`);
+        throw new Error(
+          `the application failed to import (${
+            summary ? `${summary}; traceback above` : importError
+          })`,
+        );
       }
     } catch (error) {
       fresh.stop("the reload failed");
       this.#logger.error(
-        `reload failed, the running isolates keep serving: ${error instanceof Error ? error.message : error}`,
+        `reload failed, the running isolates keep serving: ${
+          error instanceof Error ? error.message : error
+        }`,
       );
       return;
     }
     if (this.#stopped || this.#reloadsStopped) {
       fresh.stop();
-      this.#logger.info("reload abandoned: the server is stopping, so the fresh isolates were stopped");
+      this.#logger.info(
+        "reload abandoned: the server is stopping, so the fresh isolates were stopped",
+      );
       return;
     }
     const old = this.#pool;
     this.#pool = fresh;
-    this.#logger.info("reloaded: fresh isolates take new requests, the replaced ones finish theirs");
+    this.#logger.info(
+      "reloaded: fresh isolates take new requests, the replaced ones finish theirs",
+    );
     void this.#drain(old);
   }
 
@@ -242,9 +261,14 @@ export class EmbeddedBackend implements AppBackend {
 }
 
 /** Resolves as `promise` does, or to a timeout message after `ms`. */
-async function withTimeout(promise: Promise<string | undefined>, ms: number): Promise<string | undefined> {
+async function withTimeout(
+  promise: Promise<string | undefined>,
+  ms: number,
+): Promise<string | undefined> {
   let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<string>((resolve) => (timer = setTimeout(resolve, ms, `no import within ${ms / 1000} s`)));
+  const timeout = new Promise<string>((
+    resolve,
+  ) => (timer = setTimeout(resolve, ms, `no import within ${ms / 1000} s`)));
   try {
     return await Promise.race([promise, timeout]);
   } finally {

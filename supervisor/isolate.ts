@@ -4,7 +4,7 @@
  */
 
 import { fileURLToPath } from "node:url";
-import { type AppSpec, appReadPaths, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
+import { appReadPaths, type AppSpec, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
 import type { Logger } from "./log.ts";
 import {
   type EndMessage,
@@ -141,7 +141,6 @@ export function pyodideFolder(python: PythonVersion): string {
   }
 }
 
-
 /**
  * Maximum requests posted to one isolate at once: the running one and the next, posted
  * ahead so the worker starts it without waiting for the main thread. The
@@ -190,7 +189,9 @@ export class Isolate {
     };
     const early = earlyErrors.get(this.#worker);
     // In a microtask, so that the pool has added this isolate when its onDead runs.
-    if (early !== undefined) queueMicrotask(() => this.#die(`the worker raised an uncaught error: ${early}`));
+    if (early !== undefined) {
+      queueMicrotask(() => this.#die(`the worker raised an uncaught error: ${early}`));
+    }
     this.#worker.postMessage({
       type: "init",
       app: options.app,
@@ -237,7 +238,9 @@ export class Isolate {
 
   /** Posts a job to the worker, to run after the ones it holds. */
   run(job: Job): void {
-    if (!this.canTake) throw new Error(`isolate ${this.id} is ${this.state} with ${this.jobs.length} requests`);
+    if (!this.canTake) {
+      throw new Error(`isolate ${this.id} is ${this.state} with ${this.jobs.length} requests`);
+    }
     this.state = "busy";
     this.jobs.push(job);
     const ticket = nextTicket();
@@ -310,7 +313,9 @@ export class Isolate {
 
   #becomeReady(): void {
     this.#logger.info(
-      `isolate ready: ${this.#readyText}, with ${Math.round(this.memoryBytes / (1024 * 1024))} MiB of wasm memory`,
+      `isolate ready: ${this.#readyText}, with ${
+        Math.round(this.memoryBytes / (1024 * 1024))
+      } MiB of wasm memory`,
     );
     this.state = "idle";
     this.#options.onReady(this);
@@ -319,7 +324,8 @@ export class Isolate {
   #receive(message: FromWorker): void {
     switch (message.type) {
       case "ready":
-        this.#readyText = `Python ${message.pythonVersion} (Pyodide ${message.pyodideVersion}) in ${message.loadMs} ms`;
+        this.#readyText =
+          `Python ${message.pythonVersion} (Pyodide ${message.pyodideVersion}) in ${message.loadMs} ms`;
         this.readyAt = performance.now();
         // A preloading isolate takes requests, and is reported ready, once its import has a result.
         if (this.#options.app.preload) return;

@@ -102,7 +102,9 @@ export function tracebackSummary(text: string): string | undefined {
   const exceptionLine = lines.slice(lastFrame + 1).find((line) => /^\S/.test(line));
   if (exceptionLine !== undefined && lastFrame >= 0) return exceptionLine;
   // An exception group draws its traceback inside "| " margins.
-  const grouped = lines.map((line) => /^[\s|+]*([A-Za-z_][\w.]*(?:Error|Exception|Group)\b.*)$/.exec(line))
+  const grouped = lines.map((line) =>
+    /^[\s|+]*([A-Za-z_][\w.]*(?:Error|Exception|Group)\b.*)$/.exec(line)
+  )
     .find((match) => match !== null);
   return grouped?.[1] ?? lines.at(-1)?.trim();
 }

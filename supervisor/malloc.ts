@@ -55,7 +55,9 @@ export function daemonMallocEnvironment(): Record<string, string> {
   if (tunables !== undefined) env.GLIBC_TUNABLES = tunables;
   if (tunablesSetThreshold(tunables)) return env;
   const user = Deno.env.get(MMAP_THRESHOLD_VARIABLE);
-  env[MMAP_THRESHOLD_VARIABLE] = user !== undefined && isValidThreshold(user) ? user : String(MMAP_THRESHOLD_BYTES);
+  env[MMAP_THRESHOLD_VARIABLE] = user !== undefined && isValidThreshold(user)
+    ? user
+    : String(MMAP_THRESHOLD_BYTES);
   return env;
 }
 
@@ -71,9 +73,14 @@ export interface MallocNote {
  * it first thing: memory the arenas kept before it stays theirs.
  */
 export function fixMmapThreshold(): MallocNote {
-  if (Deno.build.os !== "linux") return { level: "debug", message: "malloc: mmap threshold left as it is on this system" };
+  if (Deno.build.os !== "linux") {
+    return { level: "debug", message: "malloc: mmap threshold left as it is on this system" };
+  }
   if (tunablesSetThreshold()) {
-    return { level: "debug", message: "malloc: GLIBC_TUNABLES sets glibc.malloc.mmap_threshold, keeping it" };
+    return {
+      level: "debug",
+      message: "malloc: GLIBC_TUNABLES sets glibc.malloc.mmap_threshold, keeping it",
+    };
   }
   const user = Deno.env.get(MMAP_THRESHOLD_VARIABLE);
   if (user !== undefined && isValidThreshold(user)) {
@@ -81,14 +88,21 @@ export function fixMmapThreshold(): MallocNote {
   }
   const fixed = fixThroughLibc();
   if (user === undefined) return fixed;
-  const invalid = `${MMAP_THRESHOLD_VARIABLE}=${JSON.stringify(user)} is invalid: glibc needs a number of bytes ` +
+  const invalid =
+    `${MMAP_THRESHOLD_VARIABLE}=${
+      JSON.stringify(user)
+    } is invalid: glibc needs a number of bytes ` +
     `from 0 to ${MAX_THRESHOLD_BYTES}`;
   if (fixed.level === "debug") {
-    return { level: "warning", message: `malloc: ${invalid}; ${fixed.message.replace("malloc: ", "")} instead` };
+    return {
+      level: "warning",
+      message: `malloc: ${invalid}; ${fixed.message.replace("malloc: ", "")} instead`,
+    };
   }
   return {
     level: "warning",
-    message: `malloc: ${invalid}, and without FFI permission the server cannot replace it, so isolates ` +
+    message:
+      `malloc: ${invalid}, and without FFI permission the server cannot replace it, so isolates ` +
       `start several times slower: correct or unset it, or run the server with --allow-ffi`,
   };
 }
@@ -106,11 +120,18 @@ function withoutFfi(detail = ""): MallocNote {
 function fixThroughLibc(): MallocNote {
   // Without the permission dlopen() would prompt on a terminal instead of failing.
   if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") return withoutFfi();
-  let libc: Deno.DynamicLibrary<{ mallopt: { parameters: ["i32", "i32"]; result: "i32" } }> | undefined;
+  let libc:
+    | Deno.DynamicLibrary<{ mallopt: { parameters: ["i32", "i32"]; result: "i32" } }>
+    | undefined;
   try {
     libc = Deno.dlopen("libc.so.6", { mallopt: { parameters: ["i32", "i32"], result: "i32" } });
-    if (libc.symbols.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) !== 1) throw new Error("mallopt() failed");
-    return { level: "debug", message: `malloc: mmap threshold fixed at ${MMAP_THRESHOLD_BYTES} bytes` };
+    if (libc.symbols.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) !== 1) {
+      throw new Error("mallopt() failed");
+    }
+    return {
+      level: "debug",
+      message: `malloc: mmap threshold fixed at ${MMAP_THRESHOLD_BYTES} bytes`,
+    };
   } catch (error) {
     const reason = error instanceof Error ? error.message : String(error);
     if (error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied) {

@@ -81,7 +81,6 @@ export class PoolUnavailableError extends Error {
   }
 }
 
-
 const RESTART_DELAYS_MS = [100, 1000, 5000, 15000, 30000];
 /**
  * A request that has run this long lets a pool at `eagerSize` grow, even
@@ -207,7 +206,11 @@ export class IsolatePool {
       this.#logger.error(`cannot prepare snapshots, isolates start from scratch: ${error}`);
       this.#boot = { snapshot: null, wasmModule: null, kind: "none" };
     }
-    this.#logger.info(`isolates start from ${this.#boot.kind === "none" ? "scratch" : `the ${this.#boot.kind} snapshot`}`);
+    this.#logger.info(
+      `isolates start from ${
+        this.#boot.kind === "none" ? "scratch" : `the ${this.#boot.kind} snapshot`
+      }`,
+    );
   }
 
   /** Isolates running or starting. */
@@ -242,7 +245,10 @@ export class IsolatePool {
     // counts against the queue limit.
     const waiting = this.#queue.length + this.#waitingInIsolates();
     const idle = this.#findIdle();
-    if (idle && this.#queue.length === 0 && (idle.state === "idle" || waiting < this.#options.queueLimit)) {
+    if (
+      idle && this.#queue.length === 0 &&
+      (idle.state === "idle" || waiting < this.#options.queueLimit)
+    ) {
       this.#run(idle, job);
       return;
     }
@@ -289,7 +295,9 @@ export class IsolatePool {
     this.#handOff = handOff;
     const waiting = this.#queue.splice(0);
     for (const isolate of this.#isolates) {
-      for (let job = isolate.withdrawWaiting(); job; job = isolate.withdrawWaiting()) waiting.push(job);
+      for (let job = isolate.withdrawWaiting(); job; job = isolate.withdrawWaiting()) {
+        waiting.push(job);
+      }
     }
     if (waiting.length > 0) handOff(waiting);
 
@@ -299,7 +307,11 @@ export class IsolatePool {
     while (busy() && performance.now() < deadline && !this.#stopping) {
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
-    if (busy()) this.#logger.warning(`requests still running after ${timeoutMs} ms of draining; stopping them`);
+    if (busy()) {
+      this.#logger.warning(
+        `requests still running after ${timeoutMs} ms of draining; stopping them`,
+      );
+    }
     const ids = [...this.#isolates].map((isolate) => isolate.id);
     this.stop("the application was reloaded and the replaced isolates ran out of time");
     return ids;
@@ -351,7 +363,10 @@ export class IsolatePool {
    * the request rate of 1 isolate per process.
    */
   #grow(): void {
-    if (!this.#boot || this.#isolates.size >= this.#options.size || this.#failedReason || this.#handOff) return;
+    if (
+      !this.#boot || this.#isolates.size >= this.#options.size || this.#failedReason ||
+      this.#handOff
+    ) return;
     if (this.#spawnsBlocked()) return;
     let idle = 0;
     for (const isolate of this.#isolates) {
@@ -491,7 +506,9 @@ export class IsolatePool {
    */
   #recycle(isolate: Isolate): boolean {
     const { maxRequests, memoryLimitBytes } = this.#options;
-    if ((maxRequests <= 0 && memoryLimitBytes <= 0) || this.#stopping || this.#handOff) return false;
+    if ((maxRequests <= 0 && memoryLimitBytes <= 0) || this.#stopping || this.#handOff) {
+      return false;
+    }
     if (isolate.retiring) {
       if (isolate.jobs.length > 0) return false;
       this.#stopWorn(isolate);
@@ -500,7 +517,9 @@ export class IsolatePool {
     const reason = this.#worn.includes(isolate) ? undefined : this.#wornReason(isolate);
     if (reason) {
       this.#worn.push(isolate);
-      this.#logger.info(`isolate ${reason}; starting a fresh one to replace it`, { isolate: isolate.id });
+      this.#logger.info(`isolate ${reason}; starting a fresh one to replace it`, {
+        isolate: isolate.id,
+      });
     }
     this.#startReplacement();
     return false;
@@ -520,7 +539,9 @@ export class IsolatePool {
         this.#disableMemoryLimit(isolate, "after its first request");
         return undefined;
       }
-      return `has ${mebibytes(isolate.memoryBytes)} of wasm memory (memory-limit ${mebibytes(memoryLimitBytes)})`;
+      return `has ${mebibytes(isolate.memoryBytes)} of wasm memory (memory-limit ${
+        mebibytes(memoryLimitBytes)
+      })`;
     }
     return undefined;
   }
@@ -535,7 +556,9 @@ export class IsolatePool {
   #disableMemoryLimit(isolate: Isolate, when: string): void {
     this.#memoryLimitUsable = false;
     this.#logger.warning(
-      `memory-limit ${mebibytes(this.#options.memoryLimitBytes)} is below the ${mebibytes(isolate.memoryBytes)} ` +
+      `memory-limit ${mebibytes(this.#options.memoryLimitBytes)} is below the ${
+        mebibytes(isolate.memoryBytes)
+      } ` +
         `of wasm memory that a fresh isolate has ${when}, so no isolate is replaced for its memory; raise the limit`,
       { isolate: isolate.id },
     );
@@ -568,7 +591,9 @@ export class IsolatePool {
     this.#idleSince.delete(isolate);
     this.#jobStartedAt.delete(isolate);
     isolate.terminate("replaced by a fresh isolate");
-    this.#logger.info(`isolate stopped: replaced after ${plural(isolate.served, "request")}`, { isolate: isolate.id });
+    this.#logger.info(`isolate stopped: replaced after ${plural(isolate.served, "request")}`, {
+      isolate: isolate.id,
+    });
   }
 
   #dispatchNext(isolate: Isolate): void {
@@ -621,7 +646,9 @@ export class IsolatePool {
       return;
     }
     if (this.#stopping || this.#failedReason) {
-      for (const job of jobs) job.sink.fail(503, this.#failedReason ?? "the server is shutting down");
+      for (const job of jobs) {
+        job.sink.fail(503, this.#failedReason ?? "the server is shutting down");
+      }
       return;
     }
     // A job keeps the time it first arrived: its queue timeout counts from there.
@@ -658,7 +685,9 @@ export class IsolatePool {
       return true;
     }
     if (!this.#everImported) return true;
-    const serving = [...this.#isolates].some((other) => other !== isolate && this.#imported.has(other));
+    const serving = [...this.#isolates].some((other) =>
+      other !== isolate && this.#imported.has(other)
+    );
     const reason = `the application failed to import (${tracebackSummary(error) ?? error}); ` +
       (serving
         ? "the running isolates keep serving"
@@ -675,7 +704,9 @@ export class IsolatePool {
     const wait = this.#spawnsBlockedUntil - performance.now();
     if (wait <= 0) return false;
     // A longer delay after another failure replaces the timer of a shorter one.
-    if (this.#spawnRetryTimer !== undefined && this.#spawnRetryAt >= this.#spawnsBlockedUntil) return true;
+    if (this.#spawnRetryTimer !== undefined && this.#spawnRetryAt >= this.#spawnsBlockedUntil) {
+      return true;
+    }
     clearTimeout(this.#spawnRetryTimer);
     this.#spawnRetryAt = this.#spawnsBlockedUntil;
     this.#spawnRetryTimer = setTimeout(() => {
@@ -702,7 +733,12 @@ export class IsolatePool {
     return serving;
   }
 
-  #onDead(isolate: Isolate, reason: string, unstarted: Job[] = [], failedStart = isolate.readyAt === undefined): void {
+  #onDead(
+    isolate: Isolate,
+    reason: string,
+    unstarted: Job[] = [],
+    failedStart = isolate.readyAt === undefined,
+  ): void {
     this.#requeue(unstarted);
     clearTimeout(this.#startupTimers.get(isolate));
     this.#startupTimers.delete(isolate);
@@ -718,17 +754,22 @@ export class IsolatePool {
 
     const serving = this.#servingCount();
     if (this.#failedStarts >= this.#options.maxFailedStarts && serving === 0) {
-      this.#markFailed(`${this.#failedStarts} isolates in a row failed to start; last error: ${reason}`);
+      this.#markFailed(
+        `${this.#failedStarts} isolates in a row failed to start; last error: ${reason}`,
+      );
       return;
     }
     if (neverStarted && serving > 0) {
       // Growing or replacing failed while other isolates serve: they go on,
       // and the next start waits longer after each failure in a row.
-      const delay = RESTART_DELAYS_MS[Math.min(this.#failedStarts - 1, RESTART_DELAYS_MS.length - 1)];
+      const delay =
+        RESTART_DELAYS_MS[Math.min(this.#failedStarts - 1, RESTART_DELAYS_MS.length - 1)];
       this.#spawnsBlockedUntil = performance.now() + delay;
       this.#spawnsBlocked();
       this.#logger.warning(
-        `${plural(this.#failedStarts, "isolate start")} in a row failed; ${plural(serving, "running isolate")} ` +
+        `${plural(this.#failedStarts, "isolate start")} in a row failed; ${
+          plural(serving, "running isolate")
+        } ` +
           `${serving === 1 ? "keeps" : "keep"} serving, and the next start waits ${delay} ms`,
         { isolate: isolate.id },
       );
@@ -743,7 +784,9 @@ export class IsolatePool {
     }
     const delay = RESTART_DELAYS_MS[Math.min(this.#restarts, RESTART_DELAYS_MS.length - 1)];
     this.#restarts += 1;
-    this.#logger.info(`restarting the isolate in ${delay} ms, or at once when a request comes`, { isolate: isolate.id });
+    this.#logger.info(`restarting the isolate in ${delay} ms, or at once when a request comes`, {
+      isolate: isolate.id,
+    });
     setTimeout(() => {
       if (this.#stopping || this.#failedReason || this.#handOff) return;
       if (this.#isolates.size < this.#options.size) this.#spawn();
@@ -754,7 +797,9 @@ export class IsolatePool {
     this.#failedReason = reason;
     this.#logger.log(this.#options.failureLogLevel, `application marked failed: ${reason}`);
     this.#firstReady.reject(new Error(reason));
-    for (const job of this.#queue.splice(0)) job.sink.fail(503, `application unavailable: ${reason}`);
+    for (const job of this.#queue.splice(0)) {
+      job.sink.fail(503, `application unavailable: ${reason}`);
+    }
   }
 
   /** Runs once a second: expires queued jobs, stops overdue requests, retires idle isolates. */
@@ -782,8 +827,13 @@ export class IsolatePool {
     const now = performance.now();
     for (const [isolate, startedAt] of [...this.#jobStartedAt]) {
       if (now - startedAt < timeout) continue;
-      const reason = `request timed out after ${Math.round(now - startedAt)} ms (request-timeout ${timeout / 1000} s)`;
-      this.#logger.error(`${reason}; replacing the isolate`, { isolate: isolate.id, request: isolate.job?.requestId });
+      const reason = `request timed out after ${Math.round(now - startedAt)} ms (request-timeout ${
+        timeout / 1000
+      } s)`;
+      this.#logger.error(`${reason}; replacing the isolate`, {
+        isolate: isolate.id,
+        request: isolate.job?.requestId,
+      });
       this.#onDead(isolate, reason, isolate.terminate(reason, 504));
     }
   }
@@ -814,7 +864,12 @@ export class IsolatePool {
     if (timeout <= 0) return;
     const now = performance.now();
     const expire = (job: Job) => {
-      job.sink.fail(503, `request waited ${Math.round(now - job.queuedAt!)} ms in the queue (queue-timeout ${timeout / 1000} s)`);
+      job.sink.fail(
+        503,
+        `request waited ${Math.round(now - job.queuedAt!)} ms in the queue (queue-timeout ${
+          timeout / 1000
+        } s)`,
+      );
     };
     while (this.#queue.length > 0) {
       const head = this.#queue[0];

@@ -28,14 +28,18 @@
 import { fileURLToPath } from "node:url";
 import { ISOLATE_WORKER_URL, SHIPPED_SNAPSHOTS_URL } from "./worker_url.ts";
 import {
-  type AppSpec,
   appReadPaths,
+  type AppSpec,
   PYODIDE_SPECIFIER,
   PYTHON_VERSIONS,
   type PythonVersion,
 } from "./app_spec.ts";
 import type { Logger } from "./log.ts";
-import { type BuildSnapshotMessage, type FromWorker, SNAPSHOT_CONTENT_VERSION } from "../wasm/protocol.ts";
+import {
+  type BuildSnapshotMessage,
+  type FromWorker,
+  SNAPSHOT_CONTENT_VERSION,
+} from "../wasm/protocol.ts";
 import { processIdentity } from "./isolate.ts";
 import { packSnapshot, unpackSnapshot } from "../wasm/snapshot_pages.ts";
 import adapterSource from "../wasm/adapter.py" with { type: "text" };
@@ -149,7 +153,10 @@ export function compiledInterpreter(
 // ---- cache files ----
 
 /** Returns the bytes of a cache file: MAGIC, the SHA-256 line, the header line and the packed snapshot. */
-async function encodeFile(header: SnapshotHeader, payload: Uint8Array): Promise<Uint8Array<ArrayBuffer>> {
+async function encodeFile(
+  header: SnapshotHeader,
+  payload: Uint8Array,
+): Promise<Uint8Array<ArrayBuffer>> {
   const encoder = new TextEncoder();
   const magic = encoder.encode(MAGIC);
   const head = encoder.encode(JSON.stringify(header) + "\n");
@@ -195,10 +202,14 @@ async function readFile(
     // A FIFO or a device at the path would block the read or never end it.
     const info = await Deno.stat(path);
     if (!info.isFile) return `${path} is not a regular file`;
-    if (info.size > MAX_FILE_BYTES) return `${path} is too large for a snapshot (${info.size} bytes)`;
+    if (info.size > MAX_FILE_BYTES) {
+      return `${path} is too large for a snapshot (${info.size} bytes)`;
+    }
     data = await Deno.readFile(path);
   } catch (error) {
-    return error instanceof Deno.errors.NotFound ? NO_CACHED_SNAPSHOT : `cannot read ${path}: ${error}`;
+    return error instanceof Deno.errors.NotFound
+      ? NO_CACHED_SNAPSHOT
+      : `cannot read ${path}: ${error}`;
   }
   const decoder = new TextDecoder();
   const magic = decoder.decode(data.subarray(0, MAGIC.length));
@@ -228,7 +239,9 @@ async function readFile(
   if (payload.length !== header.bytes) {
     return `${path} has the wrong length (${payload.length} bytes of snapshot, the header says ${header.bytes})`;
   }
-  if (await sha256Hex(data.subarray(hashed)) !== sha256) return `${path} is corrupt (SHA-256 mismatch)`;
+  if (await sha256Hex(data.subarray(hashed)) !== sha256) {
+    return `${path} is corrupt (SHA-256 mismatch)`;
+  }
   try {
     return { header, snapshot: unpackSnapshot(payload, header.snapshotBytes) };
   } catch (error) {
@@ -252,7 +265,11 @@ async function writeSnapshot(
   const packed = packSnapshot(snapshot);
   let written = true;
   try {
-    await writeFile(path, { key, bytes: packed.length, snapshotBytes: snapshot.length, files }, packed);
+    await writeFile(
+      path,
+      { key, bytes: packed.length, snapshotBytes: snapshot.length, files },
+      packed,
+    );
   } catch (error) {
     if (!logger) throw error;
     written = false;
@@ -302,8 +319,13 @@ function buildInWorker(
       },
     },
   });
-  const { promise, resolve, reject } = Promise.withResolvers<{ bytes: Uint8Array; files: string[] }>();
-  const timer = setTimeout(() => reject(new Error(`timed out after ${BUILD_TIMEOUT_MS} ms`)), BUILD_TIMEOUT_MS);
+  const { promise, resolve, reject } = Promise.withResolvers<
+    { bytes: Uint8Array; files: string[] }
+  >();
+  const timer = setTimeout(
+    () => reject(new Error(`timed out after ${BUILD_TIMEOUT_MS} ms`)),
+    BUILD_TIMEOUT_MS,
+  );
   worker.onmessage = (event: MessageEvent<FromWorker>) => {
     const reply = event.data;
     if (reply.type === "snapshot") resolve({ bytes: reply.bytes, files: reply.files });
@@ -400,7 +422,9 @@ async function runtimeSnapshot(
     const bytes = await buildRuntimeSnapshot(app.python, options.pyodideFolder, wasmModule, logger);
     const ms = Math.round(performance.now() - started);
     const { snapshot, written } = await writeSnapshot(path, key, bytes, undefined, logger);
-    logger.info(`runtime snapshot built in ${ms} ms${written ? `: ${path}` : ", for this run only"}`);
+    logger.info(
+      `runtime snapshot built in ${ms} ms${written ? `: ${path}` : ", for this run only"}`,
+    );
     return { key, snapshot };
   });
 }
@@ -424,7 +448,11 @@ function lockPathOf(path: string): string {
 const MAX_LOCK_ATTEMPTS = 20;
 
 /** The open lock file of a snapshot, and whether this process holds its lock. */
-type BuildLock = { file: Deno.FsFile; held: true } | { file: Deno.FsFile; held: false; reason: string };
+type BuildLock = { file: Deno.FsFile; held: true } | {
+  file: Deno.FsFile;
+  held: false;
+  reason: string;
+};
 
 /**
  * Runs `build` while holding the lock of the snapshot at `path` (an flock on
@@ -450,7 +478,9 @@ async function withBuildLock<T>(
     await Deno.mkdir(snapshotCacheDir(), { recursive: true, mode: 0o700 });
     lock = await lockBuildFile(lockPath, logger);
   } catch (error) {
-    const message = `snapshot builds are not coordinated: cannot open ${lockPath}: ${errorText(error)}`;
+    const message = `snapshot builds are not coordinated: cannot open ${lockPath}: ${
+      errorText(error)
+    }`;
     // An unwritable cache folder is reported where the snapshot is written.
     if (error instanceof LockFileTypeError) logger.warning(message);
     else logger.debug(message);
@@ -465,7 +495,9 @@ async function withBuildLock<T>(
     }
     return await build();
   } finally {
-    if (lock.held) await removeLockWithoutSnapshot(path, logger, "no snapshot was kept after its build");
+    if (lock.held) {
+      await removeLockWithoutSnapshot(path, logger, "no snapshot was kept after its build");
+    }
     // Closing the file releases the lock.
     lock.file.close();
   }
@@ -485,7 +517,9 @@ async function lockBuildFile(lockPath: string, logger: Logger): Promise<BuildLoc
     BUILD_LOCK_NOTICE_MS,
   );
   let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<"timeout">((resolve) => (timer = setTimeout(resolve, BUILD_LOCK_WAIT_MS, "timeout")));
+  const timeout = new Promise<"timeout">((
+    resolve,
+  ) => (timer = setTimeout(resolve, BUILD_LOCK_WAIT_MS, "timeout")));
   try {
     for (let attempt = 1;; attempt++) {
       await checkLockFileType(lockPath);
@@ -493,22 +527,36 @@ async function lockBuildFile(lockPath: string, logger: Logger): Promise<BuildLoc
       const locked = file.lock(true).then(() => "locked" as const, (error) => errorText(error));
       const outcome = await Promise.race([locked, timeout]);
       if (outcome === "timeout") {
-        return { file, held: false, reason: `another build held it for ${BUILD_LOCK_WAIT_MS / 1000} s` };
+        return {
+          file,
+          held: false,
+          reason: `another build held it for ${BUILD_LOCK_WAIT_MS / 1000} s`,
+        };
       }
-      if (outcome !== "locked") return { file, held: false, reason: `locking it failed (${outcome})` };
+      if (outcome !== "locked") {
+        return { file, held: false, reason: `locking it failed (${outcome})` };
+      }
 
       let atPath: boolean;
       try {
         atPath = await isFileAtPath(file, lockPath);
       } catch (error) {
-        const reason = `checking that the path still names the locked file failed (${errorText(error)})`;
+        const reason = `checking that the path still names the locked file failed (${
+          errorText(error)
+        })`;
         return { file, held: false, reason };
       }
       if (atPath) return { file, held: true };
       if (attempt === MAX_LOCK_ATTEMPTS) {
-        return { file, held: false, reason: `it was removed ${attempt} times while this build waited for it` };
+        return {
+          file,
+          held: false,
+          reason: `it was removed ${attempt} times while this build waited for it`,
+        };
       }
-      logger.debug(`${lockPath} was removed while this build waited for its lock, so the file now at that path is locked`);
+      logger.debug(
+        `${lockPath} was removed while this build waited for its lock, so the file now at that path is locked`,
+      );
       file.close();
     }
   } finally {
@@ -558,14 +606,22 @@ async function isFileAtPath(file: Deno.FsFile, path: string): Promise<boolean> {
  * there. The caller must hold the lock: a lock file removed while another
  * process holds it would let a third one lock a new file and build too.
  */
-async function removeLockWithoutSnapshot(path: string, logger: Logger, reason: string): Promise<void> {
+async function removeLockWithoutSnapshot(
+  path: string,
+  logger: Logger,
+  reason: string,
+): Promise<void> {
   const lockPath = lockPathOf(path);
   try {
     await Deno.lstat(path);
     return;
   } catch (error) {
     if (!(error instanceof Deno.errors.NotFound)) {
-      logger.debug(`kept the lock file ${lockPath} because checking for its snapshot failed: ${errorText(error)}`);
+      logger.debug(
+        `kept the lock file ${lockPath} because checking for its snapshot failed: ${
+          errorText(error)
+        }`,
+      );
       return;
     }
   }
@@ -602,7 +658,11 @@ async function removeUnusedLockFile(path: string, logger: Logger): Promise<void>
     }
     // The file was removed after it was opened here, and the path may name a newer one that a build uses.
     if (!(await isFileAtPath(file, lockPath))) return;
-    await removeLockWithoutSnapshot(path, logger, "its snapshot does not exist and no build holds its lock");
+    await removeLockWithoutSnapshot(
+      path,
+      logger,
+      "its snapshot does not exist and no build holds its lock",
+    );
   } catch (error) {
     logger.debug(`cannot lock ${lockPath} to remove it: ${errorText(error)}`);
   } finally {
@@ -634,13 +694,17 @@ async function buildRuntimeSnapshot(
   wasmModule: WebAssembly.Module | null,
   logger: Logger,
 ): Promise<Uint8Array> {
-  const built = await buildInWorker({
-    type: "build-snapshot",
-    python,
-    modules: RUNTIME_MODULES,
-    base: null,
-    wasmModule,
-  }, [pyodideFolder], logger);
+  const built = await buildInWorker(
+    {
+      type: "build-snapshot",
+      python,
+      modules: RUNTIME_MODULES,
+      base: null,
+      wasmModule,
+    },
+    [pyodideFolder],
+    logger,
+  );
   return built.bytes;
 }
 
@@ -676,11 +740,16 @@ function applicationKey(app: AppSpec, runtime: string): Promise<string> {
 }
 
 function applicationPath(app: AppSpec, key: string): string {
-  return `${snapshotCacheDir()}/app-${app.name.replace(/[^\w.-]/g, "_")}-${key.slice(0, 16)}.snapshot`;
+  return `${snapshotCacheDir()}/app-${app.name.replace(/[^\w.-]/g, "_")}-${
+    key.slice(0, 16)
+  }.snapshot`;
 }
 
 /** Returns the cached application snapshot, or the reason it must be built. */
-async function cachedApplicationSnapshot(app: AppSpec, key: string): Promise<SharedArrayBuffer | string> {
+async function cachedApplicationSnapshot(
+  app: AppSpec,
+  key: string,
+): Promise<SharedArrayBuffer | string> {
   const path = applicationPath(app, key);
   const cached = await readFile(path, key);
   if (typeof cached === "string") return cached;
@@ -702,7 +771,9 @@ async function pruneApplicationSnapshots(logger: Logger): Promise<void> {
   const snapshots: { path: string; used: number }[] = [];
   try {
     for await (const entry of Deno.readDir(folder)) {
-      if (!entry.isFile || !entry.name.startsWith("app-") || !entry.name.endsWith(".snapshot")) continue;
+      if (!entry.isFile || !entry.name.startsWith("app-") || !entry.name.endsWith(".snapshot")) {
+        continue;
+      }
       const path = `${folder}/${entry.name}`;
       const info = await Deno.stat(path).catch(() => null);
       if (info) snapshots.push({ path, used: info.mtime?.getTime() ?? 0 });
@@ -732,7 +803,9 @@ export async function pruneRuntimeSnapshots(logger: Logger, now = Date.now()): P
   if (runtimeSnapshotsPruned) return;
   runtimeSnapshotsPruned = true;
   const current = new Set(
-    await Promise.all(PYTHON_VERSIONS.map(async (python) => runtimeFileName(python, await runtimeKey(python)))),
+    await Promise.all(
+      PYTHON_VERSIONS.map(async (python) => runtimeFileName(python, await runtimeKey(python))),
+    ),
   );
   const folder = snapshotCacheDir();
   try {
@@ -748,13 +821,19 @@ export async function pruneRuntimeSnapshots(logger: Logger, now = Date.now()): P
       if (!entry.isFile || (!stale && !leftover)) continue;
       const path = `${folder}/${name}`;
       const used = (await Deno.stat(path).catch(() => null))?.mtime?.getTime();
-      if (used === undefined || now - used < (stale ? RUNTIME_SNAPSHOT_UNUSED_MS : LEFTOVER_MS)) continue;
+      if (used === undefined || now - used < (stale ? RUNTIME_SNAPSHOT_UNUSED_MS : LEFTOVER_MS)) {
+        continue;
+      }
       const description = stale
         ? "a runtime snapshot of another build"
         : "a temporary file of a snapshot build that did not finish";
       try {
         await Deno.remove(path);
-        logger.info(`removed ${path}: ${description}, unused for ${Math.floor((now - used) / 86_400_000)} days`);
+        logger.info(
+          `removed ${path}: ${description}, unused for ${
+            Math.floor((now - used) / 86_400_000)
+          } days`,
+        );
         if (stale) await removeUnusedLockFile(path, logger);
       } catch (error) {
         logger.warning(`cannot remove ${path} (${description}): ${error}`);
@@ -778,25 +857,33 @@ async function buildApplicationSnapshot(
   logger.info(`building the application snapshot (${reason})`);
   const started = performance.now();
   const buildStartedAt = Date.now();
-  const built = await buildInWorker({
-    type: "build-snapshot",
-    python: app.python,
-    modules: [],
-    base: runtime,
-    wasmModule,
-    app,
-    identity: processIdentity(),
-  }, [options.pyodideFolder, ...appReadPaths(app)], logger);
+  const built = await buildInWorker(
+    {
+      type: "build-snapshot",
+      python: app.python,
+      modules: [],
+      base: runtime,
+      wasmModule,
+      app,
+      identity: processIdentity(),
+    },
+    [options.pyodideFolder, ...appReadPaths(app)],
+    logger,
+  );
   const files = await fileStamps(built.files);
   const path = applicationPath(app, key);
   // The stamps are taken after the import, so a file saved during the build
   // would look unchanged next time although the snapshot contains its old code.
   // A time after now is a clock that runs ahead (a network file system), not an edit.
   const builtAt = Date.now();
-  const editedDuringBuild = files.find(([, , mtime]) => mtime >= buildStartedAt && mtime <= builtAt);
+  const editedDuringBuild = files.find(([, , mtime]) =>
+    mtime >= buildStartedAt && mtime <= builtAt
+  );
   if (editedDuringBuild) {
     logger.info(
-      `application snapshot not cached: ${editedDuringBuild[0]} changed while the application was imported; ` +
+      `application snapshot not cached: ${
+        editedDuringBuild[0]
+      } changed while the application was imported; ` +
         "the next start builds it again",
     );
     return unpackSnapshot(packSnapshot(built.bytes), built.bytes.length);
@@ -851,7 +938,9 @@ async function chooseBoot(options: BootOptions): Promise<Boot> {
   try {
     runtime = await runtimeSnapshot(options, wasmModule);
   } catch (error) {
-    logger.warning(`cannot use a runtime snapshot, isolates start from scratch: ${errorText(error)}`);
+    logger.warning(
+      `cannot use a runtime snapshot, isolates start from scratch: ${errorText(error)}`,
+    );
     return { snapshot: null, wasmModule, kind: "none" };
   }
   if (!appKey) return { snapshot: runtime.snapshot, wasmModule, kind: "runtime" };
@@ -874,7 +963,9 @@ async function chooseBoot(options: BootOptions): Promise<Boot> {
   } catch (error) {
     // The whole traceback stays: an import that fails only in the build (a
     // socket opened at import, for one) leaves no other trace of it.
-    logger.warning(`no application snapshot, each isolate imports the application itself: ${errorText(error)}`);
+    logger.warning(
+      `no application snapshot, each isolate imports the application itself: ${errorText(error)}`,
+    );
     return { snapshot: runtime.snapshot, wasmModule, kind: "runtime" };
   }
 }

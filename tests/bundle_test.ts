@@ -247,7 +247,10 @@ Deno.test({
 
           assert.equal(response.status, 200, `body: ${body}\nlog:\n${server.log()}`);
           assert.equal(body, "Hello, world!\n");
-          assert.match(server.log(), /\[app=app\.wsgi group=bundled process=\d+\] daemon process ready/);
+          assert.match(
+            server.log(),
+            /\[app=app\.wsgi group=bundled process=\d+\] daemon process ready/,
+          );
           assert.ok(
             daemons.some((line) => line.includes(`${bundleDir}/wsgirun.js`)),
             `no daemon process runs ${bundleDir}/wsgirun.js; daemons:\n${daemons.join("\n")}`,

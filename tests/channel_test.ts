@@ -19,7 +19,9 @@ type Echo = { kind: "mail" } | ({ kind: "request"; claimed: boolean } & InboxReq
 
 /** Starts the test worker and returns a function that waits for its next message. */
 function startReader(inbox: RequestInbox, table: ControlTable) {
-  const worker = new Worker(new URL("./fixtures/inbox_worker.ts", import.meta.url), { type: "module" });
+  const worker = new Worker(new URL("./fixtures/inbox_worker.ts", import.meta.url), {
+    type: "module",
+  });
   const received: Echo[] = [];
   const waiters: ((echo: Echo) => void)[] = [];
   worker.onmessage = (event: MessageEvent<Echo>) => {
@@ -32,7 +34,10 @@ function startReader(inbox: RequestInbox, table: ControlTable) {
     const ready = received.shift();
     if (ready) return Promise.resolve(ready);
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error("the worker sent nothing within 10 s")), 10_000);
+      const timer = setTimeout(
+        () => reject(new Error("the worker sent nothing within 10 s")),
+        10_000,
+      );
       waiters.push((echo) => {
         clearTimeout(timer);
         resolve(echo);

@@ -62,7 +62,10 @@ function assertBoundedGrowth(pids: number[], before: number[], peaks: number[]):
   pids.forEach((pid, index) => {
     const growth = peaks[index] - before[index];
     const role = index === 0 ? "the front" : "a daemon process";
-    assert.ok(growth < RSS_GROWTH_LIMIT, `${role} (pid ${pid}) grew by ${Math.round(growth / MiB)} MiB`);
+    assert.ok(
+      growth < RSS_GROWTH_LIMIT,
+      `${role} (pid ${pid}) grew by ${Math.round(growth / MiB)} MiB`,
+    );
   });
 }
 
@@ -121,7 +124,10 @@ async function warmUpTransfers(port: number): Promise<void> {
  * one retired, the transfer runs again, up to three times, and only the
  * last run counts.
  */
-async function assertTransferBounded(server: TestServer, transfer: () => Promise<void>): Promise<void> {
+async function assertTransferBounded(
+  server: TestServer,
+  transfer: () => Promise<void>,
+): Promise<void> {
   const attempts = 3;
   for (let attempt = 1; attempt <= attempts; attempt++) {
     await warmUpTransfers(server.port);
@@ -144,7 +150,6 @@ function transferPids(server: TestServer): number[] {
   );
   return [server.process.pid, ...site];
 }
-
 
 async function getText(url: string): Promise<{ status: number; body: string }> {
   const response = await fetch(url);
@@ -285,7 +290,10 @@ Deno.test("parseDaemonSpec rejects invalid input", () => {
     ["group=a,processes=x", /invalid value for processes: 'x'/],
     ["group=a,python=3.11", /invalid value for python: '3.11' \(expected 3.12 or 3.14\)/],
     ["group=a,queue-timeout=1m", /invalid value for queue-timeout: '1m' \(expected seconds from 0/],
-    ["group=a,memory-limit=1M", /invalid value for memory-limit: '1M' \(expected 0 \(off\), or a size from 32M to 4G/],
+    [
+      "group=a,memory-limit=1M",
+      /invalid value for memory-limit: '1M' \(expected 0 \(off\), or a size from 32M to 4G/,
+    ],
     ["group=a,env=1A=2", /invalid value for env: '1A=2' \(expected NAME=VALUE/],
     ["group=a,allow-net=host:99999", /invalid value for allow-net: 'host:99999'/],
     [
@@ -317,16 +325,38 @@ Deno.test("parseCommandLine one group takes the script", () => {
 
 Deno.test("parseCommandLine embedded options in daemon mode", () => {
   const daemonOnly = serveOptions(
-    [OTHER_SCRIPT, "--daemon", "group=site1,user=nobody", "--threads", "4", "--memory-limit", "512M"],
+    [
+      OTHER_SCRIPT,
+      "--daemon",
+      "group=site1,user=nobody",
+      "--threads",
+      "4",
+      "--memory-limit",
+      "512M",
+    ],
     "/",
   );
   const mixed = serveOptions(
-    [OTHER_SCRIPT, "--daemon", "group=site1,user=nobody", "--process-group", "site1", "--mount", "/e", OTHER_SCRIPT, "--threads", "4"],
+    [
+      OTHER_SCRIPT,
+      "--daemon",
+      "group=site1,user=nobody",
+      "--process-group",
+      "site1",
+      "--mount",
+      "/e",
+      OTHER_SCRIPT,
+      "--threads",
+      "4",
+    ],
     "/",
   );
 
   assert.equal(daemonOnly.warnings?.length, 1);
-  assert.match(daemonOnly.warnings![0], /^--threads, --memory-limit set embedded pools only, and every application here runs in a daemon group/);
+  assert.match(
+    daemonOnly.warnings![0],
+    /^--threads, --memory-limit set embedded pools only, and every application here runs in a daemon group/,
+  );
   // An embedded mount uses them.
   assert.equal(mixed.warnings, undefined);
 });
@@ -636,7 +666,10 @@ Deno.test("group failing at start is marked failed", async () => {
   // isolate that tried the import, and the CRITICAL line names only the exception.
   assert.equal(countMatches(log, /Traceback \(most recent call last\)/), 2 * failedStarts);
   assert.equal(
-    countMatches(log, /CRITICAL .*the application failed to import at start \(.*; traceback above\); the process exits/),
+    countMatches(
+      log,
+      /CRITICAL .*the application failed to import at start \(.*; traceback above\); the process exits/,
+    ),
     failedStarts,
   );
   assert.match(
@@ -648,7 +681,10 @@ Deno.test("group failing at start is marked failed", async () => {
     /WARNING \[app=app.wsgi group=broken request=\S+\] request rejected with 503: group 'broken' is unavailable/,
   );
   // The front's line states that it keeps running, since the failure reads as fatal.
-  assert.match(log, /CRITICAL .*the application cannot start: .*\. The server keeps running and returns 503 for its requests/);
+  assert.match(
+    log,
+    /CRITICAL .*the application cannot start: .*\. The server keeps running and returns 503 for its requests/,
+  );
 });
 
 // ---------------------------------------------------------------------------
@@ -824,8 +860,11 @@ Deno.test("daemon server", async (t) => {
       // Wait for the isolate that replaces the timed-out one.
       const replaced = () => {
         const log = server.log().slice(from);
-        const timedOut = log.search(/group=other pid=\d+ isolate=\d+ request=\S+\] request timed out/);
-        return timedOut >= 0 && /group=other pid=\d+ isolate=\d+\] isolate ready/.test(log.slice(timedOut));
+        const timedOut = log.search(
+          /group=other pid=\d+ isolate=\d+ request=\S+\] request timed out/,
+        );
+        return timedOut >= 0 &&
+          /group=other pid=\d+ isolate=\d+\] isolate ready/.test(log.slice(timedOut));
       };
       for (let waited = 0; waited < 20_000 && !replaced(); waited += 100) await delay(100);
       assert.ok(replaced(), "no isolate replaced the timed-out one");
@@ -834,7 +873,9 @@ Deno.test("daemon server", async (t) => {
       const workerThreads = () =>
         Deno.readDirSync(`/proc/${pid}/task`).toArray().filter((task) => {
           try {
-            return Deno.readTextFileSync(`/proc/${pid}/task/${task.name}/comm`).startsWith("worker-");
+            return Deno.readTextFileSync(`/proc/${pid}/task/${task.name}/comm`).startsWith(
+              "worker-",
+            );
           } catch {
             return false; // The thread ended while it was being read.
           }
@@ -993,12 +1034,18 @@ Deno.test("daemon server", async (t) => {
         /\[app=app.wsgi group=other\] reloading: the server received SIGHUP/,
       );
       // The embedded mount of this server reloads too.
-      assert.match(server.log().slice(from), /reloading: starting fresh isolates \(the server received SIGHUP\)/);
+      assert.match(
+        server.log().slice(from),
+        /reloading: starting fresh isolates \(the server received SIGHUP\)/,
+      );
     });
 
     await t.step("streamed upload with bounded memory", async () => {
       await assertTransferBounded(server, async () => {
-        assert.equal(await uploadGenerated(server.port, "/do/upload", TRANSFER_BYTES), String(TRANSFER_BYTES));
+        assert.equal(
+          await uploadGenerated(server.port, "/do/upload", TRANSFER_BYTES),
+          String(TRANSFER_BYTES),
+        );
       });
     });
 

@@ -8,7 +8,10 @@ import assert from "node:assert/strict";
 import { repoPath, startServer } from "./helpers/server.ts";
 
 Deno.test("front rejects control byte header", async () => {
-  await using server = await startServer(repoPath("tests/fixtures/front_guard_app.wsgi"), ["--threads", "1"]);
+  await using server = await startServer(repoPath("tests/fixtures/front_guard_app.wsgi"), [
+    "--threads",
+    "1",
+  ]);
 
   const bad = await fetch(server.origin + "/bypass");
   await bad.body?.cancel();

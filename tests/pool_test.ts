@@ -9,7 +9,10 @@ import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
 import { countMatches, delay, runLoad, runLoadFor, waitForCount } from "./helpers/load.ts";
 
 Deno.test("waiting request moves to free isolate", async () => {
-  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "2"]);
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "2",
+  ]);
   await server.waitForLog(/isolate=2\] isolate ready/);
   const finished: string[] = [];
   const request = async (name: string, seconds: number) => {
@@ -36,7 +39,10 @@ Deno.test("waiting request moves to free isolate", async () => {
 });
 
 Deno.test("long request with fast ones around it", async () => {
-  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "2"]);
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "2",
+  ]);
   await server.waitForLog(/isolate=2\] isolate ready/);
   // While one isolate computes, fast requests are posted behind it and
   // moved to the other one, again and again. Each move leaves an entry in
@@ -207,7 +213,12 @@ def application(environ, start_response):
     return [b"locked"]
 `,
   );
-  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "3", "--min-threads", "2"]);
+  await using server = await startServer(`${folder}/app.wsgi`, [
+    "--threads",
+    "3",
+    "--min-threads",
+    "2",
+  ]);
   await server.waitForLog(/isolate=2\] isolate ready/);
 
   // Both isolates wait for a lock that this test holds. The wait is shorter
@@ -274,7 +285,9 @@ Deno.test("maximum requests replaces isolate", async () => {
   const get = async () => await (await fetch(server.origin + "/")).text();
 
   assert.deepEqual([await get(), await get(), await get()], ["1", "2", "3"]);
-  await server.waitForLog(/isolate=1\] isolate served 3 requests \(maximum-requests 3\); starting a fresh one/);
+  await server.waitForLog(
+    /isolate=1\] isolate served 3 requests \(maximum-requests 3\); starting a fresh one/,
+  );
   await server.waitForLog(/isolate=2\] isolate ready/);
   await server.waitForLog(/isolate=1\] isolate stopped: replaced after 3 requests/);
 
@@ -316,12 +329,16 @@ Deno.test("failed replacement keeps isolate serving", async () => {
       await response.text();
       await new Promise((resolve) => setTimeout(resolve, 300));
     }
-    await server.waitForLog(/isolate starts? in a row failed; 1 running isolate keeps serving, and the next start waits \d+ ms/);
+    await server.waitForLog(
+      /isolate starts? in a row failed; 1 running isolate keeps serving, and the next start waits \d+ ms/,
+    );
     assert.doesNotMatch(server.log(), /application marked failed/);
     assert.doesNotMatch(server.log(), /\[object Object\]/);
     // The start failed because the folder was gone, and the log names it.
     assert.ok(
-      server.log().includes(`cannot mount ${folder} in the interpreter: ENOENT, no such file or directory`),
+      server.log().includes(
+        `cannot mount ${folder} in the interpreter: ENOENT, no such file or directory`,
+      ),
       server.log(),
     );
   } finally {
@@ -367,7 +384,17 @@ Deno.test("broken script never serves after a timeout", async () => {
   await Deno.copyFile(repoPath("tests/fixtures/pool_app.wsgi"), script);
   await using server = await startServer(
     script,
-    ["--threads", "1", "--request-timeout", "1", "--queue-timeout", "30", "--preload", "--snapshot", "runtime"],
+    [
+      "--threads",
+      "1",
+      "--request-timeout",
+      "1",
+      "--queue-timeout",
+      "30",
+      "--preload",
+      "--snapshot",
+      "runtime",
+    ],
   );
   assert.equal((await fetch(server.origin + "/")).status, 200);
 
@@ -386,7 +413,10 @@ Deno.test("broken script never serves after a timeout", async () => {
     statuses.push(response.status);
   }
   assert.ok(!statuses.includes(500), `statuses ${statuses}`);
-  assert.match(server.log(), /it imported in this pool before, so no isolate serves the broken script; fix it and touch it/);
+  assert.match(
+    server.log(),
+    /it imported in this pool before, so no isolate serves the broken script; fix it and touch it/,
+  );
   await Deno.remove(folder, { recursive: true });
 });
 
@@ -394,13 +424,22 @@ Deno.test("memory limit needed by the import ignored", async () => {
   const script = await writeCountingScript(12);
   // Without an application snapshot each isolate imports the application, and
   // with it the 12 MiB, during its first request.
-  await using server = await startServer(script, ["--threads", "1", "--memory-limit", "32M", "--snapshot", "runtime"]);
+  await using server = await startServer(script, [
+    "--threads",
+    "1",
+    "--memory-limit",
+    "32M",
+    "--snapshot",
+    "runtime",
+  ]);
   for (let request = 0; request < 6; request++) {
     await (await fetch(server.origin + "/")).text();
     await new Promise((resolve) => setTimeout(resolve, 200));
   }
 
-  await server.waitForLog(/memory-limit 32 MiB is below the \d+ MiB of wasm memory that a fresh isolate has after its first request/);
+  await server.waitForLog(
+    /memory-limit 32 MiB is below the \d+ MiB of wasm memory that a fresh isolate has after its first request/,
+  );
   assert.ok(countMatches(server.log(), /isolate stopped: replaced after/) <= 1, server.log());
   await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
 });
@@ -427,7 +466,9 @@ Deno.test("memory limit replaces isolate", async () => {
 Deno.test("memory limit below fresh isolate", async () => {
   const script = await writeCountingScript(40);
   await using server = await startServer(script, ["--threads", "1", "--memory-limit", "48M"]);
-  await server.waitForLog(/memory-limit 48 MiB is below the \d+ MiB of wasm memory that a fresh isolate has/);
+  await server.waitForLog(
+    /memory-limit 48 MiB is below the \d+ MiB of wasm memory that a fresh isolate has/,
+  );
 
   // Replacing the isolate would not bring it under the limit, so it keeps serving.
   for (const expected of ["1", "2", "3"]) {
@@ -516,11 +557,15 @@ Deno.test("retired isolates end their threads", async () => {
     repoPath("tests/fixtures/pool_app.wsgi"),
     ["--daemon", "group=retire,processes=1,threads=4,inactivity-timeout=1,user=nobody"],
   );
-  const pid = Number((await server.waitForLog(/group=retire process=(\d+)\]/)).match(/process=(\d+)/)![1]);
+  const pid = Number(
+    (await server.waitForLog(/group=retire process=(\d+)\]/)).match(/process=(\d+)/)![1],
+  );
   const threads = () => Deno.readDirSync(`/proc/${pid}/task`).toArray().length;
 
   const load = [];
-  for (let i = 0; i < 4; i++) load.push(fetch(`${server.origin}/?seconds=1.5`).then((response) => response.text()));
+  for (let i = 0; i < 4; i++) {
+    load.push(fetch(`${server.origin}/?seconds=1.5`).then((response) => response.text()));
+  }
   await server.waitForLog(/isolate=4\] isolate ready/, 30_000);
   await Promise.all(load);
   const busy = threads();
@@ -540,7 +585,10 @@ Deno.test("retired isolates end their threads", async () => {
     retired = server.log().match(/isolate retired after/g)?.length ?? 0;
   }
   assert.ok(retired >= 2, `only ${retired} isolates retired:\n${server.log()}`);
-  assert.ok(now <= busy - retired, `threads went from ${busy} to ${now} after ${retired} isolates retired`);
+  assert.ok(
+    now <= busy - retired,
+    `threads went from ${busy} to ${now} after ${retired} isolates retired`,
+  );
 });
 
 /** Returns the CPU time a process has used so far, in clock ticks. */
@@ -551,7 +599,10 @@ function cpuTicks(pid: number): number {
 }
 
 Deno.test("time.sleep leaves the CPU idle", async () => {
-  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "1"]);
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "1",
+  ]);
   const response = fetch(`${server.origin}/?seconds=2`);
   await new Promise((resolve) => setTimeout(resolve, 400));
   const before = cpuTicks(server.process.pid);
@@ -566,7 +617,10 @@ Deno.test("time.sleep leaves the CPU idle", async () => {
 });
 
 Deno.test("time.sleep arguments match CPython", async () => {
-  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "1"]);
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "1",
+  ]);
   const cases: [string, string][] = [
     ["0", "slept"],
     ["0.01", "slept"],
@@ -588,7 +642,10 @@ Deno.test("time.sleep arguments match CPython", async () => {
 Deno.test("waiting request survives a crash", async () => {
   // A request posted behind one whose interpreter fails must not start on
   // that interpreter: it goes back to the queue and the new isolate serves it.
-  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "1"]);
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "1",
+  ]);
   const crashing = fetch(`${server.origin}/?seconds=0.5&exit=1`);
   await new Promise((resolve) => setTimeout(resolve, 200));
   const waiting = fetch(`${server.origin}/?seconds=0`);
@@ -605,11 +662,16 @@ Deno.test("requeued request whose client left ends", async () => {
   // The isolate dies while a second request waits behind the running one.
   // That request goes back to the queue. When its client leaves before a new
   // isolate takes it, the server must finish it at once.
-  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "1"]);
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "1",
+  ]);
   const crashing = fetch(`${server.origin}/?seconds=1&exit=1`);
   await new Promise((resolve) => setTimeout(resolve, 300));
   const leaving = new AbortController();
-  const waiting = fetch(`${server.origin}/?seconds=0`, { signal: leaving.signal }).catch((error) => error);
+  const waiting = fetch(`${server.origin}/?seconds=0`, { signal: leaving.signal }).catch((error) =>
+    error
+  );
   const crashed = await crashing;
   await crashed.body?.cancel();
   leaving.abort();
@@ -637,7 +699,10 @@ Deno.test("embedded timeouts answer 504 and 503", async () => {
   const timedOut = await spinning;
   assert.equal(timedOut.status, 504);
   await timedOut.body?.cancel();
-  assert.match(server.log(), /request timed out after \d+ ms \(request-timeout 3 s\); replacing the isolate/);
+  assert.match(
+    server.log(),
+    /request timed out after \d+ ms \(request-timeout 3 s\); replacing the isolate/,
+  );
 
   // A new isolate takes the next request.
   const after = await fetch(`${server.origin}/?seconds=0`);
@@ -690,7 +755,11 @@ async function sendAndLeave(url: string): Promise<void> {
  * of `heldSeconds` whose client leaves while it waits behind the first.
  * Returns the first request's response.
  */
-async function holdAndLeave(server: TestServer, runningSeconds: number, heldSeconds: number): Promise<Response> {
+async function holdAndLeave(
+  server: TestServer,
+  runningSeconds: number,
+  heldSeconds: number,
+): Promise<Response> {
   await server.waitForLog(/isolate=1\] isolate ready/);
   const running = fetch(`${server.origin}/?seconds=${runningSeconds}`);
   await new Promise((resolve) => setTimeout(resolve, 200));
@@ -718,10 +787,12 @@ Deno.test("held request whose client left ends", async () => {
 
 for (const mode of ["embedded", "daemon"]) {
   Deno.test(`${mode} held request whose client left never runs`, async () => {
-    await heldRequestNeverRuns(mode === "embedded" ? ["--threads", "1"] : [
-      "--daemon",
-      "group=held,processes=1,threads=1,user=nobody",
-    ]);
+    await heldRequestNeverRuns(
+      mode === "embedded" ? ["--threads", "1"] : [
+        "--daemon",
+        "group=held,processes=1,threads=1,user=nobody",
+      ],
+    );
   });
 }
 
@@ -778,7 +849,10 @@ Deno.test("first isolate restores alone", async () => {
 });
 
 Deno.test("stop signal delivered twice drains", async () => {
-  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "1"]);
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "1",
+  ]);
   const slow = fetch(`${server.origin}/?seconds=1.5`);
   await new Promise((resolve) => setTimeout(resolve, 300));
 
@@ -837,7 +911,10 @@ Deno.test("upload cut by stop gets 503", async () => {
 });
 
 Deno.test("later second stop signal exits at once", async () => {
-  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "1"]);
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "1",
+  ]);
   const slow = fetch(`${server.origin}/?seconds=5`).catch((error) => error);
   await new Promise((resolve) => setTimeout(resolve, 300));
 

@@ -346,7 +346,10 @@ Deno.test("real apps on python 3.12", async (t) => {
       const result = await getJson(server, "/import?name=fake_ext");
       assert.equal(result.error, "builtins.ModuleNotFoundError");
       assert.match(String(result.message), /fake_ext.*is a C extension built for another platform/);
-      await server.waitForLog(/INFO .*cannot import fake_ext.*falls back to pure Python works without it/, 5000);
+      await server.waitForLog(
+        /INFO .*cannot import fake_ext.*falls back to pure Python works without it/,
+        5000,
+      );
     });
   } finally {
     silent.close();

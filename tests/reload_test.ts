@@ -58,7 +58,12 @@ Deno.test("embedded reload on module change", async () => {
   await Deno.mkdir(`${folder}/mysite`);
   await Deno.writeTextFile(`${folder}/mysite/__init__.py`, "");
   await Deno.writeTextFile(`${folder}/mysite/wsgi.py`, versionScript("one", 0));
-  await using server = await startServer("mysite.wsgi:application", ["--threads", "1", "--python-path", folder]);
+  await using server = await startServer("mysite.wsgi:application", [
+    "--threads",
+    "1",
+    "--python-path",
+    folder,
+  ]);
   assert.equal(await (await fetch(server.origin + "/")).text(), "one");
 
   // In the package.module form the module's file is the one that a change reloads.
@@ -74,7 +79,9 @@ Deno.test("reload file of a module", async () => {
   const folder = await Deno.makeTempDir({ prefix: "wsgirun-reload-" });
   await Deno.mkdir(`${folder}/first/site/web`, { recursive: true });
   await Deno.mkdir(`${folder}/home/site`, { recursive: true });
-  for (const file of ["first/site/__init__.py", "first/site/web.py", "first/site/web/__init__.py"]) {
+  for (
+    const file of ["first/site/__init__.py", "first/site/web.py", "first/site/web/__init__.py"]
+  ) {
     await Deno.writeTextFile(`${folder}/${file}`, "");
   }
   await Deno.writeTextFile(`${folder}/home/site/__init__.py`, "");
@@ -92,7 +99,10 @@ Deno.test("reload file of a module", async () => {
   // A package comes before a module of the same name, as in Python's import.
   assert.equal(reloadFile(app("site.web")), `${folder}/first/site/web/__init__.py`);
   // A daemon group's home is searched after the python path.
-  assert.equal(reloadFile(app("site.only_home", `${folder}/home`)), `${folder}/home/site/only_home.py`);
+  assert.equal(
+    reloadFile(app("site.only_home", `${folder}/home`)),
+    `${folder}/home/site/only_home.py`,
+  );
   assert.equal(reloadFile(app("site.only_home")), undefined);
   assert.equal(reloadFile(app("json")), undefined);
   await Deno.remove(folder, { recursive: true });
@@ -173,12 +183,15 @@ Deno.test("embedded reload moves waiting requests", async () => {
   }));
   await delay(300);
   // These wait behind the slow request in the only isolate.
-  const waiting = Array.from({ length: 3 }, () =>
-    fetch(server.origin + "/").then(async (response) => ({
-      status: response.status,
-      body: await response.text(),
-      ms: performance.now() - started,
-    })));
+  const waiting = Array.from(
+    { length: 3 },
+    () =>
+      fetch(server.origin + "/").then(async (response) => ({
+        status: response.status,
+        body: await response.text(),
+        ms: performance.now() - started,
+      })),
+  );
   await delay(300);
 
   server.process.kill("SIGHUP");
@@ -189,7 +202,10 @@ Deno.test("embedded reload moves waiting requests", async () => {
   for (const response of moved) {
     assert.equal(response.status, 200);
     // The fresh isolate ran them while the old one still ran the slow request.
-    assert.ok(response.ms < first.ms, `a waiting request ended after ${response.ms} ms, the slow one after ${first.ms} ms`);
+    assert.ok(
+      response.ms < first.ms,
+      `a waiting request ended after ${response.ms} ms, the slow one after ${first.ms} ms`,
+    );
   }
   await waitForCount(server, /replaced isolate 1 stopped\n/, 1);
 });
@@ -199,8 +215,14 @@ Deno.test("embedded reload keeps a preloaded app that fails", async () => {
   await using server = await startServer(script, ["--threads", "1", "--preload"]);
   assert.equal(await (await fetch(server.origin + "/")).text(), "one");
 
-  await Deno.writeTextFile(script, versionScript("two", 20) + "\nraise RuntimeError('broken at import')\n");
-  await server.waitForLog(/reload failed, the running isolates keep serving: the application failed to import/, 30_000);
+  await Deno.writeTextFile(
+    script,
+    versionScript("two", 20) + "\nraise RuntimeError('broken at import')\n",
+  );
+  await server.waitForLog(
+    /reload failed, the running isolates keep serving: the application failed to import/,
+    30_000,
+  );
   const response = await fetch(server.origin + "/");
   assert.equal(response.status, 200);
   assert.equal(await response.text(), "one");
@@ -210,6 +232,9 @@ Deno.test("embedded reload keeps a preloaded app that fails", async () => {
     /reload failed, the running isolates keep serving: the application failed to import \(RuntimeError: broken at import; traceback above\)\n/,
   );
   // The snapshot build and the isolate that tried the import log the traceback; the reload's line does not repeat it.
-  assert.match(server.log(), /no application snapshot, each isolate imports the application itself: .*Traceback/);
+  assert.match(
+    server.log(),
+    /no application snapshot, each isolate imports the application itself: .*Traceback/,
+  );
   assert.equal(countMatches(server.log(), /Traceback \(most recent call last\)/), 2);
 });

@@ -331,7 +331,9 @@ Deno.test("server with one isolate", async (t) => {
       await new Promise((resolve) => setTimeout(resolve, 300));
       connection.close();
       await server.waitForLog(
-        new RegExp(`read failed ${token}: OSError: request body read failed: the client stopped sending`),
+        new RegExp(
+          `read failed ${token}: OSError: request body read failed: the client stopped sending`,
+        ),
         5000,
       );
       assert.equal((await getText(server, "/app/do/hello")).text, "hello", "server still serves");
@@ -452,14 +454,20 @@ Deno.test("server with one isolate", async (t) => {
 
       const missingFile = randomToken();
       assert.equal((await getText(server, `/static/missing.txt?${missingFile}`)).status, 404);
-      assert.ok((await accessLine(missingFile)).includes(`"GET /static/missing.txt?${missingFile} HTTP/1.1" 404 10 `));
+      assert.ok(
+        (await accessLine(missingFile)).includes(
+          `"GET /static/missing.txt?${missingFile} HTTP/1.1" 404 10 `,
+        ),
+      );
 
       const head = randomToken();
       const response = await fetch(`${server.origin}/static/hello.txt?${head}`, { method: "HEAD" });
       await response.body?.cancel();
       assert.equal(response.status, 200);
       // As in Apache, a HEAD response sent no body.
-      assert.ok((await accessLine(head)).includes(`"HEAD /static/hello.txt?${head} HTTP/1.1" 200 - `));
+      assert.ok(
+        (await accessLine(head)).includes(`"HEAD /static/hello.txt?${head} HTTP/1.1" 200 - `),
+      );
     });
 
     await t.step("access log time is the arrival", async () => {
@@ -473,10 +481,33 @@ Deno.test("server with one isolate", async (t) => {
       // completion, 1.5 s later, would round down to at least sentAt + 500 ms.
       const stamp = /\[(\d\d)\/(\w{3})\/(\d{4}):(\d\d):(\d\d):(\d\d) \+0000\]/.exec(line);
       assert.ok(stamp, line);
-      const months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+      const months = [
+        "Jan",
+        "Feb",
+        "Mar",
+        "Apr",
+        "May",
+        "Jun",
+        "Jul",
+        "Aug",
+        "Sep",
+        "Oct",
+        "Nov",
+        "Dec",
+      ];
       const [, day, month, year, hours, minutes, seconds] = stamp;
-      const logged = Date.UTC(Number(year), months.indexOf(month), Number(day), Number(hours), Number(minutes), Number(seconds));
-      assert.ok(logged <= sentAt + 400, `logged ${logged - sentAt} ms after the request was sent: ${line}`);
+      const logged = Date.UTC(
+        Number(year),
+        months.indexOf(month),
+        Number(day),
+        Number(hours),
+        Number(minutes),
+        Number(seconds),
+      );
+      assert.ok(
+        logged <= sentAt + 400,
+        `logged ${logged - sentAt} ms after the request was sent: ${line}`,
+      );
     });
 
     // --- Sandbox: the app requests host resources outside its folders
@@ -717,7 +748,9 @@ Deno.test("server fixes glibc's mmap threshold unless the user set it", async ()
 });
 
 Deno.test("server replaces an invalid mmap threshold", async () => {
-  await using server = await startServer(APP_SCRIPT, MMAP_ARGS, { env: { MALLOC_MMAP_THRESHOLD_: "abc" } });
+  await using server = await startServer(APP_SCRIPT, MMAP_ARGS, {
+    env: { MALLOC_MMAP_THRESHOLD_: "abc" },
+  });
   assert.equal((await getText(server, "/do/hello")).text, "hello");
   assert.match(
     server.log(),
@@ -734,7 +767,10 @@ Deno.test("server keeps a threshold from GLIBC_TUNABLES", async () => {
 });
 
 Deno.test("daemon malloc environment follows the user's settings", () => {
-  const saved = { threshold: Deno.env.get("MALLOC_MMAP_THRESHOLD_"), tunables: Deno.env.get("GLIBC_TUNABLES") };
+  const saved = {
+    threshold: Deno.env.get("MALLOC_MMAP_THRESHOLD_"),
+    tunables: Deno.env.get("GLIBC_TUNABLES"),
+  };
   const set = (name: string, value: string | undefined) =>
     value === undefined ? Deno.env.delete(name) : Deno.env.set(name, value);
   try {
@@ -748,7 +784,9 @@ Deno.test("daemon malloc environment follows the user's settings", () => {
       assert.deepEqual(daemonMallocEnvironment(), { MALLOC_MMAP_THRESHOLD_: "131072" }, invalid);
     }
     set("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536");
-    assert.deepEqual(daemonMallocEnvironment(), { GLIBC_TUNABLES: "glibc.malloc.mmap_threshold=65536" });
+    assert.deepEqual(daemonMallocEnvironment(), {
+      GLIBC_TUNABLES: "glibc.malloc.mmap_threshold=65536",
+    });
   } finally {
     set("MALLOC_MMAP_THRESHOLD_", saved.threshold);
     set("GLIBC_TUNABLES", saved.tunables);
@@ -757,7 +795,14 @@ Deno.test("daemon malloc environment follows the user's settings", () => {
 
 Deno.test("server without FFI permission warns about malloc", async () => {
   await using server = await startServer(APP_SCRIPT, MMAP_ARGS, {
-    permissions: ["--allow-read", "--allow-write", "--allow-net", "--allow-env", "--allow-run", "--allow-sys"],
+    permissions: [
+      "--allow-read",
+      "--allow-write",
+      "--allow-net",
+      "--allow-env",
+      "--allow-run",
+      "--allow-sys",
+    ],
   });
   assert.equal((await getText(server, "/do/hello")).text, "hello");
   assert.match(
@@ -768,7 +813,14 @@ Deno.test("server without FFI permission warns about malloc", async () => {
 
 Deno.test("server without FFI names an invalid threshold", async () => {
   await using server = await startServer(APP_SCRIPT, MMAP_ARGS, {
-    permissions: ["--allow-read", "--allow-write", "--allow-net", "--allow-env", "--allow-run", "--allow-sys"],
+    permissions: [
+      "--allow-read",
+      "--allow-write",
+      "--allow-net",
+      "--allow-env",
+      "--allow-run",
+      "--allow-sys",
+    ],
     env: { MALLOC_MMAP_THRESHOLD_: "abc" },
   });
   assert.equal((await getText(server, "/do/hello")).text, "hello");
@@ -821,7 +873,12 @@ def application(environ, start_response):
 `,
   );
   try {
-    await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--env", "GREETING=hello there"], {
+    await using server = await startServer(`${folder}/app.wsgi`, [
+      "--threads",
+      "1",
+      "--env",
+      "GREETING=hello there",
+    ], {
       env: { WSGIRUN_TEST_SERVER_ONLY: "secret" },
     });
     const text = await (await fetch(server.origin + "/")).text();
@@ -835,7 +892,18 @@ def application(environ, start_response):
 
 Deno.test("server IPv6 address in brackets", async () => {
   const command = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--config", repoPath("deno.json"), repoPath("main.ts"), APP_SCRIPT, "--host", "::1", "--port", "0"],
+    args: [
+      "run",
+      "--allow-all",
+      "--config",
+      repoPath("deno.json"),
+      repoPath("main.ts"),
+      APP_SCRIPT,
+      "--host",
+      "::1",
+      "--port",
+      "0",
+    ],
     stdout: "null",
     stderr: "piped",
     stdin: "null",

@@ -109,6 +109,9 @@ Deno.test("unpacking rejects a page map that does not match the data", () => {
   badFlag[HEADER_BYTES] = 7;
   assert.throws(() => unpackSnapshot(badFlag, snapshot.length), /flag 7/);
 
-  assert.throws(() => unpackSnapshot(packed, snapshot.length + PAGE_BYTES), /invalid page map|does not fit/);
+  assert.throws(
+    () => unpackSnapshot(packed, snapshot.length + PAGE_BYTES),
+    /invalid page map|does not fit/,
+  );
   assert.throws(() => unpackSnapshot(packed.subarray(0, 6), snapshot.length), /too short/);
 });

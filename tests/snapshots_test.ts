@@ -17,7 +17,9 @@ def application(environ, start_response):
 
 async function makeApp(files: Record<string, string>): Promise<string> {
   const folder = await Deno.makeTempDir({ prefix: "wsgirun-snapshot-app-" });
-  for (const [name, text] of Object.entries(files)) await Deno.writeTextFile(`${folder}/${name}`, text);
+  for (const [name, text] of Object.entries(files)) {
+    await Deno.writeTextFile(`${folder}/${name}`, text);
+  }
   return folder;
 }
 
@@ -40,14 +42,24 @@ async function body(origin: string, path = "/"): Promise<string> {
 /** Makes sure the shared test cache has the Python 3.14 runtime snapshot. */
 async function warmRuntimeSnapshot(): Promise<void> {
   const folder = await makeApp({ "app.wsgi": HELLO });
-  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--snapshot", "runtime"]);
+  await using server = await startServer(`${folder}/app.wsgi`, [
+    "--threads",
+    "1",
+    "--snapshot",
+    "runtime",
+  ]);
   assert.equal(await body(server.origin), "hello");
 }
 
 Deno.test("runtime snapshot reused from cache", async () => {
   await warmRuntimeSnapshot();
   const folder = await makeApp({ "app.wsgi": HELLO });
-  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--snapshot", "runtime"]);
+  await using server = await startServer(`${folder}/app.wsgi`, [
+    "--threads",
+    "1",
+    "--snapshot",
+    "runtime",
+  ]);
 
   assert.equal(await body(server.origin), "hello");
   assert.doesNotMatch(server.log(), /building the Python 3\.14 runtime snapshot/);
@@ -93,7 +105,9 @@ function joinSnapshotFile(lines: string[], packed: Uint8Array): Uint8Array<Array
 }
 
 async function sha256Hex(data: Uint8Array): Promise<string> {
-  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>));
+  const digest = new Uint8Array(
+    await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>),
+  );
   return Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join("");
 }
 
@@ -222,12 +236,19 @@ Deno.test("app snapshot header edits rebuilt", async () => {
   const [name] = await snapshotFiles(cache, "app-");
   const path = `${cache}/${name}`;
 
-  const edits: { change: string; edit: (file: SnapshotFile) => Uint8Array | Promise<Uint8Array>; reason: RegExp }[] = [
+  const edits: {
+    change: string;
+    edit: (file: SnapshotFile) => Uint8Array | Promise<Uint8Array>;
+    reason: RegExp;
+  }[] = [
     {
       change: "a snapshotBytes that still unpacks",
       edit: (file) => {
         const length = otherUnpackableLength(file.packed, file.header.snapshotBytes);
-        assert.ok(length !== undefined, `no length near ${file.header.snapshotBytes} unpacks ${name}`);
+        assert.ok(
+          length !== undefined,
+          `no length near ${file.header.snapshotBytes} unpacks ${name}`,
+        );
         const header = JSON.stringify({ ...file.header, snapshotBytes: length });
         return joinSnapshotFile([file.magic, file.sha256, header], file.packed);
       },
@@ -286,10 +307,12 @@ Deno.test("builds of different snapshots do not wait", async () => {
   // Two applications whose imports each take 1.5 s, so their builds overlap.
   const slowApp = (name: string) =>
     makeApp({
-      [`${name}.wsgi`]: `import time\nstarted = time.time()\nwhile time.time() - started < 1.5:\n    pass\n${HELLO}`,
+      [`${name}.wsgi`]:
+        `import time\nstarted = time.time()\nwhile time.time() - started < 1.5:\n    pass\n${HELLO}`,
     });
   const [first, second] = await Promise.all([slowApp("first"), slowApp("second")]);
-  const start = (script: string) => startServer(script, ["--threads", "1"], { env: { WSGIRUN_CACHE_DIR: cache } });
+  const start = (script: string) =>
+    startServer(script, ["--threads", "1"], { env: { WSGIRUN_CACHE_DIR: cache } });
 
   const servers = await Promise.all([start(`${first}/first.wsgi`), start(`${second}/second.wsgi`)]);
   await using one = servers[0];
@@ -303,7 +326,9 @@ Deno.test("builds of different snapshots do not wait", async () => {
 
 /** Returns the names of the lock files in `folder`. */
 function lockFiles(folder: string): string[] {
-  return Array.from(Deno.readDirSync(folder), (entry) => entry.name).filter((name) => name.endsWith(".lock"));
+  return Array.from(Deno.readDirSync(folder), (entry) => entry.name).filter((name) =>
+    name.endsWith(".lock")
+  );
 }
 
 Deno.test("lock removed after skipped app snapshot", async () => {
@@ -370,7 +395,10 @@ Deno.test("unused lock files removed", async () => {
     /removed the lock file \S*00000000000000aa\.snapshot\.lock: its snapshot does not exist and no build holds its lock/,
     10_000,
   );
-  await server.waitForLog(/kept the lock file \S*00000000000000cc\.snapshot\.lock because a build holds its lock/, 10_000);
+  await server.waitForLog(
+    /kept the lock file \S*00000000000000cc\.snapshot\.lock because a build holds its lock/,
+    10_000,
+  );
 
   const left = lockFiles(cache);
   assert.ok(!left.includes(orphanLock), "a lock file without its snapshot is removed");
@@ -405,7 +433,11 @@ Deno.test("build relocks a replaced lock file", async () => {
   await first.unlock();
   await server.waitForLog(/was removed while this build waited for its lock/, 10_000);
   await new Promise((resolve) => setTimeout(resolve, 1000));
-  assert.doesNotMatch(server.log(), /building the application snapshot/, "the server built while the new file was locked");
+  assert.doesNotMatch(
+    server.log(),
+    /building the application snapshot/,
+    "the server built while the new file was locked",
+  );
 
   await second.unlock();
   await server.waitForLog(/application snapshot built/, 60_000);
@@ -465,7 +497,20 @@ Deno.test("runtime snapshot keyed by adapter source", async () => {
 
   const folder = await makeApp({ "app.wsgi": HELLO });
   const command = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--config", `${copy}/deno.json`, `${copy}/main.ts`, `${folder}/app.wsgi`, "--port", "0", "--threads", "1", "--snapshot", "runtime"],
+    args: [
+      "run",
+      "--allow-all",
+      "--config",
+      `${copy}/deno.json`,
+      `${copy}/main.ts`,
+      `${folder}/app.wsgi`,
+      "--port",
+      "0",
+      "--threads",
+      "1",
+      "--snapshot",
+      "runtime",
+    ],
     env: { WSGIRUN_CACHE_DIR: cache },
     stdout: "null",
     stderr: "piped",
@@ -480,7 +525,10 @@ Deno.test("runtime snapshot keyed by adapter source", async () => {
   child.kill("SIGTERM");
   await child.status;
 
-  assert.match(log, /building the Python 3\.14 runtime snapshot \(the cached one is of another wsgirun or Pyodide build\)/);
+  assert.match(
+    log,
+    /building the Python 3\.14 runtime snapshot \(the cached one is of another wsgirun or Pyodide build\)/,
+  );
   const files = await snapshotFiles(cache, "runtime-python3.14-");
   assert.equal(files.length, 2);
   assert.ok(files.includes(original));
@@ -520,24 +568,49 @@ Deno.test("runtime snapshots of old builds removed", async () => {
   );
   assert.equal(await body(server.origin), "hello");
   await server.waitForLog(/removed .*runtime-python3\.12-00000000000000bb\.snapshot/, 10_000);
-  await server.waitForLog(/removed .*runtime-python3\.14-00000000000000aa\.snapshot: .* unused for 8 days/, 10_000);
+  await server.waitForLog(
+    /removed .*runtime-python3\.14-00000000000000aa\.snapshot: .* unused for 8 days/,
+    10_000,
+  );
 
   const left = await snapshotFiles(cache, "");
   assert.ok(left.includes(current), "the current runtime snapshot is kept, however old");
-  assert.ok(left.includes("runtime-python3.14-00000000000000cc.snapshot"), "a recently used one is kept");
-  assert.ok(left.includes("app-other.wsgi-00000000000000dd.snapshot"), "application snapshots are left alone");
+  assert.ok(
+    left.includes("runtime-python3.14-00000000000000cc.snapshot"),
+    "a recently used one is kept",
+  );
+  assert.ok(
+    left.includes("app-other.wsgi-00000000000000dd.snapshot"),
+    "application snapshots are left alone",
+  );
   assert.ok(!left.includes("runtime-python3.14-00000000000000aa.snapshot"));
   assert.ok(!left.includes("runtime-python3.12-00000000000000bb.snapshot"));
-  await server.waitForLog(/removed .*00000000000000ee\.snapshot\.4242\.1a2b3c4d\.tmp: a temporary file/, 10_000);
+  await server.waitForLog(
+    /removed .*00000000000000ee\.snapshot\.4242\.1a2b3c4d\.tmp: a temporary file/,
+    10_000,
+  );
   const entries = Array.from(Deno.readDirSync(cache), (entry) => entry.name);
-  assert.ok(entries.includes("app-other.wsgi-00000000000000ff.snapshot.4243.1a2b3c4d.tmp"), "a recent temporary file may belong to a running build");
-  assert.ok(entries.includes("runtime-python3.14-00000000000000ab.snapshot"), "a folder is never removed");
+  assert.ok(
+    entries.includes("app-other.wsgi-00000000000000ff.snapshot.4243.1a2b3c4d.tmp"),
+    "a recent temporary file may belong to a running build",
+  );
+  assert.ok(
+    entries.includes("runtime-python3.14-00000000000000ab.snapshot"),
+    "a folder is never removed",
+  );
 });
 
 Deno.test("runtime snapshot keyed by Pyodide version", async () => {
   const names314 = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.14-");
   const folder = await makeApp({ "app.wsgi": HELLO });
-  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--python", "3.12", "--snapshot", "runtime"]);
+  await using server = await startServer(`${folder}/app.wsgi`, [
+    "--threads",
+    "1",
+    "--python",
+    "3.12",
+    "--snapshot",
+    "runtime",
+  ]);
 
   assert.equal(await body(server.origin), "hello");
   const names312 = await snapshotFiles(TEST_CACHE_DIR, "runtime-python3.12-");
@@ -572,13 +645,19 @@ def application(environ, start_response):
     assert.doesNotMatch(server.log(), /building the application snapshot/);
   }
   const used = (await Deno.stat(`${TEST_CACHE_DIR}/${runtime}`)).mtime!.getTime();
-  assert.ok(Date.now() - used < 60_000, `the runtime snapshot was last used at ${new Date(used).toISOString()}`);
+  assert.ok(
+    Date.now() - used < 60_000,
+    `the runtime snapshot was last used at ${new Date(used).toISOString()}`,
+  );
 
   await Deno.writeTextFile(`${folder}/settings_module.py`, 'VALUE = "second, edited"\n');
   {
     await using server = await startServer(script, ["--threads", "1"]);
     assert.equal(await body(server.origin), "second, edited");
-    assert.match(server.log(), /building the application snapshot \(.*settings_module\.py changed\)/);
+    assert.match(
+      server.log(),
+      /building the application snapshot \(.*settings_module\.py changed\)/,
+    );
   }
 });
 
@@ -601,7 +680,10 @@ def application(environ, start_response):
     await server.waitForLog(/building the application snapshot/, 30_000);
     await new Promise((resolve) => setTimeout(resolve, 1000));
     await Deno.writeTextFile(`${folder}/slow_module.py`, slowModule("second"));
-    await server.waitForLog(/application snapshot not cached: .*slow_module\.py changed while/, 30_000);
+    await server.waitForLog(
+      /application snapshot not cached: .*slow_module\.py changed while/,
+      30_000,
+    );
     // This run keeps what it imported, as if the edit came after its start.
     assert.equal(await body(server.origin), "first");
   }
@@ -659,20 +741,32 @@ ${HELLO}`,
     `${folder}/fake_speedups.cpython-312-x86_64-linux-gnu.so`,
     new Uint8Array([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0]),
   );
-  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"], { env: { WSGIRUN_CACHE_DIR: cache } });
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"], {
+    env: { WSGIRUN_CACHE_DIR: cache },
+  });
 
   assert.equal(await body(server.origin), "hello");
   assert.match(server.log(), /application snapshot built/);
-  assert.match(server.log(), /INFO .*cannot import fake_speedups: .* is a C extension built for another platform/);
+  assert.match(
+    server.log(),
+    /INFO .*cannot import fake_speedups: .* is a C extension built for another platform/,
+  );
   assert.doesNotMatch(server.log(), /WARNING .*fake_speedups/);
 });
 
 Deno.test("snapshot files readable by owner only", async () => {
   const cache = await cacheWithRuntimeSnapshot();
-  const folder = await makeApp({ "app.wsgi": `import os
+  const folder = await makeApp({
+    "app.wsgi": `import os
 TOKEN = os.environ["TOKEN"]
-${HELLO}` });
-  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--env", "TOKEN=not-for-others"], {
+${HELLO}`,
+  });
+  await using server = await startServer(`${folder}/app.wsgi`, [
+    "--threads",
+    "1",
+    "--env",
+    "TOKEN=not-for-others",
+  ], {
     env: { WSGIRUN_CACHE_DIR: `${cache}/sub` },
   });
   assert.equal(await body(server.origin), "hello");
@@ -716,7 +810,12 @@ def application(environ, start_response):
 
 Deno.test("snapshot off starts from scratch", async () => {
   const folder = await makeApp({ "app.wsgi": HELLO });
-  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1", "--snapshot", "off"]);
+  await using server = await startServer(`${folder}/app.wsgi`, [
+    "--threads",
+    "1",
+    "--snapshot",
+    "off",
+  ]);
 
   assert.equal(await body(server.origin), "hello");
   assert.doesNotMatch(server.log(), /snapshot/);

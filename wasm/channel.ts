@@ -78,7 +78,11 @@ export class RequestControl {
   #table: ControlTable | null;
   #released = false;
 
-  constructor(buffer = new SharedArrayBuffer(CONTROL_WORDS * 4), slot = -1, table: ControlTable | null = null) {
+  constructor(
+    buffer = new SharedArrayBuffer(CONTROL_WORDS * 4),
+    slot = -1,
+    table: ControlTable | null = null,
+  ) {
     this.buffer = buffer;
     this.slot = slot;
     this.#table = table;
@@ -194,7 +198,12 @@ export function blockedDuring<T>(wait: () => T): T {
 }
 
 /** Worker side: Atomics.wait, with the blocked word set meanwhile. */
-export function waitBlocked(words: Int32Array, index: number, value: number, timeoutMs: number): void {
+export function waitBlocked(
+  words: Int32Array,
+  index: number,
+  value: number,
+  timeoutMs: number,
+): void {
   if (blockedWord) Atomics.store(blockedWord, 0, 1);
   Atomics.wait(words, index, value, timeoutMs);
   if (blockedWord) Atomics.store(blockedWord, 0, 0);
@@ -306,7 +315,9 @@ export class RequestInbox {
   #encoder = new TextEncoder();
   #decoder = new TextDecoder();
 
-  constructor(buffer = new SharedArrayBuffer(INBOX_HEADER_BYTES + INBOX_ENTRIES * INBOX_ENTRY_BYTES)) {
+  constructor(
+    buffer = new SharedArrayBuffer(INBOX_HEADER_BYTES + INBOX_ENTRIES * INBOX_ENTRY_BYTES),
+  ) {
     this.buffer = buffer;
     this.#words = new Int32Array(buffer);
     this.#bytes = new Uint8Array(buffer, INBOX_HEADER_BYTES);
@@ -326,7 +337,8 @@ export class RequestInbox {
 
   /** Whether another entry fits now. */
   get hasRoom(): boolean {
-    const used = (Atomics.load(this.#words, INBOX_WRITTEN) - Atomics.load(this.#words, INBOX_READ)) | 0;
+    const used =
+      (Atomics.load(this.#words, INBOX_WRITTEN) - Atomics.load(this.#words, INBOX_READ)) | 0;
     return used < INBOX_ENTRIES;
   }
 

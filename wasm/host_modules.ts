@@ -130,7 +130,11 @@ export function installHostModules(
  * this before it imports the application, and each isolate calls
  * `installHostModules` after the restore.
  */
-export function installHostPython(pyodide: PyodideForHost, app: AppSpec, identity: ProcessIdentity | null): void {
+export function installHostPython(
+  pyodide: PyodideForHost,
+  app: AppSpec,
+  identity: ProcessIdentity | null,
+): void {
   writeShimFiles(pyodide);
   mountWritableFolders(pyodide, app.writePaths ?? []);
   mountZoneinfo(pyodide);

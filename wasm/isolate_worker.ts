@@ -11,7 +11,14 @@
 
 /// <reference lib="deno.worker" />
 
-import { BodyRing, type InboxRequest, RequestControl, RequestInbox, useBlockedWord, waitBlocked } from "./channel.ts";
+import {
+  BodyRing,
+  type InboxRequest,
+  RequestControl,
+  RequestInbox,
+  useBlockedWord,
+  waitBlocked,
+} from "./channel.ts";
 import {
   type FromWorker,
   type InitMessage,
@@ -19,7 +26,7 @@ import {
   type RequestMessage,
   type ToWorker,
 } from "./protocol.ts";
-import { type AppSpec, appReadPaths } from "../supervisor/app_spec.ts";
+import { appReadPaths, type AppSpec } from "../supervisor/app_spec.ts";
 import {
   describeError,
   interpreterMemoryPages,

@@ -115,7 +115,11 @@ function wrapFactory(factory: ModuleFactory): ModuleFactory {
       const restore = module.API.restoreSnapshot.bind(module.API);
       module.API.restoreSnapshot = (snapshot) => {
         const headerBytes = snapshotHeaderBytes(snapshot);
-        if (!interpreterMemory) throw new Error("cannot restore the snapshot: the interpreter's wasm memory was not found");
+        if (!interpreterMemory) {
+          throw new Error(
+            "cannot restore the snapshot: the interpreter's wasm memory was not found",
+          );
+        }
         writeDataPages(interpreterMemory, snapshot.subarray(headerBytes), pages);
         // Pyodide checks the header and copies the image after it, which is now empty.
         return restore(snapshot.subarray(0, headerBytes));
@@ -153,9 +157,15 @@ function findImportedMemory(imports: WebAssembly.Imports | undefined): WebAssemb
  * Only memory the module exports is grown: Pyodide 0.27.8 imports its memory
  * and sizes it from the snapshot correctly.
  */
-function hookInstantiate(wasmModule: WebAssembly.Module | null | undefined, heapEnd: number): () => void {
+function hookInstantiate(
+  wasmModule: WebAssembly.Module | null | undefined,
+  heapEnd: number,
+): () => void {
   const original = WebAssembly.instantiate;
-  const hooked = async (source: BufferSource | WebAssembly.Module, imports?: WebAssembly.Imports) => {
+  const hooked = async (
+    source: BufferSource | WebAssembly.Module,
+    imports?: WebAssembly.Imports,
+  ) => {
     const isInterpreter = !(source instanceof WebAssembly.Module) &&
       source.byteLength >= INTERPRETER_MIN_BYTES;
     if (!isInterpreter) return original(source as BufferSource, imports);
@@ -249,7 +259,9 @@ const EMSCRIPTEN_ERRNO: Record<number, string> = {
 export function describeError(error: unknown): string {
   const isObject = typeof error === "object" && error !== null;
   const errno = isObject ? (error as { errno?: unknown }).errno : undefined;
-  if (typeof errno === "number") return `${EMSCRIPTEN_ERRNO[errno] ?? "error"} (Emscripten errno ${errno})`;
+  if (typeof errno === "number") {
+    return `${EMSCRIPTEN_ERRNO[errno] ?? "error"} (Emscripten errno ${errno})`;
+  }
   if (error instanceof Error) return String(error);
   if (isObject) {
     try {

@@ -77,7 +77,7 @@ function importAdapter(pyodide: SnapshotPyodide): void {
   pyodide.runPython("import _wsgirun_adapter");
 }
 
-async function importApplication(pyodide: SnapshotPyodide, message: BuildSnapshotMessage) {
+function importApplication(pyodide: SnapshotPyodide, message: BuildSnapshotMessage): string[] {
   const app = message.app!;
   mountHostFolders(pyodide.FS, appReadPaths(app));
   // The application must import the host-backed sqlite3, socket and fcntl, as it does in isolates.
@@ -90,7 +90,14 @@ async function importApplication(pyodide: SnapshotPyodide, message: BuildSnapsho
   }
 
   const loader = pyodide.pyimport("_wsgirun_app_loader");
-  loader.configure(app.name, app.scriptPath ?? "", app.module ?? "", app.callable, app.pythonPath, true);
+  loader.configure(
+    app.name,
+    app.scriptPath ?? "",
+    app.module ?? "",
+    app.callable,
+    app.pythonPath,
+    true,
+  );
   if (app.home) pyodide.runPython(`import os; os.chdir(${JSON.stringify(app.home)})`);
   loader.load_application();
 
@@ -122,7 +129,7 @@ export async function buildSnapshot(
 
     let files: string[] = [];
     if (message.app) {
-      files = await importApplication(pyodide, message);
+      files = importApplication(pyodide, message);
     } else {
       if (message.modules.length > 0) pyodide.runPython(`import ${message.modules.join(", ")}`);
       importAdapter(pyodide);
@@ -130,6 +137,9 @@ export async function buildSnapshot(
     const bytes = pyodide.makeMemorySnapshot();
     post({ type: "snapshot", bytes, files }, [bytes.buffer]);
   } catch (error) {
-    post({ type: "snapshot-failed", reason: error instanceof Error ? error.message : String(error) });
+    post({
+      type: "snapshot-failed",
+      reason: error instanceof Error ? error.message : String(error),
+    });
   }
 }

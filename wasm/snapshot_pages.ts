@@ -70,8 +70,12 @@ export function packSnapshot(snapshot: Uint8Array): Uint8Array<ArrayBuffer> {
  * needs no scan. Throws a RangeError when `packed` does not fit that length.
  */
 export function unpackSnapshot(packed: Uint8Array, snapshotBytes: number): SharedArrayBuffer {
-  if (!Number.isSafeInteger(snapshotBytes)) throw new RangeError(`no snapshot length (${snapshotBytes})`);
-  if (packed.length < 8) throw new RangeError(`${packed.length} bytes are too short for a snapshot`);
+  if (!Number.isSafeInteger(snapshotBytes)) {
+    throw new RangeError(`no snapshot length (${snapshotBytes})`);
+  }
+  if (packed.length < 8) {
+    throw new RangeError(`${packed.length} bytes are too short for a snapshot`);
+  }
   const headerBytes = snapshotHeaderBytes(packed);
   if (headerBytes > packed.length || headerBytes > snapshotBytes) {
     throw new RangeError(`the snapshot header of ${headerBytes} bytes does not fit`);
@@ -87,7 +91,11 @@ export function unpackSnapshot(packed: Uint8Array, snapshotBytes: number): Share
     if (flag) dataBytes += pageLength(page, imageBytes);
   }
   if (mapEnd + dataBytes !== packed.length) {
-    throw new RangeError(`invalid page map: it counts ${dataBytes} bytes of data, the file contains ${packed.length - mapEnd}`);
+    throw new RangeError(
+      `invalid page map: it counts ${dataBytes} bytes of data, the file contains ${
+        packed.length - mapEnd
+      }`,
+    );
   }
 
   const snapshot = new SharedArrayBuffer(snapshotBytes);

@@ -38,7 +38,11 @@ export interface LoadResult {
 }
 
 /** Sends requests from `concurrency` loops until `stop` resolves. */
-export async function runLoad(url: string, concurrency: number, stop: Promise<void>): Promise<LoadResult> {
+export async function runLoad(
+  url: string,
+  concurrency: number,
+  stop: Promise<void>,
+): Promise<LoadResult> {
   let stopped = false;
   stop.then(() => (stopped = true));
   const result: LoadResult = { ok: 0, failures: [], servedBy: [] };
@@ -59,7 +63,11 @@ export async function runLoad(url: string, concurrency: number, stop: Promise<vo
 }
 
 /** Sends requests from `concurrency` loops for `durationMs` milliseconds. */
-export async function runLoadFor(url: string, concurrency: number, durationMs: number): Promise<LoadResult> {
+export async function runLoadFor(
+  url: string,
+  concurrency: number,
+  durationMs: number,
+): Promise<LoadResult> {
   const { promise: stop, resolve: stopLoad } = Promise.withResolvers<void>();
   const load = runLoad(url, concurrency, stop);
   await delay(durationMs);

@@ -89,7 +89,9 @@ export async function startServer(
     waiters.push(waiter);
     const timer = setTimeout(() => {
       waiters.splice(waiters.indexOf(waiter), 1);
-      reject(new Error(`no log line matching ${pattern} within ${timeoutMs} ms; log so far:\n${stderr}`));
+      reject(
+        new Error(`no log line matching ${pattern} within ${timeoutMs} ms; log so far:\n${stderr}`),
+      );
     }, timeoutMs);
     return promise.finally(() => clearTimeout(timer));
   };
@@ -115,9 +117,13 @@ export async function startServer(
   const untilExit = <T>(wait: Promise<T>) => Promise.race([wait, exited]);
 
   try {
-    const listening = await untilExit(waitForLog(/listening on http:\/\/[^:]+:(\d+)/, options.timeoutMs));
+    const listening = await untilExit(
+      waitForLog(/listening on http:\/\/[^:]+:(\d+)/, options.timeoutMs),
+    );
     const port = Number(listening.match(/:(\d+)/)![1]);
-    if (options.waitForReady ?? true) await untilExit(waitForLog(/isolate ready/, options.timeoutMs));
+    if (options.waitForReady ?? true) {
+      await untilExit(waitForLog(/isolate ready/, options.timeoutMs));
+    }
     return {
       origin: `http://127.0.0.1:${port}`,
       port,

@@ -162,7 +162,11 @@ const VALID_CASES: ValidCase[] = [
   { args: ["--threads", "4"], read: (o) => o.minThreads, expected: () => 4 },
   { args: ["--threads", "4", "--min-threads", "1"], read: (o) => o.minThreads, expected: () => 1 },
   { args: ["--threads", "4", "--min-threads", "4"], read: (o) => o.minThreads, expected: () => 4 },
-  { args: ["--inactivity-timeout", "2.5"], read: (o) => o.inactivityTimeoutMs, expected: () => 2500 },
+  {
+    args: ["--inactivity-timeout", "2.5"],
+    read: (o) => o.inactivityTimeoutMs,
+    expected: () => 2500,
+  },
   { args: ["--inactivity-timeout", "0"], read: (o) => o.inactivityTimeoutMs, expected: () => 0 },
   { args: ["--threads", "5"], read: (o) => o.maximumRequests, expected: () => 0 },
   { args: ["--maximum-requests", "1000"], read: (o) => o.maximumRequests, expected: () => 1000 },
@@ -173,13 +177,33 @@ const VALID_CASES: ValidCase[] = [
     expected: () => ({ A: "2", B: "x=y", EMPTY: "" }),
   },
   { args: ["--threads", "6"], read: (o) => o.memoryLimitBytes, expected: () => 0 },
-  { args: ["--memory-limit", "512M"], read: (o) => o.memoryLimitBytes, expected: () => 512 * 1024 * 1024 },
-  { args: ["--memory-limit", "1g"], read: (o) => o.memoryLimitBytes, expected: () => 1024 * 1024 * 1024 },
-  { args: ["--memory-limit", "65536K"], read: (o) => o.memoryLimitBytes, expected: () => 64 * 1024 * 1024 },
-  { args: ["--memory-limit", "268435456"], read: (o) => o.memoryLimitBytes, expected: () => 268435456 },
+  {
+    args: ["--memory-limit", "512M"],
+    read: (o) => o.memoryLimitBytes,
+    expected: () => 512 * 1024 * 1024,
+  },
+  {
+    args: ["--memory-limit", "1g"],
+    read: (o) => o.memoryLimitBytes,
+    expected: () => 1024 * 1024 * 1024,
+  },
+  {
+    args: ["--memory-limit", "65536K"],
+    read: (o) => o.memoryLimitBytes,
+    expected: () => 64 * 1024 * 1024,
+  },
+  {
+    args: ["--memory-limit", "268435456"],
+    read: (o) => o.memoryLimitBytes,
+    expected: () => 268435456,
+  },
   { args: ["--memory-limit", "0"], read: (o) => o.memoryLimitBytes, expected: () => 0 },
   { args: ["--shutdown-timeout", "0"], read: (o) => o.shutdownTimeoutMs, expected: () => 0 },
-  { args: ["--shutdown-timeout", "2147483"], read: (o) => o.shutdownTimeoutMs, expected: () => 2_147_483_000 },
+  {
+    args: ["--shutdown-timeout", "2147483"],
+    read: (o) => o.shutdownTimeoutMs,
+    expected: () => 2_147_483_000,
+  },
 ];
 
 for (const testCase of VALID_CASES) {
