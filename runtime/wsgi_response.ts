@@ -91,9 +91,16 @@ function buildHeaders(message: StartMessage): Headers | string {
   return headers;
 }
 
-/** Status codes that never carry a body. */
+/**
+ * Statuses whose responses never carry a body: the Fetch standard's "null
+ * body status" list without the 1xx codes, which an application cannot send.
+ * Deno's Response constructor throws for one of them with a non-null body.
+ */
+const NULL_BODY_STATUSES = new Set([204, 205, 304]);
+
+/** Whether the response to `method` with `status` has no body. */
 function bodyless(method: string, status: number): boolean {
-  return method === "HEAD" || status === 204 || status === 304;
+  return method === "HEAD" || NULL_BODY_STATUSES.has(status);
 }
 
 export class ResponseBuilder implements ResponseSink {
@@ -138,7 +145,9 @@ export class ResponseBuilder implements ResponseSink {
       // Deno adds "content-length: 0" to a HEAD response with a null body,
       // which states that the GET body is empty. With an empty stream
       // Deno sends no length, and a length the application set stays as is.
-      const body = this.#options.method === "HEAD" && !headers.has("content-length")
+      const emptyStream = this.#options.method === "HEAD" && !headers.has("content-length") &&
+        !NULL_BODY_STATUSES.has(message.status);
+      const body = emptyStream
         ? new ReadableStream({ start: (controller) => controller.close() })
         : null;
       this.#resolve(new Response(body, { status: message.status, headers }));

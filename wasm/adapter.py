@@ -306,7 +306,7 @@ class Response:
 
     @property
     def body_allowed(self):
-        return self.method != "HEAD" and self.code not in (204, 304) and self.code >= 200
+        return self.method != "HEAD" and self.code not in (204, 205, 304) and self.code >= 200
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info:
@@ -455,7 +455,7 @@ def _fast_body(result, response):
         parts.append(part)
     body = b"".join(parts) if len(parts) != 1 else parts[0]
     if not response.body_allowed:
-        if response.method == "HEAD" and response.content_length is None and response.code not in (204, 304):
+        if response.method == "HEAD" and response.content_length is None and response.code not in (204, 205, 304):
             # Tell a HEAD client the length a GET would have had.
             response.headers += ["Content-Length", str(len(body))]
         return b""
