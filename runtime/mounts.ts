@@ -7,7 +7,7 @@
  * that matches its path at a segment boundary.
  */
 
-import type { AppSpec } from "../supervisor/app_spec.ts";
+import { appReadPaths, type AppSpec } from "../supervisor/app_spec.ts";
 import type { AppBackend } from "../supervisor/backend.ts";
 import { DaemonGroup } from "../supervisor/daemon_group.ts";
 import { type DaemonGroupSpec, groupAppSpec } from "../supervisor/daemon_spec.ts";
@@ -217,7 +217,8 @@ export class MountTable {
         mountPoint: spec.mountPoint,
         app: spec.app,
         backend,
-        filePaths: spec.app.pythonPath,
+        // The folders the isolates mount: a file the application opened there may be sent.
+        filePaths: appReadPaths(spec.app),
         logger: appLogger,
       };
     }

@@ -14,6 +14,7 @@ import type { RequestHandle } from "../supervisor/backend.ts";
 import {
   type EndMessage,
   type FileMessage,
+  shortFileError,
   startBodyBytes,
   type StartMessage,
 } from "../wasm/protocol.ts";
@@ -117,7 +118,8 @@ export class ResponseBuilder implements ResponseSink {
   #started = false;
   #done = false;
   #stream: ReadableStreamDefaultController<Uint8Array> | null = null;
-  #file: { handle: Deno.FsFile; remaining: number } | null = null;
+  /** The file being sent, and the bytes of it that the Content-Length still requires. */
+  #file: { handle: Deno.FsFile; remaining: number; path: string } | null = null;
 
   constructor(options: ResponseBuilderOptions) {
     this.#options = options;
@@ -301,7 +303,7 @@ export class ResponseBuilder implements ResponseSink {
       const handle = await Deno.open(message.path, { read: true });
       await handle.seek(message.offset, Deno.SeekMode.Start);
       const remaining = message.length < 0 ? Infinity : message.length;
-      this.#file = { handle, remaining };
+      this.#file = { handle, remaining, path: message.path };
     } catch (error) {
       this.#items.unshift({ kind: "end", error: `cannot send file '${message.path}': ${error}` });
     }
@@ -316,6 +318,10 @@ export class ResponseBuilder implements ResponseSink {
     if (count === null || count === 0) {
       file.handle.close();
       this.#file = null;
+      if (file.remaining > 0 && file.remaining !== Infinity) {
+        // The body falls short of its Content-Length, so it must end in error.
+        this.#items.unshift({ kind: "end", error: shortFileError(file.path, file.remaining) });
+      }
       return undefined;
     }
     file.remaining -= count;

@@ -50,6 +50,7 @@ import { BODY_RING_BYTES, BodyRing, type RequestControl } from "../wasm/channel.
 import {
   type EndMessage,
   type FileMessage,
+  shortFileError,
   startBodyBytes,
   type StartMessage,
 } from "../wasm/protocol.ts";
@@ -257,6 +258,10 @@ class DaemonRequest implements ResponseSink {
         remaining -= count;
         this.#fileBytesInFlight += count;
         this.#daemon.send(Frame.RESPONSE_BODY, this.id, piece.subarray(0, count));
+      }
+      if (remaining > 0 && remaining !== Infinity && !this.control.cancelled) {
+        // The body falls short of its Content-Length, so it must end in error.
+        this.#abortResponse(shortFileError(message.path, remaining));
       }
     } catch (error) {
       this.#abortResponse(`cannot send file '${message.path}': ${error}`);

@@ -800,6 +800,14 @@ Deno.test("daemon server", async (t) => {
       const response = await getText(origin + "/do/file");
       assert.equal(response.status, 200);
       assert.equal(response.body, "file_wrapper data from the daemon's folder\n");
+
+      // A file that ends before the Content-Length cuts the response, with a log line.
+      await assert.rejects(getText(origin + "/do/file?short"));
+      await server.waitForLog(/ended 10 bytes short/);
+      assert.match(
+        server.log(),
+        /ERROR \[group=site pid=\d+ request=[\w-]+@\d+\] wsgi\.file_wrapper file '.*\/data\.txt' ended 10 bytes short of the Content-Length/,
+      );
     });
 
     await t.step("sandbox denies and logs", async () => {

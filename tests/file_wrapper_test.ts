@@ -1,6 +1,6 @@
 /**
- * wsgi.file_wrapper with a Content-Length: the front sends the file, and the
- * adapter must count those bytes instead of reporting a short body.
+ * wsgi.file_wrapper in embedded mode: the front sends real files itself, and
+ * the adapter must count those bytes instead of reporting a short body.
  */
 
 import assert from "node:assert/strict";
@@ -8,15 +8,64 @@ import { rawRequest, repoPath, startServer } from "./helpers/server.ts";
 
 const SCRIPT = repoPath("tests/fixtures/file_wrapper_app.wsgi");
 
-Deno.test("file_wrapper with content-length", async () => {
-  await using server = await startServer(SCRIPT, ["--threads", "1"]);
-  const expected = await Deno.readTextFile(SCRIPT);
+Deno.test("file_wrapper cases", async (t) => {
+  const writeDir = await Deno.makeTempDir({ prefix: "wsgirun-file-wrapper-" });
+  try {
+    await using server = await startServer(SCRIPT, [
+      "--threads",
+      "1",
+      "--write",
+      writeDir,
+      "--env",
+      `WRITE_DIR=${writeDir}`,
+    ]);
+    const get = async (path: string) => {
+      const response = await fetch(server.origin + path);
+      return { status: response.status, text: await response.text() };
+    };
 
-  // Two requests on one connection: an aborted first response would close it.
-  const request = `GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`;
-  const replies = await rawRequest(server.port, request + request);
+    await t.step("with content-length", async () => {
+      const expected = await Deno.readTextFile(SCRIPT);
+      // Two requests on one connection: an aborted first response would close it.
+      const request = `GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`;
+      const replies = await rawRequest(server.port, request + request);
 
-  assert.equal(replies.split("HTTP/1.1 200 OK").length - 1, 2);
-  assert.equal(replies.split(expected).length - 1, 2);
-  assert.doesNotMatch(server.log(), /Content-Length declared|short body|aborted/);
+      assert.equal(replies.split("HTTP/1.1 200 OK").length - 1, 2);
+      assert.equal(replies.split(expected).length - 1, 2);
+      assert.doesNotMatch(server.log(), /Content-Length declared|short body|aborted/);
+    });
+
+    await t.step("file in a --write folder", async () => {
+      const response = await get("/write-folder");
+
+      assert.equal(response.status, 200);
+      assert.equal(response.text, "written by the application\n".repeat(100));
+    });
+
+    await t.step("named temporary file", async () => {
+      const response = await get("/temporary");
+
+      assert.equal(response.status, 200);
+      assert.equal(response.text, "temporary report\n".repeat(1000));
+      assert.deepEqual(Array.from(Deno.readDirSync(writeDir), (entry) => entry.name), [
+        "written.txt",
+      ]);
+    });
+
+    await t.step("file short of content-length", async () => {
+      const size = (await Deno.stat(SCRIPT)).size;
+      await assert.rejects(get("/short"));
+      await server.waitForLog(/ended \d+ bytes short/);
+
+      assert.match(
+        server.log(),
+        new RegExp(
+          `ERROR .*wsgi\\.file_wrapper file '${SCRIPT}' ended ${size} bytes short of the Content-Length`,
+        ),
+      );
+      assert.equal((await get("/write-folder")).status, 200);
+    });
+  } finally {
+    await Deno.remove(writeDir, { recursive: true });
+  }
 });

@@ -21,6 +21,7 @@ server must never see an invalid status or header (a control byte in a
 header value crashes the whole Deno process).
 """
 
+import io
 import json
 import os
 import re
@@ -403,11 +404,17 @@ def _log_exception(prefix):
     host.log("error", prefix + "\n" + traceback.format_exc().rstrip())
 
 
+# File objects that open() returns in binary mode. The front reopens the file
+# by its path after handle() has closed it, so wrappers that delete their file
+# on close (tempfile.NamedTemporaryFile) are iterated in Python instead.
+_PLAIN_FILES = (io.BufferedReader, io.BufferedRandom, io.FileIO)
+
+
 def _send_file(response, wrapper):
     """Hand a real file's remaining bytes to the front; False if it is no real file."""
     filelike = wrapper.filelike
     name = getattr(filelike, "name", None)
-    if not isinstance(name, str) or not hasattr(filelike, "fileno") or "b" not in getattr(filelike, "mode", ""):
+    if type(filelike) not in _PLAIN_FILES or not isinstance(name, str):
         return False
     path = host.host_path(os.path.abspath(name))
     if path is None:

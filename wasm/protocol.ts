@@ -153,6 +153,11 @@ export interface FileMessage {
   length: number;
 }
 
+/** Describes a FileMessage's file that ended `missing` bytes before the response's Content-Length. */
+export function shortFileError(path: string, missing: number): string {
+  return `wsgi.file_wrapper file '${path}' ended ${missing} bytes short of the Content-Length`;
+}
+
 export interface EndMessage {
   type: "end";
   requestId: string;
