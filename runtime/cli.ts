@@ -924,8 +924,12 @@ function resolveScript(value: string, cwd: string): ResolvedScript {
   const kind = statPathKind(path);
 
   if (kind === "file") {
-    const realPath = Deno.realPathSync(path);
-    return { name: basename(path), scriptPath: realPath, directory: dirname(realPath) };
+    // Symbolic links in the folders stay, so that a reload after a deploy
+    // that switches a link such as current -> releases/42 loads the new
+    // release. A script that is itself a link is followed: its folder is
+    // the one its imports live in.
+    const scriptPath = Deno.lstatSync(path).isSymlink ? Deno.realPathSync(path) : path;
+    return { name: basename(path), scriptPath, directory: dirname(scriptPath) };
   }
   if (!SCRIPT_FILE_SUFFIX.test(value) && MODULE_PATTERN.test(value)) {
     const [module, callable] = value.split(":");
@@ -979,17 +983,22 @@ function realPathOrSelf(path: string): string {
   }
 }
 
-/** Checks that `value` names an existing path of the given kind and returns its real path. */
+/**
+ * Checks that `value` names an existing path of the given kind and returns
+ * its absolute path. Symbolic links are resolved only with `realPath`: an
+ * application folder keeps them, so that a reload follows a switched link.
+ */
 function parseExistingPath(
   option: string,
   value: string,
   cwd: string,
   expected: "directory" | "file or directory",
+  realPath = false,
 ): string {
   const path = resolve(cwd, value);
   const kind = statPathKind(path);
   const accepted = kind === "directory" || (kind === "file" && expected !== "directory");
-  if (accepted) return Deno.realPathSync(path);
+  if (accepted) return realPath ? Deno.realPathSync(path) : path;
 
   const found = kind === "missing"
     ? "does not exist"
@@ -1015,7 +1024,9 @@ function parseUrlAlias(
   if (existing.some((alias) => alias.url === prefix)) {
     throw invalidValue("--url-alias", url, "a URL that no other --url-alias uses");
   }
-  return { url: prefix, path: parseExistingPath("--url-alias", path, cwd, "file or directory") };
+  // Static files check their real paths against the alias's real path.
+  const target = parseExistingPath("--url-alias", path, cwd, "file or directory", true);
+  return { url: prefix, path: target };
 }
 
 /** Characters allowed in a URL path segment by RFC 3986 (pchar), without percent-encoding. */

@@ -58,6 +58,23 @@ export interface AppSpec {
 }
 
 /**
+ * Returns `paths` with the real path of each one that contains a symbolic
+ * link added. An isolate mounts a folder's real path (see mountHostFolders),
+ * so its Deno permissions need both.
+ */
+export function withRealPaths(paths: string[]): string[] {
+  const all = new Set(paths);
+  for (const path of paths) {
+    try {
+      all.add(Deno.realPathSync(path));
+    } catch {
+      // A folder that is gone has no real path; the mount reports it.
+    }
+  }
+  return [...all];
+}
+
+/**
  * Every host folder an isolate of `app` must be able to read, besides
  * Pyodide's own files. That includes the host's time zone database, which
  * every isolate shows at its usual path.

@@ -408,7 +408,8 @@ function parseDirectory(key: string, value: string, cwd: string): string {
   if (!info.isDirectory) {
     throw invalidKey(key, value, `an existing directory, but ${quote(path)} is a file`);
   }
-  return Deno.realPathSync(path);
+  // Symbolic links stay, as for the server's own folders (see runtime/cli.ts).
+  return path;
 }
 
 // deno-lint-ignore no-control-regex -- control characters are what must be escaped

@@ -4,7 +4,13 @@
  */
 
 import { fileURLToPath } from "node:url";
-import { appReadPaths, type AppSpec, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
+import {
+  appReadPaths,
+  type AppSpec,
+  PYODIDE_SPECIFIER,
+  type PythonVersion,
+  withRealPaths,
+} from "./app_spec.ts";
 import type { Logger } from "./log.ts";
 import {
   type EndMessage,
@@ -104,8 +110,8 @@ export function startIsolateWorker(app: AppSpec): Worker {
     name: ISOLATE_WORKER_NAME + app.python,
     deno: {
       permissions: {
-        read: isolateReadPaths(app),
-        write: app.writePaths?.length ? app.writePaths : false,
+        read: withRealPaths(isolateReadPaths(app)),
+        write: app.writePaths?.length ? withRealPaths(app.writePaths) : false,
         net: app.allowNet?.length ? app.allowNet : false,
         run: false,
         env: false,

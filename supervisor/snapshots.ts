@@ -16,8 +16,10 @@
  * temporary name and renamed, so two servers building the same snapshot at
  * once never read a half-written one.
  *
- * An application snapshot also records the size and modification time of
- * every host file the application imported; editing any of them rebuilds it.
+ * An application snapshot also records the size, modification time and real
+ * path of every host file the application imported. Editing one of them
+ * rebuilds it, and so does a symbolic link on its path that now leads to
+ * another file.
  *
  * Every use of a snapshot sets its modification time. Application snapshots
  * beyond the newest MAX_APPLICATION_SNAPSHOTS are deleted, and so are runtime
@@ -33,6 +35,7 @@ import {
   PYODIDE_SPECIFIER,
   PYTHON_VERSIONS,
   type PythonVersion,
+  withRealPaths,
 } from "./app_spec.ts";
 import type { Logger } from "./log.ts";
 import {
@@ -105,9 +108,16 @@ interface SnapshotHeader {
   bytes: number;
   /** Length of the snapshot once unpacked. */
   snapshotBytes: number;
-  /** [path, size, mtime in ms] of each file the application imported. */
-  files?: [string, number, number][];
+  /** A stamp of each file the application imported. */
+  files?: FileStamp[];
 }
+
+/**
+ * Path, size, modification time in ms and real path of an imported file.
+ * Files of two releases behind a switched link can have the same size and
+ * time, but not the same real path.
+ */
+type FileStamp = [string, number, number, string];
 
 export function snapshotCacheDir(): string {
   const explicit = Deno.env.get("WSGIRUN_CACHE_DIR");
@@ -176,9 +186,9 @@ async function encodeFile(
  */
 const MAX_FILE_BYTES = 4 * 1024 ** 3 + 64 * 1024 ** 2;
 
-function isStamp(value: unknown): value is [string, number, number] {
-  return Array.isArray(value) && value.length === 3 && typeof value[0] === "string" &&
-    Number.isFinite(value[1]) && Number.isFinite(value[2]);
+function isStamp(value: unknown): value is FileStamp {
+  return Array.isArray(value) && value.length === 4 && typeof value[0] === "string" &&
+    Number.isFinite(value[1]) && Number.isFinite(value[2]) && typeof value[3] === "string";
 }
 
 /** Checks that a parsed header has every field with the right type, so a corrupt one is caught here. */
@@ -259,7 +269,7 @@ async function writeSnapshot(
   path: string,
   key: string,
   snapshot: Uint8Array,
-  files?: [string, number, number][],
+  files?: FileStamp[],
   logger?: Logger,
 ): Promise<{ snapshot: SharedArrayBuffer; written: boolean }> {
   const packed = packSnapshot(snapshot);
@@ -308,7 +318,7 @@ function buildInWorker(
     type: "module",
     deno: {
       permissions: {
-        read: readPaths,
+        read: withRealPaths(readPaths),
         write: false,
         net: false,
         run: false,
@@ -343,19 +353,20 @@ function buildInWorker(
   });
 }
 
-async function fileStamps(files: string[]): Promise<[string, number, number][]> {
-  return await Promise.all(files.map(async (file): Promise<[string, number, number]> => {
+async function fileStamps(files: string[]): Promise<FileStamp[]> {
+  return await Promise.all(files.map(async (file): Promise<FileStamp> => {
     const info = await Deno.stat(file);
-    return [file, info.size, info.mtime?.getTime() ?? 0];
+    return [file, info.size, info.mtime?.getTime() ?? 0, await Deno.realPath(file)];
   }));
 }
 
 /** Returns the first imported file that changed since the snapshot, if any. */
-async function changedFile(files: [string, number, number][]): Promise<string | undefined> {
-  for (const [file, size, mtime] of files) {
+async function changedFile(files: FileStamp[]): Promise<string | undefined> {
+  for (const [file, size, mtime, realPath] of files) {
     try {
       const info = await Deno.stat(file);
       if (info.size !== size || (info.mtime?.getTime() ?? 0) !== mtime) return file;
+      if (await Deno.realPath(file) !== realPath) return file;
     } catch {
       return file;
     }

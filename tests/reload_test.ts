@@ -124,6 +124,34 @@ Deno.test("embedded reload on SIGHUP", async () => {
   assert.match(server.log(), /isolate=2\] isolate ready/);
 });
 
+Deno.test("embedded reload follows a switched release link", async () => {
+  // The layout of many deploy tools: current -> releases/N, switched at once.
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-release-" });
+  try {
+    // The two scripts have the same size and time: only their real paths differ.
+    const time = new Date(2026, 0, 1);
+    for (const release of ["one", "two"]) {
+      await Deno.mkdir(`${folder}/${release}`);
+      await Deno.writeTextFile(`${folder}/${release}/app.wsgi`, versionScript(release, 0));
+      await Deno.utime(`${folder}/${release}/app.wsgi`, time, time);
+    }
+    await Deno.symlink("one", `${folder}/current`);
+    await using server = await startServer(`${folder}/current/app.wsgi`, ["--threads", "1"]);
+    assert.equal(await (await fetch(server.origin + "/")).text(), "one");
+
+    await Deno.symlink("two", `${folder}/next`);
+    await Deno.rename(`${folder}/next`, `${folder}/current`);
+    server.process.kill("SIGHUP");
+    await waitForCount(server, /reloaded: fresh isolates take new requests/, 1);
+
+    assert.equal(await (await fetch(server.origin + "/")).text(), "two");
+    // Each release's application was imported into a snapshot.
+    assert.doesNotMatch(server.log(), /no application snapshot|WARNING|ERROR/);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 /**
  * Starts a server on a fresh script, sends a request that takes `ms`
  * milliseconds, and sends SIGTERM while it runs.

@@ -71,7 +71,12 @@ interface SnapshotFile {
   /** Second line: the SHA-256 of everything after it. */
   sha256: string;
   /** Third line, the JSON header. */
-  header: { key: string; bytes: number; snapshotBytes: number; files?: [string, number, number][] };
+  header: {
+    key: string;
+    bytes: number;
+    snapshotBytes: number;
+    files?: [string, number, number, string][];
+  };
   /** The packed snapshot after the header. */
   packed: Uint8Array;
   /** The bytes that the SHA-256 covers: the header line and the packed snapshot. */

@@ -230,7 +230,9 @@ export function mountHostFolders(fs: MountableFS, folders: string[]): void {
     if (mounted.some((parent) => folder === parent || folder.startsWith(parent + "/"))) continue;
     try {
       fs.mkdirTree(folder);
-      fs.mount(fs.filesystems.NODEFS, { root: folder }, folder);
+      // The folder's real path: a folder behind a symbolic link (current ->
+      // releases/42) stays the same release for the life of the isolate.
+      fs.mount(fs.filesystems.NODEFS, { root: Deno.realPathSync(folder) }, folder);
     } catch (error) {
       // Emscripten's error carries only a number, so name the folder here.
       throw new Error(

@@ -269,12 +269,30 @@ Deno.test("python-path duplicates removed", async () => {
   assert.deepEqual(options.app.pythonPath, [fixture.dir, join(fixture.dir, "pylib")]);
 });
 
-Deno.test("python-path symlink resolved", async () => {
+Deno.test("python-path symlink kept", async () => {
   await using fixture = await makeFixture();
   await Deno.symlink(join(fixture.dir, "pylib"), join(fixture.dir, "lib-link"));
   const options = serve(["app.wsgi", "--python-path", "lib-link"], fixture.env);
 
-  assert.deepEqual(options.app.pythonPath, [fixture.dir, join(fixture.dir, "pylib")]);
+  assert.deepEqual(options.app.pythonPath, [fixture.dir, join(fixture.dir, "lib-link")]);
+});
+
+Deno.test("script folder symlink kept", async () => {
+  await using fixture = await makeFixture();
+  await Deno.symlink(fixture.dir, join(fixture.dir, "current"));
+  const options = serve(["current/app.wsgi"], fixture.env);
+
+  assert.equal(options.app.scriptPath, join(fixture.dir, "current", "app.wsgi"));
+  assert.deepEqual(options.app.pythonPath, [join(fixture.dir, "current")]);
+});
+
+Deno.test("script file symlink followed", async () => {
+  await using fixture = await makeFixture();
+  await Deno.symlink(join(fixture.dir, "app.wsgi"), join(fixture.dir, "pylib", "link.wsgi"));
+  const options = serve(["pylib/link.wsgi"], fixture.env);
+
+  assert.equal(options.app.scriptPath, join(fixture.dir, "app.wsgi"));
+  assert.deepEqual(options.app.pythonPath, [fixture.dir]);
 });
 
 Deno.test("url-alias repeated keeps order", async () => {
