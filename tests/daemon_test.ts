@@ -650,8 +650,10 @@ Deno.test("group failing at start is marked failed", async () => {
   ], { waitForReady: false });
   await server.waitForLog(/group marked failed/, 90_000);
   const response = await getText(server.origin + "/");
-  // The second process may fail after the group was marked failed.
-  await delay(1000);
+  // A process started before the group was marked failed may fail after it:
+  // wait until every process that logged a line has failed.
+  const processes = () => new Set(server.log().match(/group=broken pid=\d+/g)).size;
+  await waitForCount(server, /daemon process failed to start: /, processes(), 0, 30_000);
   const log = server.log();
 
   assert.equal(response.status, 503);
