@@ -677,6 +677,11 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     );
   }
 
+  checkAliasesLeaveMounts(draft.urlAliases, [
+    draft.mountPoint,
+    ...draft.mounts.map((mount) => mount.mountPoint),
+  ]);
+
   const app = buildApp(scriptArgument, draft, cwd, draft.callableObject);
   const mounts: MountSpec[] = draft.mounts.map((mount) => ({
     mountPoint: mount.mountPoint,
@@ -1027,6 +1032,24 @@ function parseUrlAlias(
   // Static files check their real paths against the alias's real path.
   const target = parseExistingPath("--url-alias", path, cwd, "file or directory", true);
   return { url: prefix, path: target };
+}
+
+/**
+ * Rejects a --url-alias at or above a mount point. Aliases are matched
+ * before mounts, so every request for that mount would get a static file.
+ */
+function checkAliasesLeaveMounts(aliases: UrlAlias[], mountPoints: string[]): void {
+  for (const alias of aliases) {
+    const shadowed = mountPoints.find((mountPoint) =>
+      mountPoint === alias.url || mountPoint.startsWith(alias.url + "/")
+    );
+    if (shadowed === undefined) continue;
+    throw new UsageError(
+      `invalid value for --url-alias: '${alias.url}' covers the application mounted at ` +
+        `'${shadowed}', whose requests would all get static files (expected a URL outside ` +
+        "every mount point, such as '/static' beside '/app')",
+    );
+  }
 }
 
 /** Characters allowed in a URL path segment by RFC 3986 (pchar), without percent-encoding. */

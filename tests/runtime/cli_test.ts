@@ -319,6 +319,43 @@ Deno.test("url-alias same URL twice rejected", async () => {
   assert.match(error.message, /'\/static\/'/);
 });
 
+Deno.test("url-alias covering a mount rejected", async () => {
+  await using fixture = await makeFixture();
+  const cases: [string[], string][] = [
+    [["--mount-point", "/app", "--url-alias", "/app", "static"], "/app"],
+    [["--mount", "/x/api", "app.wsgi", "--url-alias", "/x", "static"], "/x/api"],
+  ];
+  for (const [args, mountPoint] of cases) {
+    const error = usageError(["app.wsgi", ...args], fixture.env);
+
+    assert.match(error.message, /^invalid value for --url-alias: /, args.join(" "));
+    assert.ok(error.message.includes(`mounted at '${mountPoint}'`), error.message);
+  }
+});
+
+Deno.test("url-alias beside or below mounts", async () => {
+  await using fixture = await makeFixture();
+  const options = serve(
+    [
+      "app.wsgi",
+      "--mount-point",
+      "/app",
+      "--mount",
+      "/x/api",
+      "app.wsgi",
+      "--url-alias",
+      "/app/static",
+      "static",
+      "--url-alias",
+      "/x/apidocs",
+      "static",
+    ],
+    fixture.env,
+  );
+
+  assert.deepEqual(options.urlAliases.map((alias) => alias.url), ["/app/static", "/x/apidocs"]);
+});
+
 Deno.test("single-valued option repeated keeps last", async () => {
   await using fixture = await makeFixture();
   const options = serve(["app.wsgi", "--port", "9000", "--port=9001"], fixture.env);
