@@ -225,7 +225,8 @@ export const OPTIONS: readonly OptionSpec[] = [
     valueNames: ["SIZE"],
     help: "Wasm memory above which an embedded isolate is replaced, checked after each " +
       "request: bytes as in mod_wsgi, or a number with K, M or G, such as 512M. A fresh " +
-      "isolate starts first and the old one finishes its requests. 0 turns it off. " +
+      "isolate starts first. Until it is ready, the old one keeps serving, new requests " +
+      "too, so memory can grow past the limit for that time. 0 turns it off. " +
       "Daemon groups take the memory-limit key instead.",
     defaultText: "0",
     repeatable: false,
