@@ -782,6 +782,21 @@ Deno.test("response body", async (t) => {
     }
   }
 
+  await t.step("no start_response", async () => {
+    const cases: [string, RegExp][] = [
+      ["/raw/no-start", /the application returned without calling start_response\(\)/],
+      ["/raw/no-start?body", /the application sent body data before calling start_response\(\)/],
+    ];
+    for (const [path, message] of cases) {
+      let response!: TextResponse;
+      const log = await logOf(main, async () => {
+        response = await fetchText(main, path);
+      });
+      assert.equal(response.status, 500, path);
+      assert.match(log, message);
+    }
+  });
+
   await t.step("str chunk", async () => {
     let response!: TextResponse;
     const log = await logOf(main, async () => {

@@ -342,7 +342,7 @@ class Response:
 
     def _start(self, body, complete):
         if self.status is None:
-            raise AssertionError("the application sent body data before calling start_response()")
+            raise AssertionError("the application returned without calling start_response()")
         self.headers_sent = True
         host.start(self.code, "\n".join(self.headers), _to_host(body), complete)
         if body:
@@ -357,6 +357,8 @@ class Response:
         self.send(bytes(data))
 
     def send(self, data):
+        if self.status is None:
+            raise AssertionError("the application sent body data before calling start_response()")
         if not self.body_allowed:
             data = b""
         data = self._limit(data)
