@@ -293,7 +293,7 @@ export class DaemonGroup implements AppBackend {
         onRequestDone: (done) => this.#onRequestDone(done),
         onDraining: (draining) => this.#onDraining(draining),
         onReturned: (handle) => {
-          this.#queue.unshift(handle);
+          this.#requeue(handle);
           this.#dispatch();
         },
       });
@@ -328,6 +328,12 @@ export class DaemonGroup implements AppBackend {
       this.#replace(process, `it served ${process.served} requests (maximum-requests ${maximum})`);
     }
     this.#dispatch();
+  }
+
+  /** Puts a request back into the queue in the order of its arrival. */
+  #requeue(handle: DaemonRequestHandle): void {
+    const later = this.#queue.findIndex((queued) => queued.queuedAt > handle.queuedAt);
+    this.#queue.splice(later < 0 ? this.#queue.length : later, 0, handle);
   }
 
   /** A process drains after an outside SIGTERM; it returns its waiting requests itself. */

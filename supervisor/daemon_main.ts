@@ -25,7 +25,7 @@
 
 import { appReadPaths, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
 import type { Job, ResponseSink } from "./isolate.ts";
-import { Logger, tracebackSummary } from "./log.ts";
+import { Logger, plural, tracebackSummary } from "./log.ts";
 import { IsolatePool, PoolUnavailableError } from "./pool.ts";
 import {
   BODY_WINDOW,
@@ -374,6 +374,10 @@ class Daemon {
       this.#startRequest(id, payload);
       return;
     }
+    if (type === Frame.DRAIN) {
+      this.onDrainRequest?.();
+      return;
+    }
     const request = this.#requests.get(id);
     if (!request) return; // The request has finished; late credit or cancels are harmless.
     switch (type) {
@@ -430,7 +434,11 @@ class Daemon {
    * Returns the requests that have not started to the front, sends DRAINING
    * so that it sends no more, and resolves when the running ones are done.
    */
-  async drain(): Promise<void> {
+  /** Called for the front's DRAIN frame. */
+  onDrainRequest?: () => void;
+
+  /** Returns the requests not yet running and resolves once the running ones are done. */
+  async drain(cause: string): Promise<void> {
     this.#draining = true;
     for (const [id, request] of this.#requests) {
       if (request.job.running) continue;
@@ -440,7 +448,9 @@ class Daemon {
       this.send(Frame.RETURNED, id);
     }
     this.send(Frame.DRAINING, 0);
-    this.logger.info(`SIGTERM: finishing ${this.#requests.size} running requests, then stopping`);
+    this.logger.info(
+      `${cause}: finishing ${plural(this.#requests.size, "running request")}, then stopping`,
+    );
     while (this.#requests.size > 0) await new Promise((resolve) => setTimeout(resolve, 50));
   }
 }
@@ -541,14 +551,20 @@ export async function runDaemon(): Promise<number> {
   receiver.daemon = running;
   running.start();
   logger.debug(`daemon process started for ${config.app.name}`);
-  terminated.promise.then(() => running.drain()).then(() => stopped.resolve({ kind: "drained" }));
+  // SIGTERM from outside and the front's DRAIN frame end the process the same way.
+  const drain = Promise.withResolvers<string>();
+  terminated.promise.then(() => drain.resolve("SIGTERM"));
+  running.onDrainRequest = () => drain.resolve("the front retires this process");
+  drain.promise.then((cause) => running.drain(cause)).then(() =>
+    stopped.resolve({ kind: "drained" })
+  );
 
   const cause = await stopped.promise;
   running.stop();
   if (cause.kind === "exit") return cause.code;
   logger.debug(
     cause.kind === "drained"
-      ? "stopping: drained after SIGTERM"
+      ? "stopping: drained"
       : "stopping: the front closed the channel",
   );
   return DaemonExit.OK;

@@ -331,7 +331,12 @@ export class DaemonProcess {
     if (this.state === "retiring" || this.state === "exited") return;
     this.state = "retiring";
     this.retireDeadline = performance.now() + gracefulMs;
-    if (this.outstanding === 0) this.closeInput();
+    if (this.outstanding === 0) {
+      this.closeInput();
+      return;
+    }
+    // The requests it has not started come back (RETURNED) for a fresh process.
+    this.send(Frame.DRAIN, 0);
   }
 
   /** Closes the channel; the daemon stops when it reads the end of its input. */

@@ -49,6 +49,11 @@ export const Frame = {
   CREDIT: 6,
   /** The client has gone. */
   CANCEL: 7,
+  /**
+   * The front retires the process (a reload or a recycle): it returns the
+   * requests it has not started, finishes the others and exits.
+   */
+  DRAIN: 8,
 
   /** JSON ReadyInfo: the process can serve. */
   READY: 20,
@@ -68,7 +73,7 @@ export const Frame = {
   FAIL: 25,
   /** u32: the daemon has taken this many more request body bytes. */
   BODY_CREDIT: 26,
-  /** The daemon received SIGTERM: it finishes its running requests and takes no more. */
+  /** The daemon drains (SIGTERM or DRAIN): it finishes its running requests and takes no more. */
   DRAINING: 27,
   /** The daemon gives back a request it has not started (it is draining); send it elsewhere. */
   RETURNED: 28,

@@ -613,6 +613,61 @@ def application(environ, start_response):
   }
 });
 
+Deno.test("daemon reload moves waiting requests", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startServer(join(folder, "app.wsgi"), [
+      "--daemon",
+      "group=moves,user=nobody,processes=1,threads=1,graceful-timeout=4",
+    ], { waitForReady: false });
+    await server.waitForLog(/daemon process ready/, 120_000);
+    // Six requests of 1.5 s: the old process alone would need 9 s, past graceful-timeout.
+    const requests: Promise<{ status: number; body: string }>[] = [];
+    for (let i = 0; i < 6; i++) {
+      requests.push(getText(server.origin + "/do/slow?ms=1500"));
+      await delay(100);
+    }
+    server.process.kill("SIGHUP");
+    const responses = await Promise.all(requests);
+
+    assert.deepEqual(responses.map((response) => response.status), [200, 200, 200, 200, 200, 200]);
+    assert.match(server.log(), /the front retires this process: finishing 2 running requests/);
+    assert.doesNotMatch(server.log(), /killed after graceful-timeout/);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
+Deno.test("daemon SIGTERM returns requests in order", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startServer(join(folder, "app.wsgi"), [
+      "--daemon",
+      "group=order,user=nobody,processes=1,threads=1",
+    ], { waitForReady: false });
+    await server.waitForLog(/daemon process ready/, 120_000);
+    const finished: number[] = [];
+    const requests: Promise<void>[] = [];
+    for (let i = 0; i < 6; i++) {
+      requests.push(
+        getText(server.origin + "/do/slow?ms=700").then((response) => {
+          assert.equal(response.status, 200);
+          finished.push(i);
+        }),
+      );
+      await delay(100);
+    }
+    Deno.kill(daemonPids(server)[0], "SIGTERM");
+    await Promise.all(requests);
+
+    // The daemon returns the requests it has not started, and they run in arrival order.
+    assert.deepEqual(finished, [0, 1, 2, 3, 4, 5]);
+    assert.match(server.log(), /SIGTERM: finishing 2 running requests/);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("daemon reload cut short by stop", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   const script = join(folder, "app.wsgi");
