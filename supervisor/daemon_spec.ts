@@ -76,6 +76,8 @@ export const MAX_SECONDS = 2_147_483;
 /** The accepted form of a duration in seconds, for error messages. */
 export const SECONDS_FORM =
   `seconds from 0 to ${MAX_SECONDS} with at most 3 decimals, such as 30 or 2.5`;
+const POSITIVE_SECONDS_FORM =
+  `seconds above 0 up to ${MAX_SECONDS} with at most 3 decimals, such as 30 or 2.5`;
 
 /** Converts a duration such as "30" or "2.5" seconds to milliseconds; undefined when not in SECONDS_FORM. */
 export function parseSeconds(value: string): number | undefined {
@@ -217,7 +219,18 @@ const KEYS: Record<string, KeySpec> = {
   ),
   "request-timeout": secondsKey("request-timeout", (spec, ms) => (spec.requestTimeoutMs = ms)),
   "queue-timeout": secondsKey("queue-timeout", (spec, ms) => (spec.queueTimeoutMs = ms)),
-  "startup-timeout": secondsKey("startup-timeout", (spec, ms) => (spec.startupTimeoutMs = ms)),
+  "startup-timeout": {
+    form: POSITIVE_SECONDS_FORM,
+    repeatable: false,
+    parse: (value, spec) => {
+      // 0 would give every process and isolate no time to start at all.
+      const ms = parseSeconds(value);
+      if (ms === undefined || ms === 0) {
+        throw invalidKey("startup-timeout", value, POSITIVE_SECONDS_FORM);
+      }
+      spec.startupTimeoutMs = ms;
+    },
+  },
   "graceful-timeout": secondsKey("graceful-timeout", (spec, ms) => (spec.gracefulTimeoutMs = ms)),
   "shutdown-timeout": secondsKey("shutdown-timeout", (spec, ms) => (spec.shutdownTimeoutMs = ms)),
   "env": {
@@ -398,6 +411,10 @@ function parseAccount(key: "user" | "group", value: string): string {
 }
 
 function parseDirectory(key: string, value: string, cwd: string): string {
+  if (value === "") {
+    // resolve() would turn it into the server's working folder.
+    throw invalidKey(key, value, "an existing directory, not an empty path");
+  }
   const path = resolve(cwd, value);
   let info: Deno.FileInfo;
   try {

@@ -302,6 +302,13 @@ Deno.test("parseDaemonSpec rejects invalid input", () => {
     ],
     ["group=a,user=x y", /invalid value for user: 'x y'/],
     ["group=a,threads", /invalid item 'threads' \(expected key=value/],
+    [
+      "group=a,startup-timeout=0",
+      /invalid value for startup-timeout: '0' \(expected seconds above 0/,
+    ],
+    ["group=a,home=", /invalid value for home: '' \(expected an existing directory, not an empty/],
+    ["group=a,allow-write=", /invalid value for allow-write: '' \(expected an existing directory/],
+    ["group=a,python-path=/tmp:", /invalid value for python-path: '' \(expected an existing/],
   ];
   for (const [text, pattern] of cases) {
     assert.throws(() => parseDaemonSpec(text, "/"), (error: Error) => {
