@@ -97,6 +97,11 @@ async function logOf(server: TestServer, action: () => Promise<void>): Promise<s
   return server.log().slice(start);
 }
 
+/** Counts the frame lines of the Python tracebacks in `log`. */
+function countFrames(log: string): number {
+  return log.match(/^ {2}File "/gm)?.length ?? 0;
+}
+
 /** Runs a step on the main server whose requests all follow PEP 3333. */
 function conformingStep(t: Deno.TestContext, name: string, action: () => Promise<void>) {
   return t.step(name, async () => {
@@ -795,6 +800,17 @@ Deno.test("response body", async (t) => {
       assert.equal(response.status, 500, path);
       assert.match(log, message);
     }
+  });
+
+  await t.step("deep traceback cut to innermost frames", async () => {
+    let response!: TextResponse;
+    const log = await logOf(main, async () => {
+      response = await fetchText(main, "/raw/deep-recursion");
+    });
+    assert.equal(response.status, 500);
+    assert.match(log, /RuntimeError: deep failure at depth 5001/);
+    const frames = countFrames(log);
+    assert.ok(frames >= 90 && frames <= 100, `${frames} frames logged`);
   });
 
   await t.step("str chunk", async () => {
