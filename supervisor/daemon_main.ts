@@ -563,9 +563,7 @@ export async function runDaemon(): Promise<number> {
   running.stop();
   if (cause.kind === "exit") return cause.code;
   logger.debug(
-    cause.kind === "drained"
-      ? "stopping: drained"
-      : "stopping: the front closed the channel",
+    cause.kind === "drained" ? "stopping: drained" : "stopping: the front closed the channel",
   );
   return DaemonExit.OK;
 }
