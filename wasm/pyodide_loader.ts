@@ -232,7 +232,7 @@ export function mountHostFolders(fs: MountableFS, folders: string[]): void {
       fs.mkdirTree(folder);
       // The folder's real path: a folder behind a symbolic link (current ->
       // releases/42) stays the same release for the life of the isolate.
-      fs.mount(fs.filesystems.NODEFS, { root: Deno.realPathSync(folder) }, folder);
+      fs.mount(fs.filesystems.NODEFS, { root: realPathOrSelf(folder) }, folder);
     } catch (error) {
       // Emscripten's error carries only a number, so name the folder here.
       throw new Error(
@@ -241,6 +241,15 @@ export function mountHostFolders(fs: MountableFS, folders: string[]): void {
       );
     }
     mounted.push(folder);
+  }
+}
+
+/** Returns the real path of `folder`, or `folder` when it is gone, which the mount then reports. */
+function realPathOrSelf(folder: string): string {
+  try {
+    return Deno.realPathSync(folder);
+  } catch {
+    return folder;
   }
 }
 
