@@ -192,10 +192,10 @@ export class DaemonGroup implements AppBackend {
       p.state === "starting" || p.state === "ready"
     );
     this.#logger.info(
-      `reloading: ${reason}; starting ${this.spec.processes} fresh processes, and ${current.length} ` +
-        `current ones finish their requests within graceful-timeout (${
-          this.spec.gracefulTimeoutMs / 1000
-        } s)`,
+      `reloading: ${reason}; starting ${plural(this.spec.processes, "fresh process")}, and ` +
+        `${plural(current.length, "current process")} ${
+          current.length === 1 ? "finishes its" : "finish their"
+        } requests within graceful-timeout (${this.spec.gracefulTimeoutMs / 1000} s)`,
     );
     this.#failedReason = null;
     this.#holdReason = null;
@@ -370,7 +370,9 @@ export class DaemonGroup implements AppBackend {
     waiting: number,
     planned: boolean,
   ) {
-    const parts = [`daemon process ${exit.reason} after serving ${process.served} requests`];
+    const parts = [
+      `daemon process ${exit.reason} after serving ${plural(process.served, "request")}`,
+    ];
     if (running > 0) {
       parts.push(
         `${plural(running, "running request")} ${running === 1 ? "fails" : "fail"} with 502`,
@@ -378,7 +380,9 @@ export class DaemonGroup implements AppBackend {
     }
     if (waiting > 0) {
       parts.push(
-        `${waiting} request${waiting === 1 ? "" : "s"} not yet running go to another process`,
+        `${plural(waiting, "request")} not yet running ${
+          waiting === 1 ? "goes" : "go"
+        } to another process`,
       );
     }
     const message = parts.join("; ");
@@ -418,7 +422,9 @@ export class DaemonGroup implements AppBackend {
     this.#holdReason = summary;
     for (const process of serving) process.replaced = false;
     this.#logger.critical(
-      `reload failed: ${summary}; the ${serving.length} processes started before keep serving. ` +
+      `reload failed: ${summary}; ${plural(serving.length, "process")} started before the reload ${
+        serving.length === 1 ? "keeps" : "keep"
+      } serving. ` +
         "Fix the application, then touch its script or send SIGHUP to try again",
     );
   }

@@ -111,5 +111,6 @@ export function tracebackSummary(text: string): string | undefined {
 
 /** Returns "1 request" or "2 requests", for log messages. */
 export function plural(count: number, noun: string): string {
-  return `${count} ${noun}${count === 1 ? "" : "s"}`;
+  if (count === 1) return `${count} ${noun}`;
+  return `${count} ${noun}${noun.endsWith("s") ? "es" : "s"}`;
 }

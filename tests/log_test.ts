@@ -4,7 +4,7 @@
  */
 
 import assert from "node:assert/strict";
-import { tracebackSummary } from "../supervisor/log.ts";
+import { plural, tracebackSummary } from "../supervisor/log.ts";
 
 Deno.test("traceback summary names the exception", () => {
   const text = [
@@ -55,4 +55,15 @@ Deno.test("traceback summary of an exception group", () => {
 
 Deno.test("traceback summary needs a traceback", () => {
   assert.equal(tracebackSummary("no import within 60 s"), undefined);
+});
+
+Deno.test("plural of count and noun", () => {
+  const cases: [number, string, string][] = [
+    [0, "request", "0 requests"],
+    [1, "request", "1 request"],
+    [2, "running request", "2 running requests"],
+    [1, "process", "1 process"],
+    [2, "fresh process", "2 fresh processes"],
+  ];
+  for (const [count, noun, expected] of cases) assert.equal(plural(count, noun), expected);
 });
