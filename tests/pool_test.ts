@@ -662,6 +662,30 @@ Deno.test("waiting request survives a crash", async () => {
   assert.equal(await served.text(), "slept 0.0");
 });
 
+Deno.test("application cannot end its worker", async () => {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "1",
+    "--request-timeout",
+    "0",
+  ]);
+  for (const how of ["deno", "close"]) {
+    const response = await fetch(`${server.origin}/?js-exit=${how}`);
+    await response.body?.cancel();
+    assert.equal(response.status, 500, how);
+  }
+  const served = await fetch(`${server.origin}/?seconds=0`);
+
+  assert.equal(await served.text(), "slept 0.0");
+  assert.match(
+    server.log(),
+    /exit\(\) would end the isolate's worker; an application cannot call it/,
+  );
+  assert.match(server.log(), /close\(\) would end the isolate's worker/);
+  // The first isolate served every request.
+  assert.doesNotMatch(server.log(), /isolate=2\]/);
+});
+
 Deno.test("requeued request whose client left ends", async () => {
   // The isolate dies while a second request waits behind the running one.
   // That request goes back to the queue. When its client leaves before a new

@@ -37,6 +37,25 @@ import {
 import { buildSnapshot, writeAdapterFiles } from "./snapshot_builder.ts";
 import { installHostModules, type PyodideForHost } from "./host_modules.ts";
 
+/**
+ * Keeps an application from ending this worker through Pyodide's `js`
+ * module. Deno ends a worker that calls `Deno.exit()` or `close()` without
+ * an event the pool could see, so the request would hang until its
+ * request-timeout. The application gets a JavaScript error instead, which
+ * fails its request with 500 and leaves the isolate serving.
+ */
+function blockWorkerExit(): void {
+  for (const [target, name] of [[Deno, "exit"], [globalThis, "close"]] as const) {
+    Object.defineProperty(target, name, {
+      value: () => {
+        throw new Error(`${name}() would end the isolate's worker; an application cannot call it`);
+      },
+    });
+  }
+}
+
+blockWorkerExit();
+
 /** The subset of Pyodide's API this worker uses; both pinned versions provide it. */
 interface Pyodide {
   version: string;
