@@ -98,6 +98,7 @@ export interface OptionValues {
   queueLimit: number;
   requestTimeoutMs: number;
   queueTimeoutMs: number;
+  bodyTimeoutMs: number;
   /** From `--min-threads`; unset means the value of `threads`. */
   minThreads?: number;
   inactivityTimeoutMs: number;
@@ -448,6 +449,18 @@ export const OPTIONS: readonly OptionSpec[] = [
     },
   },
   {
+    name: "--body-timeout",
+    valueNames: ["SECONDS"],
+    help: "Maximum time in seconds (up to 3 decimals) a request body may go without new " +
+      "bytes while it is read, in embedded and daemon mode, before the request gets " +
+      "408 Request Timeout and its isolate is free again. 0 turns the limit off.",
+    defaultText: "20",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.bodyTimeoutMs = parseDuration("--body-timeout", value);
+    },
+  },
+  {
     name: "--shutdown-timeout",
     valueNames: ["SECONDS"],
     help: "Maximum time in seconds (up to 3 decimals) that running requests get to " +
@@ -716,6 +729,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     queueLimit: draft.queueLimit,
     requestTimeoutMs: draft.requestTimeoutMs,
     queueTimeoutMs: draft.queueTimeoutMs,
+    bodyTimeoutMs: draft.bodyTimeoutMs,
     app,
     mounts,
     daemonGroups: draft.daemonGroups,
@@ -782,6 +796,7 @@ function defaultOptionValues(env: ParseEnvironment): OptionValues {
     queueLimit: 100,
     requestTimeoutMs: 60_000,
     queueTimeoutMs: 45_000,
+    bodyTimeoutMs: 20_000,
     inactivityTimeoutMs: 60_000,
     maximumRequests: 0,
     memoryLimitBytes: 0,

@@ -52,6 +52,12 @@ export interface ServerOptions {
   /** Milliseconds a request may wait for an embedded isolate before it gets 503; 0 for no limit. @default 45000 */
   queueTimeoutMs: number;
   /**
+   * Milliseconds a request body may go without new bytes while the server
+   * reads it before the request gets 408; 0 for no limit.
+   * @default 20000
+   */
+  bodyTimeoutMs: number;
+  /**
    * Milliseconds running requests get to finish when the server stops.
    * @default the longest shutdown-timeout of the daemon groups, else 5000
    */

@@ -161,6 +161,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
         backend: route.mount.backend,
         logger: route.mount.logger.child({ request: requestId }),
         filePaths: route.mount.filePaths,
+        bodyTimeoutMs: options.bodyTimeoutMs,
         onDone: done,
       });
     } catch (error) {

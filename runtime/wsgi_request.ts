@@ -14,6 +14,7 @@ import {
   type RequestHandle,
 } from "../supervisor/backend.ts";
 import { PoolUnavailableError } from "../supervisor/pool.ts";
+import { BodyTimeoutError, withBodyTimeout } from "./body_timeout.ts";
 import type { Logger } from "../supervisor/log.ts";
 import {
   errorBodyBytes,
@@ -35,17 +36,27 @@ export interface WsgiRequest {
   logger: Logger;
   /** Host folders `wsgi.file_wrapper` may send from. */
   filePaths: string[];
+  /** See ServerOptions.bodyTimeoutMs. */
+  bodyTimeoutMs: number;
   onDone(record: ResponseRecord): void;
 }
 
-/** Reads a whole small body; undefined when the client went away mid-body. */
+/**
+ * Reads a whole small body. Returns undefined when the client went away
+ * mid-body, and the error when it stopped sending for the body timeout.
+ */
 async function readSmallBody(
   request: Request,
   logger: Logger,
-): Promise<Uint8Array<ArrayBuffer> | undefined> {
+  bodyTimeoutMs: number,
+): Promise<Uint8Array<ArrayBuffer> | BodyTimeoutError | undefined> {
+  const body = bodyTimeoutMs > 0
+    ? withBodyTimeout(request.body!, bodyTimeoutMs, () => {})
+    : request.body!;
   try {
-    return new Uint8Array(await request.arrayBuffer());
+    return new Uint8Array(await new Response(body).arrayBuffer());
   } catch (error) {
+    if (error instanceof BodyTimeoutError) return error;
     logger.info(bodyReadFailure(error));
     return undefined;
   }
@@ -77,7 +88,16 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
   if (request.body !== null) {
     const length = declaredLength(request);
     if (length !== undefined && length <= READ_AHEAD_BYTES) {
-      const whole = await readSmallBody(request, logger);
+      const whole = await readSmallBody(request, logger, input.bodyTimeoutMs);
+      if (whole instanceof BodyTimeoutError) {
+        logger.warning(`request answered with 408: ${whole.message}`);
+        input.onDone({
+          status: 408,
+          bytes: errorBodyBytes("Request Timeout"),
+          error: whole.message,
+        });
+        return errorResponse(408, "Request Timeout");
+      }
       if (whole === undefined && isServerStopping()) {
         input.onDone({
           status: 503,
@@ -95,6 +115,12 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
         return errorResponse(400, "Incomplete request body");
       }
       body = whole;
+    } else if (input.bodyTimeoutMs > 0) {
+      // The builder and the handle exist by the time a read can time out.
+      body = withBodyTimeout(request.body, input.bodyTimeoutMs, (error) => {
+        builder.fail(408, error.message);
+        handle?.cancel();
+      });
     } else {
       body = request.body;
     }

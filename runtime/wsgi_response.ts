@@ -193,7 +193,9 @@ export class ResponseBuilder implements ResponseSink {
     if (!this.#started) {
       this.#started = true;
       this.#status = status;
-      this.#options.logger.error(`request failed with ${status}: ${reason}`);
+      // A 4xx status is the client's doing, not a fault of the server.
+      const level = status < 500 ? "warning" : "error";
+      this.#options.logger.log(level, `request failed with ${status}: ${reason}`);
       const headers: HeadersInit = status === 503 ? { "retry-after": "5" } : {};
       this.#resolve(errorResponse(status, httpReason(status), headers));
       this.#bytes = errorBodyBytes(httpReason(status));

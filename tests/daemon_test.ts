@@ -675,6 +675,36 @@ Deno.test("daemon SIGTERM returns requests in order", async () => {
   }
 });
 
+Deno.test("daemon stalled body gets 408", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startServer(join(folder, "app.wsgi"), [
+      "--body-timeout",
+      "1",
+      "--daemon",
+      "group=stall,user=nobody,processes=1,threads=1",
+    ], { waitForReady: false });
+    await server.waitForLog(/daemon process ready/, 120_000);
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+    const head = "POST /do/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\n";
+    await conn.write(new TextEncoder().encode(head + "a".repeat(100_000)));
+    const reply = new Uint8Array(4096);
+    const count = await conn.read(reply);
+    conn.close();
+
+    assert.match(new TextDecoder().decode(reply.subarray(0, count ?? 0)), /^HTTP\/1\.1 408 /);
+    assert.match(
+      server.log(),
+      /WARNING .*request failed with 408: the client sent no request body/,
+    );
+    // The process's only isolate serves the next request.
+    assert.equal((await getText(server.origin + "/do/upload")).status, 200);
+    assert.doesNotMatch(server.log(), /daemon process exited|isolate=2\]/);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("daemon reload cut short by stop", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   const script = join(folder, "app.wsgi");

@@ -971,3 +971,65 @@ Deno.test("cli unknown option", async () => {
   assert.equal(result.code, 2);
   assert.ok(result.stderr.includes("--no-such-option"), result.stderr);
 });
+
+// ---------------------------------------------------------------------------
+// Body timeout
+
+/**
+ * Sends a request head and `sent` bytes of a body of `declared` bytes (or
+ * one chunk of `sent` bytes when `declared` is null), then nothing more, and
+ * returns the status line of the response.
+ */
+async function stallBody(port: number, declared: number | null, sent: number): Promise<string> {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    const framing = declared === null
+      ? "Transfer-Encoding: chunked"
+      : `Content-Length: ${declared}`;
+    const head = `POST /do/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n${framing}\r\n\r\n`;
+    const data = "a".repeat(sent);
+    const body = declared === null ? `${sent.toString(16)}\r\n${data}\r\n` : data;
+    await conn.write(encoder.encode(head + body));
+    const reply = new Uint8Array(4096);
+    const count = await conn.read(reply);
+    return decoder.decode(reply.subarray(0, count ?? 0)).split("\r\n")[0];
+  } finally {
+    conn.close();
+  }
+}
+
+Deno.test("stalled body gets 408", async () => {
+  await using server = await startServer(APP_SCRIPT, [
+    "--callable-object",
+    "app",
+    "--threads",
+    "1",
+    "--body-timeout",
+    "1",
+  ]);
+  // Read ahead by the front, streamed to the isolate, and chunked.
+  const cases: [number | null, number][] = [[1000, 10], [1_000_000, 100_000], [null, 5000]];
+  for (const [declared, sent] of cases) {
+    const status = await stallBody(server.port, declared, sent);
+
+    assert.equal(status, "HTTP/1.1 408 Request Timeout", `${declared} ${sent}`);
+  }
+  const timeouts = server.log().match(
+    /WARNING .*408: the client sent no request body data for 1 s \(--body-timeout\)/g,
+  );
+  assert.equal(timeouts?.length, 3, server.log());
+  // The only isolate is free again, and a body that keeps coming is not cut.
+  const slowBody = new ReadableStream<Uint8Array>({
+    async start(controller) {
+      for (let piece = 0; piece < 3; piece++) {
+        controller.enqueue(new Uint8Array(40_000));
+        await new Promise((resolve) => setTimeout(resolve, 600));
+      }
+      controller.close();
+    },
+  });
+  const response = await fetch(server.origin + "/do/upload", { method: "POST", body: slowBody });
+  assert.equal(response.status, 200);
+  assert.equal(JSON.parse(await response.text()).length, 120_000);
+  assert.doesNotMatch(server.log(), /isolate=2\]/);
+});
