@@ -7,7 +7,7 @@
  * that matches its path at a segment boundary.
  */
 
-import { appReadPaths, type AppSpec } from "../supervisor/app_spec.ts";
+import { appReadPaths, type AppSpec, pinMountRoots } from "../supervisor/app_spec.ts";
 import type { AppBackend } from "../supervisor/backend.ts";
 import { DaemonGroup } from "../supervisor/daemon_group.ts";
 import { type DaemonGroupSpec, groupAppSpec } from "../supervisor/daemon_spec.ts";
@@ -199,8 +199,15 @@ export class MountTable {
     const groupSpec = findGroupSpec(options, spec);
     if (!groupSpec) {
       const appLogger = logger.child({ app: spec.app.name, mount: mountPrefix, pid: Deno.pid });
-      const createPool = (settings: PoolSettings) =>
-        new IsolatePool(spec.app, {
+      // The folders the isolates mount: a file the application opened there
+      // may be sent. Each pool adds the real paths it mounts.
+      const filePaths = appReadPaths(spec.app);
+      const createPool = (settings: PoolSettings) => {
+        const app = pinMountRoots(spec.app);
+        for (const root of Object.values(app.mountRoots ?? {})) {
+          if (!filePaths.includes(root)) filePaths.push(root);
+        }
+        return new IsolatePool(app, {
           size: options.threads,
           minSize: options.minThreads,
           idleTimeoutMs: options.inactivityTimeoutMs,
@@ -212,15 +219,9 @@ export class MountTable {
           logger: appLogger,
           ...settings,
         });
-      const backend = new EmbeddedBackend(createPool, appLogger);
-      return {
-        mountPoint: spec.mountPoint,
-        app: spec.app,
-        backend,
-        // The folders the isolates mount: a file the application opened there may be sent.
-        filePaths: appReadPaths(spec.app),
-        logger: appLogger,
       };
+      const backend = new EmbeddedBackend(createPool, appLogger);
+      return { mountPoint: spec.mountPoint, app: spec.app, backend, filePaths, logger: appLogger };
     }
 
     const app = groupAppSpec(spec.app, groupSpec);

@@ -55,23 +55,36 @@ export interface AppSpec {
   writePaths?: string[];
   /** Hosts (HOST or HOST:PORT) the isolates may open connections to; none when unset. */
   allowNet?: string[];
+  /**
+   * The real path of each host folder, resolved once for an embedded pool or
+   * a daemon process (see pinMountRoots). Its isolates mount these, so a
+   * symbolic link switched later (current -> releases/42) changes nothing
+   * for them until a reload starts fresh ones.
+   */
+  mountRoots?: Record<string, string>;
+}
+
+/** Returns `app` with the real paths of its host folders resolved now (see AppSpec.mountRoots). */
+export function pinMountRoots(app: AppSpec): AppSpec {
+  const mountRoots: Record<string, string> = {};
+  for (const folder of appReadPaths(app)) {
+    try {
+      mountRoots[folder] = Deno.realPathSync(folder);
+    } catch {
+      // A folder that is gone is mounted by its path, and the mount reports it.
+    }
+  }
+  return { ...app, mountRoots };
 }
 
 /**
- * Returns `paths` with the real path of each one that contains a symbolic
- * link added. An isolate mounts a folder's real path (see mountHostFolders),
- * so its Deno permissions need both.
+ * Returns `paths` with the pinned real path of each added. An isolate
+ * mounts a folder's real path, so its Deno permissions need both.
  */
-export function withRealPaths(paths: string[]): string[] {
-  const all = new Set(paths);
-  for (const path of paths) {
-    try {
-      all.add(Deno.realPathSync(path));
-    } catch {
-      // A folder that is gone has no real path; the mount reports it.
-    }
-  }
-  return [...all];
+export function withMountRoots(app: AppSpec, paths: string[]): string[] {
+  const roots = app.mountRoots ?? {};
+  const real = paths.map((path) => roots[path]).filter((root) => root !== undefined);
+  return [...new Set([...paths, ...real])];
 }
 
 /**

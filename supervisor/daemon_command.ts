@@ -44,7 +44,7 @@
 
 import { dirname } from "node:path";
 import { fileURLToPath } from "node:url";
-import { appReadPaths, type AppSpec, withRealPaths } from "./app_spec.ts";
+import { appReadPaths, type AppSpec, withMountRoots } from "./app_spec.ts";
 import type { DaemonGroupSpec } from "./daemon_spec.ts";
 import { DAEMON_SUBCOMMAND } from "./daemon_protocol.ts";
 import { daemonMallocEnvironment } from "./malloc.ts";
@@ -347,13 +347,13 @@ function codeFolders(): string[] {
 
 /** Returns the Deno permission flags of a daemon process (see the module documentation). */
 export function permissionFlags(app: AppSpec, cache: DaemonCache): string[] {
-  const read = withRealPaths([
+  const read = withMountRoots(app, [
     ...codeFolders(),
     pyodideFolder(app.python),
     ...appReadPaths(app),
     cache.snapshotDir,
   ]);
-  const write = withRealPaths([...(app.writePaths ?? []), cache.snapshotDir]);
+  const write = withMountRoots(app, [...(app.writePaths ?? []), cache.snapshotDir]);
   // An empty list after "=" would grant access everywhere, so a flag is left out when it has none.
   const flags = [
     `--allow-read=${read.join(",")}`,

@@ -21,7 +21,7 @@
  * script changes or the server gets SIGHUP.
  */
 
-import type { AppSpec } from "./app_spec.ts";
+import { type AppSpec, pinMountRoots } from "./app_spec.ts";
 import type { AppBackend, BackendRequest, RequestHandle } from "./backend.ts";
 import {
   buildDaemonLaunch,
@@ -282,11 +282,14 @@ export class DaemonGroup implements AppBackend {
     let process: DaemonProcess;
     let launch: DaemonLaunch | undefined;
     try {
-      launch = buildDaemonLaunch(this.spec, this.app, this.identity, this.#cache!);
+      // The process mounts the folders' real paths as they are now, and its
+      // permissions are fixed to them.
+      const app = pinMountRoots(this.app);
+      launch = buildDaemonLaunch(this.spec, app, this.identity, this.#cache!);
       process = new DaemonProcess({
         serial,
         launch,
-        config: this.#config,
+        config: { ...this.#config, app },
         logger: this.#logger,
         onReady: (ready) => this.#onReady(ready),
         onExit: (exited, exit) => this.#reap(exited, exit),

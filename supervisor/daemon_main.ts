@@ -23,7 +23,7 @@
  * stop or reload. The front stops a process that overstays with SIGKILL.
  */
 
-import { appReadPaths, PYODIDE_SPECIFIER, type PythonVersion } from "./app_spec.ts";
+import { appReadPaths, PYODIDE_SPECIFIER, type PythonVersion, withMountRoots } from "./app_spec.ts";
 import type { Job, ResponseSink } from "./isolate.ts";
 import { Logger, plural, tracebackSummary } from "./log.ts";
 import { IsolatePool, PoolUnavailableError } from "./pool.ts";
@@ -233,7 +233,8 @@ class DaemonRequest implements ResponseSink {
    * application may not read never leaves through the front.
    */
   async #sendFile(message: FileMessage): Promise<void> {
-    const folders = appReadPaths(this.#daemon.config.app);
+    const app = this.#daemon.config.app;
+    const folders = withMountRoots(app, appReadPaths(app));
     if (
       !folders.some((folder) => message.path === folder || message.path.startsWith(folder + "/"))
     ) {

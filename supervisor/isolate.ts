@@ -9,7 +9,7 @@ import {
   type AppSpec,
   PYODIDE_SPECIFIER,
   type PythonVersion,
-  withRealPaths,
+  withMountRoots,
 } from "./app_spec.ts";
 import type { Logger } from "./log.ts";
 import {
@@ -110,8 +110,8 @@ export function startIsolateWorker(app: AppSpec): Worker {
     name: ISOLATE_WORKER_NAME + app.python,
     deno: {
       permissions: {
-        read: withRealPaths(isolateReadPaths(app)),
-        write: app.writePaths?.length ? withRealPaths(app.writePaths) : false,
+        read: withMountRoots(app, isolateReadPaths(app)),
+        write: app.writePaths?.length ? withMountRoots(app, app.writePaths) : false,
         net: app.allowNet?.length ? app.allowNet : false,
         run: false,
         env: false,

@@ -35,7 +35,7 @@ import {
   PYODIDE_SPECIFIER,
   PYTHON_VERSIONS,
   type PythonVersion,
-  withRealPaths,
+  withMountRoots,
 } from "./app_spec.ts";
 import type { Logger } from "./log.ts";
 import {
@@ -318,7 +318,7 @@ function buildInWorker(
     type: "module",
     deno: {
       permissions: {
-        read: withRealPaths(readPaths),
+        read: message.app ? withMountRoots(message.app, readPaths) : readPaths,
         write: false,
         net: false,
         run: false,

@@ -705,6 +705,52 @@ Deno.test("daemon stalled body gets 408", async () => {
   }
 });
 
+Deno.test("daemon keeps its release after a link switch", async () => {
+  // current -> one, then switched to two: a running process keeps one, also
+  // in an isolate it adds, and a reload starts processes on two.
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    for (const release of ["one", "two"]) {
+      await Deno.mkdir(join(folder, release));
+      await Deno.chmod(join(folder, release), 0o755);
+      for (const name of ["app.wsgi", "data.txt"]) {
+        await Deno.copyFile(join(folder, name), join(folder, release, name));
+      }
+      await Deno.writeTextFile(join(folder, release, "data.txt"), `release ${release}\n`);
+      // The same time in both releases, so that only SIGHUP reloads.
+      const time = new Date(2026, 0, 1);
+      await Deno.utime(join(folder, release, "app.wsgi"), time, time);
+    }
+    await Deno.symlink("one", join(folder, "current"));
+    await using server = await startServer(join(folder, "current", "app.wsgi"), [
+      "--daemon",
+      "group=link,user=nobody,processes=1,threads=2",
+    ], { waitForReady: false });
+    await server.waitForLog(/daemon process ready/, 120_000);
+    assert.equal((await getText(server.origin + "/do/file")).body, "release one\n");
+
+    await Deno.symlink("two", join(folder, "next"));
+    await Deno.rename(join(folder, "next"), join(folder, "current"));
+    const [slow, file] = await Promise.all([
+      getText(server.origin + "/do/slow?ms=800"),
+      (async () => {
+        await delay(200);
+        return await getText(server.origin + "/do/file");
+      })(),
+    ]);
+    assert.equal(slow.status, 200);
+    assert.equal(file.body, "release one\n");
+    assert.match(server.log(), /isolate=2\] isolate ready/);
+
+    server.process.kill("SIGHUP");
+    await server.waitForLog(/retiring the daemon process/, 60_000);
+    assert.equal((await getText(server.origin + "/do/file")).body, "release two\n");
+    assert.doesNotMatch(server.log(), /exited with code 1|ERROR|escalate/);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("daemon reload cut short by stop", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   const script = join(folder, "app.wsgi");

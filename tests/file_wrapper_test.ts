@@ -69,3 +69,21 @@ Deno.test("file_wrapper cases", async (t) => {
     await Deno.remove(writeDir, { recursive: true });
   }
 });
+
+Deno.test("file_wrapper through a linked folder", async () => {
+  // The front must accept the real path that the isolate mounts for current/.
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-file-wrapper-link-" });
+  try {
+    await Deno.mkdir(`${folder}/release`);
+    await Deno.copyFile(SCRIPT, `${folder}/release/app.wsgi`);
+    await Deno.symlink("release", `${folder}/current`);
+    await using server = await startServer(`${folder}/current/app.wsgi`, ["--threads", "1"]);
+    const response = await fetch(server.origin + "/");
+
+    assert.equal(response.status, 200);
+    assert.equal(await response.text(), await Deno.readTextFile(SCRIPT));
+    assert.doesNotMatch(server.log(), /outside the application's folders/);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});

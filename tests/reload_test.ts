@@ -136,11 +136,22 @@ Deno.test("embedded reload follows a switched release link", async () => {
       await Deno.utime(`${folder}/${release}/app.wsgi`, time, time);
     }
     await Deno.symlink("one", `${folder}/current`);
-    await using server = await startServer(`${folder}/current/app.wsgi`, ["--threads", "1"]);
+    await using server = await startServer(`${folder}/current/app.wsgi`, [
+      "--threads",
+      "2",
+      "--min-threads",
+      "1",
+    ]);
     assert.equal(await (await fetch(server.origin + "/")).text(), "one");
 
     await Deno.symlink("two", `${folder}/next`);
     await Deno.rename(`${folder}/next`, `${folder}/current`);
+    // Until the reload, the pool keeps its release, also in an isolate it adds now.
+    const before = await Promise.all(
+      [1, 2].map(async () => await (await fetch(server.origin + "/?500")).text()),
+    );
+    assert.deepEqual(before, ["one", "one"]);
+    assert.match(server.log(), /isolate=2\] isolate ready/);
     server.process.kill("SIGHUP");
     await waitForCount(server, /reloaded: fresh isolates take new requests/, 1);
 

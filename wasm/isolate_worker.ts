@@ -251,7 +251,7 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
     stderr: (line: string) => log("warning", line),
   }) as Pyodide;
 
-  mountHostFolders(pyodide.FS, appReadPaths(message.app));
+  mountHostFolders(pyodide.FS, appReadPaths(message.app), message.app.mountRoots);
   pyodide.registerJsModule("_wsgirun_host", host);
   installHostModules(pyodide as unknown as PyodideForHost, {
     app: message.app,

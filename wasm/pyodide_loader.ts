@@ -223,16 +223,20 @@ export interface MountableFS {
  * `open()` show real paths. A folder inside one that is already mounted
  * needs no mount of its own.
  */
-export function mountHostFolders(fs: MountableFS, folders: string[]): void {
+export function mountHostFolders(
+  fs: MountableFS,
+  folders: string[],
+  roots: Record<string, string> = {},
+): void {
   const sorted = [...new Set(folders)].sort((a, b) => a.length - b.length);
   const mounted: string[] = [];
   for (const folder of sorted) {
     if (mounted.some((parent) => folder === parent || folder.startsWith(parent + "/"))) continue;
     try {
       fs.mkdirTree(folder);
-      // The folder's real path: a folder behind a symbolic link (current ->
-      // releases/42) stays the same release for the life of the isolate.
-      fs.mount(fs.filesystems.NODEFS, { root: realPathOrSelf(folder) }, folder);
+      // The folder's pinned real path: a folder behind a symbolic link
+      // (current -> releases/42) stays one release for the life of the isolate.
+      fs.mount(fs.filesystems.NODEFS, { root: roots[folder] ?? folder }, folder);
     } catch (error) {
       // Emscripten's error carries only a number, so name the folder here.
       throw new Error(
@@ -241,15 +245,6 @@ export function mountHostFolders(fs: MountableFS, folders: string[]): void {
       );
     }
     mounted.push(folder);
-  }
-}
-
-/** Returns the real path of `folder`, or `folder` when it is gone, which the mount then reports. */
-function realPathOrSelf(folder: string): string {
-  try {
-    return Deno.realPathSync(folder);
-  } catch {
-    return folder;
   }
 }
 

@@ -79,7 +79,7 @@ function importAdapter(pyodide: SnapshotPyodide): void {
 
 function importApplication(pyodide: SnapshotPyodide, message: BuildSnapshotMessage): string[] {
   const app = message.app!;
-  mountHostFolders(pyodide.FS, appReadPaths(app));
+  mountHostFolders(pyodide.FS, appReadPaths(app), app.mountRoots);
   // The application must import the host-backed sqlite3, socket and fcntl, as it does in isolates.
   installHostPython(pyodide as unknown as PyodideForHost, app, message.identity ?? null);
   importAdapter(pyodide);
