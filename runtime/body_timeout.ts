@@ -30,41 +30,71 @@ export function withBodyTimeout(
   timeoutMs: number,
   onTimeout: (error: BodyTimeoutError) => void,
 ): ReadableStream<Uint8Array> {
-  const source = body.getReader({ mode: "byob" });
+  // Deno gives some bodies (a small one it already holds) as a stream that is
+  // not a byte stream, which has no BYOB reader.
+  let source: ReadableStreamBYOBReader | ReadableStreamDefaultReader<Uint8Array>;
+  try {
+    source = body.getReader({ mode: "byob" });
+  } catch {
+    source = body.getReader();
+  }
+
+  /** Waits for `read`, or resolves "timed out" after timeoutMs. */
+  async function withinTimeout<T>(read: Promise<T>): Promise<T | "timed out"> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timedOut = new Promise<"timed out">((resolve) => {
+      timer = setTimeout(() => resolve("timed out"), timeoutMs);
+    });
+    try {
+      return await Promise.race([read, timedOut]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   return new ReadableStream({
     type: "bytes",
     autoAllocateChunkSize: PIECE_BYTES,
     async pull(controller) {
       const request = controller.byobRequest!;
       const view = request.view!;
-      let timer: ReturnType<typeof setTimeout> | undefined;
-      const timedOut = new Promise<"timed out">((resolve) => {
-        timer = setTimeout(() => resolve("timed out"), timeoutMs);
-      });
-      const read = source.read(new Uint8Array(view.buffer, view.byteOffset, view.byteLength));
-      let result: ReadableStreamReadResult<Uint8Array> | "timed out";
-      try {
-        result = await Promise.race([read, timedOut]);
-      } finally {
-        clearTimeout(timer);
-      }
+      for (;;) {
+        const result = await withinTimeout(
+          source instanceof ReadableStreamBYOBReader
+            ? source.read(new Uint8Array(view.buffer, view.byteOffset, view.byteLength))
+            : source.read(),
+        );
 
-      if (result === "timed out") {
-        const error = new BodyTimeoutError(timeoutMs);
-        source.cancel(error).catch(() => {
-          // The client's stream has failed already; the timeout error below is kept.
-        });
-        controller.error(error);
-        onTimeout(error);
+        if (result === "timed out") {
+          const error = new BodyTimeoutError(timeoutMs);
+          source.cancel(error).catch(() => {
+            // The client's stream has failed already; the timeout error below is kept.
+          });
+          controller.error(error);
+          onTimeout(error);
+          return;
+        }
+        if (source instanceof ReadableStreamBYOBReader) {
+          if (result.done) {
+            controller.close();
+            // A pending BYOB request must be completed even at the end, with an empty view.
+            if (result.value) request.respondWithNewView(result.value);
+          } else {
+            request.respondWithNewView(result.value);
+          }
+          return;
+        }
+        if (result.done) {
+          controller.close();
+          request.respond(0);
+          return;
+        }
+        // An empty piece cannot be enqueued: read the next one.
+        if (result.value.length === 0) continue;
+        // A copy: enqueue() takes the buffer over, and the source may own it.
+        controller.enqueue(result.value.slice());
         return;
       }
-      if (result.done) {
-        controller.close();
-        // A pending BYOB request must be completed even at the end, with an empty view.
-        if (result.value) request.respondWithNewView(result.value);
-        return;
-      }
-      request.respondWithNewView(result.value);
     },
     cancel(reason) {
       return source.cancel(reason);
