@@ -75,14 +75,28 @@ Deno.test("file_wrapper through a linked folder", async () => {
   const folder = await Deno.makeTempDir({ prefix: "wsgirun-file-wrapper-link-" });
   try {
     await Deno.mkdir(`${folder}/release`);
+    await Deno.mkdir(`${folder}/data-1`);
     await Deno.copyFile(SCRIPT, `${folder}/release/app.wsgi`);
     await Deno.symlink("release", `${folder}/current`);
-    await using server = await startServer(`${folder}/current/app.wsgi`, ["--threads", "1"]);
+    // A --write folder behind a link of its own.
+    await Deno.symlink("data-1", `${folder}/data`);
+    await using server = await startServer(`${folder}/current/app.wsgi`, [
+      "--threads",
+      "1",
+      "--write",
+      `${folder}/data`,
+      "--env",
+      `WRITE_DIR=${folder}/data`,
+    ]);
     const response = await fetch(server.origin + "/");
+    const written = await fetch(server.origin + "/write-folder");
 
     assert.equal(response.status, 200);
     assert.equal(await response.text(), await Deno.readTextFile(SCRIPT));
-    assert.doesNotMatch(server.log(), /outside the application's folders/);
+    assert.equal(written.status, 200);
+    assert.equal(await written.text(), "written by the application\n".repeat(100));
+    assert.ok((await Deno.stat(`${folder}/data-1/written.txt`)).isFile);
+    assert.doesNotMatch(server.log(), /outside the application's folders|ERROR/);
   } finally {
     await Deno.remove(folder, { recursive: true });
   }

@@ -136,7 +136,7 @@ export function installHostPython(
   identity: ProcessIdentity | null,
 ): void {
   writeShimFiles(pyodide);
-  mountWritableFolders(pyodide, app.writePaths ?? []);
+  mountWritableFolders(pyodide, app.writePaths ?? [], app.mountRoots ?? {});
   mountZoneinfo(pyodide);
 
   const folder = JSON.stringify(SHIM_FOLDER);
@@ -161,12 +161,12 @@ function writeShimFiles(pyodide: PyodideForHost): void {
   }
 }
 
-/** Reports whether `folder` already shows the host folder of the same path through a host mount. */
-function isHostMounted(pyodide: PyodideForHost, folder: string): boolean {
+/** Reports whether `folder` already shows the host folder `hostPath` through a host mount. */
+function isHostMounted(pyodide: PyodideForHost, folder: string, hostPath: string): boolean {
   try {
     const { mount } = pyodide.FS.lookupPath(folder, { follow: true }).node;
     return mount.type === pyodide.FS.filesystems.NODEFS &&
-      mount.opts.root + folder.slice(mount.mountpoint.length) === folder;
+      mount.opts.root + folder.slice(mount.mountpoint.length) === hostPath;
   } catch {
     return false;
   }
@@ -174,15 +174,21 @@ function isHostMounted(pyodide: PyodideForHost, folder: string): boolean {
 
 /**
  * Mounts each writable folder at its own path, unless a folder mounted
- * before (an application folder) already contains it. The worker's write
- * permission, not the mount, is what allows writing.
+ * before (an application folder) already shows it. The worker's write
+ * permission, not the mount, is what allows writing. `roots` holds the
+ * pinned real path of each folder (see AppSpec.mountRoots).
  */
-function mountWritableFolders(pyodide: PyodideForHost, folders: readonly string[]): void {
+function mountWritableFolders(
+  pyodide: PyodideForHost,
+  folders: readonly string[],
+  roots: Record<string, string>,
+): void {
   const sorted = [...new Set(folders)].sort((a, b) => a.length - b.length);
   for (const folder of sorted) {
-    if (isHostMounted(pyodide, folder)) continue;
+    const hostPath = roots[folder] ?? folder;
+    if (isHostMounted(pyodide, folder, hostPath)) continue;
     pyodide.FS.mkdirTree(folder);
-    pyodide.FS.mount(pyodide.FS.filesystems.NODEFS, { root: folder }, folder);
+    pyodide.FS.mount(pyodide.FS.filesystems.NODEFS, { root: hostPath }, folder);
   }
 }
 
@@ -198,7 +204,7 @@ function mountZoneinfo(pyodide: PyodideForHost): void {
     // No database on this host, or no permission to read it: zoneinfo finds no zones.
     return;
   }
-  if (isHostMounted(pyodide, ZONEINFO_FOLDER)) return;
+  if (isHostMounted(pyodide, ZONEINFO_FOLDER, hostFolder)) return;
   pyodide.FS.mkdirTree(ZONEINFO_FOLDER);
   pyodide.FS.mount(pyodide.FS.filesystems.NODEFS, { root: hostFolder }, ZONEINFO_FOLDER);
 }
