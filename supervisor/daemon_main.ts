@@ -431,27 +431,33 @@ class Daemon {
     this.pool.stop();
   }
 
-  /**
-   * Returns the requests that have not started to the front, sends DRAINING
-   * so that it sends no more, and resolves when the running ones are done.
-   */
   /** Called for the front's DRAIN frame. */
   onDrainRequest?: () => void;
 
-  /** Returns the requests not yet running and resolves once the running ones are done. */
+  /**
+   * Returns to the front (RETURNED) every request the pool has not started:
+   * queued ones, ones posted behind a running request, and ones a failed
+   * isolate gives back later. Sends DRAINING so that the front sends no
+   * more, and resolves when the running ones are done. The front stops the
+   * process if they take longer than its graceful-timeout.
+   */
   async drain(cause: string): Promise<void> {
     this.#draining = true;
-    for (const [id, request] of this.#requests) {
-      if (request.job.running) continue;
-      // The pool runs no abandoned job, and the request sends nothing once finished.
-      request.job.abandoned = true;
-      request.finishWithoutReply();
-      this.send(Frame.RETURNED, id);
-    }
+    const giveBack = (jobs: Job[]) => {
+      for (const job of jobs) {
+        for (const [id, request] of this.#requests) {
+          if (request.job !== job) continue;
+          request.finishWithoutReply();
+          this.send(Frame.RETURNED, id);
+        }
+      }
+    };
+    const poolDrained = this.pool.drain(Number.MAX_SAFE_INTEGER, giveBack);
     this.send(Frame.DRAINING, 0);
     this.logger.info(
       `${cause}: finishing ${plural(this.#requests.size, "running request")}, then stopping`,
     );
+    await poolDrained;
     while (this.#requests.size > 0) await new Promise((resolve) => setTimeout(resolve, 50));
   }
 }

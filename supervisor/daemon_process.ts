@@ -109,6 +109,7 @@ export class DaemonRequestHandle implements RequestHandle {
   finished = false;
   #onCancelQueued: (handle: DaemonRequestHandle) => void;
   #bodyReader: ReadableStreamDefaultReader<Uint8Array> | null = null;
+  #bodyPumped = false;
   #bodyBytesInFlight = 0;
   #wakeBody: (() => void) | null = null;
 
@@ -139,6 +140,11 @@ export class DaemonRequestHandle implements RequestHandle {
   }
 
   /** Marks the request as handed to an isolate and starts streaming its body, if it has one. */
+  /** Whether the front has begun to read the client's body for a daemon process. */
+  get bodyStarted(): boolean {
+    return this.#bodyPumped;
+  }
+
   markRunning(logger: Logger): void {
     // A request handed to one isolate and then moved to a free one is reported twice.
     if (this.running) return;
@@ -199,6 +205,7 @@ export class DaemonRequestHandle implements RequestHandle {
   ) {
     const reader = body.getReader();
     this.#bodyReader = reader;
+    this.#bodyPumped = true;
     try {
       for (;;) {
         const { done, value } = await reader.read();
@@ -449,11 +456,24 @@ export class DaemonProcess {
   }
 
   /** The daemon gave back a request it did not start: another process takes it. */
+  /**
+   * The daemon gave back a request it did not start, which may have been
+   * reported RUNNING while it waited behind another. Another process takes
+   * it, unless the front already sent part of its body here.
+   */
   #onReturned(id: number): void {
     const handle = this.#requests.get(id);
-    if (!handle || handle.running) return;
+    if (!handle || handle.responseStarted) return;
     this.#requests.delete(id);
     handle.process = null;
+    if (handle.bodyStarted) {
+      const reason = `daemon process ${this.pid} stopped before it ran the request, ` +
+        "and part of the request body had already gone to it";
+      handle.finish();
+      handle.request.sink.fail(502, reason);
+      return;
+    }
+    handle.running = false;
     this.#options.onReturned(handle);
   }
 
