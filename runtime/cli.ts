@@ -1006,20 +1006,19 @@ function realPathOrSelf(path: string): string {
 
 /**
  * Checks that `value` names an existing path of the given kind and returns
- * its absolute path. Symbolic links are resolved only with `realPath`: an
- * application folder keeps them, so that a reload follows a switched link.
+ * its absolute path. Symbolic links stay in it, so that a reload, or a
+ * static file request, follows a switched link.
  */
 function parseExistingPath(
   option: string,
   value: string,
   cwd: string,
   expected: "directory" | "file or directory",
-  realPath = false,
 ): string {
   const path = resolve(cwd, value);
   const kind = statPathKind(path);
   const accepted = kind === "directory" || (kind === "file" && expected !== "directory");
-  if (accepted) return realPath ? Deno.realPathSync(path) : path;
+  if (accepted) return path;
 
   const found = kind === "missing"
     ? "does not exist"
@@ -1045,9 +1044,8 @@ function parseUrlAlias(
   if (existing.some((alias) => alias.url === prefix)) {
     throw invalidValue("--url-alias", url, "a URL that no other --url-alias uses");
   }
-  // Static files check their real paths against the alias's real path.
-  const target = parseExistingPath("--url-alias", path, cwd, "file or directory", true);
-  return { url: prefix, path: target };
+  // Links stay: static files resolve the alias's real path for each request.
+  return { url: prefix, path: parseExistingPath("--url-alias", path, cwd, "file or directory") };
 }
 
 /**

@@ -167,14 +167,17 @@ export async function serveStatic(
   if (segments === undefined) return textResponse(400);
 
   try {
-    const candidate = segments.length === 0 ? alias.path : `${alias.path}/${segments.join("/")}`;
-    const target = await resolveInside(alias.path, candidate);
+    // Resolved for each request, so an alias behind a symbolic link
+    // (current -> releases/42) serves the release the link names now.
+    const root = await Deno.realPath(alias.path);
+    const candidate = segments.length === 0 ? root : `${root}/${segments.join("/")}`;
+    const target = await resolveInside(root, candidate);
     if (target === undefined) return textResponse(404);
 
     const info = await Deno.stat(target);
     if (info.isDirectory) {
       if (!rest.endsWith("/")) return redirectToFolder(request, alias, rest);
-      return await serveIndex(request, alias.path, target, logger);
+      return await serveIndex(request, root, target, logger);
     }
     // A file cannot be a folder, and a file alias has no paths below it.
     if (!info.isFile || rest.endsWith("/")) return textResponse(404);

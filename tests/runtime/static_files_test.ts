@@ -876,3 +876,24 @@ Deno.test("serveStatic client abort not logged", async () => {
     await Deno.remove(fixture.root, { recursive: true });
   }
 });
+
+Deno.test("serveStatic follows a switched link", async () => {
+  // An alias on current/static, where current -> releases/N switches.
+  const root = await Deno.realPath(await Deno.makeTempDir({ prefix: "static_files_link_" }));
+  try {
+    for (const release of ["1", "2"]) {
+      await Deno.mkdir(`${root}/releases/${release}/static`, { recursive: true });
+      await Deno.writeTextFile(`${root}/releases/${release}/static/app.css`, `release ${release}`);
+    }
+    await Deno.symlink("releases/1", `${root}/current`);
+    await using server = startServer([{ url: "/static", path: `${root}/current/static` }]);
+    assert.equal(await (await fetch(`${server.base}/static/app.css`)).text(), "release 1");
+
+    await Deno.symlink("releases/2", `${root}/next`);
+    await Deno.rename(`${root}/next`, `${root}/current`);
+
+    assert.equal(await (await fetch(`${server.base}/static/app.css`)).text(), "release 2");
+  } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+});
