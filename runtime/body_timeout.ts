@@ -18,12 +18,18 @@ export class BodyTimeoutError extends Error {
 /** Size of each piece the wrapped stream reads for a reader that brings no buffer. */
 const PIECE_BYTES = 64 * 1024;
 
+/** How often a stream checks whether its current read waits too long. */
+const CHECK_MS = 250;
+
 /**
  * Returns a byte stream of `body` that fails with BodyTimeoutError, and
  * calls `onTimeout`, when one read waits longer than `timeoutMs` for the
- * client. The clock runs only while a reader waits for bytes, not while the
- * application is busy with the ones it has. Readers that bring their own
- * buffer (BYOB) read straight into it.
+ * client (checked every CHECK_MS, so up to that much later). The clock runs
+ * only while a reader waits for bytes, not while the application is busy
+ * with the ones it has. Readers that bring their own buffer (BYOB) read
+ * straight into it. A read costs no timer of its own: a chunked upload in
+ * small pieces is read thousands of times a second, and the front must keep
+ * up with it (see the chunked upload limit in README.md).
  */
 export function withBodyTimeout(
   body: ReadableStream<Uint8Array>,
@@ -39,41 +45,48 @@ export function withBodyTimeout(
     source = body.getReader();
   }
 
-  /** Waits for `read`, or resolves "timed out" after timeoutMs. */
-  async function withinTimeout<T>(read: Promise<T>): Promise<T | "timed out"> {
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const timedOut = new Promise<"timed out">((resolve) => {
-      timer = setTimeout(() => resolve("timed out"), timeoutMs);
+  /** performance.now() when the pending read began, or undefined between reads. */
+  let waitingSince: number | undefined;
+  let timedOut: BodyTimeoutError | undefined;
+  let checker: ReturnType<typeof setInterval> | undefined;
+  const stopChecking = () => clearInterval(checker);
+  const check = () => {
+    if (waitingSince === undefined || performance.now() - waitingSince < timeoutMs) return;
+    stopChecking();
+    timedOut = new BodyTimeoutError(timeoutMs);
+    // The pending read then ends as done, and pull() reports the timeout.
+    source.cancel(timedOut).catch(() => {
+      // The client's stream has failed already; the timeout error is kept.
     });
-    try {
-      return await Promise.race([read, timedOut]);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
+  };
 
   return new ReadableStream({
     type: "bytes",
     autoAllocateChunkSize: PIECE_BYTES,
     async pull(controller) {
+      checker ??= setInterval(check, Math.min(CHECK_MS, timeoutMs));
       const request = controller.byobRequest!;
       const view = request.view!;
       for (;;) {
-        const result = await withinTimeout(
-          source instanceof ReadableStreamBYOBReader
-            ? source.read(new Uint8Array(view.buffer, view.byteOffset, view.byteLength))
-            : source.read(),
-        );
+        waitingSince = performance.now();
+        let result: ReadableStreamReadResult<Uint8Array>;
+        try {
+          result = source instanceof ReadableStreamBYOBReader
+            ? await source.read(new Uint8Array(view.buffer, view.byteOffset, view.byteLength))
+            : await source.read();
+        } catch (error) {
+          stopChecking();
+          throw error;
+        } finally {
+          waitingSince = undefined;
+        }
 
-        if (result === "timed out") {
-          const error = new BodyTimeoutError(timeoutMs);
-          source.cancel(error).catch(() => {
-            // The client's stream has failed already; the timeout error below is kept.
-          });
-          controller.error(error);
-          onTimeout(error);
+        if (timedOut) {
+          controller.error(timedOut);
+          onTimeout(timedOut);
           return;
         }
+        if (result.done) stopChecking();
         if (source instanceof ReadableStreamBYOBReader) {
           if (result.done) {
             controller.close();
@@ -97,6 +110,7 @@ export function withBodyTimeout(
       }
     },
     cancel(reason) {
+      stopChecking();
       return source.cancel(reason);
     },
   });
