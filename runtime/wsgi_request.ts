@@ -90,7 +90,7 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
     if (length !== undefined && length <= READ_AHEAD_BYTES) {
       const whole = await readSmallBody(request, logger, input.bodyTimeoutMs);
       if (whole instanceof BodyTimeoutError) {
-        logger.warning(`request answered with 408: ${whole.message}`);
+        logger.warning(`request failed with 408: ${whole.message}`);
         input.onDone({
           status: 408,
           bytes: errorBodyBytes("Request Timeout"),

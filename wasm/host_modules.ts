@@ -175,7 +175,7 @@ function isHostMounted(pyodide: PyodideForHost, folder: string, hostPath: string
 /**
  * Mounts each writable folder at its own path, unless a folder mounted
  * before (an application folder) already shows it. The worker's write
- * permission, not the mount, is what allows writing. `roots` holds the
+ * permission, not the mount, is what allows writing. `roots` contains the
  * pinned real path of each folder (see AppSpec.mountRoots).
  */
 function mountWritableFolders(
