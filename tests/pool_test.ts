@@ -669,7 +669,7 @@ Deno.test("application cannot end its worker", async () => {
     "--request-timeout",
     "0",
   ]);
-  for (const how of ["deno", "close"]) {
+  for (const how of ["deno", "close", "kill"]) {
     const response = await fetch(`${server.origin}/?js-exit=${how}`);
     await response.body?.cancel();
     assert.equal(response.status, 500, how);
@@ -682,6 +682,7 @@ Deno.test("application cannot end its worker", async () => {
     /exit\(\) would end the isolate's worker; an application cannot call it/,
   );
   assert.match(server.log(), /close\(\) would end the isolate's worker/);
+  assert.match(server.log(), /kill\(\) would signal the server's own process/);
   // The first isolate served every request.
   assert.doesNotMatch(server.log(), /isolate=2\]/);
 });

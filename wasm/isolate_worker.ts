@@ -38,17 +38,24 @@ import { buildSnapshot, writeAdapterFiles } from "./snapshot_builder.ts";
 import { installHostModules, type PyodideForHost } from "./host_modules.ts";
 
 /**
- * Keeps an application from ending this worker through Pyodide's `js`
- * module. Deno ends a worker that calls `Deno.exit()` or `close()` without
- * an event the pool could see, so the request would hang until its
- * request-timeout. The application gets a JavaScript error instead, which
- * fails its request with 500 and leaves the isolate serving.
+ * Keeps an application from ending this worker, or the whole process,
+ * through Pyodide's `js` module. Deno ends a worker that calls `Deno.exit()`
+ * or `close()` without an event the pool could see, so the request would
+ * hang until its request-timeout. `Deno.kill()` needs no permission to
+ * signal the process itself, so SIGTERM, SIGSTOP or SIGKILL would stop the
+ * server or daemon process. The application gets a JavaScript error instead,
+ * which fails its request with 500 and leaves the isolate serving.
  */
 function blockWorkerExit(): void {
-  for (const [target, name] of [[Deno, "exit"], [globalThis, "close"]] as const) {
+  const blocked = [
+    [Deno, "exit", "would end the isolate's worker"],
+    [globalThis, "close", "would end the isolate's worker"],
+    [Deno, "kill", "would signal the server's own process"],
+  ] as const;
+  for (const [target, name, effect] of blocked) {
     Object.defineProperty(target, name, {
       value: () => {
-        throw new Error(`${name}() would end the isolate's worker; an application cannot call it`);
+        throw new Error(`${name}() ${effect}; an application cannot call it`);
       },
     });
   }
