@@ -242,6 +242,16 @@ export class Isolate {
       this.jobs.length < PIPELINE_DEPTH && this.#inbox.hasRoom;
   }
 
+  /**
+   * Whether `job` may be posted now. A job with a streamed body waits for an
+   * isolate with nothing to run: once posted, its body starts to flow (in a
+   * daemon process the front starts sending it), and a request whose body
+   * has begun can no longer move to another isolate or process.
+   */
+  canTakeJob(job: Job): boolean {
+    return this.canTake && (job.bodyRing === null || this.jobs.length === 0);
+  }
+
   /** Posts a job to the worker, to run after the ones it holds. */
   run(job: Job): void {
     if (!this.canTake) {

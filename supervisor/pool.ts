@@ -246,7 +246,7 @@ export class IsolatePool {
     const waiting = this.#queue.length + this.#waitingInIsolates();
     const idle = this.#findIdle();
     if (
-      idle && this.#queue.length === 0 &&
+      idle && this.#queue.length === 0 && idle.canTakeJob(job) &&
       (idle.state === "idle" || waiting < this.#options.queueLimit)
     ) {
       this.#run(idle, job);
@@ -598,11 +598,14 @@ export class IsolatePool {
 
   #dispatchNext(isolate: Isolate): void {
     while (this.#queue.length > 0 && isolate.canTake) {
-      const job = this.#queue.shift()!;
+      const job = this.#queue[0];
       if (job.abandoned) {
+        this.#queue.shift();
         job.sink.abandon();
         continue;
       }
+      if (!isolate.canTakeJob(job)) break;
+      this.#queue.shift();
       this.#run(isolate, job);
     }
     if (isolate.state === "idle") this.#takeWaitingJob(isolate);

@@ -630,16 +630,29 @@ Deno.test("daemon reload moves waiting requests", async () => {
     await server.waitForLog(/daemon process ready/, 120_000);
     // One request of 4 s, past graceful-timeout, then five of 1 s: the first
     // of those waits in the isolate behind the long one, the others in the
-    // process's queue. Only the long one may fail.
+    // process's queue. Only the long one may fail. An upload with a streamed
+    // body waits in the process's queue too, because its body would start to
+    // flow once an isolate holds it.
     const requests: Promise<{ status: number; body: string }>[] = [];
     for (let i = 0; i < 6; i++) {
       requests.push(getText(server.origin + `/do/slow?ms=${i === 0 ? 4000 : 1000}`));
       await delay(100);
+      if (i === 0) {
+        requests.push(
+          fetch(server.origin + "/do/upload", { method: "POST", body: new Uint8Array(200_000) })
+            .then(async (response) => ({ status: response.status, body: await response.text() })),
+        );
+        await delay(100);
+      }
     }
     server.process.kill("SIGHUP");
     const responses = await Promise.all(requests);
 
-    assert.deepEqual(responses.map((response) => response.status), [502, 200, 200, 200, 200, 200]);
+    assert.deepEqual(
+      responses.map((response) => response.status),
+      [502, 200, 200, 200, 200, 200, 200],
+    );
+    assert.equal(responses[1].body, "200000");
     assert.match(server.log(), /the front retires this process: finishing 1 running request,/);
     assert.match(server.log(), /killed after graceful-timeout/);
   } finally {
