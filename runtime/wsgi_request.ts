@@ -118,6 +118,9 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
     } else if (input.bodyTimeoutMs > 0) {
       // The builder and the handle exist by the time a read can time out.
       body = withBodyTimeout(request.body, input.bodyTimeoutMs, (error) => {
+        // A response that has ended (an application that did not read the
+        // whole body) leaves nothing to fail.
+        if (builder.finished) return;
         builder.fail(408, error.message);
         handle?.cancel();
       });

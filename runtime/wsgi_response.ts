@@ -128,6 +128,11 @@ export class ResponseBuilder implements ResponseSink {
     this.#resolve = resolve;
   }
 
+  /** Whether the response has ended, sent or failed. */
+  get finished(): boolean {
+    return this.#done;
+  }
+
   start(message: StartMessage): void {
     const headers = buildHeaders(message);
     if (typeof headers === "string") {
@@ -356,6 +361,7 @@ export class ResponseBuilder implements ResponseSink {
 
 const REASONS: Record<number, string> = {
   400: "Bad Request",
+  408: "Request Timeout",
   500: "Internal Server Error",
   501: "Not Implemented",
   502: "Bad Gateway",

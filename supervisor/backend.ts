@@ -73,6 +73,14 @@ export function isServerStopping(): boolean {
  * to stop, so the body of an upload still in progress then fails too,
  * through no fault of the client.
  */
+/**
+ * Whether a failed body read is the body timeout, which the front has
+ * logged already (runtime/body_timeout.ts names its error so).
+ */
+export function isBodyTimeout(error: unknown): boolean {
+  return error instanceof Error && error.name === "BodyTimeoutError";
+}
+
 export function bodyReadFailure(error: unknown): string {
   return serverStopping
     ? `request body cut off because the server is stopping (Deno stops reading bodies then): ${error}`

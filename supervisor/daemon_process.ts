@@ -4,7 +4,12 @@
  * an isolate runs them, and hands response frames to each request's sink.
  */
 
-import { type BackendRequest, bodyReadFailure, type RequestHandle } from "./backend.ts";
+import {
+  type BackendRequest,
+  bodyReadFailure,
+  isBodyTimeout,
+  type RequestHandle,
+} from "./backend.ts";
 import type { DaemonLaunch } from "./daemon_command.ts";
 import {
   BODY_WINDOW,
@@ -139,12 +144,12 @@ export class DaemonRequestHandle implements RequestHandle {
     this.#stopBody();
   }
 
-  /** Marks the request as handed to an isolate and starts streaming its body, if it has one. */
   /** Whether the front has begun to read the client's body for a daemon process. */
   get bodyStarted(): boolean {
     return this.#bodyPumped;
   }
 
+  /** Marks the request as handed to an isolate and starts streaming its body, if it has one. */
   markRunning(logger: Logger): void {
     // A request handed to one isolate and then moved to a free one is reported twice.
     if (this.running) return;
@@ -228,9 +233,9 @@ export class DaemonRequestHandle implements RequestHandle {
       }
     } catch (error) {
       if (this.#bodyStopped(process)) return;
-      logger.info(bodyReadFailure(error), {
-        request: this.request.requestId,
-      });
+      if (!isBodyTimeout(error)) {
+        logger.info(bodyReadFailure(error), { request: this.request.requestId });
+      }
       process.send(Frame.BODY_ABORT, id);
     }
   }
@@ -455,7 +460,6 @@ export class DaemonProcess {
     this.kill("SIGKILL");
   }
 
-  /** The daemon gave back a request it did not start: another process takes it. */
   /**
    * The daemon gave back a request it did not start, which may have been
    * reported RUNNING while it waited behind another. Another process takes

@@ -14,6 +14,7 @@ import {
   type AppBackend,
   type BackendRequest,
   bodyReadFailure,
+  isBodyTimeout,
   type RequestHandle,
 } from "./backend.ts";
 import type { Job } from "./isolate.ts";
@@ -58,7 +59,7 @@ async function pumpBody(body: ReadableStream<Uint8Array>, ring: BodyRing, logger
       if (reader instanceof ReadableStreamBYOBReader) buffer = value.buffer as ArrayBuffer;
     }
   } catch (error) {
-    logger.info(bodyReadFailure(error));
+    if (!isBodyTimeout(error)) logger.info(bodyReadFailure(error));
     ring.abort();
   }
 }
