@@ -669,7 +669,7 @@ Deno.test("application cannot end its worker", async () => {
     "--request-timeout",
     "0",
   ]);
-  for (const how of ["deno", "close", "kill"]) {
+  for (const how of ["deno", "close", "kill", "stdout"]) {
     const response = await fetch(`${server.origin}/?js-exit=${how}`);
     await response.body?.cancel();
     assert.equal(response.status, 500, how);
@@ -683,6 +683,7 @@ Deno.test("application cannot end its worker", async () => {
   );
   assert.match(server.log(), /close\(\) would end the isolate's worker/);
   assert.match(server.log(), /kill\(\) would signal the server's own process/);
+  assert.match(server.log(), /Deno\.stdout belongs to the server; an application cannot use it/);
   // The first isolate served every request.
   assert.doesNotMatch(server.log(), /isolate=2\]/);
 });

@@ -61,7 +61,27 @@ function blockWorkerExit(): void {
   }
 }
 
+/**
+ * Keeps standard output for the server. In a daemon process it carries the
+ * frames to the front, so a stray write from an application would break the
+ * channel and get the process killed. The application cannot reach the
+ * standard streams through `js.Deno`, and console.log() and its kin write
+ * to standard error. NOTE: Deno's internal ops stay reachable through
+ * `js.Deno[js.Deno.internal]`, so this closes the documented ways only.
+ */
+function guardStandardStreams(): void {
+  for (const name of ["stdin", "stdout", "stderr"] as const) {
+    Object.defineProperty(Deno, name, {
+      get() {
+        throw new Error(`Deno.${name} belongs to the server; an application cannot use it`);
+      },
+    });
+  }
+  for (const name of ["log", "info", "debug"] as const) console[name] = console.error;
+}
+
 blockWorkerExit();
+guardStandardStreams();
 
 /** The subset of Pyodide's API this worker uses; both pinned versions provide it. */
 interface Pyodide {
