@@ -68,12 +68,6 @@ export function isServerStopping(): boolean {
 }
 
 /**
- * Returns the log message for a request body that could not be read to its
- * end. Deno 2.9.6 stops reading request bodies as soon as the server begins
- * to stop, so the body of an upload still in progress then fails too,
- * through no fault of the client.
- */
-/**
  * Whether a failed body read is the body timeout, which the front has
  * logged already (runtime/body_timeout.ts names its error so).
  */
@@ -81,6 +75,12 @@ export function isBodyTimeout(error: unknown): boolean {
   return error instanceof Error && error.name === "BodyTimeoutError";
 }
 
+/**
+ * Returns the log message for a request body that could not be read to its
+ * end. Deno 2.9.6 stops reading request bodies as soon as the server begins
+ * to stop, so the body of an upload still in progress then fails too,
+ * through no fault of the client.
+ */
 export function bodyReadFailure(error: unknown): string {
   return serverStopping
     ? `request body cut off because the server is stopping (Deno stops reading bodies then): ${error}`
