@@ -34,12 +34,25 @@ fi
 
 bash examples/fetch_packages.sh > /dev/null || exit 1
 
+# The tests make temporary folders (snapshot caches of tens of megabytes
+# among them), and a failed or stopped test leaves its own behind. They all
+# go into one folder that is removed at the end. Daemon groups run as nobody
+# and keep their cache there too, so others may enter it.
+test_tmp=$(mktemp -d "${TMPDIR:-/tmp}/wsgirun-test-tmp.XXXXXX") || exit 1
+chmod 755 "$test_tmp"
+services_started=
+cleanup() {
+  if [ -n "$services_started" ]; then bash tests/services.sh stop; fi
+  rm -rf "$test_tmp"
+}
+trap cleanup EXIT
+
 # The database servers need root to install; without them those tests skip
 # (outside CI) with the reason.
 if bash tests/services.sh start; then
-  trap 'bash tests/services.sh stop' EXIT
+  services_started=1
 else
   echo "tests/run.sh: database servers not started; tests that need them are skipped" >&2
 fi
 
-deno test --allow-all "$@" tests/
+TMPDIR=$test_tmp deno test --allow-all "$@" tests/
