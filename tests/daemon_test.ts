@@ -766,6 +766,34 @@ Deno.test("daemon keeps its release after a link switch", async () => {
   }
 });
 
+Deno.test("daemon queued upload ends with its 503", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startServer(join(folder, "app.wsgi"), [
+      "--daemon",
+      "group=queued,user=nobody,processes=1,threads=1,queue-timeout=1",
+    ], { waitForReady: false });
+    await server.waitForLog(/daemon process ready/, 120_000);
+    const busy = getText(server.origin + "/do/slow?ms=4000");
+    await delay(300);
+
+    // The upload waits in the daemon process's queue with a body nobody reads.
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+    const head = "POST /do/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n" +
+      "Content-Length: 200000\r\nConnection: close\r\n\r\n";
+    await conn.write(new TextEncoder().encode(head + "a".repeat(200_000)));
+    // Without the cancelled body, Deno kept such a connection for about 23 s.
+    const closed = setTimeout(() => conn.close(), 10_000);
+    const reply = await new Response(conn.readable).text().catch((error) => String(error));
+    clearTimeout(closed);
+
+    assert.match(reply, /^HTTP\/1\.1 503 /);
+    assert.equal((await busy).status, 200);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("daemon reload cut short by stop", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   const script = join(folder, "app.wsgi");
