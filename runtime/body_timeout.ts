@@ -36,8 +36,8 @@ export function withBodyTimeout(
   timeoutMs: number,
   onTimeout: (error: BodyTimeoutError) => void,
 ): ReadableStream<Uint8Array> {
-  // Deno gives some bodies (a small one it already holds) as a stream that is
-  // not a byte stream, which has no BYOB reader.
+  // Deno gives some bodies (a small one it has already read) as a stream that
+  // is not a byte stream, which has no BYOB reader.
   let source: ReadableStreamBYOBReader | ReadableStreamDefaultReader<Uint8Array>;
   try {
     source = body.getReader({ mode: "byob" });

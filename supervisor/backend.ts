@@ -68,8 +68,8 @@ export function isServerStopping(): boolean {
 }
 
 /**
- * Whether a failed body read is the body timeout, which the front has
- * logged already (runtime/body_timeout.ts names its error so).
+ * Reports whether a failed body read is the body timeout, which the front
+ * has logged already (runtime/body_timeout.ts gives its error this name).
  */
 export function isBodyTimeout(error: unknown): boolean {
   return error instanceof Error && error.name === "BodyTimeoutError";

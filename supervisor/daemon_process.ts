@@ -170,7 +170,7 @@ export class DaemonRequestHandle implements RequestHandle {
     this.finished = true;
     this.#stopBody();
     // A request that never ran (a queue timeout in the process) has a body
-    // nobody read: cancelling it lets Deno end the connection at once.
+    // that was never read. Cancelling it lets Deno end the connection at once.
     const body = this.request.body;
     if (!this.#bodyPumped && body instanceof ReadableStream) body.cancel().catch(() => {});
   }

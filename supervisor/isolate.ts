@@ -244,9 +244,9 @@ export class Isolate {
 
   /**
    * Whether `job` may be posted now. A job with a streamed body waits for an
-   * isolate with nothing to run: once posted, its body starts to flow (in a
-   * daemon process the front starts sending it), and a request whose body
-   * has begun can no longer move to another isolate or process.
+   * isolate with nothing to run. Once it is posted, its body starts to flow
+   * (in a daemon process the front starts to send it), and a request whose
+   * body has begun can no longer move to another isolate or process.
    */
   canTakeJob(job: Job): boolean {
     return this.canTake && (job.bodyRing === null || this.jobs.length === 0);

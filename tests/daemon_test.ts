@@ -632,7 +632,7 @@ Deno.test("daemon reload moves waiting requests", async () => {
     // of those waits in the isolate behind the long one, the others in the
     // process's queue. Only the long one may fail. An upload with a streamed
     // body waits in the process's queue too, because its body would start to
-    // flow once an isolate holds it.
+    // flow once an isolate has taken it.
     const requests: Promise<{ status: number; body: string }>[] = [];
     for (let i = 0; i < 6; i++) {
       requests.push(getText(server.origin + `/do/slow?ms=${i === 0 ? 4000 : 1000}`));
@@ -777,7 +777,7 @@ Deno.test("daemon queued upload ends with its 503", async () => {
     const busy = getText(server.origin + "/do/slow?ms=4000");
     await delay(300);
 
-    // The upload waits in the daemon process's queue with a body nobody reads.
+    // The upload waits in the daemon process's queue with a body that is never read.
     const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
     const head = "POST /do/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n" +
       "Content-Length: 200000\r\nConnection: close\r\n\r\n";

@@ -669,10 +669,10 @@ Deno.test("application cannot end its worker", async () => {
     "--request-timeout",
     "0",
   ]);
-  for (const how of ["deno", "close", "kill", "stdout"]) {
-    const response = await fetch(`${server.origin}/?js-exit=${how}`);
+  for (const call of ["deno", "close", "kill", "stdout"]) {
+    const response = await fetch(`${server.origin}/?js-exit=${call}`);
     await response.body?.cancel();
-    assert.equal(response.status, 500, how);
+    assert.equal(response.status, 500, call);
   }
   const served = await fetch(`${server.origin}/?seconds=0`);
 

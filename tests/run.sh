@@ -36,8 +36,8 @@ bash examples/fetch_packages.sh > /dev/null || exit 1
 
 # The tests make temporary folders (snapshot caches of tens of megabytes
 # among them), and a failed or stopped test leaves its own behind. They all
-# go into one folder that is removed at the end. Daemon groups run as nobody
-# and keep their cache there too, so others may enter it.
+# go into one folder that is removed at the end. Daemon groups run as the
+# user nobody and keep their cache there too, so other users may enter it.
 test_tmp=$(mktemp -d "${TMPDIR:-/tmp}/wsgirun-test-tmp.XXXXXX") || exit 1
 chmod 755 "$test_tmp"
 services_started=
