@@ -406,11 +406,12 @@ export const OPTIONS: readonly OptionSpec[] = [
   {
     name: "--no-snapshot-app",
     valueNames: [],
-    help: "Same as --snapshot runtime: every isolate imports the application itself.",
+    help: "Same as --snapshot runtime: every isolate imports the application itself. " +
+      "It leaves --snapshot off in force.",
     defaultText: "off",
     repeatable: false,
     apply: (_values, draft) => {
-      draft.snapshot = "runtime";
+      if (draft.snapshot !== "off") draft.snapshot = "runtime";
     },
   },
   {

@@ -16,10 +16,16 @@
  * temporary name and renamed, so two servers building the same snapshot at
  * once never read a half-written one.
  *
- * An application snapshot also records the size, modification time and real
- * path of every host file the application imported. Editing one of them
- * rebuilds it, and so does a symbolic link on its path that now leads to
- * another file.
+ * An application snapshot also records the size, modification time, change
+ * time and real path of every host file the application imported, and the
+ * importable names in each host folder on its `sys.path` and in each folder
+ * it imported from. Editing one of those files rebuilds it. So does a
+ * symbolic link on its path that now leads to another file. So does a
+ * module added to or removed from one of those folders, because a new module
+ * can take over an import or make an optional import succeed.
+ *
+ * A cache file is used only if the server's user (or root) owns it and no
+ * other user may write it: a file someone else planted is rebuilt.
  *
  * Every use of a snapshot sets its modification time. Application snapshots
  * beyond the newest MAX_APPLICATION_SNAPSHOTS are deleted, and so are runtime
@@ -27,6 +33,7 @@
  * used for RUNTIME_SNAPSHOT_UNUSED_MS.
  */
 
+import { resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { ISOLATE_WORKER_URL, SHIPPED_SNAPSHOTS_URL } from "./worker_url.ts";
 import {
@@ -110,21 +117,39 @@ interface SnapshotHeader {
   snapshotBytes: number;
   /** A stamp of each file the application imported. */
   files?: FileStamp[];
+  /** A stamp of each folder the application's imports searched. */
+  folders?: FolderStamp[];
 }
 
 /**
- * Path, size, modification time in ms and real path of an imported file.
- * Files of two releases behind a switched link can have the same size and
- * time, but not the same real path.
+ * Path, size, modification time in ms, real path and change time in ms of an
+ * imported file. Files of two releases behind a switched link can have the
+ * same size and time, but not the same real path. The change time catches a
+ * file replaced by one with an older modification time (`mv`, `tar x`,
+ * `rsync -a`) and an edit whose modification time was set back.
  */
-type FileStamp = [string, number, number, string];
+type FileStamp = [string, number, number, string, number];
 
+/** Path of a folder and a digest of the importable names in it ("" when it does not exist). */
+type FolderStamp = [string, string];
+
+/**
+ * Changes of the application's stamps and cache key that an older wsgirun
+ * did not record: raising it makes the application snapshots of older
+ * versions miss instead of passing a check they have no data for.
+ */
+const APPLICATION_STAMP_VERSION = 2;
+
+/**
+ * The cache folder, as an absolute path: daemon processes run in another
+ * working folder, so a relative WSGIRUN_CACHE_DIR is resolved here.
+ */
 export function snapshotCacheDir(): string {
   const explicit = Deno.env.get("WSGIRUN_CACHE_DIR");
-  if (explicit) return explicit;
+  if (explicit) return resolve(explicit);
   const xdg = Deno.env.get("XDG_CACHE_HOME");
-  if (xdg) return `${xdg}/wsgirun`;
-  return `${Deno.env.get("HOME") ?? "/tmp"}/.cache/wsgirun`;
+  if (xdg) return `${resolve(xdg)}/wsgirun`;
+  return `${Deno.env.get("HOME") || "/tmp"}/.cache/wsgirun`;
 }
 
 async function sha256Hex(data: Uint8Array | string): Promise<string> {
@@ -187,8 +212,14 @@ async function encodeFile(
 const MAX_FILE_BYTES = 4 * 1024 ** 3 + 64 * 1024 ** 2;
 
 function isStamp(value: unknown): value is FileStamp {
-  return Array.isArray(value) && value.length === 4 && typeof value[0] === "string" &&
-    Number.isFinite(value[1]) && Number.isFinite(value[2]) && typeof value[3] === "string";
+  return Array.isArray(value) && value.length === 5 && typeof value[0] === "string" &&
+    Number.isFinite(value[1]) && Number.isFinite(value[2]) && typeof value[3] === "string" &&
+    Number.isFinite(value[4]);
+}
+
+function isFolderStamp(value: unknown): value is FolderStamp {
+  return Array.isArray(value) && value.length === 2 && typeof value[0] === "string" &&
+    typeof value[1] === "string";
 }
 
 /** Checks that a parsed header has every field with the right type, so a corrupt one is caught here. */
@@ -196,10 +227,58 @@ function isHeader(value: unknown): value is SnapshotHeader {
   if (typeof value !== "object" || value === null) return false;
   const header = value as Record<string, unknown>;
   const files = header.files;
+  const folders = header.folders;
   return typeof header.key === "string" &&
     Number.isSafeInteger(header.bytes) && (header.bytes as number) >= 0 &&
     Number.isSafeInteger(header.snapshotBytes) && (header.snapshotBytes as number) > 0 &&
-    (files === undefined || (Array.isArray(files) && files.every(isStamp)));
+    (files === undefined || (Array.isArray(files) && files.every(isStamp))) &&
+    (folders === undefined || (Array.isArray(folders) && folders.every(isFolderStamp)));
+}
+
+/** Names the process's user for a log line: "uid N", or "this user" without the permission to ask. */
+function whoAmI(): string {
+  try {
+    return `uid ${Deno.uid()}`;
+  } catch {
+    return "this user";
+  }
+}
+
+/**
+ * Returns why a cache file must not be trusted, or undefined. Only the
+ * server's user and root can write a file they own, so a file with another
+ * owner, or one that others may write, could hold code planted by another
+ * user: the SHA-256 inside it detects damage, not tampering.
+ */
+function foreignFileProblem(info: Deno.FileInfo): string | undefined {
+  let uid: number | null;
+  try {
+    uid = Deno.uid();
+  } catch {
+    // No permission to ask: the daemon processes that lack it get a private folder.
+    return undefined;
+  }
+  if (uid === null || info.uid === null) return undefined;
+  if (info.uid !== uid && info.uid !== 0) {
+    return `belongs to uid ${info.uid}, not to the server's user (uid ${uid})`;
+  }
+  const mode = info.mode ?? 0;
+  if ((mode & 0o022) !== 0) {
+    return `may be written by other users (mode ${(mode & 0o777).toString(8)})`;
+  }
+  return undefined;
+}
+
+/** Reads `size` bytes of an open file, or fewer if it ends sooner. */
+async function readWhole(file: Deno.FsFile, size: number): Promise<Uint8Array> {
+  const data = new Uint8Array(size);
+  let filled = 0;
+  while (filled < size) {
+    const count = await file.read(data.subarray(filled));
+    if (count === null) return data.subarray(0, filled);
+    filled += count;
+  }
+  return data;
 }
 
 /** Returns the header and the unpacked snapshot in shared memory, or a reason it is unusable. */
@@ -209,13 +288,18 @@ async function readFile(
 ): Promise<{ header: SnapshotHeader; snapshot: SharedArrayBuffer } | string> {
   let data: Uint8Array;
   try {
-    // A FIFO or a device at the path would block the read or never end it.
-    const info = await Deno.stat(path);
+    // A FIFO or a device at the path would block the open or never end the read.
+    if (!(await Deno.stat(path)).isFile) return `${path} is not a regular file`;
+    using file = await Deno.open(path);
+    // Checked on the open file, so a file swapped in after the check is not read.
+    const info = await file.stat();
     if (!info.isFile) return `${path} is not a regular file`;
+    const foreign = foreignFileProblem(info);
+    if (foreign) return `${path} ${foreign}`;
     if (info.size > MAX_FILE_BYTES) {
       return `${path} is too large for a snapshot (${info.size} bytes)`;
     }
-    data = await Deno.readFile(path);
+    data = await readWhole(file, info.size);
   } catch (error) {
     return error instanceof Deno.errors.NotFound
       ? NO_CACHED_SNAPSHOT
@@ -269,7 +353,7 @@ async function writeSnapshot(
   path: string,
   key: string,
   snapshot: Uint8Array,
-  files?: FileStamp[],
+  stamps: Pick<SnapshotHeader, "files" | "folders"> = {},
   logger?: Logger,
 ): Promise<{ snapshot: SharedArrayBuffer; written: boolean }> {
   const packed = packSnapshot(snapshot);
@@ -277,7 +361,7 @@ async function writeSnapshot(
   try {
     await writeFile(
       path,
-      { key, bytes: packed.length, snapshotBytes: snapshot.length, files },
+      { key, bytes: packed.length, snapshotBytes: snapshot.length, ...stamps },
       packed,
     );
   } catch (error) {
@@ -285,7 +369,10 @@ async function writeSnapshot(
     written = false;
     logger.warning(
       `cannot write the snapshot cache file ${path}: ${errorText(error)}; ` +
-        "this run uses the snapshot, the next one builds it again. Set WSGIRUN_CACHE_DIR to a writable folder",
+        "this run uses the snapshot, the next one builds it again. " +
+        `Let ${whoAmI()} write to ${path.slice(0, path.lastIndexOf("/"))} and remove ` +
+        "anything that is not a snapshot file at that path, or set WSGIRUN_CACHE_DIR " +
+        "(of the server; a daemon group that runs as another user has its own cache) to a writable folder",
     );
   }
   return { snapshot: unpackSnapshot(packed, snapshot.length), written };
@@ -308,12 +395,19 @@ async function writeFile(path: string, header: SnapshotHeader, payload: Uint8Arr
 
 // ---- building ----
 
+interface BuiltSnapshot {
+  bytes: Uint8Array;
+  /** See SnapshotMessage. */
+  files: string[];
+  folders: string[];
+}
+
 /** Runs one snapshot build in a worker with the isolates' read permissions. */
 function buildInWorker(
   message: BuildSnapshotMessage,
   readPaths: string[],
   logger: Logger,
-): Promise<{ bytes: Uint8Array; files: string[] }> {
+): Promise<BuiltSnapshot> {
   const worker = new Worker(ISOLATE_WORKER_URL, {
     type: "module",
     deno: {
@@ -330,7 +424,7 @@ function buildInWorker(
     },
   });
   const { promise, resolve, reject } = Promise.withResolvers<
-    { bytes: Uint8Array; files: string[] }
+    BuiltSnapshot
   >();
   const timer = setTimeout(
     () => reject(new Error(`timed out after ${BUILD_TIMEOUT_MS} ms`)),
@@ -338,8 +432,9 @@ function buildInWorker(
   );
   worker.onmessage = (event: MessageEvent<FromWorker>) => {
     const reply = event.data;
-    if (reply.type === "snapshot") resolve({ bytes: reply.bytes, files: reply.files });
-    else if (reply.type === "snapshot-failed") reject(new Error(reply.reason));
+    if (reply.type === "snapshot") {
+      resolve({ bytes: reply.bytes, files: reply.files, folders: reply.folders });
+    } else if (reply.type === "snapshot-failed") reject(new Error(reply.reason));
     else if (reply.type === "log") logger.log(reply.level, reply.message);
   };
   worker.onerror = (event) => {
@@ -356,19 +451,76 @@ function buildInWorker(
 async function fileStamps(files: string[]): Promise<FileStamp[]> {
   return await Promise.all(files.map(async (file): Promise<FileStamp> => {
     const info = await Deno.stat(file);
-    return [file, info.size, info.mtime?.getTime() ?? 0, await Deno.realPath(file)];
+    return [
+      file,
+      info.size,
+      info.mtime?.getTime() ?? 0,
+      await Deno.realPath(file),
+      info.ctime?.getTime() ?? 0,
+    ];
   }));
 }
 
-/** Returns the first imported file that changed since the snapshot, if any. */
-async function changedFile(files: FileStamp[]): Promise<string | undefined> {
-  for (const [file, size, mtime, realPath] of files) {
+/**
+ * Names in a folder that an import could find: modules, compiled modules,
+ * extension modules and folders that could be packages, and the `.pth`
+ * files that add folders to `sys.path`.
+ */
+const IMPORTABLE_FILE = /^[A-Za-z_]\w*(\.[\w-]+)?\.(py|pyc|so)$|\.pth$/;
+const IMPORTABLE_FOLDER = /^[A-Za-z_]\w*$/;
+
+/**
+ * Returns a digest of the importable names in `folder`, or "" when it does
+ * not exist. Other names (data files, `__pycache__`) change without effect
+ * on imports, so they are left out.
+ */
+async function folderDigest(folder: string): Promise<string> {
+  const names: string[] = [];
+  try {
+    for await (const entry of Deno.readDir(folder)) {
+      const name = entry.name;
+      if (entry.isDirectory || entry.isSymlink) {
+        if (IMPORTABLE_FOLDER.test(name) && name !== "__pycache__") names.push(`${name}/`);
+      }
+      if (!entry.isDirectory && IMPORTABLE_FILE.test(name)) names.push(name);
+    }
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound || error instanceof Deno.errors.NotADirectory) {
+      return "";
+    }
+    throw error;
+  }
+  return await sha256Hex(names.sort().join("\n"));
+}
+
+async function folderStamps(folders: string[]): Promise<FolderStamp[]> {
+  return await Promise.all(
+    folders.map(async (folder): Promise<FolderStamp> => [folder, await folderDigest(folder)]),
+  );
+}
+
+/** Returns what changed since the snapshot among the application's imports, if anything. */
+async function changedImport(
+  files: FileStamp[],
+  folders: FolderStamp[],
+): Promise<string | undefined> {
+  for (const [file, size, mtime, realPath, ctime] of files) {
     try {
       const info = await Deno.stat(file);
-      if (info.size !== size || (info.mtime?.getTime() ?? 0) !== mtime) return file;
-      if (await Deno.realPath(file) !== realPath) return file;
+      if (info.size !== size || (info.mtime?.getTime() ?? 0) !== mtime) return `${file} changed`;
+      if ((info.ctime?.getTime() ?? 0) !== ctime) return `${file} changed`;
+      if (await Deno.realPath(file) !== realPath) return `${file} changed`;
     } catch {
-      return file;
+      return `${file} changed`;
+    }
+  }
+  for (const [folder, digest] of folders) {
+    try {
+      if (await folderDigest(folder) !== digest) {
+        return `a module was added to or removed from ${folder}`;
+      }
+    } catch {
+      return `${folder} cannot be read`;
     }
   }
   return undefined;
@@ -747,6 +899,7 @@ function applicationKey(app: AppSpec, runtime: string): Promise<string> {
     home: app.home,
     environment: app.environment,
     hostModules: HOST_MODULES_KEY,
+    stamps: APPLICATION_STAMP_VERSION,
   }));
 }
 
@@ -764,8 +917,8 @@ async function cachedApplicationSnapshot(
   const path = applicationPath(app, key);
   const cached = await readFile(path, key);
   if (typeof cached === "string") return cached;
-  const changed = await changedFile(cached.header.files ?? []);
-  if (changed) return `${changed} changed`;
+  const changed = await changedImport(cached.header.files ?? [], cached.header.folders ?? []);
+  if (changed) return changed;
   await touch(path);
   return cached.snapshot;
 }
@@ -857,6 +1010,23 @@ export async function pruneRuntimeSnapshots(logger: Logger, now = Date.now()): P
   }
 }
 
+/**
+ * Returns whether a file may have changed while the application imported it.
+ * The stamps are taken after the import, so a file saved during the build
+ * would look unchanged next time although the snapshot contains its old
+ * code. A modification time after `end` is a clock that runs ahead (a
+ * network file system), not an edit. A file moved into place keeps its older
+ * modification time, but its change time is the move's. Deno gives change
+ * times in whole seconds, so a change time in the build's first second counts
+ * only when it is later than the modification time's second.
+ */
+function changedDuringBuild(stamp: FileStamp, start: number, end: number): boolean {
+  const [, , mtime, , ctime] = stamp;
+  if (mtime >= start && mtime <= end) return true;
+  const startSecond = Math.floor(start / 1000) * 1000;
+  return ctime >= startSecond && ctime <= end && ctime > Math.floor(mtime / 1000) * 1000;
+}
+
 async function buildApplicationSnapshot(
   options: BootOptions,
   key: string,
@@ -882,13 +1052,11 @@ async function buildApplicationSnapshot(
     logger,
   );
   const files = await fileStamps(built.files);
+  const folders = await folderStamps(built.folders);
   const path = applicationPath(app, key);
-  // The stamps are taken after the import, so a file saved during the build
-  // would look unchanged next time although the snapshot contains its old code.
-  // A time after now is a clock that runs ahead (a network file system), not an edit.
   const builtAt = Date.now();
-  const editedDuringBuild = files.find(([, , mtime]) =>
-    mtime >= buildStartedAt && mtime <= builtAt
+  const editedDuringBuild = files.find((stamp) =>
+    changedDuringBuild(stamp, buildStartedAt, builtAt)
   );
   if (editedDuringBuild) {
     logger.info(
@@ -899,7 +1067,13 @@ async function buildApplicationSnapshot(
     );
     return unpackSnapshot(packSnapshot(built.bytes), built.bytes.length);
   }
-  const { snapshot, written } = await writeSnapshot(path, key, built.bytes, files, logger);
+  const { snapshot, written } = await writeSnapshot(
+    path,
+    key,
+    built.bytes,
+    { files, folders },
+    logger,
+  );
   if (written) await pruneApplicationSnapshots(logger);
   logger.info(
     `application snapshot built in ${Math.round(performance.now() - started)} ms ` +

@@ -8,6 +8,8 @@ import { repoPath, startServer, TEST_CACHE_DIR } from "./helpers/server.ts";
 import { loadPyodideFor } from "../wasm/pyodide_loader.ts";
 import { PAGE_BYTES, unpackSnapshot } from "../wasm/snapshot_pages.ts";
 import { countMatches } from "./helpers/load.ts";
+import { snapshotCacheDir } from "../supervisor/snapshots.ts";
+import { crc32 } from "node:zlib";
 
 const HELLO = `
 def application(environ, start_response):
@@ -666,10 +668,14 @@ def application(environ, start_response):
   }
 });
 
-Deno.test("app snapshot not cached after edit during build", async () => {
-  const slowModule = (version: string) =>
-    `import time\nstarted = time.time()\nwhile time.time() - started < 2:\n    pass\nVERSION = "${version}"\n`;
-  const folder = await makeApp({
+/** Returns the text of a module that takes 2 s to import and sets VERSION. */
+function slowModule(version: string): string {
+  return `import time\nstarted = time.time()\nwhile time.time() - started < 2:\n    pass\nVERSION = "${version}"\n`;
+}
+
+/** Makes an application that answers the VERSION of its slow module, "first" to begin with. */
+function makeSlowApp(): Promise<string> {
+  return makeApp({
     "app.wsgi": `
 import slow_module
 def application(environ, start_response):
@@ -678,23 +684,268 @@ def application(environ, start_response):
 `,
     "slow_module.py": slowModule("first"),
   });
-  const script = `${folder}/app.wsgi`;
+}
 
+/**
+ * Ways to change the slow module while its import runs: an edit, and a file
+ * moved into place with an older modification time, as `mv`, `tar x` and
+ * `rsync -a` leave it.
+ */
+const CHANGES_DURING_BUILD: {
+  name: string;
+  prepare(folder: string): Promise<void>;
+  change(folder: string): Promise<void>;
+}[] = [
   {
-    await using server = await startServer(script, ["--threads", "1"], { waitForReady: false });
-    await server.waitForLog(/building the application snapshot/, 30_000);
-    await new Promise((resolve) => setTimeout(resolve, 1000));
-    await Deno.writeTextFile(`${folder}/slow_module.py`, slowModule("second"));
-    await server.waitForLog(
-      /application snapshot not cached: .*slow_module\.py changed while/,
-      30_000,
-    );
-    // This run keeps what it imported, as if the edit came after its start.
-    assert.equal(await body(server.origin), "first");
+    name: "edit",
+    prepare: async () => {},
+    change: (folder) => Deno.writeTextFile(`${folder}/slow_module.py`, slowModule("second")),
+  },
+  {
+    name: "file moved in",
+    prepare: async (folder) => {
+      await Deno.writeTextFile(`${folder}/prepared.txt`, slowModule("second"));
+      const longAgo = new Date(Date.now() - 300 * 24 * 3600 * 1000);
+      await Deno.utime(`${folder}/prepared.txt`, longAgo, longAgo);
+    },
+    change: (folder) => Deno.rename(`${folder}/prepared.txt`, `${folder}/slow_module.py`),
+  },
+];
+
+for (const { name, prepare, change } of CHANGES_DURING_BUILD) {
+  Deno.test(`app snapshot not cached after ${name} during build`, async () => {
+    const folder = await makeSlowApp();
+    const script = `${folder}/app.wsgi`;
+    await prepare(folder);
+
+    {
+      await using server = await startServer(script, ["--threads", "1"], {
+        waitForReady: false,
+      });
+      await server.waitForLog(/building the application snapshot/, 30_000);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      await change(folder);
+      await server.waitForLog(
+        /application snapshot not cached: .*slow_module\.py changed while/,
+        30_000,
+      );
+      // This run keeps what it imported, as if the change came after its start.
+      assert.equal(await body(server.origin), "first");
+    }
+    await using server = await startServer(script, ["--threads", "1"]);
+    assert.equal(await body(server.origin), "second");
+    assert.match(server.log(), /application snapshot built/);
+  });
+}
+
+/** Starts one isolate of `script` with `library` on its python-path and `cache` as its cache. */
+function startWithLibrary(script: string, library: string, cache: string) {
+  return startServer(script, ["--threads", "1", "--python-path", library], {
+    env: { WSGIRUN_CACHE_DIR: cache },
+  });
+}
+
+Deno.test("app snapshot rebuilt when a module appears on the import path", async () => {
+  const cache = await cacheWithRuntimeSnapshot();
+  const folder = await makeApp({
+    "app.wsgi": `
+import helper
+try:
+    import optional_module
+except ImportError:
+    optional_module = None
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    found = getattr(optional_module, "WHERE", "none")
+    return [("%s %s" % (helper.WHERE, found)).encode()]
+`,
+  });
+  const library = await Deno.makeTempDir({ prefix: "wsgirun-snapshot-lib-" });
+  await Deno.writeTextFile(`${library}/helper.py`, 'WHERE = "library"\n');
+  const run = async () => {
+    await using server = await startWithLibrary(`${folder}/app.wsgi`, library, cache);
+    return { text: await body(server.origin), log: server.log() };
+  };
+
+  let result = await run();
+  assert.equal(result.text, "library none");
+  assert.match(result.log, /application snapshot built/);
+
+  // Files that no import can find leave the snapshot in use.
+  await Deno.writeTextFile(`${library}/notes.txt`, "not a module");
+  await Deno.mkdir(`${library}/__pycache__`);
+  result = await run();
+  assert.equal(result.text, "library none");
+  assert.doesNotMatch(result.log, /building the application snapshot/);
+
+  // An optional import that failed at build time now succeeds.
+  await Deno.writeTextFile(`${library}/optional_module.py`, 'WHERE = "optional"\n');
+  result = await run();
+  assert.equal(result.text, "library optional");
+  assert.match(
+    result.log,
+    new RegExp(
+      `building the application snapshot \\(a module was added to or removed from ${library}\\)`,
+    ),
+  );
+
+  // The script's folder comes before the python-path: its new module takes the import over.
+  await Deno.writeTextFile(`${folder}/helper.py`, 'WHERE = "script folder"\n');
+  result = await run();
+  assert.equal(result.text, "script folder optional");
+  assert.match(result.log, /a module was added to or removed from/);
+});
+
+Deno.test("python-path .pth files add folders", async () => {
+  const cache = await cacheWithRuntimeSnapshot();
+  const folder = await makeApp({
+    "app.wsgi": `
+import sys
+import from_pth
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [("\\n".join([from_pth.WHERE] + sys.path)).encode()]
+`,
+  });
+  const library = await Deno.makeTempDir({ prefix: "wsgirun-pth-lib-" });
+  // Isolates read only the application's folders, so a .pth file names one inside them.
+  const extra = `${library}/vendor`;
+  await Deno.mkdir(extra);
+  await Deno.writeTextFile(`${extra}/from_pth.py`, 'WHERE = "named by a .pth file"\n');
+  await Deno.writeTextFile(`${library}/extra.pth`, `# a comment line\n${extra}\n`);
+  for (let run = 0; run < 2; run++) {
+    await using server = await startWithLibrary(`${folder}/app.wsgi`, library, cache);
+    const [where, ...path] = (await body(server.origin)).split("\n");
+    assert.equal(where, "named by a .pth file");
+    // The folders a .pth file names come after the python-path, before the standard library.
+    const standardLibrary = path.findIndex((entry) => /^\/lib\/python3/.test(entry));
+    assert.ok(path.indexOf(library) >= 0, path.join(" "));
+    assert.ok(path.indexOf(library) < path.indexOf(extra), path.join(" "));
+    assert.ok(path.indexOf(extra) < standardLibrary, path.join(" "));
+    if (run === 1) assert.match(server.log(), /isolates start from the application snapshot/);
   }
-  await using server = await startServer(script, ["--threads", "1"]);
-  assert.equal(await body(server.origin), "second");
-  assert.match(server.log(), /application snapshot built/);
+});
+
+/** Returns a zip archive that stores `files` uncompressed. */
+function storedZip(files: Record<string, string>): Uint8Array {
+  const encoder = new TextEncoder();
+  const locals: Uint8Array[] = [];
+  const centrals: Uint8Array[] = [];
+  let offset = 0;
+  for (const [name, text] of Object.entries(files)) {
+    const nameBytes = encoder.encode(name);
+    const data = encoder.encode(text);
+    const crc = crc32(data);
+    const local = new Uint8Array(30 + nameBytes.length + data.length);
+    const view = new DataView(local.buffer);
+    view.setUint32(0, 0x04034b50, true);
+    view.setUint16(4, 20, true);
+    view.setUint16(12, 33, true); // 1 January 1980
+    view.setUint32(14, crc, true);
+    view.setUint32(18, data.length, true);
+    view.setUint32(22, data.length, true);
+    view.setUint16(26, nameBytes.length, true);
+    local.set(nameBytes, 30);
+    local.set(data, 30 + nameBytes.length);
+    const central = new Uint8Array(46 + nameBytes.length);
+    const centralView = new DataView(central.buffer);
+    centralView.setUint32(0, 0x02014b50, true);
+    centralView.setUint16(4, 20, true);
+    centralView.setUint16(6, 20, true);
+    centralView.setUint16(14, 33, true);
+    centralView.setUint32(16, crc, true);
+    centralView.setUint32(20, data.length, true);
+    centralView.setUint32(24, data.length, true);
+    centralView.setUint16(28, nameBytes.length, true);
+    centralView.setUint32(42, offset, true);
+    central.set(nameBytes, 46);
+    locals.push(local);
+    centrals.push(central);
+    offset += local.length;
+  }
+  const centralSize = centrals.reduce((sum, part) => sum + part.length, 0);
+  const end = new Uint8Array(22);
+  const endView = new DataView(end.buffer);
+  endView.setUint32(0, 0x06054b50, true);
+  endView.setUint16(8, centrals.length, true);
+  endView.setUint16(10, centrals.length, true);
+  endView.setUint32(12, centralSize, true);
+  endView.setUint32(16, offset, true);
+  const out = new Uint8Array(offset + centralSize + end.length);
+  let at = 0;
+  for (const part of [...locals, ...centrals, end]) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
+}
+
+Deno.test("app snapshot of a module from a zip archive", async () => {
+  const cache = await cacheWithRuntimeSnapshot();
+  const folder = await makeApp({
+    "app.wsgi": `
+import os, sys
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "modules.zip"))
+import zipped_module
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [zipped_module.WHERE.encode()]
+`,
+  });
+  const run = async () => {
+    await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"], {
+      env: { WSGIRUN_CACHE_DIR: cache },
+    });
+    return { text: await body(server.origin), log: server.log() };
+  };
+
+  await Deno.writeFile(`${folder}/modules.zip`, storedZip({ "zipped_module.py": 'WHERE = "zip"' }));
+  let result = await run();
+  assert.equal(result.text, "zip");
+  assert.match(result.log, /application snapshot built/);
+  assert.doesNotMatch(result.log, /no application snapshot/);
+
+  await Deno.writeFile(
+    `${folder}/modules.zip`,
+    storedZip({ "zipped_module.py": 'WHERE = "zip, edited"' }),
+  );
+  result = await run();
+  assert.equal(result.text, "zip, edited");
+  assert.match(result.log, /building the application snapshot \(.*modules\.zip changed\)/);
+});
+
+Deno.test("cache file that others may write rebuilt", async () => {
+  const cache = await cacheWithRuntimeSnapshot();
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  const run = async () => {
+    await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"], {
+      env: { WSGIRUN_CACHE_DIR: cache },
+    });
+    assert.equal(await body(server.origin), "hello");
+    return server.log();
+  };
+  await run();
+  const [snapshot] = await snapshotFiles(cache, "app-app.wsgi-");
+  await Deno.chmod(`${cache}/${snapshot}`, 0o666);
+
+  const log = await run();
+  assert.match(
+    log,
+    /building the application snapshot \(.*app-app\.wsgi-\w+\.snapshot may be written by other users \(mode 666\)\)/,
+  );
+  assert.equal((await Deno.stat(`${cache}/${snapshot}`)).mode! & 0o777, 0o600);
+});
+
+Deno.test("relative cache folder resolved against the working folder", () => {
+  const saved = Deno.env.get("WSGIRUN_CACHE_DIR");
+  Deno.env.set("WSGIRUN_CACHE_DIR", "relative/cache");
+  try {
+    // Daemon processes get this path and run in the application's folder.
+    assert.equal(snapshotCacheDir(), `${Deno.cwd()}/relative/cache`);
+  } finally {
+    if (saved === undefined) Deno.env.delete("WSGIRUN_CACHE_DIR");
+    else Deno.env.set("WSGIRUN_CACHE_DIR", saved);
+  }
 });
 
 Deno.test("app snapshot skipped for open file", async () => {
@@ -729,7 +980,10 @@ def application(environ, start_response):
   await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"]);
 
   assert.equal(await body(server.origin), "from a JavaScript object");
-  assert.match(server.log(), /no application snapshot/);
+  assert.match(
+    server.log(),
+    /no application snapshot.*keeps a reference to a JavaScript object after its import/,
+  );
 });
 
 Deno.test("snapshot build logs foreign extension at info", async () => {
@@ -811,6 +1065,32 @@ def application(environ, start_response):
   const [numberB, nameB] = firstValues[1].split(" ");
   assert.notEqual(numberA, numberB);
   assert.notEqual(nameA, nameB);
+});
+
+Deno.test("values drawn at import differ between application snapshots", async () => {
+  const cache = await cacheWithRuntimeSnapshot();
+  const folder = await makeApp({
+    "app.wsgi": `
+import random
+DRAWN = random.random()
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [repr(DRAWN).encode()]
+`,
+  });
+  const values: string[] = [];
+  // Two settings give two application snapshots built on the same runtime snapshot.
+  for (const setting of ["NAME=first", "NAME=second"]) {
+    await using server = await startServer(`${folder}/app.wsgi`, [
+      "--threads",
+      "1",
+      "--env",
+      setting,
+    ], { env: { WSGIRUN_CACHE_DIR: cache } });
+    values.push(await body(server.origin));
+    assert.match(server.log(), /application snapshot built/);
+  }
+  assert.notEqual(values[0], values[1]);
 });
 
 Deno.test("snapshot off starts from scratch", async () => {

@@ -36,8 +36,27 @@ def configure(app_name, script_path, module, callable_name, python_path, multipr
         if folder in sys.path:
             sys.path.remove(folder)
         sys.path.insert(0, folder)
+    _read_path_files(python_path)
     if python_path:
         os.chdir(python_path[0])
+
+
+def _read_path_files(python_path):
+    """Process the .pth files of the python-path folders, as mod_wsgi does.
+
+    The folders they name go right after the python-path folders, ahead of
+    the standard library.
+    """
+    import site
+
+    before = set(sys.path)
+    for folder in python_path:
+        site.addsitedir(folder)
+    added = [entry for entry in sys.path if entry not in before]
+    for entry in added:
+        sys.path.remove(entry)
+    position = len(python_path)
+    sys.path[position:position] = added
 
 
 def _load_script(path):

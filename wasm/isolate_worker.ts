@@ -34,7 +34,7 @@ import {
   mountHostFolders,
   startImports,
 } from "./pyodide_loader.ts";
-import { buildSnapshot, writeAdapterFiles } from "./snapshot_builder.ts";
+import { buildSnapshot, RESEED_PYTHON, writeAdapterFiles } from "./snapshot_builder.ts";
 import { installHostModules, type PyodideForHost } from "./host_modules.ts";
 
 /**
@@ -317,18 +317,9 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
   if (app.preload) preloadApplication(adapter);
 }
 
-/**
- * Reseeds what a memory snapshot would otherwise give every isolate in the
- * same state: the `random` module's generator, and the name sequence of
- * `tempfile`, which would make isolates pick the same temporary file names.
- * Generators an application created at import keep the snapshot's state, and
- * so does the seed of `hash()`, which Python fixes when the interpreter starts.
- */
+/** See RESEED_PYTHON. */
 function renewRandomState(): void {
-  pyodide.runPython(
-    'import sys\nif "random" in sys.modules: sys.modules["random"].seed()\n' +
-      'if "tempfile" in sys.modules: sys.modules["tempfile"]._name_sequence = None',
-  );
+  pyodide.runPython(RESEED_PYTHON);
 }
 
 /**

@@ -175,8 +175,16 @@ export interface LogMessage {
 export interface SnapshotMessage {
   type: "snapshot";
   bytes: Uint8Array<ArrayBuffer>;
-  /** Host files the application imported (application snapshots only). */
+  /**
+   * Host files the application imported (application snapshots only). A
+   * module imported from a zip archive is listed as the archive.
+   */
   files: string[];
+  /**
+   * Host folders the imports searched: those on `sys.path` and those the
+   * imported files are in (application snapshots only).
+   */
+  folders: string[];
 }
 
 /** The snapshot could not be taken; `reason` says why, for the log. */

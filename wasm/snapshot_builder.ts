@@ -28,17 +28,43 @@ interface SnapshotPyodide {
   makeMemorySnapshot(): Uint8Array<ArrayBuffer>;
 }
 
-/** Python that lists the host files of every imported module under `folders`. */
-const LIST_IMPORTED_FILES = `
-import sys, json
-_folders = tuple(f.rstrip("/") + "/" for f in json.loads(_wsgirun_folders))
-_files = sorted({
-    m.__file__ for m in list(sys.modules.values())
-    if isinstance(getattr(m, "__file__", None), str) and m.__file__.startswith(_folders)
-})
-del _folders
-json.dumps(_files)
+/**
+ * Python that lists, under the host folders in `_wsgirun_folders`, the
+ * files of every imported module (the archive for a module from a zip file)
+ * and the folders an import searches: those on `sys.path` and those of the
+ * imported files.
+ */
+const LIST_IMPORTS = `
+def _wsgirun_list_imports():
+    import sys, json, os
+    folders = tuple(f.rstrip("/") + "/" for f in json.loads(_wsgirun_folders))
+    def origin(module):
+        archive = getattr(getattr(module, "__loader__", None), "archive", None)
+        return archive if isinstance(archive, str) else getattr(module, "__file__", None)
+    files = {
+        path for path in map(origin, list(sys.modules.values()))
+        if isinstance(path, str) and path.startswith(folders)
+    }
+    searched = {
+        entry.rstrip("/") for entry in sys.path
+        if isinstance(entry, str) and (entry.rstrip("/") + "/").startswith(folders)
+    }
+    searched.update(os.path.dirname(path) for path in files)
+    return json.dumps({"files": sorted(files), "folders": sorted(searched)})
+_wsgirun_list_imports()
 `;
+
+/**
+ * Python that reseeds what a memory snapshot would otherwise give every
+ * interpreter restored from it in the same state: the `random` module's
+ * generator, and the name sequence of `tempfile`, which would make isolates
+ * pick the same temporary file names. Generators an application created at
+ * import keep the snapshot's state, and so does the seed of `hash()`, which
+ * Python fixes when the interpreter starts.
+ */
+export const RESEED_PYTHON =
+  'import sys\nif "random" in sys.modules: sys.modules["random"].seed()\n' +
+  'if "tempfile" in sys.modules: sys.modules["tempfile"]._name_sequence = None';
 
 /** Emscripten's stdin, stdout and stderr streams. */
 const STANDARD_STREAMS = 3;
@@ -77,8 +103,15 @@ function importAdapter(pyodide: SnapshotPyodide): void {
   pyodide.runPython("import _wsgirun_adapter");
 }
 
-function importApplication(pyodide: SnapshotPyodide, message: BuildSnapshotMessage): string[] {
+/** Imports the application and returns what LIST_IMPORTS lists. */
+function importApplication(
+  pyodide: SnapshotPyodide,
+  message: BuildSnapshotMessage,
+): { files: string[]; folders: string[] } {
   const app = message.app!;
+  // Values the application draws at import must differ between the
+  // application snapshots built on one runtime snapshot.
+  if (message.base) pyodide.runPython(RESEED_PYTHON);
   mountHostFolders(pyodide.FS, appReadPaths(app), app.mountRoots);
   // The application must import the host-backed sqlite3, socket and fcntl, as it does in isolates.
   installHostPython(pyodide as unknown as PyodideForHost, app, message.identity ?? null);
@@ -107,9 +140,26 @@ function importApplication(pyodide: SnapshotPyodide, message: BuildSnapshotMessa
   }
   const folders = JSON.stringify(JSON.stringify(appReadPaths(app)));
   pyodide.runPython(`_wsgirun_folders = ${folders}`);
-  const files = JSON.parse(String(pyodide.runPython(LIST_IMPORTED_FILES))) as string[];
-  pyodide.runPython("del _wsgirun_folders");
-  return files;
+  const listed = JSON.parse(String(pyodide.runPython(LIST_IMPORTS)));
+  pyodide.runPython("del _wsgirun_folders, _wsgirun_list_imports");
+  return listed;
+}
+
+/**
+ * Takes the snapshot. Pyodide's own error for a JavaScript object that
+ * Python still references names only its index, so it is explained here.
+ */
+function takeSnapshot(pyodide: SnapshotPyodide, app: boolean): Uint8Array<ArrayBuffer> {
+  try {
+    return pyodide.makeMemorySnapshot();
+  } catch (error) {
+    const text = error instanceof Error ? error.message : String(error);
+    if (!app || !/serialize/i.test(text)) throw error;
+    throw new Error(
+      "the application keeps a reference to a JavaScript object after its import " +
+        `(a js or pyodide.ffi value), which a snapshot cannot hold (${text})`,
+    );
+  }
 }
 
 /** Builds the snapshot that `message` requests and posts it (or the reason it failed). */
@@ -127,15 +177,15 @@ export async function buildSnapshot(
       stderr: (line) => post({ type: "log", level: "warning", message: line }),
     }) as SnapshotPyodide;
 
-    let files: string[] = [];
+    let imports = { files: [] as string[], folders: [] as string[] };
     if (message.app) {
-      files = importApplication(pyodide, message);
+      imports = importApplication(pyodide, message);
     } else {
       if (message.modules.length > 0) pyodide.runPython(`import ${message.modules.join(", ")}`);
       importAdapter(pyodide);
     }
-    const bytes = pyodide.makeMemorySnapshot();
-    post({ type: "snapshot", bytes, files }, [bytes.buffer]);
+    const bytes = takeSnapshot(pyodide, message.app !== undefined);
+    post({ type: "snapshot", bytes, ...imports }, [bytes.buffer]);
   } catch (error) {
     post({
       type: "snapshot-failed",

@@ -200,6 +200,16 @@ const VALID_CASES: ValidCase[] = [
   { args: ["--memory-limit", "0"], read: (o) => o.memoryLimitBytes, expected: () => 0 },
   { args: ["--shutdown-timeout", "0"], read: (o) => o.shutdownTimeoutMs, expected: () => 0 },
   {
+    args: ["--snapshot", "off", "--no-snapshot-app"],
+    read: (o) => o.app.snapshot,
+    expected: () => "off",
+  },
+  {
+    args: ["--snapshot", "app", "--no-snapshot-app"],
+    read: (o) => o.app.snapshot,
+    expected: () => "runtime",
+  },
+  {
     args: ["--shutdown-timeout", "2147483"],
     read: (o) => o.shutdownTimeoutMs,
     expected: () => 2_147_483_000,
