@@ -14,9 +14,26 @@ if (import.meta.main) {
     const { runDaemon } = await import("./supervisor/daemon_main.ts");
     Deno.exit(await runDaemon());
   }
+  checkFrontPermissions();
   // Before the front's modules load: see supervisor/malloc.ts.
   const { fixMmapThreshold } = await import("./supervisor/malloc.ts");
   const mallocNote = fixMmapThreshold();
   const { runFront } = await import("./runtime/front_main.ts");
   await runFront(Deno.args, mallocNote);
+}
+
+/**
+ * Exits with a usage error unless the server has the permissions it needs:
+ * it reads the applications' files, listens, starts daemon processes and
+ * reads the environment. FFI is optional (see supervisor/malloc.ts).
+ */
+function checkFrontPermissions(): void {
+  const names = ["read", "write", "net", "env", "run", "sys"] as const;
+  const missing = names.filter((name) => Deno.permissions.querySync({ name }).state !== "granted");
+  if (missing.length === 0 || Deno.args.includes("--help") || Deno.args.includes("-h")) return;
+  console.error(
+    `wsgirun: missing Deno permissions: ${missing.join(", ")}; ` +
+      "start it with `deno run --allow-all` (see README.md)",
+  );
+  Deno.exit(2);
 }

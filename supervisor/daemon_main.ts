@@ -23,6 +23,9 @@
  * stop or reload. The front stops a process that overstays with SIGKILL.
  */
 
+import { dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { ISOLATE_WORKER_URL } from "./worker_url.ts";
 import { appReadPaths, PYODIDE_SPECIFIER, type PythonVersion, withMountRoots } from "./app_spec.ts";
 import type { Job, ResponseSink } from "./isolate.ts";
 import { Logger, plural, tracebackSummary } from "./log.ts";
@@ -426,6 +429,11 @@ class Daemon {
     }
   }
 
+  /** Number of requests this process holds: running, or waiting in its pool. */
+  get requestCount(): number {
+    return this.#requests.size;
+  }
+
   /** Stops the pool; requests still running fail with 503. */
   stop(): void {
     this.pool.stop();
@@ -491,8 +499,13 @@ function ignoreForwardedSignals(): void {
 function missingPyodide(python: PythonVersion): string | undefined {
   const specifier = PYODIDE_SPECIFIER[python];
   if (import.meta.resolve(specifier).startsWith("file:")) return undefined;
-  return `${specifier} is not in a node_modules folder or Deno cache this process can read; ` +
-    "start wsgirun from a folder with deno.json and node_modules that the group's user can read";
+  const reason = `${specifier} is not in a node_modules folder or Deno cache this process can read`;
+  if (!Deno.mainModule.startsWith("file:")) return reason;
+  const entry = fileURLToPath(Deno.mainModule);
+  const worker = fileURLToPath(ISOLATE_WORKER_URL);
+  return `${reason}; put a deno.json that sets nodeModulesDir in ${dirname(entry)} or a ` +
+    `folder above it, run \`deno install --entrypoint ${entry} ${worker}\` there, ` +
+    "and let the group's user read that folder";
 }
 
 /** Reads the CONFIGURE frame, which the front sends before anything else. */
@@ -567,6 +580,14 @@ export async function runDaemon(): Promise<number> {
   );
 
   const cause = await stopped.promise;
+  // A drain that the front cut short (its graceful or shutdown timeout) ends here.
+  if (cause.kind === "input closed" && running.requestCount > 0) {
+    logger.info(
+      `the front closed the channel: stopping ${
+        plural(running.requestCount, "unfinished request")
+      }`,
+    );
+  }
   running.stop();
   if (cause.kind === "exit") return cause.code;
   logger.debug(

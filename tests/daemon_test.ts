@@ -615,6 +615,11 @@ def application(environ, start_response):
     await server.stop();
     assert.equal((await stuck).status, 503);
     assert.match(server.log(), /responses still running after 0 ms; stopping them/);
+    // The daemon's own log says that the request was stopped, not finished.
+    assert.match(
+      server.log(),
+      /group=memory pid=\d+\] the front closed the channel: stopping 1 unfinished request/,
+    );
   } finally {
     await Deno.remove(folder, { recursive: true });
   }

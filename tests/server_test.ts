@@ -833,9 +833,12 @@ Deno.test("server without FFI names an invalid threshold", async () => {
 // ---------------------------------------------------------------------------
 // Command line through the real entry point
 
-async function runCli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+async function runCli(
+  args: string[],
+  permissions = ["--allow-all"],
+): Promise<{ code: number; stdout: string; stderr: string }> {
   const command = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--config", repoPath("deno.json"), repoPath("main.ts"), ...args],
+    args: ["run", ...permissions, "--config", repoPath("deno.json"), repoPath("main.ts"), ...args],
     stdout: "piped",
     stderr: "piped",
     stdin: "null",
@@ -855,6 +858,15 @@ Deno.test("cli --help lists every option", async () => {
   for (const option of OPTIONS) {
     assert.ok(result.stdout.includes(option.name), `help lists ${option.name}`);
   }
+});
+
+Deno.test("cli without permissions names them", async () => {
+  const result = await runCli([APP_SCRIPT, "--port", "0"], ["--allow-read", "--allow-net"]);
+  assert.equal(result.code, 2);
+  assert.match(
+    result.stderr,
+    /^wsgirun: missing Deno permissions: write, env, run, sys; start it with `deno run --allow-all`/,
+  );
 });
 
 Deno.test("server --env reaches the application", async () => {
