@@ -195,10 +195,10 @@ export class IsolatePool {
     return this.#firstReady.promise;
   }
 
-  async #prepareBoot(): Promise<void> {
+  async #prepareBoot(app = this.app): Promise<void> {
     try {
       this.#boot = await prepareBoot({
-        app: this.app,
+        app,
         pyodideFolder: pyodideFolder(this.app.python),
         logger: this.#logger,
       });
@@ -754,6 +754,7 @@ export class IsolatePool {
     const neverStarted = failedStart;
     if (neverStarted) this.#failedStarts += 1;
     this.#logger.error(`isolate stopped: ${reason}`, { isolate: isolate.id });
+    if (neverStarted && this.#dropApplicationSnapshot(reason)) return;
 
     const serving = this.#servingCount();
     if (this.#failedStarts >= this.#options.maxFailedStarts && serving === 0) {
@@ -794,6 +795,36 @@ export class IsolatePool {
       if (this.#stopping || this.#failedReason || this.#handOff) return;
       if (this.#isolates.size < this.#options.size) this.#spawn();
     }, delay);
+  }
+
+  /**
+   * Handles a first isolate that could not start from the application
+   * snapshot: the snapshot passed its checks but may still be unusable (built
+   * by a faulty build, or from memory that was damaged before it was
+   * written). Deletes the file, so the next start builds it again, and starts
+   * this pool's isolates from the runtime snapshot, which import the
+   * application themselves. Returns whether it did so.
+   */
+  #dropApplicationSnapshot(reason: string): boolean {
+    const path = this.#boot?.kind === "application" ? this.#boot.path : undefined;
+    if (!path || this.#startedMinimum || !reason.startsWith("Pyodide failed to start")) {
+      return false;
+    }
+    this.#logger.warning(
+      `the application snapshot ${path} could not be restored; deleting it, and isolates ` +
+        "start from the runtime snapshot (the next server start builds it again)",
+    );
+    this.#boot = null;
+    this.#failedStarts = 0;
+    Deno.remove(path).catch((error) => {
+      if (!(error instanceof Deno.errors.NotFound)) {
+        this.#logger.warning(`cannot delete ${path}: ${error}; delete it by hand`);
+      }
+    });
+    this.#prepareBoot({ ...this.app, snapshot: "runtime" }).then(() => {
+      if (!this.#stopping && !this.#handOff && this.#isolates.size === 0) this.#spawn();
+    });
+    return true;
   }
 
   #markFailed(reason: string): void {

@@ -62,6 +62,8 @@ export interface Boot {
   wasmModule: WebAssembly.Module | null;
   /** "application", "runtime" or "none", for the log. */
   kind: "application" | "runtime" | "none";
+  /** The cache file of an application snapshot, when it has one. */
+  path?: string;
 }
 
 /** Standard library modules a runtime snapshot has imported: what the adapter and most frameworks load. */
@@ -1113,7 +1115,12 @@ async function chooseBoot(options: BootOptions): Promise<Boot> {
     if (typeof cached !== "string") {
       // The runtime snapshot stays in use through this one, so it must not age out.
       void touch(`${snapshotCacheDir()}/${runtimeFileName(app.python, runtime)}`);
-      return { snapshot: cached, wasmModule: await compiling, kind: "application" };
+      return {
+        snapshot: cached,
+        wasmModule: await compiling,
+        kind: "application",
+        path: applicationPath(app, appKey),
+      };
     }
     reason = cached;
   }
@@ -1144,7 +1151,7 @@ async function chooseBoot(options: BootOptions): Promise<Boot> {
       recheck,
       () => buildApplicationSnapshot(options, key, runtime.snapshot, wasmModule, reason),
     );
-    return { snapshot, wasmModule, kind: "application" };
+    return { snapshot, wasmModule, kind: "application", path: applicationPath(app, key) };
   } catch (error) {
     // The whole traceback stays: an import that fails only in the build (a
     // socket opened at import, for one) leaves no other trace of it.

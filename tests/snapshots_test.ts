@@ -288,6 +288,41 @@ Deno.test("app snapshot header edits rebuilt", async () => {
   }
 });
 
+Deno.test("unrestorable app snapshot dropped", async () => {
+  const cache = await cacheWithRuntimeSnapshot();
+  const folder = await makeApp({ "app.wsgi": HELLO });
+  const start = () =>
+    startServer(`${folder}/app.wsgi`, ["--threads", "1"], { env: { WSGIRUN_CACHE_DIR: cache } });
+  {
+    await using server = await start();
+    assert.match(server.log(), /application snapshot built/);
+  }
+  const [name] = await snapshotFiles(cache, "app-");
+  const path = `${cache}/${name}`;
+
+  // Damage the interpreter's memory in the snapshot but give the file a
+  // matching SHA-256, as a faulty build would have written it.
+  const file = await snapshotFile(path);
+  const quarter = Math.floor(file.packed.length / 4);
+  file.packed.fill(0xa5, quarter, 3 * quarter);
+  const header = JSON.stringify(file.header);
+  const sha256 = await sha256Hex(joinSnapshotFile([header], file.packed));
+  await Deno.writeFile(path, joinSnapshotFile([file.magic, sha256, header], file.packed));
+  {
+    await using server = await start();
+    assert.equal(await body(server.origin), "hello");
+    assert.match(
+      server.log(),
+      /the application snapshot .*app-app\.wsgi-\w+\.snapshot could not be restored; deleting it/,
+    );
+    assert.match(server.log(), /isolates start from the runtime snapshot/);
+    assert.doesNotMatch(server.log(), /application marked failed/);
+  }
+  await using server = await start();
+  assert.equal(await body(server.origin), "hello");
+  assert.match(server.log(), /building the application snapshot \(no cached snapshot\)/);
+});
+
 Deno.test("servers started together build each snapshot once", async () => {
   const cache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
   const folder = await makeApp({ "app.wsgi": HELLO });
