@@ -296,6 +296,12 @@ export class DaemonGroup implements AppBackend {
         onRequestDone: (done) => this.#onRequestDone(done),
         onDraining: (draining) => this.#onDraining(draining),
         onReturned: (handle) => {
+          if (this.#stopping) {
+            // stop() has emptied the queue already, and no process takes more.
+            handle.finish();
+            handle.request.sink.fail(503, "the server is shutting down");
+            return;
+          }
           this.#requeue(handle);
           this.#dispatch();
         },

@@ -591,11 +591,10 @@ def application(environ, start_response):
 `,
   );
   try {
-    await using server = await startServer(join(folder, "app.wsgi"), [
-      "--daemon",
+    await using server = await startSiteGroup(
+      folder,
       "group=memory,user=nobody,processes=1,threads=1,memory-limit=96M,shutdown-timeout=0",
-    ], { waitForReady: false });
-    await server.waitForLog(/daemon process ready/, 120_000);
+    );
     const get = async (query = "") => (await getText(`${server.origin}/?${query}`)).body;
 
     assert.equal(await get(), "1");
@@ -625,14 +624,22 @@ def application(environ, start_response):
   }
 });
 
+/** Starts the site fixture copied to `folder` in the daemon group `spec` and waits until it is ready. */
+async function startSiteGroup(folder: string, spec: string): Promise<TestServer> {
+  const server = await startServer(join(folder, "app.wsgi"), ["--daemon", spec], {
+    waitForReady: false,
+  });
+  await server.waitForLog(/daemon process ready/, 120_000);
+  return server;
+}
+
 Deno.test("daemon reload moves waiting requests", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   try {
-    await using server = await startServer(join(folder, "app.wsgi"), [
-      "--daemon",
+    await using server = await startSiteGroup(
+      folder,
       "group=moves,user=nobody,processes=1,threads=1,graceful-timeout=2",
-    ], { waitForReady: false });
-    await server.waitForLog(/daemon process ready/, 120_000);
+    );
     // One request of 4 s, past graceful-timeout, then five of 1 s: the first
     // of those waits in the isolate behind the long one, the others in the
     // process's queue. Only the long one may fail. An upload with a streamed
@@ -665,14 +672,45 @@ Deno.test("daemon reload moves waiting requests", async () => {
   }
 });
 
+Deno.test("daemon stop answers waiting requests", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startSiteGroup(
+      folder,
+      "group=stops,user=nobody,processes=1,threads=1",
+    );
+    // The first runs; of the others, some wait in the daemon process, which
+    // hands them back when the server stops, and the rest in the front's queue.
+    const requests: Promise<{ status: number }>[] = [];
+    for (let i = 0; i < 5; i++) {
+      requests.push(getText(server.origin + "/do/slow?ms=2000"));
+      await delay(100);
+    }
+    await server.stop();
+    const statuses = (await Promise.all(requests)).map((response) => response.status);
+
+    // The process serves the waiting requests within shutdown-timeout, one
+    // at a time; every other one gets 503 with a log line.
+    assert.equal(statuses[0], 200);
+    assert.ok(statuses.every((status) => status === 200 || status === 503), String(statuses));
+    const refused = statuses.filter((status) => status === 503).length;
+    assert.ok(refused >= 3, String(statuses));
+    assert.equal(
+      server.log().match(/request failed with 503: .*shutting down/g)?.length,
+      refused,
+    );
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("daemon SIGTERM returns requests in order", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   try {
-    await using server = await startServer(join(folder, "app.wsgi"), [
-      "--daemon",
+    await using server = await startSiteGroup(
+      folder,
       "group=order,user=nobody,processes=1,threads=1",
-    ], { waitForReady: false });
-    await server.waitForLog(/daemon process ready/, 120_000);
+    );
     const finished: number[] = [];
     const requests: Promise<void>[] = [];
     for (let i = 0; i < 6; i++) {
@@ -774,11 +812,10 @@ Deno.test("daemon keeps its release after a link switch", async () => {
 Deno.test("daemon queued upload ends with its 503", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   try {
-    await using server = await startServer(join(folder, "app.wsgi"), [
-      "--daemon",
+    await using server = await startSiteGroup(
+      folder,
       "group=queued,user=nobody,processes=1,threads=1,queue-timeout=1",
-    ], { waitForReady: false });
-    await server.waitForLog(/daemon process ready/, 120_000);
+    );
     const busy = getText(server.origin + "/do/slow?ms=4000");
     await delay(300);
 
@@ -1268,6 +1305,15 @@ Deno.test("daemon server", async (t) => {
         for await (const chunk of response.body!) total += chunk.length;
         assert.equal(total, TRANSFER_BYTES);
       });
+    });
+
+    await t.step("chunk larger than the response window", async () => {
+      const response = await fetch(`${origin}/do/download?sizes=10,1048576,10`, {
+        signal: AbortSignal.timeout(20_000),
+      });
+      const body = new Uint8Array(await response.arrayBuffer());
+      assert.equal(response.status, 200);
+      assert.equal(body.length, 1_048_596);
     });
 
     await t.step("SIGTERM drains and stops", async () => {

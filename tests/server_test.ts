@@ -228,6 +228,16 @@ Deno.test("server with one isolate", async (t) => {
       assert.equal(response.text, "hello");
     });
 
+    await t.step("chunk larger than the response window", async () => {
+      // The window is 256 KiB; a later chunk of 1 MiB must not wait for room forever.
+      const response = await fetch(`${server.origin}/app/do/chunks?10,1048576,10`, {
+        signal: AbortSignal.timeout(20_000),
+      });
+      const body = new Uint8Array(await response.arrayBuffer());
+      assert.equal(response.status, 200);
+      assert.equal(body.length, 1_048_596);
+    });
+
     // --- Paths and the environ
 
     await t.step("percent-encoded UTF-8 path", async () => {

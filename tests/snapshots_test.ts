@@ -4,7 +4,7 @@
  */
 
 import assert from "node:assert/strict";
-import { repoPath, startServer, TEST_CACHE_DIR } from "./helpers/server.ts";
+import { repoPath, startServer, TEST_CACHE_DIR, type TestServer } from "./helpers/server.ts";
 import { loadPyodideFor } from "../wasm/pyodide_loader.ts";
 import { PAGE_BYTES, unpackSnapshot } from "../wasm/snapshot_pages.ts";
 import { countMatches } from "./helpers/load.ts";
@@ -231,7 +231,12 @@ function otherUnpackableLength(packed: Uint8Array, snapshotBytes: number): numbe
   return undefined;
 }
 
-Deno.test("app snapshot header edits rebuilt", async () => {
+/**
+ * Builds the application snapshot of a hello application in a new cache
+ * folder. Returns a function that starts the application on that cache, and
+ * the snapshot's path.
+ */
+async function helloWithAppSnapshot(): Promise<{ start: () => Promise<TestServer>; path: string }> {
   const cache = await cacheWithRuntimeSnapshot();
   const folder = await makeApp({ "app.wsgi": HELLO });
   const start = () =>
@@ -241,7 +246,12 @@ Deno.test("app snapshot header edits rebuilt", async () => {
     assert.match(server.log(), /application snapshot built/);
   }
   const [name] = await snapshotFiles(cache, "app-");
-  const path = `${cache}/${name}`;
+  return { start, path: `${cache}/${name}` };
+}
+
+Deno.test("app snapshot header edits rebuilt", async () => {
+  const { start, path } = await helloWithAppSnapshot();
+  const name = path.slice(path.lastIndexOf("/") + 1);
 
   const edits: {
     change: string;
@@ -289,16 +299,7 @@ Deno.test("app snapshot header edits rebuilt", async () => {
 });
 
 Deno.test("unrestorable app snapshot dropped", async () => {
-  const cache = await cacheWithRuntimeSnapshot();
-  const folder = await makeApp({ "app.wsgi": HELLO });
-  const start = () =>
-    startServer(`${folder}/app.wsgi`, ["--threads", "1"], { env: { WSGIRUN_CACHE_DIR: cache } });
-  {
-    await using server = await start();
-    assert.match(server.log(), /application snapshot built/);
-  }
-  const [name] = await snapshotFiles(cache, "app-");
-  const path = `${cache}/${name}`;
+  const { start, path } = await helloWithAppSnapshot();
 
   // Damage the interpreter's memory in the snapshot but give the file a
   // matching SHA-256, as a faulty build would have written it.

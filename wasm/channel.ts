@@ -158,18 +158,21 @@ export class RequestControl {
   }
 
   /**
-   * Worker side: account for `bytes` about to be posted, then block while
-   * more than `window` bytes are in flight. Throws RequestCancelled once the
-   * front cancels, so Python's iteration stops and `close()` still runs.
+   * Worker side: block until `bytes` more fit into `window` beside the bytes
+   * in flight, then account for them before they are posted. A chunk larger
+   * than the window goes once nothing else is in flight: waiting for room
+   * that only its own delivery could make would never end. Throws
+   * RequestCancelled once the front cancels, so Python's iteration stops and
+   * `close()` still runs.
    */
   reserve(bytes: number, window: number): void {
-    Atomics.add(this.#words, RESPONSE_BYTES_IN_FLIGHT, bytes);
     for (;;) {
       if (this.cancelled) throw new RequestCancelled();
       const inFlight = Atomics.load(this.#words, RESPONSE_BYTES_IN_FLIGHT);
-      if (inFlight <= window) return;
+      if (inFlight <= 0 || inFlight + bytes <= window) break;
       waitBlocked(this.#words, RESPONSE_BYTES_IN_FLIGHT, inFlight, WAIT_SLICE_MS);
     }
+    Atomics.add(this.#words, RESPONSE_BYTES_IN_FLIGHT, bytes);
   }
 }
 
