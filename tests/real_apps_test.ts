@@ -329,6 +329,31 @@ Deno.test("real apps on python 3.12", async (t) => {
       );
     });
 
+    await t.step("file deleted by another process written again", async () => {
+      // Each round writes the file through the isolate that has just
+      // created it, after the test has deleted it on the host.
+      const path = `${data}/rewritten.txt`;
+      for (let round = 0; round < 3; round++) {
+        const result = await getJson(server, `/write?path=${encodeURIComponent(path)}`);
+        assert.equal(result.written, true, `round ${round}: ${result.message}`);
+        assert.equal(await Deno.readTextFile(path), "written by the test application\n");
+        await Deno.remove(path);
+      }
+    });
+
+    await t.step("symbolic link denied with a log line", async () => {
+      const link = `${data}/link`;
+      const result = await getJson(
+        server,
+        `/symlink?target=note.txt&path=${encodeURIComponent(link)}`,
+      );
+      assert.equal(result.error, "builtins.PermissionError");
+      await server.waitForLog(
+        /WARNING .*an operation on the host file system is not allowed in the isolate, so Python gets PermissionError: .*symlink/,
+        5000,
+      );
+    });
+
     await t.step("thread start error", async () => {
       const result = await getJson(server, "/thread");
       assert.equal(result.error, "builtins.RuntimeError");

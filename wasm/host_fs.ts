@@ -1,11 +1,18 @@
 /**
  * Turns Deno's permission errors inside Emscripten's host file system
- * (NODEFS) into EACCES, so that Python raises PermissionError.
+ * (NODEFS) into EACCES, so that Python raises PermissionError, and keeps
+ * Emscripten's cache of looked-up files in step with the host.
  *
  * An isolate may write only in its `--write` folders. Deno refuses other
  * writes with a `NotCapable` error, which has no `code` property; NODEFS only
  * converts errors that have one and rethrows the rest, and that error then
  * ends the whole interpreter. Wrapping NODEFS's operations converts it first.
+ *
+ * Emscripten keeps every file it has looked up in a table and reuses the
+ * entry without asking the host again. A file that another process (or
+ * another isolate) deleted then stays in the table, and `open(path, "w")`
+ * fails with FileNotFoundError instead of creating the file anew. A cached
+ * host file is therefore checked on the host each time it is looked up.
  */
 
 import type { LogFunction } from "./host_socket.ts";
@@ -16,9 +23,19 @@ export interface GuardedModule {
     filesystems: {
       NODEFS: { node_ops: Record<string, unknown>; stream_ops: Record<string, unknown> };
     };
-    ErrnoError: new (errno: number) => Error;
+    ErrnoError: new (errno: number) => Error & { errno: number };
+    lookupNode(parent: FSNode, name: string): FSNode;
+    hashRemoveNode(node: FSNode): void;
+    isDir(mode: number): boolean;
   };
   ERRNO_CODES: Record<string, number>;
+}
+
+/** The parts of an Emscripten file system node that the lookup check reads. */
+interface FSNode {
+  mode: number;
+  mount: { type: unknown; root: FSNode };
+  node_ops: { getattr(node: FSNode): unknown };
 }
 
 /** Marks an operation that is already wrapped, so that a second install keeps one wrapper. */
@@ -47,16 +64,29 @@ export function guardHostFileSystem(
     [WRAPPED]?: GuardState;
   };
   const reported = new Set<string>();
-  const allowed = writable.length === 0 ? "none are" : `only ${writable.join(", ")} are`;
+  const allowed = writable.length === 0
+    ? "none is"
+    : `only ${writable.join(", ")} ${writable.length === 1 ? "is" : "are"}`;
   const report = (error: Error) => {
-    const path = /"([^"]+)"/.exec(error.message)?.[1] ?? error.message;
-    if (reported.has(path)) return;
-    reported.add(path);
+    const path = /"([^"]+)"/.exec(error.message)?.[1];
+    const key = path ?? error.message;
+    if (reported.has(key)) return;
+    reported.add(key);
+    if (path === undefined) {
+      // Deno names no path for calls that need unscoped access, such as symlinkSync().
+      log(
+        "warning",
+        `an operation on the host file system is not allowed in the isolate, so Python gets ` +
+          `PermissionError: ${error.message}`,
+      );
+      return;
+    }
     const access = /write access/.test(error.message) ? "writing" : "reading";
     log(
       "warning",
       `${access} '${path}' is not allowed in the isolate, so Python gets PermissionError; ` +
-        `of the host folders, ${allowed} writable (--write DIR adds one)`,
+        `of the host folders, ${allowed} writable (--write DIR adds one to the application, ` +
+        "allow-write=DIR to its daemon group)",
     );
   };
   if (nodefs[WRAPPED]) {
@@ -66,6 +96,7 @@ export function guardHostFileSystem(
   const state: GuardState = { report };
   nodefs[WRAPPED] = state;
 
+  forgetDeletedFiles(module);
   const eacces = module.ERRNO_CODES.EACCES;
   for (const operations of [nodefs.node_ops, nodefs.stream_ops]) {
     for (const [name, operation] of Object.entries(operations)) {
@@ -81,4 +112,32 @@ export function guardHostFileSystem(
       };
     }
   }
+}
+
+/**
+ * Makes Emscripten check a cached host file on the host each time a path
+ * lookup reaches it, and forget it when the host no longer has it (see the
+ * module documentation). Folders keep their entries: checking every path
+ * component would double the host calls of each lookup.
+ */
+function forgetDeletedFiles(module: GuardedModule): void {
+  const fs = module.FS;
+  const nodefs = fs.filesystems.NODEFS;
+  const enoent = module.ERRNO_CODES.ENOENT;
+  const lookupNode = fs.lookupNode;
+  fs.lookupNode = function (parent: FSNode, name: string): FSNode {
+    const node = lookupNode.call(this, parent, name);
+    if (node.mount?.type !== nodefs || node === node.mount.root || fs.isDir(node.mode)) {
+      return node;
+    }
+    try {
+      node.node_ops.getattr(node);
+      return node;
+    } catch (error) {
+      if (!(error instanceof fs.ErrnoError) || error.errno !== enoent) return node;
+    }
+    fs.hashRemoveNode(node);
+    // A fresh lookup finds the file that replaced it, or raises ENOENT.
+    return lookupNode.call(this, parent, name);
+  };
 }
