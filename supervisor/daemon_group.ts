@@ -53,6 +53,13 @@ const RESTART_DELAYS_MS = [100, 1000, 5000, 15000, 30000];
 const MAX_FAILED_STARTS = 3;
 /** A process that ran this long before it crashed resets the restart delays. */
 const STABLE_MS = 30_000;
+/**
+ * Shortest time between two WITHDRAW frames to one process. A process whose
+ * waiting requests all run already gives nothing back, and is asked again
+ * only after this.
+ */
+const WITHDRAW_INTERVAL_MS = 100;
+
 /** Time a stopping process gets to exit after its input closes, before SIGKILL. */
 const KILL_GRACE_MS = 2000;
 const TICK_MS = 500;
@@ -251,6 +258,30 @@ export class DaemonGroup implements AppBackend {
       const handle = this.#queue.shift()!;
       if (handle.cancelled) continue;
       process.dispatch(handle);
+    }
+    this.#rebalance();
+  }
+
+  /**
+   * Moves requests that wait in a busy process to a process that has
+   * nothing to do. A daemon process queues what it was handed and runs it in
+   * turn, so without this a request could wait behind a long one while
+   * another process is idle. The busy process gives back (RETURNED) up
+   * to half of the difference, which the queue then dispatches again.
+   */
+  #rebalance(): void {
+    if (this.#queue.length > 0 || this.#stopping) return;
+    const now = performance.now();
+    for (const idle of this.#processes) {
+      if (idle.state !== "ready" || idle.outstanding > 0) continue;
+      let busiest: DaemonProcess | undefined;
+      for (const process of this.#processes) {
+        if (process.state !== "ready" || process.outstanding < 2) continue;
+        if (now - process.withdrawAskedAt < WITHDRAW_INTERVAL_MS) continue;
+        if (!busiest || process.outstanding > busiest.outstanding) busiest = process;
+      }
+      if (!busiest) return;
+      busiest.withdraw(Math.floor(busiest.outstanding / 2));
     }
   }
 
@@ -557,16 +588,46 @@ export class DaemonGroup implements AppBackend {
         process.kill("SIGKILL");
         continue;
       }
+      if (this.#isHung(process, now)) continue;
       if (process.state === "retiring" && now > process.retireDeadline) {
         const seconds = this.spec.gracefulTimeoutMs / 1000;
         process.logger.warning(
-          `daemon process still runs ${process.outstanding} requests after graceful-timeout (${seconds} s); killing it`,
+          `daemon process still runs ${
+            plural(process.outstanding, "request")
+          } after graceful-timeout (${seconds} s); killing it`,
         );
         process.stopReason = `was killed after graceful-timeout (${seconds} s)`;
         process.stopPlanned = true;
         process.kill("SIGKILL");
       }
     }
+  }
+
+  /**
+   * Pings a process that has requests but has sent nothing for half of
+   * socket-timeout, and kills it when the other half passes without a
+   * reply: it was stopped (SIGSTOP) or its main thread is blocked, so
+   * neither its requests nor its own timeouts would ever end. Returns
+   * whether it killed the process.
+   */
+  #isHung(process: DaemonProcess, now: number): boolean {
+    const timeout = this.spec.socketTimeoutMs;
+    if (timeout <= 0 || process.state === "starting" || process.outstanding === 0) return false;
+    if (process.pingedAt === undefined) {
+      if (now - process.heardAt >= timeout / 2) process.ping();
+      return false;
+    }
+    if (now - process.pingedAt < timeout / 2) return false;
+    const seconds = timeout / 1000;
+    process.logger.error(
+      `daemon process sent nothing for ${Math.round((now - process.heardAt) / 1000)} s ` +
+        `and did not answer a ping (socket-timeout ${seconds} s) with ${
+          plural(process.outstanding, "request")
+        } outstanding; it is stopped or blocked, killing it`,
+    );
+    process.stopReason = `was killed: it stopped answering (socket-timeout ${seconds} s)`;
+    process.kill("SIGKILL");
+    return true;
   }
 
   #recycle(): void {

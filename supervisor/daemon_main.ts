@@ -382,6 +382,14 @@ class Daemon {
       this.onDrainRequest?.();
       return;
     }
+    if (type === Frame.PING) {
+      this.send(Frame.PONG, 0);
+      return;
+    }
+    if (type === Frame.WITHDRAW) {
+      if (!this.#draining) this.#giveBack(this.pool.withdrawWaiting(decodeUint32(payload)));
+      return;
+    }
     const request = this.#requests.get(id);
     if (!request) return; // The request has finished; late credit or cancels are harmless.
     switch (type) {
@@ -439,6 +447,17 @@ class Daemon {
     this.pool.stop();
   }
 
+  /** Returns requests that have not started to the front (RETURNED), which sends them elsewhere. */
+  #giveBack(jobs: Job[]): void {
+    for (const job of jobs) {
+      for (const [id, request] of this.#requests) {
+        if (request.job !== job) continue;
+        request.finishWithoutReply();
+        this.send(Frame.RETURNED, id);
+      }
+    }
+  }
+
   /** Called for the front's DRAIN frame. */
   onDrainRequest?: () => void;
 
@@ -451,16 +470,7 @@ class Daemon {
    */
   async drain(cause: string): Promise<void> {
     this.#draining = true;
-    const giveBack = (jobs: Job[]) => {
-      for (const job of jobs) {
-        for (const [id, request] of this.#requests) {
-          if (request.job !== job) continue;
-          request.finishWithoutReply();
-          this.send(Frame.RETURNED, id);
-        }
-      }
-    };
-    const poolDrained = this.pool.drain(Number.MAX_SAFE_INTEGER, giveBack);
+    const poolDrained = this.pool.drain(Number.MAX_SAFE_INTEGER, (jobs) => this.#giveBack(jobs));
     this.send(Frame.DRAINING, 0);
     this.logger.info(
       `${cause}: finishing ${plural(this.#requests.size, "running request")}, then stopping`,

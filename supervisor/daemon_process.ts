@@ -355,6 +355,26 @@ export class DaemonProcess {
     this.send(Frame.DRAIN, 0);
   }
 
+  /** performance.now() of the last frame from the process. */
+  heardAt = performance.now();
+  /** performance.now() of the PING that the process has not replied to yet. */
+  pingedAt: number | undefined;
+
+  /** Sends PING, which a live process replies to with PONG, to tell a silent process from a hung one. */
+  ping(): void {
+    this.pingedAt = performance.now();
+    this.send(Frame.PING, 0);
+  }
+
+  /** performance.now() of the last WITHDRAW sent to this process. */
+  withdrawAskedAt = -Infinity;
+
+  /** Asks the process to give back up to `count` requests it has not started. */
+  withdraw(count: number): void {
+    this.withdrawAskedAt = performance.now();
+    this.send(Frame.WITHDRAW, 0, encodeUint32(count));
+  }
+
   /** Closes the channel; the daemon stops when it reads the end of its input. */
   closeInput(): void {
     this.#writer.close();
@@ -383,6 +403,9 @@ export class DaemonProcess {
   }
 
   #receive(type: number, id: number, payload: Uint8Array<ArrayBuffer>): void {
+    this.heardAt = performance.now();
+    this.pingedAt = undefined;
+    if (type === Frame.PONG) return;
     if (type === Frame.READY) {
       this.#onReady();
       return;

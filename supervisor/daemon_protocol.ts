@@ -54,6 +54,13 @@ export const Frame = {
    * requests it has not started, finishes the others and exits.
    */
   DRAIN: 8,
+  /**
+   * u32: the front requests up to this many requests that have not started
+   * back (RETURNED), for a process that has nothing to do.
+   */
+  WITHDRAW: 9,
+  /** The front has received nothing for a while: reply with PONG. */
+  PING: 10,
 
   /** JSON ReadyInfo: the process can serve. */
   READY: 20,
@@ -75,8 +82,10 @@ export const Frame = {
   BODY_CREDIT: 26,
   /** The daemon drains (SIGTERM or DRAIN): it finishes its running requests and takes no more. */
   DRAINING: 27,
-  /** The daemon gives back a request it has not started (it is draining); send it elsewhere. */
+  /** The daemon gives back a request it has not started (it drains, or WITHDRAW); send it elsewhere. */
   RETURNED: 28,
+  /** The reply to PING: the process's main thread is alive. */
+  PONG: 29,
 } as const;
 
 /** Request body bytes the front may send before the daemon acknowledges them. */

@@ -49,6 +49,12 @@ export interface DaemonGroupSpec {
   gracefulTimeoutMs: number;
   /** Milliseconds the processes may take to finish their requests when the server stops. @default 5000 */
   shutdownTimeoutMs: number;
+  /**
+   * Milliseconds a process with requests may stay silent, without a reply
+   * even to a ping, before the front kills it as hung; 0 turns it off.
+   * @default 60000
+   */
+  socketTimeoutMs: number;
   /** Variables set in `os.environ` of the group's interpreters. */
   environment: Record<string, string>;
   /** Hosts (HOST or HOST:PORT) the application may connect to. */
@@ -233,6 +239,7 @@ const KEYS: Record<string, KeySpec> = {
   },
   "graceful-timeout": secondsKey("graceful-timeout", (spec, ms) => (spec.gracefulTimeoutMs = ms)),
   "shutdown-timeout": secondsKey("shutdown-timeout", (spec, ms) => (spec.shutdownTimeoutMs = ms)),
+  "socket-timeout": secondsKey("socket-timeout", (spec, ms) => (spec.socketTimeoutMs = ms)),
   "env": {
     form: "NAME=VALUE with NAME of letters, digits and '_'",
     repeatable: true,
@@ -304,6 +311,7 @@ export function defaultGroupSpec(name: string): DaemonGroupSpec {
     startupTimeoutMs: 30_000,
     gracefulTimeoutMs: 15_000,
     shutdownTimeoutMs: 5_000,
+    socketTimeoutMs: 60_000,
     environment: {},
     allowNet: [],
     allowWrite: [],

@@ -293,12 +293,7 @@ export class IsolatePool {
    */
   async drain(timeoutMs: number, handOff: (jobs: Job[]) => void): Promise<number[]> {
     this.#handOff = handOff;
-    const waiting = this.#queue.splice(0);
-    for (const isolate of this.#isolates) {
-      for (let job = isolate.withdrawWaiting(); job; job = isolate.withdrawWaiting()) {
-        waiting.push(job);
-      }
-    }
+    const waiting = this.withdrawWaiting(Number.MAX_SAFE_INTEGER);
     if (waiting.length > 0) handOff(waiting);
 
     const deadline = performance.now() + timeoutMs;
@@ -315,6 +310,22 @@ export class IsolatePool {
     const ids = [...this.#isolates].map((isolate) => isolate.id);
     this.stop("the application was reloaded and the replaced isolates ran out of time");
     return ids;
+  }
+
+  /**
+   * Takes back up to `max` requests that have not started: queued ones, then
+   * ones that wait in an isolate behind a running request.
+   */
+  withdrawWaiting(max: number): Job[] {
+    const jobs = this.#queue.splice(0, max);
+    for (const isolate of this.#isolates) {
+      while (jobs.length < max) {
+        const job = isolate.withdrawWaiting();
+        if (!job) break;
+        jobs.push(job);
+      }
+    }
+    return jobs;
   }
 
   /**

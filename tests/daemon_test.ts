@@ -232,6 +232,7 @@ Deno.test("parseDaemonSpec defaults", () => {
   assert.equal(spec.requestTimeoutMs, 60_000);
   assert.equal(spec.gracefulTimeoutMs, 15_000);
   assert.equal(spec.shutdownTimeoutMs, 5_000);
+  assert.equal(spec.socketTimeoutMs, 60_000);
 });
 
 Deno.test("parseDaemonSpec every key", () => {
@@ -239,6 +240,7 @@ Deno.test("parseDaemonSpec every key", () => {
     "group=site1,processes=2,threads=4,user=nobody,group=nogroup,home=.,python-path=.,python=3.12," +
       "display-name=%{GROUP}-x,maximum-requests=100,memory-limit=512M,restart-interval=3600,inactivity-timeout=2.5," +
       "request-timeout=30,queue-timeout=10,startup-timeout=20,graceful-timeout=7,shutdown-timeout=3," +
+      "socket-timeout=9," +
       "env=A=1,env=B=x=y,allow-net=127.0.0.1:5432,allow-net=[::1]:80,allow-write=.",
     HOME_DIR,
   );
@@ -260,6 +262,7 @@ Deno.test("parseDaemonSpec every key", () => {
   assert.equal(spec.queueTimeoutMs, 10_000);
   assert.equal(spec.startupTimeoutMs, 20_000);
   assert.equal(spec.gracefulTimeoutMs, 7_000);
+  assert.equal(spec.socketTimeoutMs, 9_000);
   assert.equal(spec.shutdownTimeoutMs, 3_000);
   assert.deepEqual(spec.environment, { A: "1", B: "x=y" });
   assert.deepEqual(spec.allowNet, ["127.0.0.1:5432", "[::1]:80"]);
@@ -667,6 +670,65 @@ Deno.test("daemon reload moves waiting requests", async () => {
     assert.equal(responses[1].body, "200000");
     assert.match(server.log(), /the front retires this process: finishing 1 running request,/);
     assert.match(server.log(), /killed after graceful-timeout/);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
+Deno.test("daemon moves waiting requests to an idle process", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startSiteGroup(
+      folder,
+      "group=spread,user=nobody,processes=2,threads=1",
+    );
+    await waitForCount(server, /daemon process ready/, 2, 0, 120_000);
+    // One long request, then short ones: the front hands some of them to the
+    // process that runs the long one, which gives them back once the other
+    // process has nothing to do.
+    const long = getText(server.origin + "/do/slow?ms=6000").then(() => performance.now());
+    await delay(200);
+    const short: Promise<number>[] = [];
+    for (let i = 0; i < 6; i++) {
+      short.push(getText(server.origin + "/do/slow?ms=400").then(() => performance.now()));
+      await delay(50);
+    }
+    const shortDone = await Promise.all(short);
+    const longDone = await long;
+
+    for (const [i, done] of shortDone.entries()) {
+      assert.ok(done < longDone, `short request ${i} waited for the long one`);
+    }
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
+Deno.test("daemon stopped process killed after socket-timeout", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startSiteGroup(
+      folder,
+      "group=frozen,user=nobody,processes=1,threads=1,socket-timeout=2",
+    );
+    // A request that runs longer than socket-timeout and sends nothing meanwhile
+    // is not a hung process: the process answers the ping.
+    assert.equal((await getText(server.origin + "/do/slow?ms=3000")).status, 200);
+
+    const [pid] = daemonPids(server);
+    Deno.kill(pid, "SIGSTOP");
+    // The stopped process never read the request, so it goes to the fresh process.
+    const response = await getText(server.origin + "/do/slow?ms=10");
+
+    assert.equal(response.status, 200);
+    assert.match(
+      server.log(),
+      new RegExp(
+        `group=frozen process=${pid}\\] daemon process sent nothing for \\d+ s and did not answer ` +
+          "a ping \\(socket-timeout 2 s\\) with 1 request outstanding; it is stopped or blocked",
+      ),
+    );
+    assert.equal(countMatches(server.log(), /daemon process ready/), 2);
   } finally {
     await Deno.remove(folder, { recursive: true });
   }
