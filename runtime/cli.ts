@@ -1094,6 +1094,13 @@ function parseUrlPrefix(option: string, value: string): string {
   if (value.includes("//")) {
     throw invalidValue(option, value, "a URL path without empty segments ('//')");
   }
+  if (value.includes(":process-group=")) {
+    throw invalidValue(
+      option,
+      value,
+      "a URL path; ':process-group=GROUP' goes after SCRIPT, as in --mount /app app.wsgi:process-group=GROUP",
+    );
+  }
   const prefix = value.endsWith("/") ? value.slice(0, -1) : value;
   if (prefix.split("/").some((segment) => segment === "." || segment === "..")) {
     throw invalidValue(option, value, "a URL path without '.' or '..' segments");

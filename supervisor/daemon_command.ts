@@ -312,6 +312,30 @@ function mayEnter(info: Deno.FileInfo, uid: number, gid: number): boolean {
 }
 
 /**
+ * Returns the group's allow-write folders that its user cannot write, by
+ * their owner, group and other bits, with their modes. Like
+ * unreachableFolder, the result is a reason to warn.
+ */
+export async function unwritableFolders(
+  app: AppSpec,
+  identity: DaemonIdentity,
+): Promise<{ folder: string; mode: number }[]> {
+  const { uid, gid } = identity;
+  if (uid === undefined || gid === undefined) return [];
+  const unwritable: { folder: string; mode: number }[] = [];
+  for (const folder of app.writePaths ?? []) {
+    const info = await Deno.stat(folder).catch(() => null);
+    if (!info) continue;
+    const mode = info.mode ?? 0;
+    let bit = 0o002;
+    if (info.uid === uid) bit = 0o200;
+    else if (info.gid === gid) bit = 0o020;
+    if ((mode & bit) === 0) unwritable.push({ folder, mode: mode & 0o777 });
+  }
+  return unwritable;
+}
+
+/**
  * Returns the first folder on the way to the program's code or the
  * application's folders that the group's user cannot enter, with its mode,
  * or undefined when there is none. Supplementary groups of the user are not

@@ -31,6 +31,7 @@ import {
   prepareDaemonCache,
   resolveIdentity,
   unreachableFolder,
+  unwritableFolders,
 } from "./daemon_command.ts";
 import { type DaemonConfig, DaemonExit } from "./daemon_protocol.ts";
 import { DaemonProcess, DaemonRequestHandle, type ProcessExit } from "./daemon_process.ts";
@@ -150,6 +151,13 @@ export class DaemonGroup implements AppBackend {
         }), ` +
           "so its daemon processes will likely fail to start: let that user enter the folders " +
           "of wsgirun and of the application (chmod o+x, or run from another folder)",
+      );
+    }
+    for (const { folder, mode } of await unwritableFolders(this.app, this.identity)) {
+      this.#logger.warning(
+        `${this.identity.description} cannot write ${folder} (mode ${mode.toString(8)}), ` +
+          "so the application gets PermissionError for every write there although it is an " +
+          "allow-write folder: give that user write access (chown or chmod)",
       );
     }
     if (Deno.build.standalone) {
@@ -414,8 +422,11 @@ export class DaemonGroup implements AppBackend {
       `daemon process ${exit.reason} after serving ${plural(process.served, "request")}`,
     ];
     if (running > 0) {
+      // Handed to an isolate means running or posted behind a running one.
       parts.push(
-        `${plural(running, "running request")} ${running === 1 ? "fails" : "fail"} with 502`,
+        `${plural(running, "request")} handed to its isolates ${
+          running === 1 ? "fails" : "fail"
+        } (502, or a response cut off where it had started)`,
       );
     }
     if (waiting > 0) {

@@ -344,11 +344,17 @@ export function parseDaemonSpec(text: string, cwd: string): DaemonGroupSpec {
 
   const spec = defaultGroupSpec(name);
   const seen = new Set<string>();
-  for (const item of items) {
+  for (const [index, item] of items.entries()) {
     const equals = item.indexOf("=");
     if (equals <= 0) {
+      // A comma ends every value, so one inside a value makes its rest an item of its own.
+      const previous = index > 0 ? items[index - 1] : first;
+      const comma = previous.includes("=") && !Object.hasOwn(KEYS, item)
+        ? `; a comma ends each value, so ${quote(previous)} ended before ',${item}': ` +
+          "a value cannot contain a comma"
+        : "";
       throw new DaemonSpecError(
-        `invalid item ${quote(item)} (expected key=value, such as processes=2)`,
+        `invalid item ${quote(item)} (expected key=value, such as processes=2)${comma}`,
       );
     }
     const key = item.slice(0, equals);

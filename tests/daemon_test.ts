@@ -304,7 +304,11 @@ Deno.test("parseDaemonSpec rejects invalid input", () => {
       /invalid value for home: '\/no\/such\/folder' \(expected an existing directory/,
     ],
     ["group=a,user=x y", /invalid value for user: 'x y'/],
-    ["group=a,threads", /invalid item 'threads' \(expected key=value/],
+    ["group=a,threads", /invalid item 'threads' \(expected key=value, such as processes=2\)$/],
+    [
+      "group=a,env=A=1,2",
+      /invalid item '2' \(expected key=value, such as processes=2\); a comma ends each value, so 'env=A=1' ended before ',2': a value cannot contain a comma$/,
+    ],
     [
       "group=a,startup-timeout=0",
       /invalid value for startup-timeout: '0' \(expected seconds above 0/,
@@ -542,6 +546,30 @@ Deno.test("server refuses a root daemon", async () => {
 
   assert.equal(output.code, 2);
   assert.match(stderr, /wsgirun: group 'a' would run as root: add user=NAME/);
+});
+
+Deno.test("unwritable allow-write folder is reported", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  const data = join(folder, "data");
+  // Owned by root, who runs the tests, and not writable by others.
+  await Deno.mkdir(data, { mode: 0o755 });
+  await Deno.chmod(data, 0o755);
+  try {
+    await using server = await startSiteGroup(
+      folder,
+      `group=readonly,user=nobody,processes=1,threads=1,allow-write=${data}`,
+    );
+
+    assert.match(
+      server.log(),
+      new RegExp(
+        `WARNING \\[app=app\\.wsgi group=readonly\\] nobody \\(uid 65534[^)]*\\) cannot write ` +
+          `${data} \\(mode 755\\), so the application gets PermissionError`,
+      ),
+    );
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
 });
 
 Deno.test("private app folder is reported", async () => {
@@ -1217,6 +1245,7 @@ Deno.test("daemon server", async (t) => {
             `request failed with 502: daemon process ${victim} was killed by signal SIGKILL`,
           ),
         );
+        assert.match(log, /requests? handed to its isolates fails? \(502, or a response cut off/);
       }
       const late = result.servedBy.slice(-10).map(servingPid);
       assert.ok(!late.includes(victim), `requests still served by ${victim}`);

@@ -417,6 +417,11 @@ const INVALID_CASES: InvalidCase[] = [
   { args: ["--mount-point", "/a/../b"], option: "--mount-point", value: "/a/../b" },
   { args: ["--mount-point", "/.."], option: "--mount-point", value: "/.." },
   { args: ["--mount-point", "/a/./b"], option: "--mount-point", value: "/a/./b" },
+  {
+    args: ["--mount", "/x:process-group=g", "app.wsgi"],
+    option: "--mount",
+    value: "/x:process-group=g",
+  },
   { args: ["--url-alias", "/", "static"], option: "--url-alias", value: "/" },
   { args: ["--url-alias", "static", "static"], option: "--url-alias", value: "static" },
   { args: ["--url-alias", "/s/../x", "static"], option: "--url-alias", value: "/s/../x" },
