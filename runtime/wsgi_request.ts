@@ -121,8 +121,10 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
         // A response that has ended (an application that did not read the
         // whole body) leaves nothing to fail.
         if (builder.finished) return;
+        // Cancelled first: failing the builder releases the request, which
+        // would otherwise cancel it as if the client had left.
+        handle?.cancel("body-timeout");
         builder.fail(408, error.message);
-        handle?.cancel();
       });
     } else {
       body = request.body;
@@ -171,7 +173,7 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
   request.signal.addEventListener("abort", () => {
     // Also fires after a response completed (Deno's default); cancelling a
     // finished request is harmless.
-    submitted.cancel();
+    submitted.cancel(isServerStopping() ? "server-stop" : "client");
     if (!submitted.running) builder.abandon();
   }, { once: true });
 

@@ -9,6 +9,7 @@
  */
 
 import type { ResponseSink } from "./isolate.ts";
+import type { StopCause } from "../wasm/channel.ts";
 
 /** One request as the front hands it to a backend. */
 export interface BackendRequest {
@@ -30,8 +31,11 @@ export interface RequestHandle {
   readonly running: boolean;
   /** The client has taken `bytes` more of the response, so the isolate may send more. */
   released(bytes: number): void;
-  /** The client has gone: stop reading its body and stop the application's response. */
-  cancel(): void;
+  /**
+   * The request is over for `cause` (by default, the client has gone): stop
+   * reading its body and stop the application's response.
+   */
+  cancel(cause?: StopCause): void;
   /** The response has been sent or has failed; frees what the request still holds. */
   close(): void;
 }
@@ -73,6 +77,12 @@ export function isServerStopping(): boolean {
  */
 export function isBodyTimeout(error: unknown): boolean {
   return error instanceof Error && error.name === "BodyTimeoutError";
+}
+
+/** Returns why a request body could not be read to its end, for the isolate. */
+export function bodyFailureCause(error: unknown): StopCause {
+  if (isBodyTimeout(error)) return "body-timeout";
+  return serverStopping ? "server-stop" : "client";
 }
 
 /**

@@ -49,7 +49,13 @@ import {
   readFrames,
   type ReadyInfo,
 } from "./daemon_protocol.ts";
-import { BODY_RING_BYTES, BodyRing, type RequestControl } from "../wasm/channel.ts";
+import {
+  BODY_RING_BYTES,
+  BodyRing,
+  type RequestControl,
+  type StopCause as RequestStopCause,
+  stopCauseOf,
+} from "../wasm/channel.ts";
 import {
   type EndMessage,
   type FileMessage,
@@ -77,6 +83,8 @@ class DaemonRequest implements ResponseSink {
   #daemon: Daemon;
   #inbound: Uint8Array[] = [];
   #inboundEnd: "open" | "end" | "abort" = "open";
+  /** The reason the body was aborted, from the BODY_ABORT frame. */
+  #abortCause: RequestStopCause = "client";
   #pumping = false;
   /** Response bytes sent from the isolate's chunks that the client has not taken yet. */
   #chunkBytesInFlight = 0;
@@ -120,8 +128,9 @@ class DaemonRequest implements ResponseSink {
     if (!this.#pumping) this.#pump();
   }
 
-  endBody(ending: "end" | "abort"): void {
+  endBody(ending: "end" | "abort", cause: RequestStopCause = "client"): void {
     this.#inboundEnd = ending;
+    this.#abortCause = cause;
     if (!this.#pumping) this.#pump();
   }
 
@@ -149,7 +158,7 @@ class DaemonRequest implements ResponseSink {
     this.#pumping = false;
     if (this.#inbound.length > 0) return this.#pump();
     if (this.#inboundEnd === "end") ring.end();
-    if (this.#inboundEnd === "abort") ring.abort();
+    if (this.#inboundEnd === "abort") ring.abort(this.#abortCause);
   }
 
   // ---- response, isolate to front ----
@@ -208,10 +217,10 @@ class DaemonRequest implements ResponseSink {
     wake?.();
   }
 
-  /** Stops the application because the client has gone, or drops the request if it has not run. */
-  cancel(): void {
-    this.control.cancel();
-    this.ring?.abort();
+  /** Stops the application for `cause` (the client has gone), or drops the request if it has not run. */
+  cancel(cause: RequestStopCause = "client"): void {
+    this.control.cancel(cause);
+    this.ring?.abort(cause);
     this.#wakeFileSender?.();
     this.#daemon.pool.abandon(this.job);
     if (!this.job.running) this.abandon();
@@ -400,13 +409,13 @@ class Daemon {
         request.endBody("end");
         return;
       case Frame.BODY_ABORT:
-        request.endBody("abort");
+        request.endBody("abort", decodeStopCause(payload));
         return;
       case Frame.CREDIT:
         request.credit(decodeUint32(payload));
         return;
       case Frame.CANCEL:
-        request.cancel();
+        request.cancel(decodeStopCause(payload));
         return;
       default:
         this.logger.warning(`ignored a frame of unknown type ${type}`);
@@ -534,6 +543,11 @@ function readConfig(
     resolve(type === Frame.CONFIGURE ? decodeJson<DaemonConfig>(payload) : undefined);
   }).finally(() => resolve(undefined));
   return { config: promise, done };
+}
+
+/** Reads the StopCause of a CANCEL or BODY_ABORT frame; one without a payload is "client". */
+function decodeStopCause(payload: Uint8Array): RequestStopCause {
+  return stopCauseOf(payload.length > 0 ? payload[0] : 1);
 }
 
 /** Runs the daemon process until its input closes or it has drained; returns the exit status. */

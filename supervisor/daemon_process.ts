@@ -6,6 +6,7 @@
 
 import {
   type BackendRequest,
+  bodyFailureCause,
   bodyReadFailure,
   isBodyTimeout,
   type RequestHandle,
@@ -30,6 +31,7 @@ import {
   readFrames,
 } from "./daemon_protocol.ts";
 import { type Logger, plural } from "./log.ts";
+import { type StopCause, stopCauseCode } from "../wasm/channel.ts";
 
 export type DaemonProcessState = "starting" | "ready" | "retiring" | "exited";
 
@@ -129,14 +131,14 @@ export class DaemonRequestHandle implements RequestHandle {
     }
   }
 
-  cancel(): void {
+  cancel(cause: StopCause = "client"): void {
     if (this.finished || this.cancelled) return;
     this.cancelled = true;
     if (!this.process) {
       this.#onCancelQueued(this);
       return;
     }
-    this.process.send(Frame.CANCEL, this.id);
+    this.process.send(Frame.CANCEL, this.id, Uint8Array.of(stopCauseCode(cause)));
     this.#stopBody();
   }
 
@@ -240,7 +242,7 @@ export class DaemonRequestHandle implements RequestHandle {
       if (!isBodyTimeout(error)) {
         logger.info(bodyReadFailure(error), { request: this.request.requestId });
       }
-      process.send(Frame.BODY_ABORT, id);
+      process.send(Frame.BODY_ABORT, id, Uint8Array.of(stopCauseCode(bodyFailureCause(error))));
     }
   }
 }

@@ -43,11 +43,11 @@ export const Frame = {
   BODY: 3,
   /** The request body is complete. */
   BODY_END: 4,
-  /** The client stopped sending the body before its end. */
+  /** The body stopped before its end; a one-byte payload is the StopCause's code. */
   BODY_ABORT: 5,
   /** u32: the client has taken this many more response bytes. */
   CREDIT: 6,
-  /** The client has gone. */
+  /** The request is over (the client has gone); a one-byte payload is the StopCause's code. */
   CANCEL: 7,
   /**
    * The front retires the process (a reload or a recycle): it returns the

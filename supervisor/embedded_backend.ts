@@ -13,6 +13,7 @@
 import {
   type AppBackend,
   type BackendRequest,
+  bodyFailureCause,
   bodyReadFailure,
   isBodyTimeout,
   type RequestHandle,
@@ -60,7 +61,7 @@ async function pumpBody(body: ReadableStream<Uint8Array>, ring: BodyRing, logger
     }
   } catch (error) {
     if (!isBodyTimeout(error)) logger.info(bodyReadFailure(error));
-    ring.abort();
+    ring.abort(bodyFailureCause(error));
   }
 }
 
@@ -151,9 +152,9 @@ export class EmbeddedBackend implements AppBackend {
         return job.running === true;
       },
       released: (bytes) => control.released(bytes),
-      cancel: () => {
-        control.cancel();
-        ring?.abort();
+      cancel: (cause) => {
+        control.cancel(cause);
+        ring?.abort(cause);
         (this.#poolOf.get(job) ?? pool).abandon(job);
       },
       close: () => {

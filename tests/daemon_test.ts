@@ -845,6 +845,11 @@ Deno.test("daemon stalled body gets 408", async () => {
       server.log(),
       /WARNING .*request failed with 408: the client sent no request body/,
     );
+    // The isolate reading the body names the timeout, not a client that left.
+    await server.waitForLog(
+      /group=stall pid=\d+ isolate=1 .*\] the client sent no request body data within --body-timeout; the response was stopped/,
+      5000,
+    );
     // The process's only isolate serves the next request.
     assert.equal((await getText(server.origin + "/do/upload")).status, 200);
     assert.doesNotMatch(server.log(), /daemon process exited|isolate=2\]/);

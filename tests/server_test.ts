@@ -1020,15 +1020,35 @@ async function stallBody(port: number, declared: number | null, sent: number): P
   }
 }
 
-Deno.test("stalled body gets 408", async () => {
+/** The test application's callable on one isolate. */
+const ONE_APP_ISOLATE = ["--callable-object", "app", "--threads", "1"];
+
+Deno.test("streamed upload cut by stop names the stop", async () => {
   await using server = await startServer(APP_SCRIPT, [
-    "--callable-object",
-    "app",
-    "--threads",
-    "1",
-    "--body-timeout",
-    "1",
+    ...ONE_APP_ISOLATE,
+    "--shutdown-timeout",
+    "2",
   ]);
+  // A body larger than the front reads ahead, so the isolate reads it as it comes.
+  const connection = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+  const head = "POST /do/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n";
+  await connection.write(encoder.encode(head + "a".repeat(100_000)));
+  await new Promise((resolve) => setTimeout(resolve, 500));
+
+  server.process.kill("SIGTERM");
+  await server.process.status;
+  connection.close();
+
+  // What the application and the isolate's log line get says that the server stopped.
+  assert.match(
+    server.log(),
+    /OSError: request body read failed: the server is stopping and no longer reads the request body/,
+  );
+  assert.doesNotMatch(server.log(), /OSError: request body read failed: the client/);
+});
+
+Deno.test("stalled body gets 408", async () => {
+  await using server = await startServer(APP_SCRIPT, [...ONE_APP_ISOLATE, "--body-timeout", "1"]);
   // Read ahead by the front, streamed to the isolate, and chunked.
   const cases: [number | null, number][] = [[1000, 10], [1_000_000, 100_000], [null, 5000]];
   for (const [declared, sent] of cases) {
@@ -1043,6 +1063,12 @@ Deno.test("stalled body gets 408", async () => {
   assert.equal(timeouts?.length, 3, server.log());
   // The timeout has its own line; the body pump adds none.
   assert.doesNotMatch(server.log(), /client stopped sending the request body/);
+  // The isolate that was reading a streamed body names the timeout, not a client that left.
+  await server.waitForLog(
+    /INFO .*isolate=1 .*\] the client sent no request body data within --body-timeout; the response was stopped/,
+    5000,
+  );
+  assert.doesNotMatch(server.log(), /client closed the connection; the response was stopped/);
   // The only isolate is free again, and a body that keeps coming is not cut.
   const slowBody = new ReadableStream<Uint8Array>({
     async start(controller) {

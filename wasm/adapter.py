@@ -9,7 +9,9 @@ host functions of the `_wsgirun_host` module that the worker registers:
                          and values joined by newlines)
     send(chunk)          one body chunk; blocks while the client is slow and
                          raises once the client has gone
-    cancelled()          whether the client has gone
+    cancelled()          whether the front cancelled the request (client gone,
+                         body timeout, server stopping)
+    cancel_reason()      why, as a sentence for the log
     send_file(path, offset, length)  the front sends a host file region
     finish(error)        end of the response (error: abort the connection)
     read(size)           up to `size` request body bytes, None at the end
@@ -520,8 +522,8 @@ def handle(method, environ_json, body, streamed, request_id):
             return
     except BaseException as error:
         if host.cancelled():
-            # The client went away: the front has seen that, so nothing is sent.
-            host.log("info", "client closed the connection; the response was stopped")
+            # The front has stopped the request and answers the client itself, so nothing is sent.
+            host.log("info", "%s; the response was stopped" % host.cancel_reason())
             response.finished = True
             host.finish("client disconnected")
             return

@@ -32,7 +32,42 @@ const RING_HEADER_BYTES = 16;
 
 const STATE_OPEN = 0;
 const STATE_END = 1;
+/** The first of the aborted states: the state is STATE_ABORTED - 1 + the StopCause's code. */
 const STATE_ABORTED = 2;
+
+/** The reason the front stopped a request or its body. */
+export type StopCause = "client" | "body-timeout" | "server-stop";
+
+const STOP_CAUSES: StopCause[] = ["client", "body-timeout", "server-stop"];
+
+/** Messages for the application and the log when a request stops, by cause. */
+const REQUEST_STOPPED: Record<StopCause, string> = {
+  client: "the client closed the connection",
+  "body-timeout": "the client sent no request body data within --body-timeout",
+  "server-stop": "the server is stopping",
+};
+
+/** Messages of the error that a read of `wsgi.input` raises when the body stops, by cause. */
+const BODY_STOPPED: Record<StopCause, string> = {
+  client: "the client stopped sending the request body",
+  "body-timeout": REQUEST_STOPPED["body-timeout"],
+  "server-stop": "the server is stopping and no longer reads the request body",
+};
+
+/** Returns the number that stands for `cause` in shared memory and frames (1 and up). */
+export function stopCauseCode(cause: StopCause): number {
+  return STOP_CAUSES.indexOf(cause) + 1;
+}
+
+/** Returns the cause that `code` stands for; an unknown code counts as "client". */
+export function stopCauseOf(code: number): StopCause {
+  return STOP_CAUSES[code - 1] ?? "client";
+}
+
+/** Returns the message that gives the reason a request stopped. */
+export function stopText(cause: StopCause): string {
+  return REQUEST_STOPPED[cause];
+}
 
 /** Capacity of the ring a streamed request body passes through (a power of two). */
 export const BODY_RING_BYTES = 256 * 1024;
@@ -116,10 +151,20 @@ export class RequestControl {
     return Atomics.load(this.#words, CANCELLED) !== 0;
   }
 
-  /** Front side: mark the request cancelled and wake a worker blocked on the window. */
-  cancel(): void {
+  /** The reason the request was cancelled, or undefined while it is not. */
+  get cancelCause(): StopCause | undefined {
+    const code = Atomics.load(this.#words, CANCELLED);
+    return code === 0 ? undefined : stopCauseOf(code);
+  }
+
+  /**
+   * Front side: mark the request cancelled and wake a worker blocked on the
+   * window. The first cause stays: a client that leaves after its body timed
+   * out does not change why the request stopped.
+   */
+  cancel(cause: StopCause = "client"): void {
     if (this.#released) return;
-    Atomics.store(this.#words, CANCELLED, 1);
+    Atomics.compareExchange(this.#words, CANCELLED, 0, stopCauseCode(cause));
     Atomics.notify(this.#words, RESPONSE_BYTES_IN_FLIGHT);
   }
 
@@ -167,7 +212,8 @@ export class RequestControl {
    */
   reserve(bytes: number, window: number): void {
     for (;;) {
-      if (this.cancelled) throw new RequestCancelled();
+      const cause = this.cancelCause;
+      if (cause) throw new RequestCancelled(REQUEST_STOPPED[cause]);
       const inFlight = Atomics.load(this.#words, RESPONSE_BYTES_IN_FLIGHT);
       if (inFlight <= 0 || inFlight + bytes <= window) break;
       waitBlocked(this.#words, RESPONSE_BYTES_IN_FLIGHT, inFlight, WAIT_SLICE_MS);
@@ -498,9 +544,9 @@ export class BodyRing {
     this.#setState(STATE_END);
   }
 
-  /** Marks the body as failed (client gone or invalid framing); the reader raises. */
-  abort(): void {
-    this.#setState(STATE_ABORTED);
+  /** Marks the body as failed for `cause`; the reader raises. */
+  abort(cause: StopCause = "client"): void {
+    this.#setState(STATE_ABORTED - 1 + stopCauseCode(cause));
   }
 
   /** Tells a waiting writer that no reader remains (the request is over). */
@@ -537,9 +583,10 @@ export class BodyRing {
         if (this.#available() > 0) continue;
         return undefined;
       }
-      if (state === STATE_ABORTED || control?.cancelled) {
-        throw new RequestCancelled("the client stopped sending the request body");
-      }
+      const cause = state >= STATE_ABORTED
+        ? stopCauseOf(state - STATE_ABORTED + 1)
+        : control?.cancelCause;
+      if (cause) throw new RequestCancelled(BODY_STOPPED[cause]);
       const written = Atomics.load(this.#header, WRITTEN);
       if (((written - Atomics.load(this.#header, READ)) | 0) === 0) {
         waitBlocked(this.#header, WRITTEN, written, WAIT_SLICE_MS);

@@ -16,6 +16,7 @@ import {
   type InboxRequest,
   RequestControl,
   RequestInbox,
+  stopText,
   useBlockedWord,
   waitBlocked,
 } from "./channel.ts";
@@ -239,6 +240,11 @@ const host = {
 
   cancelled(): boolean {
     return current?.control.cancelled ?? false;
+  },
+
+  /** Why the front cancelled the request, as a sentence for the log. */
+  cancel_reason(): string {
+    return stopText(current?.control.cancelCause ?? "client");
   },
 
   /** Blocks for `seconds` in slices, so that an interrupt from the pool ends it early. */
