@@ -20,6 +20,7 @@ import { parseNetAllowEntry } from "../wasm/net_policy.ts";
 import {
   type DaemonGroupSpec,
   DaemonSpecError,
+  parseBytes,
   parseDaemonSpec,
   parseSeconds,
   parseSize,
@@ -30,6 +31,13 @@ import { assignProcessGroups, MountConfigError, splitProcessGroup } from "./moun
 import type { MountSpec, ServerOptions, UrlAlias } from "./options.ts";
 
 export const WSGIRUN_VERSION = "0.1.0";
+
+const MEBIBYTE = 1024 * 1024;
+/**
+ * Largest --read-ahead: each request that waits or runs can hold this much,
+ * so the default queue limit of 100 already allows 1.6 GiB.
+ */
+const MAX_READ_AHEAD = 16 * MEBIBYTE;
 
 /** Exit status for an invalid command line, the one Python's argparse uses too. */
 export const USAGE_EXIT_CODE = 2;
@@ -99,6 +107,7 @@ export interface OptionValues {
   requestTimeoutMs: number;
   queueTimeoutMs: number;
   bodyTimeoutMs: number;
+  readAheadBytes: number;
   /** From `--min-threads`; unset means the value of `threads`. */
   minThreads?: number;
   inactivityTimeoutMs: number;
@@ -462,6 +471,31 @@ export const OPTIONS: readonly OptionSpec[] = [
     },
   },
   {
+    name: "--read-ahead",
+    valueNames: ["SIZE"],
+    help: "Largest request body with a Content-Length that the server reads whole, in " +
+      "embedded and daemon mode, before the request waits for an isolate, so that a " +
+      "slow client does not hold an isolate while it uploads: bytes, or a number with " +
+      `K or M, up to ${MAX_READ_AHEAD / MEBIBYTE}M. Larger and chunked bodies stream to the ` +
+      "application as they arrive. Each request holds up to this much memory. 0 streams " +
+      "every body.",
+    defaultText: "64K",
+    repeatable: false,
+    apply: ([value], draft) => {
+      const bytes = parseBytes(value);
+      if (bytes === undefined || bytes > MAX_READ_AHEAD) {
+        throw invalidValue(
+          "--read-ahead",
+          value,
+          `0, or a size up to ${
+            MAX_READ_AHEAD / MEBIBYTE
+          }M: bytes, or a number with K or M, such as 1M`,
+        );
+      }
+      draft.readAheadBytes = bytes;
+    },
+  },
+  {
     name: "--shutdown-timeout",
     valueNames: ["SECONDS"],
     help: "Maximum time in seconds (up to 3 decimals) that running requests get to " +
@@ -731,6 +765,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     requestTimeoutMs: draft.requestTimeoutMs,
     queueTimeoutMs: draft.queueTimeoutMs,
     bodyTimeoutMs: draft.bodyTimeoutMs,
+    readAheadBytes: draft.readAheadBytes,
     app,
     mounts,
     daemonGroups: draft.daemonGroups,
@@ -798,6 +833,7 @@ function defaultOptionValues(env: ParseEnvironment): OptionValues {
     requestTimeoutMs: 60_000,
     queueTimeoutMs: 45_000,
     bodyTimeoutMs: 20_000,
+    readAheadBytes: 64 * 1024,
     inactivityTimeoutMs: 60_000,
     maximumRequests: 0,
     memoryLimitBytes: 0,

@@ -58,6 +58,13 @@ export interface ServerOptions {
    */
   bodyTimeoutMs: number;
   /**
+   * Largest request body with a Content-Length that the server reads whole
+   * before it queues the request, so that a slow client does not hold an
+   * isolate while it sends it; 0 streams every body.
+   * @default 65536
+   */
+  readAheadBytes: number;
+  /**
    * Milliseconds running requests get to finish when the server stops.
    * @default the longest shutdown-timeout of the daemon groups, else 5000
    */

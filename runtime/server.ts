@@ -162,6 +162,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
         logger: route.mount.logger.child({ request: requestId }),
         filePaths: route.mount.filePaths,
         bodyTimeoutMs: options.bodyTimeoutMs,
+        readAheadBytes: options.readAheadBytes,
         onDone: done,
       });
     } catch (error) {

@@ -23,9 +23,6 @@ import {
   type ResponseRecord,
 } from "./wsgi_response.ts";
 
-/** Bodies up to this size are read before the request is queued. */
-export const READ_AHEAD_BYTES = 64 * 1024;
-
 const EMPTY_BODY = new Uint8Array(0);
 
 export interface WsgiRequest {
@@ -38,6 +35,8 @@ export interface WsgiRequest {
   filePaths: string[];
   /** See ServerOptions.bodyTimeoutMs. */
   bodyTimeoutMs: number;
+  /** See ServerOptions.readAheadBytes. */
+  readAheadBytes: number;
   onDone(record: ResponseRecord): void;
 }
 
@@ -87,7 +86,7 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
   let body: Uint8Array<ArrayBuffer> | ReadableStream<Uint8Array> = EMPTY_BODY;
   if (request.body !== null) {
     const length = declaredLength(request);
-    if (length !== undefined && length <= READ_AHEAD_BYTES) {
+    if (length !== undefined && length <= input.readAheadBytes) {
       const whole = await readSmallBody(request, logger, input.bodyTimeoutMs);
       if (whole instanceof BodyTimeoutError) {
         logger.warning(`request failed with 408: ${whole.message}`);

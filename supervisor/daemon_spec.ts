@@ -104,13 +104,21 @@ export const SIZE_FORM =
   "0 (off), or a size from 32M to 4G: bytes, or a number with K, M or G (powers of 1024), such as 512M";
 
 /**
+ * Converts a size such as "65536", "64K" or "1M" to bytes, with no range
+ * check; undefined when it is not a number with an optional K, M or G.
+ */
+export function parseBytes(value: string): number | undefined {
+  const match = /^([0-9]{1,13})([KMG]?)$/i.exec(value);
+  return match ? Number(match[1]) * SIZE_UNITS[match[2].toUpperCase()] : undefined;
+}
+
+/**
  * Converts a size such as "536870912", "512M" or "1G" to bytes; undefined
  * when not in SIZE_FORM. Plain numbers are bytes, as in mod_wsgi's memory-limit.
  */
 export function parseSize(value: string): number | undefined {
-  const match = /^([0-9]{1,13})([KMG]?)$/i.exec(value);
-  if (!match) return undefined;
-  const bytes = Number(match[1]) * SIZE_UNITS[match[2].toUpperCase()];
+  const bytes = parseBytes(value);
+  if (bytes === undefined) return undefined;
   if (bytes === 0) return 0;
   return bytes >= MIN_MEMORY_LIMIT && bytes <= MAX_MEMORY_LIMIT ? bytes : undefined;
 }

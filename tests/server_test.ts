@@ -1047,6 +1047,30 @@ Deno.test("streamed upload cut by stop names the stop", async () => {
   assert.doesNotMatch(server.log(), /OSError: request body read failed: the client/);
 });
 
+Deno.test("read-ahead keeps a slow upload off the isolate", async () => {
+  await using server = await startServer(APP_SCRIPT, [...ONE_APP_ISOLATE, "--read-ahead", "1M"]);
+  // Half of a 500 kB body, the rest after 2 s: the server reads it before the
+  // request waits for the only isolate, so a GET meanwhile does not wait.
+  const connection = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+  const head = "POST /do/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 500000\r\n\r\n";
+  await connection.write(encoder.encode(head + "a".repeat(250_000)));
+  await new Promise((resolve) => setTimeout(resolve, 300));
+
+  const started = performance.now();
+  assert.equal((await getText(server, "/do/hello")).text, "hello");
+  const waited = performance.now() - started;
+  await connection.write(encoder.encode("a".repeat(250_000)));
+  const reply = new Uint8Array(4096);
+  const count = await connection.read(reply);
+  connection.close();
+
+  assert.ok(waited < 1500, `the GET waited ${Math.round(waited)} ms for the upload`);
+  assert.match(
+    decoder.decode(reply.subarray(0, count ?? 0)),
+    /^HTTP\/1\.1 200 .*"length": 500000/s,
+  );
+});
+
 Deno.test("stalled body gets 408", async () => {
   await using server = await startServer(APP_SCRIPT, [...ONE_APP_ISOLATE, "--body-timeout", "1"]);
   // Read ahead by the front, streamed to the isolate, and chunked.

@@ -199,6 +199,11 @@ const VALID_CASES: ValidCase[] = [
   },
   { args: ["--memory-limit", "0"], read: (o) => o.memoryLimitBytes, expected: () => 0 },
   { args: ["--shutdown-timeout", "0"], read: (o) => o.shutdownTimeoutMs, expected: () => 0 },
+  { args: ["--threads", "3"], read: (o) => o.readAheadBytes, expected: () => 65536 },
+  { args: ["--read-ahead", "0"], read: (o) => o.readAheadBytes, expected: () => 0 },
+  { args: ["--read-ahead", "1M"], read: (o) => o.readAheadBytes, expected: () => 1048576 },
+  { args: ["--read-ahead", "512k"], read: (o) => o.readAheadBytes, expected: () => 524288 },
+  { args: ["--read-ahead", "16M"], read: (o) => o.readAheadBytes, expected: () => 16777216 },
   {
     args: ["--snapshot", "off", "--no-snapshot-app"],
     read: (o) => o.app.snapshot,
@@ -450,6 +455,10 @@ const INVALID_CASES: InvalidCase[] = [
   { args: ["--memory-limit", "-1"], option: "--memory-limit", value: "-1" },
   { args: ["--maximum-requests", "1000000001"], option: "--maximum-requests", value: "1000000001" },
   { args: ["--access-log=yes"], option: "--access-log", value: "yes" },
+  { args: ["--read-ahead", "17M"], option: "--read-ahead", value: "17M" },
+  { args: ["--read-ahead", "1G"], option: "--read-ahead", value: "1G" },
+  { args: ["--read-ahead", "-1"], option: "--read-ahead", value: "-1" },
+  { args: ["--read-ahead", "1MB"], option: "--read-ahead", value: "1MB" },
   { args: ["--preload=true"], option: "--preload", value: "true" },
 ];
 
