@@ -163,6 +163,60 @@ Deno.test("embedded reload follows a switched release link", async () => {
   }
 });
 
+Deno.test("links inside a linked release lead to their targets", async () => {
+  // current -> releases/one, whose data and uploads folders are links to a
+  // shared folder beside the releases, as deploy tools make them.
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-release-links-" });
+  try {
+    const release = `${folder}/releases/one`;
+    await Deno.mkdir(`${release}/assets`, { recursive: true });
+    await Deno.mkdir(`${folder}/shared/data`, { recursive: true });
+    await Deno.mkdir(`${folder}/shared/uploads`, { recursive: true });
+    await Deno.writeTextFile(`${release}/assets/style.css`, "body {}");
+    await Deno.symlink("../../shared/data", `${release}/data`);
+    await Deno.symlink(`${folder}/shared/uploads`, `${release}/uploads`);
+    await Deno.symlink("assets", `${release}/static`);
+    await Deno.symlink("releases/one", `${folder}/current`);
+    await Deno.writeTextFile(
+      `${release}/app.wsgi`,
+      `
+import os
+
+HERE = os.path.dirname(__file__)
+
+def application(environ, start_response):
+    for name in ("data", "uploads"):
+        with open(os.path.join(HERE, name, name + ".txt"), "w") as file:
+            file.write("written through " + name)
+    with open(os.path.join(HERE, "static", "style.css")) as file:
+        style = file.read()
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [style.encode()]
+`,
+    );
+    // The shared data folder by its own path, the uploads folder by its path in the release.
+    await using server = await startServer(`${folder}/current/app.wsgi`, [
+      "--threads",
+      "1",
+      "--write",
+      `${folder}/shared/data`,
+      "--write",
+      `${folder}/current/uploads`,
+    ]);
+
+    const response = await fetch(server.origin + "/");
+    assert.equal(await response.text(), "body {}");
+    assert.equal(response.status, 200);
+    assert.equal(await Deno.readTextFile(`${folder}/shared/data/data.txt`), "written through data");
+    assert.equal(
+      await Deno.readTextFile(`${folder}/shared/uploads/uploads.txt`),
+      "written through uploads",
+    );
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 /**
  * Starts a server on a fresh script, sends a request that takes `ms`
  * milliseconds, and sends SIGTERM while it runs.

@@ -15,13 +15,18 @@
  * host file is therefore checked on the host each time it is looked up.
  */
 
+import { dirname, normalize } from "node:path";
 import type { LogFunction } from "./host_socket.ts";
 
 /** The parts of Pyodide's module this guard changes. */
 export interface GuardedModule {
   FS: {
     filesystems: {
-      NODEFS: { node_ops: Record<string, unknown>; stream_ops: Record<string, unknown> };
+      NODEFS: {
+        node_ops: Record<string, unknown>;
+        stream_ops: Record<string, unknown>;
+        realPath(node: FSNode): string;
+      };
     };
     ErrnoError: new (errno: number) => Error & { errno: number };
     lookupNode(parent: FSNode, name: string): FSNode;
@@ -34,7 +39,7 @@ export interface GuardedModule {
 /** The parts of an Emscripten file system node that the lookup check reads. */
 interface FSNode {
   mode: number;
-  mount: { type: unknown; root: FSNode };
+  mount: { type: unknown; root: FSNode; mountpoint: string; opts: { root: string } };
   node_ops: { getattr(node: FSNode): unknown };
 }
 
@@ -97,6 +102,7 @@ export function guardHostFileSystem(
   nodefs[WRAPPED] = state;
 
   forgetDeletedFiles(module);
+  nodefs.node_ops.readlink = hostLinkTarget(module);
   const eacces = module.ERRNO_CODES.EACCES;
   for (const operations of [nodefs.node_ops, nodefs.stream_ops]) {
     for (const [name, operation] of Object.entries(operations)) {
@@ -139,5 +145,39 @@ function forgetDeletedFiles(module: GuardedModule): void {
     fs.hashRemoveNode(node);
     // A fresh lookup finds the file that replaced it, or raises ENOENT.
     return lookupNode.call(this, parent, name);
+  };
+}
+
+/**
+ * Returns NODEFS's readlink for host mounts that are shown at another path
+ * than their real one. Emscripten turns a link's target into a path relative
+ * to the mount's real root. That path points elsewhere when the mount point
+ * is not that root, as for a `current` link to a release, mounted at
+ * `current`, where a release's `data -> ../../shared/data` led one folder
+ * too high. The
+ * target here is absolute: the matching path under the mount point when it
+ * is inside the mount's root, else the host path itself, which is shown at
+ * its own path when it is one of the application's folders.
+ */
+function hostLinkTarget(module: GuardedModule): (node: FSNode) => string {
+  const nodefs = module.FS.filesystems.NODEFS;
+  return (node: FSNode) => {
+    const hostPath = nodefs.realPath(node);
+    let target: string;
+    try {
+      target = Deno.readLinkSync(hostPath);
+    } catch (error) {
+      // Deno's errors name the host's errno in `code`, as Node's do.
+      const code = (error as { code?: unknown }).code;
+      const errno = typeof code === "string" ? module.ERRNO_CODES[code] : undefined;
+      if (errno !== undefined) throw new module.FS.ErrnoError(errno);
+      throw error;
+    }
+    const absolute = normalize(target.startsWith("/") ? target : `${dirname(hostPath)}/${target}`);
+    const root = node.mount.opts.root;
+    if (absolute === root || absolute.startsWith(root + "/")) {
+      return node.mount.mountpoint + absolute.slice(root.length);
+    }
+    return absolute;
   };
 }

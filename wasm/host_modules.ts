@@ -57,6 +57,8 @@ export interface PyodideForHost {
     writeFile(path: string, data: string): void;
     mount(type: unknown, options: { root: string }, mountpoint: string): void;
     lookupPath(path: string, options?: { follow?: boolean }): {
+      /** The path with the symbolic links on it resolved. */
+      path: string;
       node: { mount: { type: unknown; mountpoint: string; opts: { root?: string } } };
     };
   };
@@ -161,12 +163,16 @@ function writeShimFiles(pyodide: PyodideForHost): void {
   }
 }
 
-/** Reports whether `folder` already shows the host folder `hostPath` through a host mount. */
+/**
+ * Reports whether `folder` already shows the host folder `hostPath` through
+ * a host mount, following symbolic links on the way.
+ */
 function isHostMounted(pyodide: PyodideForHost, folder: string, hostPath: string): boolean {
   try {
-    const { mount } = pyodide.FS.lookupPath(folder, { follow: true }).node;
+    const { path, node } = pyodide.FS.lookupPath(folder, { follow: true });
+    const { mount } = node;
     return mount.type === pyodide.FS.filesystems.NODEFS &&
-      mount.opts.root + folder.slice(mount.mountpoint.length) === hostPath;
+      mount.opts.root + path.slice(mount.mountpoint.length) === hostPath;
   } catch {
     return false;
   }

@@ -221,7 +221,9 @@ export interface MountableFS {
 /**
  * Mounts each host folder at its own path, so `__file__`, tracebacks and
  * `open()` show real paths. A folder inside one that is already mounted
- * needs no mount of its own.
+ * needs no mount of its own, unless its path passes a symbolic link there,
+ * such as an upload folder linked into a release. A lookup follows that link
+ * to the real path, so the folder's real path is mounted at that real path.
  */
 export function mountHostFolders(
   fs: MountableFS,
@@ -229,14 +231,23 @@ export function mountHostFolders(
   roots: Record<string, string> = {},
 ): void {
   const sorted = [...new Set(folders)].sort((a, b) => a.length - b.length);
-  const mounted: string[] = [];
+  const mounted: { point: string; root: string }[] = [];
+  /** Returns the host path that the mounts made so far show at `path`, if any. */
+  const shown = (path: string) => {
+    const parent = mounted.find(({ point }) => path === point || path.startsWith(point + "/"));
+    return parent && parent.root + path.slice(parent.point.length);
+  };
   for (const folder of sorted) {
-    if (mounted.some((parent) => folder === parent || folder.startsWith(parent + "/"))) continue;
+    // The folder's pinned real path: a folder behind a symbolic link
+    // (current -> releases/42) stays one release for the life of the isolate.
+    const root = roots[folder] ?? folder;
+    const inside = shown(folder);
+    if (inside === root) continue;
+    const point = inside === undefined ? folder : root;
+    if (point !== folder && shown(point) === root) continue;
     try {
-      fs.mkdirTree(folder);
-      // The folder's pinned real path: a folder behind a symbolic link
-      // (current -> releases/42) stays one release for the life of the isolate.
-      fs.mount(fs.filesystems.NODEFS, { root: roots[folder] ?? folder }, folder);
+      fs.mkdirTree(point);
+      fs.mount(fs.filesystems.NODEFS, { root }, point);
     } catch (error) {
       // Emscripten's error carries only a number, so name the folder here.
       throw new Error(
@@ -244,7 +255,7 @@ export function mountHostFolders(
           "Check that the folder exists and that the server's account can read it",
       );
     }
-    mounted.push(folder);
+    mounted.push({ point, root });
   }
 }
 

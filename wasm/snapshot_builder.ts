@@ -15,7 +15,12 @@ import adapterSource from "./adapter.py" with { type: "text" };
 import appLoaderSource from "./app_loader.py" with { type: "text" };
 import { appReadPaths } from "../supervisor/app_spec.ts";
 import type { BuildSnapshotMessage, FromWorker } from "./protocol.ts";
-import { loadPyodideFor, type MountableFS, mountHostFolders } from "./pyodide_loader.ts";
+import {
+  describeError,
+  loadPyodideFor,
+  type MountableFS,
+  mountHostFolders,
+} from "./pyodide_loader.ts";
 import { installHostPython, type PyodideForHost, SHIM_FOLDER } from "./host_modules.ts";
 
 interface SnapshotPyodide {
@@ -187,9 +192,10 @@ export async function buildSnapshot(
     const bytes = takeSnapshot(pyodide, message.app !== undefined);
     post({ type: "snapshot", bytes, ...imports }, [bytes.buffer]);
   } catch (error) {
+    // Emscripten's file system errors are no Error objects; describeError names them.
     post({
       type: "snapshot-failed",
-      reason: error instanceof Error ? error.message : String(error),
+      reason: error instanceof Error ? error.message : describeError(error),
     });
   }
 }
