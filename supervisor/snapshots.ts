@@ -287,6 +287,7 @@ async function readWhole(file: Deno.FsFile, size: number): Promise<Uint8Array> {
 async function readFile(
   path: string,
   key: string,
+  checkOwner = true,
 ): Promise<{ header: SnapshotHeader; snapshot: SharedArrayBuffer } | string> {
   let data: Uint8Array;
   try {
@@ -296,7 +297,7 @@ async function readFile(
     // Checked on the open file, so a file swapped in after the check is not read.
     const info = await file.stat();
     if (!info.isFile) return `${path} is not a regular file`;
-    const foreign = foreignFileProblem(info);
+    const foreign = checkOwner ? foreignFileProblem(info) : undefined;
     if (foreign) return `${path} ${foreign}`;
     if (info.size > MAX_FILE_BYTES) {
       return `${path} is too large for a snapshot (${info.size} bytes)`;
@@ -556,10 +557,17 @@ async function runtimeSnapshot(
   const key = await runtimeKey(app.python);
   const name = runtimeFileName(app.python, key);
   if (SHIPPED_SNAPSHOTS_URL) {
-    const shipped = await readFile(fileURLToPath(new URL(name, SHIPPED_SNAPSHOTS_URL)), key);
+    // The program's own files: whoever installed the program owns them, as its code.
+    const shipped = await readFile(fileURLToPath(new URL(name, SHIPPED_SNAPSHOTS_URL)), key, false);
     if (typeof shipped !== "string") {
       logger.debug(`runtime snapshot from the program's own files: ${name}`);
       return { key, snapshot: shipped.snapshot };
+    }
+    if (shipped !== NO_CACHED_SNAPSHOT) {
+      logger.warning(
+        `cannot use the runtime snapshot in the program's files: ${shipped}; ` +
+          "let every user that runs the program read it (chmod -R a+rX on its snapshots folder)",
+      );
     }
   }
   const path = `${snapshotCacheDir()}/${name}`;
@@ -888,6 +896,10 @@ export async function writeRuntimeSnapshot(
   const bytes = await buildRuntimeSnapshot(python, pyodideFolder, wasmModule, logger);
   const path = `${folder}/${runtimeFileName(python, key)}`;
   await writeSnapshot(path, key, bytes);
+  // A runtime snapshot holds no application data, and daemon processes that
+  // run as other users read the program's copy.
+  await Deno.chmod(folder, 0o755);
+  await Deno.chmod(path, 0o644);
   return path;
 }
 

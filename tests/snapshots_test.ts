@@ -1153,6 +1153,14 @@ Deno.test("bundle uses shipped runtime snapshot", async () => {
     }).output();
     assert.equal(built.code, 0, new TextDecoder().decode(built.stderr));
   }
+  // Daemon processes of other users read these files, and a package
+  // installs them with an owner of its own: they are trusted as the code is.
+  assert.equal((await Deno.stat(`${out}/snapshots`)).mode! & 0o777, 0o755);
+  for await (const file of Deno.readDir(`${out}/snapshots`)) {
+    const path = `${out}/snapshots/${file.name}`;
+    assert.equal((await Deno.stat(path)).mode! & 0o777, 0o644, path);
+    if (Deno.uid() === 0) await Deno.chown(path, 65534, 65534);
+  }
   const folder = await makeApp({ "app.wsgi": HELLO });
   const emptyCache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
   const child = new Deno.Command(Deno.execPath(), {
