@@ -1167,9 +1167,12 @@ async function chooseBoot(options: BootOptions): Promise<Boot> {
   } catch (error) {
     // The whole traceback stays: an import that fails only in the build (a
     // socket opened at import, for one) leaves no other trace of it.
-    logger.warning(
-      `no application snapshot, each isolate imports the application itself: ${errorText(error)}`,
-    );
+    const text = errorText(error);
+    const cause = /^Traceback/m.test(text)
+      ? "the application raised an exception while it was imported for the snapshot, " +
+        "so each isolate imports it itself and logs the error again if it fails there too"
+      : "each isolate imports the application itself";
+    logger.warning(`no application snapshot: ${cause}: ${text}`);
     return { snapshot: runtime.snapshot, wasmModule, kind: "runtime" };
   }
 }

@@ -327,7 +327,7 @@ Deno.test("embedded reload keeps a preloaded app that fails", async () => {
   // The snapshot build and the isolate that tried the import log the traceback; the reload's line does not repeat it.
   assert.match(
     server.log(),
-    /no application snapshot, each isolate imports the application itself: .*Traceback/,
+    /no application snapshot: the application raised an exception while it was imported for the snapshot, so each isolate imports it itself .*: Traceback/,
   );
   assert.equal(countMatches(server.log(), /Traceback \(most recent call last\)/), 2);
 });

@@ -1023,6 +1023,40 @@ async function stallBody(port: number, declared: number | null, sent: number): P
 /** The test application's callable on one isolate. */
 const ONE_APP_ISOLATE = ["--callable-object", "app", "--threads", "1"];
 
+Deno.test("module removed from Python 3.14 named with the fix", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-removed-" });
+  try {
+    await Deno.writeTextFile(
+      `${folder}/app.wsgi`,
+      "import cgi\nimport ast\nast.Str\ndef application(environ, start_response):\n    pass\n",
+    );
+    await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"]);
+    const response = await fetch(server.origin + "/");
+    await response.body?.cancel();
+
+    assert.equal(response.status, 500);
+    assert.match(
+      server.log(),
+      /The module 'cgi' was removed in Python 3\.13: this isolate runs Python 3\.14; run the application on Python 3\.12 \(--python 3\.12, or python=3\.12 for a daemon group\)/,
+    );
+    // The ast names that Python 3.14 removed get the same advice.
+    await Deno.writeTextFile(
+      `${folder}/app.wsgi`,
+      "import ast\nast.Str\ndef application(environ, start_response):\n    pass\n",
+    );
+    server.process.kill("SIGHUP");
+    await server.waitForLog(/reloaded/, 60_000);
+    const second = await fetch(server.origin + "/");
+    await second.body?.cancel();
+    assert.match(
+      server.log(),
+      /ast\.Str was removed in Python 3\.14: this isolate runs Python 3\.14/,
+    );
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("streamed upload cut by stop names the stop", async () => {
   await using server = await startServer(APP_SCRIPT, [
     ...ONE_APP_ISOLATE,

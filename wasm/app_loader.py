@@ -78,20 +78,53 @@ def _load_script(path):
     return module
 
 
+# Standard library modules that Python 3.13 removed (PEP 594), and names of
+# the ast module that Python 3.14 removed, which older frameworks still use.
+_REMOVED_MODULES = {
+    "aifc", "audioop", "cgi", "cgitb", "chunk", "crypt", "imghdr", "mailcap", "msilib",
+    "nis", "nntplib", "ossaudiodev", "pipes", "sndhdr", "spwd", "sunau", "telnetlib",
+    "uu", "xdrlib", "lib2to3",
+}
+_REMOVED_AST_NAMES = {"Num", "Str", "Bytes", "NameConstant", "Ellipsis"}
+
+
+def _removed_from_python(error):
+    """Return a hint for an import that failed on a name this Python removed, else None."""
+    version = "%d.%d" % sys.version_info[:2]
+    advice = (
+        "this isolate runs Python %s; run the application on Python 3.12 "
+        "(--python 3.12, or python=3.12 for a daemon group)" % version
+    )
+    if isinstance(error, ModuleNotFoundError) and sys.version_info >= (3, 13):
+        if (error.name or "").split(".")[0] in _REMOVED_MODULES:
+            return "The module %r was removed in Python 3.13: %s" % (error.name, advice)
+    if isinstance(error, AttributeError) and sys.version_info >= (3, 14):
+        match = re.match(r"module 'ast' has no attribute '(\w+)'", str(error))
+        if match and match.group(1) in _REMOVED_AST_NAMES:
+            return "ast.%s was removed in Python 3.14: %s" % (match.group(1), advice)
+    return None
+
+
 def load_application():
     """Import the application once; a failed import is retried next time."""
     global _application
     if _application is not None:
         return _application
 
-    if settings.script_path:
-        module = _load_script(settings.script_path)
-        where = "script %r" % settings.script_path
-    else:
-        import importlib
+    try:
+        if settings.script_path:
+            module = _load_script(settings.script_path)
+            where = "script %r" % settings.script_path
+        else:
+            import importlib
 
-        module = importlib.import_module(settings.module)
-        where = "module %r" % settings.module
+            module = importlib.import_module(settings.module)
+            where = "module %r" % settings.module
+    except (ImportError, AttributeError) as error:
+        hint = _removed_from_python(error)
+        if hint:
+            error.add_note(hint)
+        raise
 
     application = getattr(module, settings.callable_name, None)
     if application is None:
