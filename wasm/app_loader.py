@@ -78,7 +78,7 @@ def _load_script(path):
     return module
 
 
-# Standard library modules that Python 3.13 removed (PEP 594), and names of
+# Standard library modules that Python 3.13 removed (most by PEP 594), and names of
 # the ast module that Python 3.14 removed, which older frameworks still use.
 _REMOVED_MODULES = {
     "aifc", "audioop", "cgi", "cgitb", "chunk", "crypt", "imghdr", "mailcap", "msilib",
