@@ -44,7 +44,13 @@
 
 import { dirname } from "node:path";
 import { fileURLToPath } from "node:url";
-import { appReadPaths, type AppSpec, withMountRoots } from "./app_spec.ts";
+import {
+  appReadPaths,
+  type AppSpec,
+  PYODIDE_SPECIFIER,
+  type PythonVersion,
+  withMountRoots,
+} from "./app_spec.ts";
 import type { DaemonGroupSpec } from "./daemon_spec.ts";
 import { DAEMON_SUBCOMMAND } from "./daemon_protocol.ts";
 import { daemonMallocEnvironment } from "./malloc.ts";
@@ -369,11 +375,33 @@ function codeFolders(): string[] {
   return [...new Set(code)];
 }
 
-/** Returns the Deno permission flags of a daemon process (see the module documentation). */
-export function permissionFlags(app: AppSpec, cache: DaemonCache): string[] {
+/**
+ * Returns the real path of the Pyodide package of `python` in the
+ * node_modules folder beside `config`, if `deno install` has put it there.
+ * A daemon process resolves Pyodide through that folder, which may have
+ * been installed after the server started and resolved its own copy.
+ */
+function installedPyodide(config: string, python: PythonVersion): string | undefined {
+  const version = PYODIDE_SPECIFIER[python].slice(PYODIDE_SPECIFIER[python].lastIndexOf("@") + 1);
+  try {
+    return Deno.realPathSync(
+      `${dirname(config)}/node_modules/.deno/pyodide@${version}/node_modules/pyodide`,
+    );
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Returns the Deno permission flags of a daemon process (see the module
+ * documentation). `config` is the configuration file the process runs with.
+ */
+export function permissionFlags(app: AppSpec, cache: DaemonCache, config?: string): string[] {
+  const installed = config ? installedPyodide(config, app.python) : undefined;
   const read = withMountRoots(app, [
     ...codeFolders(),
     pyodideFolder(app.python),
+    ...(installed ? [installed] : []),
     ...appReadPaths(app),
     cache.snapshotDir,
   ]);
@@ -421,7 +449,7 @@ export function buildDaemonLaunch(
     "--cached-only",
     ...(config ? ["--config", config] : []),
     "--unstable-worker-options",
-    ...permissionFlags(app, cache),
+    ...permissionFlags(app, cache, config),
     entry,
     DAEMON_SUBCOMMAND,
     spec.displayName,

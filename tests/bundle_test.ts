@@ -44,17 +44,22 @@ interface BundleServer {
   log(): string;
   /** Sends SIGTERM and returns the exit status. */
   stop(): Promise<Deno.CommandStatus>;
+  /** Sends `signal` to the server process. */
+  kill(signal: Deno.Signal): void;
+  /** Waits for a log line that matches `pattern`. */
+  waitForLog(pattern: RegExp): Promise<RegExpMatchArray>;
 }
 
 /**
  * Starts `dist/wsgirun.js` from `bundleDir`, with `bundleDir` as working
- * folder, and waits until an isolate is ready. Without `withConfig` it
- * ignores any configuration file.
+ * folder, and waits until a log line matches `ready` (an isolate is ready).
+ * Without `withConfig` it ignores any configuration file.
  */
 async function startBundleServer(
   bundleDir: string,
   args: string[],
   withConfig = false,
+  ready = /isolate ready/,
 ): Promise<BundleServer> {
   const process = new Deno.Command(Deno.execPath(), {
     args: [
@@ -86,8 +91,14 @@ async function startBundleServer(
 
   try {
     const port = await waitForPort(() => log, process.status);
-    await waitForLog(() => log, /isolate ready/, process.status);
-    return { origin: `http://127.0.0.1:${port}`, log: () => log, stop };
+    await waitForLog(() => log, ready, process.status);
+    return {
+      origin: `http://127.0.0.1:${port}`,
+      log: () => log,
+      stop,
+      kill: (signal) => process.kill(signal),
+      waitForLog: (pattern) => waitForLog(() => log, pattern, process.status),
+    };
   } catch (error) {
     await stop();
     throw error;
@@ -227,20 +238,30 @@ Deno.test({
       }
 
       await t.step("daemon group re-enters the bundle", async () => {
-        // The daemon runs as the user nobody, which cannot read root's Deno cache, so it
-        // needs the node_modules folder that `deno install` makes next to a
-        // deployed bundle. A link to the repository's folder stands in for it.
+        // The daemon runs as the user nobody, which cannot read root's Deno
+        // cache, so it needs the node_modules folder that `deno install` makes
+        // beside a deployed bundle. Without it the group fails; once it is
+        // there, SIGHUP starts the group. A link to the repository's folder
+        // stands in for it.
         await Deno.chmod(bundleDir, 0o755);
-        await Deno.writeTextFile(`${bundleDir}/deno.json`, '{ "nodeModulesDir": "manual" }\n');
-        await Deno.symlink(repoPath("node_modules"), `${bundleDir}/node_modules`);
-        const server = await startBundleServer(bundleDir, [
-          repoPath("examples/hello/app.wsgi"),
-          "--port",
-          "0",
-          "--daemon",
-          "group=bundled,processes=1,threads=1,user=nobody",
-        ], true);
+        const server = await startBundleServer(
+          bundleDir,
+          [
+            repoPath("examples/hello/app.wsgi"),
+            "--port",
+            "0",
+            "--daemon",
+            "group=bundled,processes=1,threads=1,user=nobody",
+          ],
+          true,
+          /group marked failed/,
+        );
         try {
+          assert.match(server.log(), /put a deno\.json that sets nodeModulesDir in /);
+          await Deno.writeTextFile(`${bundleDir}/deno.json`, '{ "nodeModulesDir": "manual" }\n');
+          await Deno.symlink(repoPath("node_modules"), `${bundleDir}/node_modules`);
+          server.kill("SIGHUP");
+          await server.waitForLog(/daemon process ready/);
           const response = await fetch(server.origin + "/");
           const body = await response.text();
           const daemons = processCommandLines().filter((line) => line.includes(DAEMON_SUBCOMMAND));
