@@ -39,6 +39,7 @@ import { changeReason, reloadFile, ScriptWatcher } from "./script_watch.ts";
 import type { DaemonGroupSpec } from "./daemon_spec.ts";
 import { type Logger, type LogLevel, plural } from "./log.ts";
 import { PoolUnavailableError } from "./pool.ts";
+import { currentUmask } from "./isolate.ts";
 
 export interface DaemonGroupOptions {
   /** Logger whose lines name the application and the group. */
@@ -127,6 +128,7 @@ export class DaemonGroup implements AppBackend {
       // several interpreters run side by side like processes.
       multiprocess: spec.processes * spec.threads > 1,
       responseWindow: RESPONSE_WINDOW,
+      umask: currentUmask(),
     };
     this.#firstReady.promise.catch(() => {});
   }

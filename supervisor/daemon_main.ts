@@ -27,7 +27,7 @@ import { dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { ISOLATE_WORKER_URL } from "./worker_url.ts";
 import { appReadPaths, PYODIDE_SPECIFIER, type PythonVersion, withMountRoots } from "./app_spec.ts";
-import type { Job, ResponseSink } from "./isolate.ts";
+import { type Job, type ResponseSink, useProcessUmask } from "./isolate.ts";
 import { Logger, plural, tracebackSummary } from "./log.ts";
 import { IsolatePool, PoolUnavailableError } from "./pool.ts";
 import {
@@ -571,6 +571,7 @@ export async function runDaemon(): Promise<number> {
   input.done.then(() => stopped.resolve({ kind: "input closed" }));
 
   const config = await input.config;
+  if (config?.umask !== undefined) useProcessUmask(config.umask);
   if (!config) {
     new Logger("info", { pid: Deno.pid }).critical(
       "daemon process received no configuration; it is started by wsgirun only",

@@ -121,6 +121,11 @@ export interface DaemonConfig {
   multiprocess: boolean;
   /** Response bytes an isolate may have in flight before it waits for the client. */
   responseWindow: number;
+  /**
+   * The front's umask, which the process inherits but may not read (its
+   * Deno permissions do not include it); its isolates apply it.
+   */
+  umask?: number;
 }
 
 /** Contents of a daemon's READY frame. */

@@ -421,5 +421,24 @@ export function processIdentity(): ProcessIdentity | null {
   } catch {
     identity = null;
   }
+  if (identity) identity.umask = processUmask ?? currentUmask();
   return identity;
+}
+
+/** The umask a daemon process got from the front, which it may not read itself. */
+let processUmask: number | undefined;
+
+/** Sets the umask that processIdentity() reports, for a process that may not read its own. */
+export function useProcessUmask(umask: number): void {
+  processUmask = umask;
+  identity = undefined;
+}
+
+/** Returns this process's umask, or undefined without the permission to read it. */
+export function currentUmask(): number | undefined {
+  try {
+    return Deno.umask();
+  } catch {
+    return undefined;
+  }
 }

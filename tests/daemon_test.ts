@@ -572,6 +572,28 @@ Deno.test("unwritable allow-write folder is reported", async () => {
   }
 });
 
+Deno.test("daemon files get the server's umask", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  await Deno.chown(folder, NOBODY, NOBODY);
+  // Another umask than the usual 022, which the server inherits from this process.
+  const umask = Deno.umask(0o027);
+  try {
+    await using server = await startSiteGroup(
+      folder,
+      `group=masks,user=nobody,processes=1,threads=1,allow-write=${folder}`,
+    );
+    const response = await getText(server.origin + "/do/sandbox/write");
+
+    assert.equal(response.status, 200);
+    // The process inherits the umask but may not read it; the front passes it on.
+    const mode = (await Deno.stat(join(folder, "written.txt"))).mode! & 0o777;
+    assert.equal(mode.toString(8), "640", server.log());
+  } finally {
+    Deno.umask(umask);
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("private app folder is reported", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   await Deno.chmod(folder, 0o700);

@@ -337,7 +337,19 @@ Deno.test("real apps on python 3.12", async (t) => {
         const result = await getJson(server, `/write?path=${encodeURIComponent(path)}`);
         assert.equal(result.written, true, `round ${round}: ${result.message}`);
         assert.equal(await Deno.readTextFile(path), "written by the test application\n");
+        // Python asks for 0o666; the server's umask applies, as for a native process.
+        assert.equal((await Deno.stat(path)).mode! & 0o777, 0o666 & ~Deno.umask());
         await Deno.remove(path);
+      }
+    });
+
+    await t.step("folder deleted by another process made again", async () => {
+      const folder = `${data}/made`;
+      for (let round = 0; round < 3; round++) {
+        const result = await getJson(server, `/write-in?folder=${encodeURIComponent(folder)}`);
+        assert.equal(result.written, true, `round ${round}: ${result.message}`);
+        assert.equal((await Deno.stat(folder)).mode! & 0o777, 0o777 & ~Deno.umask());
+        await Deno.remove(folder, { recursive: true });
       }
     });
 

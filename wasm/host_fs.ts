@@ -12,7 +12,8 @@
  * entry without asking the host again. A file that another process (or
  * another isolate) deleted then stays in the table, and `open(path, "w")`
  * fails with FileNotFoundError instead of creating the file anew. A cached
- * host file is therefore checked on the host each time it is looked up.
+ * host file or folder is therefore checked on the host each time it is
+ * looked up.
  */
 
 import { dirname, normalize } from "node:path";
@@ -30,8 +31,8 @@ export interface GuardedModule {
     };
     ErrnoError: new (errno: number) => Error & { errno: number };
     lookupNode(parent: FSNode, name: string): FSNode;
+    open(path: unknown, flags: unknown, mode?: number): unknown;
     hashRemoveNode(node: FSNode): void;
-    isDir(mode: number): boolean;
   };
   ERRNO_CODES: Record<string, number>;
 }
@@ -39,6 +40,8 @@ export interface GuardedModule {
 /** The parts of an Emscripten file system node that the lookup check reads. */
 interface FSNode {
   mode: number;
+  /** The mount whose root is shown at this node, when it is a mount point. */
+  mounted?: unknown;
   mount: { type: unknown; root: FSNode; mountpoint: string; opts: { root: string } };
   node_ops: { getattr(node: FSNode): unknown };
 }
@@ -64,6 +67,7 @@ export function guardHostFileSystem(
   module: GuardedModule,
   writable: readonly string[],
   log: LogFunction,
+  umask = 0o022,
 ): void {
   const nodefs = module.FS.filesystems.NODEFS as typeof module.FS.filesystems.NODEFS & {
     [WRAPPED]?: GuardState;
@@ -103,6 +107,17 @@ export function guardHostFileSystem(
 
   forgetDeletedFiles(module);
   nodefs.node_ops.readlink = hostLinkTarget(module);
+  // Emscripten creates a file with mode 0o777 and then sets the mode that
+  // open() asked for without the umask. Deno sets a new file's mode without
+  // it too, so Python's default of 0o666 made every new file writable by all
+  // users. The umask now applies to what open() and mkdir() ask for.
+  const open = module.FS.open;
+  module.FS.open = function (this: unknown, path: unknown, flags: unknown, mode?: number) {
+    return open.call(this, path, flags, mode === undefined ? 0o666 & ~umask : mode & ~umask);
+  };
+  const mknod = nodefs.node_ops.mknod as (...args: unknown[]) => unknown;
+  nodefs.node_ops.mknod = (parent: unknown, name: unknown, mode: number, dev: unknown) =>
+    mknod(parent, name, mode & ~umask, dev);
   const eacces = module.ERRNO_CODES.EACCES;
   for (const operations of [nodefs.node_ops, nodefs.stream_ops]) {
     for (const [name, operation] of Object.entries(operations)) {
@@ -121,10 +136,10 @@ export function guardHostFileSystem(
 }
 
 /**
- * Makes Emscripten check a cached host file on the host each time a path
- * lookup reaches it, and forget it when the host no longer has it (see the
- * module documentation). Folders keep their entries: checking every path
- * component would double the host calls of each lookup.
+ * Makes Emscripten check a cached host file or folder on the host each time
+ * a path lookup reaches it, and forget it when the host no longer has it
+ * (see the module documentation). Mount points keep their entries, and so
+ * does each mount's root, which the server checked when it started.
  */
 function forgetDeletedFiles(module: GuardedModule): void {
   const fs = module.FS;
@@ -133,9 +148,7 @@ function forgetDeletedFiles(module: GuardedModule): void {
   const lookupNode = fs.lookupNode;
   fs.lookupNode = function (parent: FSNode, name: string): FSNode {
     const node = lookupNode.call(this, parent, name);
-    if (node.mount?.type !== nodefs || node === node.mount.root || fs.isDir(node.mode)) {
-      return node;
-    }
+    if (node.mount?.type !== nodefs || node === node.mount.root || node.mounted) return node;
     try {
       node.node_ops.getattr(node);
       return node;

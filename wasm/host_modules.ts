@@ -102,6 +102,7 @@ export function installHostModules(
     { FS: pyodide.FS as unknown as GuardedModule["FS"], ERRNO_CODES: pyodide._module.ERRNO_CODES },
     settings.app.writePaths ?? [],
     settings.log,
+    settings.identity?.umask,
   );
   const net = new NetModule({
     appName: settings.app.name,

@@ -57,6 +57,11 @@ export interface ProcessIdentity {
   gid: number;
   /** The process id that os.getpid() returns, where Emscripten returns 42. */
   pid?: number;
+  /**
+   * The process's file mode creation mask, which the isolate applies to the
+   * files and folders it creates on the host. Deno's workers cannot read it.
+   */
+  umask?: number;
 }
 
 /** Asks a worker to build a memory snapshot and send it back. */

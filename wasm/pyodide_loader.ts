@@ -234,7 +234,9 @@ export function mountHostFolders(
   const mounted: { point: string; root: string }[] = [];
   /** Returns the host path that the mounts made so far show at `path`, if any. */
   const shown = (path: string) => {
-    const parent = mounted.find(({ point }) => path === point || path.startsWith(point + "/"));
+    // The deepest mount that contains the path is the one a lookup ends in.
+    const parents = mounted.filter(({ point }) => path === point || path.startsWith(point + "/"));
+    const parent = parents.sort((a, b) => b.point.length - a.point.length)[0];
     return parent && parent.root + path.slice(parent.point.length);
   };
   for (const folder of sorted) {
