@@ -328,7 +328,10 @@ class Daemon {
       requestTimeoutMs: config.requestTimeoutMs,
       queueLimit: config.queueLimit,
       queueTimeoutMs: config.queueTimeoutMs,
-      startupTimeoutMs: config.startupTimeoutMs,
+      // The front kills a process that is not ready within startup-timeout.
+      // The pool gives up on a stuck isolate before that, so that it can drop
+      // an application snapshot that does not restore (see IsolatePool).
+      startupTimeoutMs: Math.ceil(config.startupTimeoutMs * 0.75),
       responseWindow: config.responseWindow,
       multiprocess: config.multiprocess,
       logger: this.logger,

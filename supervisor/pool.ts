@@ -818,9 +818,10 @@ export class IsolatePool {
    */
   #dropApplicationSnapshot(reason: string): boolean {
     const path = this.#boot?.kind === "application" ? this.#boot.path : undefined;
-    if (!path || this.#startedMinimum || !reason.startsWith("Pyodide failed to start")) {
-      return false;
-    }
+    // A restore that crashes fails to start; one that loops runs into startup-timeout.
+    const restoreFailed = reason.startsWith("Pyodide failed to start") ||
+      reason === "startup timed out";
+    if (!path || this.#startedMinimum || !restoreFailed) return false;
     this.#logger.warning(
       `the application snapshot ${path} could not be restored; deleting it, and isolates ` +
         "start from the runtime snapshot (the next server start builds it again)",

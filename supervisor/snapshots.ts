@@ -140,7 +140,7 @@ type FolderStamp = [string, string];
  * did not record: raising it makes the application snapshots of older
  * versions miss instead of passing a check they have no data for.
  */
-const APPLICATION_STAMP_VERSION = 2;
+const APPLICATION_STAMP_VERSION = 3;
 
 /**
  * The cache folder, as an absolute path: daemon processes run in another
@@ -411,12 +411,15 @@ function buildInWorker(
   readPaths: string[],
   logger: Logger,
 ): Promise<BuiltSnapshot> {
+  const writePaths = message.app ? withMountRoots(message.app, message.app.writePaths ?? []) : [];
   const worker = new Worker(ISOLATE_WORKER_URL, {
     type: "module",
     deno: {
       permissions: {
         read: message.app ? withMountRoots(message.app, readPaths) : readPaths,
-        write: false,
+        // What the isolates may write: an application that writes a file
+        // while it imports gets its snapshot, as it gets its isolates.
+        write: writePaths.length > 0 ? writePaths : false,
         net: false,
         run: false,
         env: false,
@@ -473,9 +476,11 @@ const IMPORTABLE_FILE = /^[A-Za-z_]\w*(\.[\w-]+)?\.(py|pyc|so)$|\.pth$/;
 const IMPORTABLE_FOLDER = /^[A-Za-z_]\w*$/;
 
 /**
- * Returns a digest of the importable names in `folder`, or "" when it does
- * not exist. Other names (data files, `__pycache__`) change without effect
- * on imports, so they are left out.
+ * Returns a digest of the importable names in `folder` and of the contents
+ * of its `.pth` files, which decide further folders on `sys.path`, or "" when
+ * it does not exist. Other names (data files, `__pycache__`) change without
+ * effect on imports, so they are left out. A zip archive on `sys.path` is a
+ * file: its digest covers its size and times, so a module added to it counts.
  */
 async function folderDigest(folder: string): Promise<string> {
   const names: string[] = [];
@@ -485,13 +490,19 @@ async function folderDigest(folder: string): Promise<string> {
       if (entry.isDirectory || entry.isSymlink) {
         if (IMPORTABLE_FOLDER.test(name) && name !== "__pycache__") names.push(`${name}/`);
       }
-      if (!entry.isDirectory && IMPORTABLE_FILE.test(name)) names.push(name);
+      if (entry.isDirectory || !IMPORTABLE_FILE.test(name)) continue;
+      if (!name.endsWith(".pth")) {
+        names.push(name);
+        continue;
+      }
+      const text = await Deno.readTextFile(`${folder}/${name}`).catch((error) => String(error));
+      names.push(`${name}\n${text}`);
     }
   } catch (error) {
-    if (error instanceof Deno.errors.NotFound || error instanceof Deno.errors.NotADirectory) {
-      return "";
-    }
-    throw error;
+    if (error instanceof Deno.errors.NotFound) return "";
+    if (!(error instanceof Deno.errors.NotADirectory)) throw error;
+    const info = await Deno.stat(folder);
+    return `file ${info.size} ${info.mtime?.getTime() ?? 0} ${info.ctime?.getTime() ?? 0}`;
   }
   return await sha256Hex(names.sort().join("\n"));
 }
@@ -520,7 +531,7 @@ async function changedImport(
   for (const [folder, digest] of folders) {
     try {
       if (await folderDigest(folder) !== digest) {
-        return `a module was added to or removed from ${folder}`;
+        return `the modules, packages or .pth files in ${folder} changed`;
       }
     } catch {
       return `${folder} cannot be read`;
@@ -896,7 +907,7 @@ export async function writeRuntimeSnapshot(
   const bytes = await buildRuntimeSnapshot(python, pyodideFolder, wasmModule, logger);
   const path = `${folder}/${runtimeFileName(python, key)}`;
   await writeSnapshot(path, key, bytes);
-  // A runtime snapshot holds no application data, and daemon processes that
+  // A runtime snapshot contains no application data, and daemon processes that
   // run as other users read the program's copy.
   await Deno.chmod(folder, 0o755);
   await Deno.chmod(path, 0o644);

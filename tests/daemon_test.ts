@@ -572,6 +572,42 @@ Deno.test("unwritable allow-write folder is reported", async () => {
   }
 });
 
+Deno.test("daemon app snapshot watches its home folder", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  const home = await Deno.realPath(await Deno.makeTempDir({ prefix: "wsgirun_daemon_home_" }));
+  await Deno.chmod(home, 0o755);
+  // The script imports an optional module that its group's home provides
+  // later: "" on sys.path is the working folder, which is the home.
+  await Deno.writeTextFile(
+    join(folder, "optional.wsgi"),
+    `
+try:
+    import optional_module
+except ImportError:
+    optional_module = None
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [getattr(optional_module, "WHERE", "none").encode()]
+`,
+  );
+  const run = async () => {
+    await using server = await startServer(join(folder, "optional.wsgi"), [
+      "--daemon",
+      `group=homes,user=nobody,processes=1,threads=1,home=${home}`,
+    ], { waitForReady: false });
+    await server.waitForLog(/daemon process ready/, 120_000);
+    return (await getText(server.origin + "/")).body;
+  };
+  try {
+    assert.equal(await run(), "none");
+    await Deno.writeTextFile(join(home, "optional_module.py"), 'WHERE = "home"\n');
+    assert.equal(await run(), "home");
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+    await Deno.remove(home, { recursive: true });
+  }
+});
+
 Deno.test("daemon files get the server's umask", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   await Deno.chown(folder, NOBODY, NOBODY);

@@ -821,7 +821,7 @@ def application(environ, start_response):
   assert.match(
     result.log,
     new RegExp(
-      `building the application snapshot \\(a module was added to or removed from ${library}\\)`,
+      `building the application snapshot \\(the modules, packages or \\.pth files in ${library} changed\\)`,
     ),
   );
 
@@ -829,7 +829,7 @@ def application(environ, start_response):
   await Deno.writeTextFile(`${folder}/helper.py`, 'WHERE = "script folder"\n');
   result = await run();
   assert.equal(result.text, "script folder optional");
-  assert.match(result.log, /a module was added to or removed from/);
+  assert.match(result.log, /the modules, packages or \.pth files in .* changed/);
 });
 
 Deno.test("python-path .pth files add folders", async () => {
@@ -860,6 +860,15 @@ def application(environ, start_response):
     assert.ok(path.indexOf(extra) < standardLibrary, path.join(" "));
     if (run === 1) assert.match(server.log(), /isolates start from the application snapshot/);
   }
+
+  // A .pth file that names another folder rebuilds the snapshot.
+  const other = `${library}/vendor2`;
+  await Deno.mkdir(other);
+  await Deno.writeTextFile(`${other}/from_pth.py`, 'WHERE = "named by the edited .pth file"\n');
+  await Deno.writeTextFile(`${library}/extra.pth`, `${other}\n`);
+  await using server = await startWithLibrary(`${folder}/app.wsgi`, library, cache);
+  assert.equal((await body(server.origin)).split("\n")[0], "named by the edited .pth file");
+  assert.match(server.log(), /the modules, packages or \.pth files in .* changed/);
 });
 
 /** Returns a zip archive that stores `files` uncompressed. */
@@ -922,10 +931,16 @@ Deno.test("app snapshot of a module from a zip archive", async () => {
     "app.wsgi": `
 import os, sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "modules.zip"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "optional.zip"))
 import zipped_module
+try:
+    import optional_module
+except ImportError:
+    optional_module = None
 def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
-    return [zipped_module.WHERE.encode()]
+    found = getattr(optional_module, "WHERE", "none")
+    return [("%s %s" % (zipped_module.WHERE, found)).encode()]
 `,
   });
   const run = async () => {
@@ -936,8 +951,9 @@ def application(environ, start_response):
   };
 
   await Deno.writeFile(`${folder}/modules.zip`, storedZip({ "zipped_module.py": 'WHERE = "zip"' }));
+  await Deno.writeFile(`${folder}/optional.zip`, storedZip({ "other.py": "" }));
   let result = await run();
-  assert.equal(result.text, "zip");
+  assert.equal(result.text, "zip none");
   assert.match(result.log, /application snapshot built/);
   assert.doesNotMatch(result.log, /no application snapshot/);
 
@@ -946,8 +962,42 @@ def application(environ, start_response):
     storedZip({ "zipped_module.py": 'WHERE = "zip, edited"' }),
   );
   result = await run();
-  assert.equal(result.text, "zip, edited");
+  assert.equal(result.text, "zip, edited none");
   assert.match(result.log, /building the application snapshot \(.*modules\.zip changed\)/);
+
+  // A module added to an archive that nothing was imported from.
+  await Deno.writeFile(
+    `${folder}/optional.zip`,
+    storedZip({ "other.py": "", "optional_module.py": 'WHERE = "added"' }),
+  );
+  result = await run();
+  assert.equal(result.text, "zip, edited added");
+  assert.match(result.log, /the modules, packages or \.pth files in .*optional\.zip changed/);
+});
+
+Deno.test("app snapshot of an application that writes while it imports", async () => {
+  const cache = await cacheWithRuntimeSnapshot();
+  const data = await Deno.makeTempDir({ prefix: "wsgirun-import-writes-" });
+  const folder = await makeApp({
+    "app.wsgi": `
+import os
+with open(os.path.join(${JSON.stringify(data)}, "started.txt"), "w") as file:
+    file.write("imported")
+${HELLO}`,
+  });
+  await using server = await startServer(
+    `${folder}/app.wsgi`,
+    ["--threads", "1", "--write", data],
+    {
+      env: { WSGIRUN_CACHE_DIR: cache },
+    },
+  );
+
+  // The snapshot build may write where the isolates may.
+  assert.equal(await body(server.origin), "hello");
+  assert.match(server.log(), /application snapshot built/);
+  assert.doesNotMatch(server.log(), /fatal error|no application snapshot/);
+  assert.equal(await Deno.readTextFile(`${data}/started.txt`), "imported");
 });
 
 Deno.test("cache file that others may write rebuilt", async () => {

@@ -50,9 +50,10 @@ def _wsgirun_list_imports():
         path for path in map(origin, list(sys.modules.values()))
         if isinstance(path, str) and path.startswith(folders)
     }
+    # "" and relative entries name the working folder (a daemon group's home).
+    entries = [os.path.abspath(entry) for entry in sys.path if isinstance(entry, str)]
     searched = {
-        entry.rstrip("/") for entry in sys.path
-        if isinstance(entry, str) and (entry.rstrip("/") + "/").startswith(folders)
+        entry.rstrip("/") for entry in entries if (entry.rstrip("/") + "/").startswith(folders)
     }
     searched.update(os.path.dirname(path) for path in files)
     return json.dumps({"files": sorted(files), "folders": sorted(searched)})
