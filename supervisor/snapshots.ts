@@ -33,7 +33,7 @@
  * used for RUNTIME_SNAPSHOT_UNUSED_MS.
  */
 
-import { resolve } from "node:path";
+import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { ISOLATE_WORKER_URL, SHIPPED_SNAPSHOTS_URL } from "./worker_url.ts";
 import {
@@ -381,9 +381,20 @@ async function writeSnapshot(
   return { snapshot: unpackSnapshot(packed, snapshot.length), written };
 }
 
+/**
+ * Creates `folder` for its owner only, and the folders above it as usual: a
+ * mode given to a recursive mkdir would also close the folders it creates
+ * above, such as a project's .cache that other users read.
+ */
+async function makePrivateFolder(folder: string): Promise<void> {
+  await Deno.mkdir(dirname(folder), { recursive: true });
+  await Deno.mkdir(folder, { mode: 0o700 }).catch((error) => {
+    if (!(error instanceof Deno.errors.AlreadyExists)) throw error;
+  });
+}
+
 async function writeFile(path: string, header: SnapshotHeader, payload: Uint8Array): Promise<void> {
-  const folder = path.slice(0, path.lastIndexOf("/"));
-  await Deno.mkdir(folder, { recursive: true, mode: 0o700 });
+  await makePrivateFolder(path.slice(0, path.lastIndexOf("/")));
   const temporary = `${path}.${Deno.pid}.${crypto.randomUUID().slice(0, 8)}.tmp`;
   try {
     // An application snapshot contains what the application had in memory, such
@@ -659,7 +670,7 @@ async function withBuildLock<T>(
   const lockPath = lockPathOf(path);
   let lock: BuildLock;
   try {
-    await Deno.mkdir(snapshotCacheDir(), { recursive: true, mode: 0o700 });
+    await makePrivateFolder(snapshotCacheDir());
     lock = await lockBuildFile(lockPath, logger);
   } catch (error) {
     const message = `snapshot builds are not coordinated: cannot open ${lockPath}: ${

@@ -1112,14 +1112,16 @@ ${HELLO}`,
     "--env",
     "TOKEN=not-for-others",
   ], {
-    env: { WSGIRUN_CACHE_DIR: `${cache}/sub` },
+    env: { WSGIRUN_CACHE_DIR: `${cache}/shared/sub` },
   });
   assert.equal(await body(server.origin), "hello");
 
   // The application snapshot contains the variable's value, as the application's memory does.
-  const [snapshot] = await snapshotFiles(`${cache}/sub`, "app-app.wsgi-");
-  assert.equal((await Deno.stat(`${cache}/sub/${snapshot}`)).mode! & 0o777, 0o600);
-  assert.equal((await Deno.stat(`${cache}/sub`)).mode! & 0o777, 0o700);
+  const [snapshot] = await snapshotFiles(`${cache}/shared/sub`, "app-app.wsgi-");
+  assert.equal((await Deno.stat(`${cache}/shared/sub/${snapshot}`)).mode! & 0o777, 0o600);
+  assert.equal((await Deno.stat(`${cache}/shared/sub`)).mode! & 0o777, 0o700);
+  // A folder above the cache that the server created keeps the usual mode.
+  assert.equal((await Deno.stat(`${cache}/shared`)).mode! & 0o777, 0o777 & ~Deno.umask());
 });
 
 Deno.test("restored isolates get fresh random state", async () => {
