@@ -387,6 +387,15 @@ async function writeSnapshot(
  * above, such as a project's .cache that other users read.
  */
 async function makePrivateFolder(folder: string): Promise<void> {
+  try {
+    await Deno.mkdir(folder, { mode: 0o700 });
+    return;
+  } catch (error) {
+    if (error instanceof Deno.errors.AlreadyExists) return;
+    if (!(error instanceof Deno.errors.NotFound)) throw error;
+  }
+  // Only when the parent is missing: a daemon process may write its cache
+  // folder but not the folder above it.
   await Deno.mkdir(dirname(folder), { recursive: true });
   await Deno.mkdir(folder, { mode: 0o700 }).catch((error) => {
     if (!(error instanceof Deno.errors.AlreadyExists)) throw error;
