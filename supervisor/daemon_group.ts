@@ -287,7 +287,7 @@ export class DaemonGroup implements AppBackend {
       let busiest: DaemonProcess | undefined;
       for (const process of this.#processes) {
         if (process.state !== "ready" || process.outstanding < 2) continue;
-        if (now - process.withdrawAskedAt < WITHDRAW_INTERVAL_MS) continue;
+        if (now - process.withdrawSentAt < WITHDRAW_INTERVAL_MS) continue;
         if (!busiest || process.outstanding > busiest.outstanding) busiest = process;
       }
       if (!busiest) return;

@@ -369,11 +369,11 @@ export class DaemonProcess {
   }
 
   /** performance.now() of the last WITHDRAW sent to this process. */
-  withdrawAskedAt = -Infinity;
+  withdrawSentAt = -Infinity;
 
   /** Asks the process to give back up to `count` requests it has not started. */
   withdraw(count: number): void {
-    this.withdrawAskedAt = performance.now();
+    this.withdrawSentAt = performance.now();
     this.send(Frame.WITHDRAW, 0, encodeUint32(count));
   }
 

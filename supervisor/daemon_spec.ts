@@ -105,7 +105,7 @@ export const SIZE_FORM =
 
 /**
  * Converts a size such as "65536", "64K" or "1M" to bytes, with no range
- * check; undefined when it is not a number with an optional K, M or G.
+ * check. Returns undefined when it is not a number with an optional K, M or G.
  */
 export function parseBytes(value: string): number | undefined {
   const match = /^([0-9]{1,13})([KMG]?)$/i.exec(value);

@@ -437,8 +437,8 @@ function buildInWorker(
     deno: {
       permissions: {
         read: message.app ? withMountRoots(message.app, readPaths) : readPaths,
-        // What the isolates may write: an application that writes a file
-        // while it imports gets its snapshot, as it gets its isolates.
+        // The isolates' write folders, so that an application that writes a
+        // file while it imports gets its snapshot, as it gets its isolates.
         write: writePaths.length > 0 ? writePaths : false,
         net: false,
         run: false,
@@ -588,7 +588,7 @@ async function runtimeSnapshot(
   const key = await runtimeKey(app.python);
   const name = runtimeFileName(app.python, key);
   if (SHIPPED_SNAPSHOTS_URL) {
-    // The program's own files: whoever installed the program owns them, as its code.
+    // The program's own files, owned by the account that installed the program, as its code is.
     const shipped = await readFile(fileURLToPath(new URL(name, SHIPPED_SNAPSHOTS_URL)), key, false);
     if (typeof shipped !== "string") {
       logger.debug(`runtime snapshot from the program's own files: ${name}`);

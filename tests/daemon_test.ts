@@ -703,7 +703,7 @@ def application(environ, start_response):
     await server.stop();
     assert.equal((await stuck).status, 503);
     assert.match(server.log(), /responses still running after 0 ms; stopping them/);
-    // The daemon's own log says that the request was stopped, not finished.
+    // The daemon's own log line reports that the request was stopped, not finished.
     assert.match(
       server.log(),
       /group=memory pid=\d+\] the front closed the channel: stopping 1 unfinished request/,
@@ -801,7 +801,7 @@ Deno.test("daemon stopped process killed after socket-timeout", async () => {
       "group=frozen,user=nobody,processes=1,threads=1,socket-timeout=2",
     );
     // A request that runs longer than socket-timeout and sends nothing meanwhile
-    // is not a hung process: the process answers the ping.
+    // is not a hung process, because the process replies to the ping.
     assert.equal((await getText(server.origin + "/do/slow?ms=3000")).status, 200);
 
     const [pid] = daemonPids(server);
@@ -830,8 +830,8 @@ Deno.test("daemon stop answers waiting requests", async () => {
       folder,
       "group=stops,user=nobody,processes=1,threads=1",
     );
-    // The first runs; of the others, some wait in the daemon process, which
-    // hands them back when the server stops, and the rest in the front's queue.
+    // The first request runs. Some of the others wait in the daemon process,
+    // which hands them back when the server stops, and the rest in the front's queue.
     const requests: Promise<{ status: number }>[] = [];
     for (let i = 0; i < 5; i++) {
       requests.push(getText(server.origin + "/do/slow?ms=2000"));
@@ -844,11 +844,11 @@ Deno.test("daemon stop answers waiting requests", async () => {
     // at a time; every other one gets 503 with a log line.
     assert.equal(statuses[0], 200);
     assert.ok(statuses.every((status) => status === 200 || status === 503), String(statuses));
-    const refused = statuses.filter((status) => status === 503).length;
-    assert.ok(refused >= 3, String(statuses));
+    const unavailable = statuses.filter((status) => status === 503).length;
+    assert.ok(unavailable >= 3, String(statuses));
     assert.equal(
       server.log().match(/request failed with 503: .*shutting down/g)?.length,
-      refused,
+      unavailable,
     );
   } finally {
     await Deno.remove(folder, { recursive: true });

@@ -337,7 +337,7 @@ Deno.test("real apps on python 3.12", async (t) => {
         const result = await getJson(server, `/write?path=${encodeURIComponent(path)}`);
         assert.equal(result.written, true, `round ${round}: ${result.message}`);
         assert.equal(await Deno.readTextFile(path), "written by the test application\n");
-        // Python asks for 0o666; the server's umask applies, as for a native process.
+        // Python requests mode 0o666, and the server's umask applies, as for a native process.
         assert.equal((await Deno.stat(path)).mode! & 0o777, 0o666 & ~Deno.umask());
         await Deno.remove(path);
       }

@@ -1073,7 +1073,7 @@ Deno.test("streamed upload cut by stop names the stop", async () => {
   await server.process.status;
   connection.close();
 
-  // What the application and the isolate's log line get says that the server stopped.
+  // The error the application gets names the server stop as the cause.
   assert.match(
     server.log(),
     /OSError: request body read failed: the server is stopping and no longer reads the request body/,

@@ -709,7 +709,7 @@ function slowModule(version: string): string {
   return `import time\nstarted = time.time()\nwhile time.time() - started < 2:\n    pass\nVERSION = "${version}"\n`;
 }
 
-/** Makes an application that answers the VERSION of its slow module, "first" to begin with. */
+/** Makes an application that returns the VERSION of its slow module, "first" to begin with. */
 function makeSlowApp(): Promise<string> {
   return makeApp({
     "app.wsgi": `
@@ -774,6 +774,24 @@ for (const { name, prepare, change } of CHANGES_DURING_BUILD) {
   });
 }
 
+/**
+ * Returns a script that runs `imports`, then tries to import optional_module,
+ * and returns the WHERE of `module` and of optional_module ("none" without it).
+ */
+function optionalImportApp(imports: string, module: string): string {
+  return `
+${imports}
+try:
+    import optional_module
+except ImportError:
+    optional_module = None
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    found = getattr(optional_module, "WHERE", "none")
+    return [("%s %s" % (${module}.WHERE, found)).encode()]
+`;
+}
+
 /** Starts one isolate of `script` with `library` on its python-path and `cache` as its cache. */
 function startWithLibrary(script: string, library: string, cache: string) {
   return startServer(script, ["--threads", "1", "--python-path", library], {
@@ -784,17 +802,7 @@ function startWithLibrary(script: string, library: string, cache: string) {
 Deno.test("app snapshot rebuilt when a module appears on the import path", async () => {
   const cache = await cacheWithRuntimeSnapshot();
   const folder = await makeApp({
-    "app.wsgi": `
-import helper
-try:
-    import optional_module
-except ImportError:
-    optional_module = None
-def application(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    found = getattr(optional_module, "WHERE", "none")
-    return [("%s %s" % (helper.WHERE, found)).encode()]
-`,
+    "app.wsgi": optionalImportApp("import helper", "helper"),
   });
   const library = await Deno.makeTempDir({ prefix: "wsgirun-snapshot-lib-" });
   await Deno.writeTextFile(`${library}/helper.py`, 'WHERE = "library"\n');
@@ -881,6 +889,7 @@ function storedZip(files: Record<string, string>): Uint8Array {
     const nameBytes = encoder.encode(name);
     const data = encoder.encode(text);
     const crc = crc32(data);
+
     const local = new Uint8Array(30 + nameBytes.length + data.length);
     const view = new DataView(local.buffer);
     view.setUint32(0, 0x04034b50, true);
@@ -892,6 +901,7 @@ function storedZip(files: Record<string, string>): Uint8Array {
     view.setUint16(26, nameBytes.length, true);
     local.set(nameBytes, 30);
     local.set(data, 30 + nameBytes.length);
+
     const central = new Uint8Array(46 + nameBytes.length);
     const centralView = new DataView(central.buffer);
     centralView.setUint32(0, 0x02014b50, true);
@@ -904,10 +914,12 @@ function storedZip(files: Record<string, string>): Uint8Array {
     centralView.setUint16(28, nameBytes.length, true);
     centralView.setUint32(42, offset, true);
     central.set(nameBytes, 46);
+
     locals.push(local);
     centrals.push(central);
     offset += local.length;
   }
+
   const centralSize = centrals.reduce((sum, part) => sum + part.length, 0);
   const end = new Uint8Array(22);
   const endView = new DataView(end.buffer);
@@ -928,20 +940,13 @@ function storedZip(files: Record<string, string>): Uint8Array {
 Deno.test("app snapshot of a module from a zip archive", async () => {
   const cache = await cacheWithRuntimeSnapshot();
   const folder = await makeApp({
-    "app.wsgi": `
-import os, sys
+    "app.wsgi": optionalImportApp(
+      `import os, sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "modules.zip"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "optional.zip"))
-import zipped_module
-try:
-    import optional_module
-except ImportError:
-    optional_module = None
-def application(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    found = getattr(optional_module, "WHERE", "none")
-    return [("%s %s" % (zipped_module.WHERE, found)).encode()]
-`,
+import zipped_module`,
+      "zipped_module",
+    ),
   });
   const run = async () => {
     await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"], {

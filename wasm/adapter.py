@@ -522,7 +522,7 @@ def handle(method, environ_json, body, streamed, request_id):
             return
     except BaseException as error:
         if host.cancelled():
-            # The front has stopped the request and answers the client itself, so nothing is sent.
+            # The front has stopped the request and responds to the client itself, so nothing is sent.
             host.log("info", "%s; the response was stopped" % host.cancel_reason())
             response.finished = True
             host.finish("client disconnected")

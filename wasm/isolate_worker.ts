@@ -242,7 +242,7 @@ const host = {
     return current?.control.cancelled ?? false;
   },
 
-  /** Why the front cancelled the request, as a sentence for the log. */
+  /** Returns the reason the front cancelled the request, as a sentence for the log. */
   cancel_reason(): string {
     return stopText(current?.control.cancelCause ?? "client");
   },

@@ -233,7 +233,7 @@ export function mountHostFolders(
   const sorted = [...new Set(folders)].sort((a, b) => a.length - b.length);
   const mounted: { point: string; root: string }[] = [];
   /** Returns the host path that the mounts made so far show at `path`, if any. */
-  const shown = (path: string) => {
+  const hostPathAt = (path: string) => {
     // The deepest mount that contains the path is the one a lookup ends in.
     const parents = mounted.filter(({ point }) => path === point || path.startsWith(point + "/"));
     const parent = parents.sort((a, b) => b.point.length - a.point.length)[0];
@@ -243,10 +243,10 @@ export function mountHostFolders(
     // The folder's pinned real path: a folder behind a symbolic link
     // (current -> releases/42) stays one release for the life of the isolate.
     const root = roots[folder] ?? folder;
-    const inside = shown(folder);
+    const inside = hostPathAt(folder);
     if (inside === root) continue;
     const point = inside === undefined ? folder : root;
-    if (point !== folder && shown(point) === root) continue;
+    if (point !== folder && hostPathAt(point) === root) continue;
     try {
       fs.mkdirTree(point);
       fs.mount(fs.filesystems.NODEFS, { root }, point);
