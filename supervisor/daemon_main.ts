@@ -345,9 +345,9 @@ class Daemon {
         if (!this.config.app.preload) this.#sendReady();
       },
       (error) => {
-        this.logger.critical(
-          `no isolate could start: ${error instanceof Error ? error.message : error}`,
-        );
+        const cause = `no isolate could start: ${error instanceof Error ? error.message : error}`;
+        this.logger.critical(cause);
+        this.#writer.send(Frame.FAILED, 0, encodeText(cause));
         this.#stop({ kind: "exit", code: DaemonExit.BOOT_FAILED });
       },
     );
@@ -358,6 +358,11 @@ class Daemon {
     if (error !== undefined) {
       // The isolate has logged the traceback, so this line names only the exception.
       const summary = tracebackSummary(error);
+      this.#writer.send(
+        Frame.FAILED,
+        0,
+        encodeText(`the application failed to import (${summary || error.split("\n")[0]})`),
+      );
       this.logger.critical(
         `the application failed to import at start (${
           summary ? `${summary}; traceback above` : error
@@ -592,6 +597,8 @@ export async function runDaemon(): Promise<number> {
   const missing = missingPyodide(config.app.python);
   if (missing) {
     logger.critical(`cannot start: ${missing}`);
+    writer.send(Frame.FAILED, 0, encodeText(missing));
+    await writer.flushed();
     return DaemonExit.BOOT_FAILED;
   }
 
@@ -617,7 +624,11 @@ export async function runDaemon(): Promise<number> {
     );
   }
   running.stop();
-  if (cause.kind === "exit") return cause.code;
+  if (cause.kind === "exit") {
+    // The FAILED frame that names the cause must reach the front first.
+    await writer.flushed();
+    return cause.code;
+  }
   logger.debug(
     cause.kind === "drained" ? "stopping: drained" : "stopping: the front closed the channel",
   );

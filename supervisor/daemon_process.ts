@@ -60,8 +60,15 @@ export interface DaemonProcessOptions {
   onReturned(handle: DaemonRequestHandle): void;
 }
 
-/** Decodes a child's exit status into words, using the daemon's named exit codes. */
-export function describeExit(status: Deno.CommandStatus, killedByFront = false): ProcessExit {
+/**
+ * Decodes a child's exit status into words, using the daemon's named exit
+ * codes and the cause that the daemon sent in a FAILED frame, if any.
+ */
+export function describeExit(
+  status: Deno.CommandStatus,
+  killedByFront = false,
+  failure?: string,
+): ProcessExit {
   const { code, signal } = status;
   if (signal) {
     let hint = "";
@@ -75,14 +82,14 @@ export function describeExit(status: Deno.CommandStatus, killedByFront = false):
       return {
         code,
         signal,
-        reason: "failed to start: no isolate could load Pyodide (exit code 3)",
+        reason: `failed to start: ${failure ?? "no isolate could load Pyodide"} (exit code 3)`,
         bootFailure: true,
       };
     case DaemonExit.APP_LOAD_FAILED:
       return {
         code,
         signal,
-        reason: "failed to start: the application failed to import (exit code 4)",
+        reason: `failed to start: ${failure ?? "the application failed to import"} (exit code 4)`,
         bootFailure: true,
       };
     case DaemonExit.REFUSED_ROOT:
@@ -261,6 +268,8 @@ export class DaemonProcess {
   retireDeadline = 0;
   /** Whether the front has sent SIGKILL. */
   killed = false;
+  /** The cause the process sent in a FAILED frame before it exited. */
+  failure: string | undefined;
   /** The front's reason for stopping the process on purpose, for the requests that fail with it. */
   stopReason: string | undefined;
   /** Whether that stop is part of normal operation (shutdown, reload, drain), not a failure. */
@@ -408,6 +417,10 @@ export class DaemonProcess {
     this.heardAt = performance.now();
     this.pingedAt = undefined;
     if (type === Frame.PONG) return;
+    if (type === Frame.FAILED) {
+      this.failure = decodeText(payload);
+      return;
+    }
     if (type === Frame.READY) {
       this.#onReady();
       return;
@@ -535,7 +548,7 @@ export class DaemonProcess {
   /** Fails the requests that were running; the group requeues the others first. */
   #onExit(status: Deno.CommandStatus): ProcessExit {
     // A kill the front sent itself needs no guess at its cause.
-    const exit = describeExit(status, this.killed);
+    const exit = describeExit(status, this.killed, this.failure);
     if (this.stopReason) exit.reason = `${this.stopReason} (it ${exit.reason})`;
     this.state = "exited";
     this.#options.onExit(this, exit);

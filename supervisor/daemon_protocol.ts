@@ -86,6 +86,8 @@ export const Frame = {
   RETURNED: 28,
   /** The reply to PING: the process's main thread is alive. */
   PONG: 29,
+  /** UTF-8: why the process cannot serve, sent just before it exits with a failure status. */
+  FAILED: 30,
 } as const;
 
 /** Request body bytes the front may send before the daemon acknowledges them. */
@@ -400,6 +402,7 @@ export class FrameWriter {
   #batchView = new DataView(this.#batch.buffer);
   #batchFill = 0;
   #writing = false;
+  #flushDone: Promise<void> = Promise.resolve();
   #closed = false;
   #onError: (error: unknown) => void;
 
@@ -419,8 +422,13 @@ export class FrameWriter {
     this.#pendingBytes += HEADER_BYTES + (payload?.length ?? 0);
     if (!this.#writing) {
       this.#writing = true;
-      queueMicrotask(() => this.#flush());
+      this.#flushDone = Promise.resolve().then(() => this.#flush());
     }
+  }
+
+  /** Resolves once every frame sent so far is written, or the channel has failed. */
+  async flushed(): Promise<void> {
+    while (this.#writing) await this.#flushDone;
   }
 
   async #flush(): Promise<void> {

@@ -257,7 +257,11 @@ Deno.test({
           /group marked failed/,
         );
         try {
-          assert.match(server.log(), /put a deno\.json that sets nodeModulesDir in /);
+          // The group's last line carries the cause that the daemon process sent.
+          assert.match(
+            server.log(),
+            /CRITICAL .*group marked failed: .*failed to start: npm:pyodide@\S+ is not in a node_modules folder .*put a deno\.json that sets nodeModulesDir in /,
+          );
           await Deno.writeTextFile(`${bundleDir}/deno.json`, '{ "nodeModulesDir": "manual" }\n');
           await Deno.symlink(repoPath("node_modules"), `${bundleDir}/node_modules`);
           server.kill("SIGHUP");

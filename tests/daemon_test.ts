@@ -1038,7 +1038,7 @@ Deno.test("group failing at start is marked failed", async () => {
   assert.equal(response.status, 503);
   const failedStarts = countMatches(
     log,
-    /daemon process failed to start: the application failed to import \(exit code 4\) after/,
+    /daemon process failed to start: the application failed to import \(RuntimeError: this application fails to import on purpose\) \(exit code 4\) after/,
   );
   assert.ok(failedStarts === 3 || failedStarts === 4, `${failedStarts} failed starts`);
   assert.equal(countMatches(log, /group marked failed/), 1);
@@ -1055,7 +1055,7 @@ Deno.test("group failing at start is marked failed", async () => {
   );
   assert.match(
     log,
-    /CRITICAL \[app=app.wsgi group=broken\] group marked failed: 3 daemon processes in a row failed to start/,
+    /CRITICAL \[app=app.wsgi group=broken\] group marked failed: 3 daemon processes in a row failed to start; the last one failed to start: the application failed to import \(RuntimeError: this application fails to import on purpose\)/,
   );
   assert.match(
     log,
