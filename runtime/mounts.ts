@@ -7,7 +7,12 @@
  * that matches its path at a segment boundary.
  */
 
-import { appReadPaths, type AppSpec, pinMountRoots } from "../supervisor/app_spec.ts";
+import {
+  appReadPaths,
+  type AppSpec,
+  pinMountRoots,
+  unreadablePathEntries,
+} from "../supervisor/app_spec.ts";
 import type { AppBackend } from "../supervisor/backend.ts";
 import { DaemonGroup } from "../supervisor/daemon_group.ts";
 import { type DaemonGroupSpec, groupAppSpec } from "../supervisor/daemon_spec.ts";
@@ -164,6 +169,16 @@ function mountsNeedingPrefix(mounts: MountLogIdentity[]): Set<string> {
 }
 
 /** The mounts of a running server, longest prefix first. */
+/** Logs each folder that a python-path `.pth` file lists but the isolates cannot read. */
+function warnUnreadablePathEntries(app: AppSpec, logger: Logger, fix: string): void {
+  for (const { file, folder } of unreadablePathEntries(app)) {
+    logger.warning(
+      `${file} lists ${folder}, which lies outside the application's folders, so the ` +
+        `isolates cannot read it and Python skips it; ${fix}`,
+    );
+  }
+}
+
 export class MountTable {
   readonly mounts: Mount[];
   readonly groups: DaemonGroup[];
@@ -199,6 +214,7 @@ export class MountTable {
     const groupSpec = findGroupSpec(options, spec);
     if (!groupSpec) {
       const appLogger = logger.child({ app: spec.app.name, mount: mountPrefix, pid: Deno.pid });
+      warnUnreadablePathEntries(spec.app, appLogger, "add it with --python-path");
       // The folders the isolates mount: a file the application opened there
       // may be sent. Each pool adds the real paths it mounts.
       const filePaths = appReadPaths(spec.app);
@@ -229,8 +245,10 @@ export class MountTable {
     if (!group) {
       // The group's own lines (its processes, reloads) belong to every mount
       // that uses it, so they name the group and never one mount.
+      const groupLogger = logger.child({ app: app.name, group: groupSpec.name });
+      warnUnreadablePathEntries(app, groupLogger, "add it to the group's python-path");
       group = new DaemonGroup(groupSpec, app, {
-        logger: logger.child({ app: app.name, group: groupSpec.name }),
+        logger: groupLogger,
         logLevel: options.logLevel,
         queueLimit: options.queueLimit,
       });

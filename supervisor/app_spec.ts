@@ -5,6 +5,7 @@
  * isolate's worker, so it contains plain data only (it is structured-cloned).
  */
 
+import { resolve } from "node:path";
 import { hostReadPaths } from "../wasm/host_paths.ts";
 
 /** Python versions wsgirun can run, each backed by one pinned Pyodide release. */
@@ -95,4 +96,62 @@ export function withMountRoots(app: AppSpec, paths: string[]): string[] {
 export function appReadPaths(app: AppSpec): string[] {
   const home = app.home === undefined ? [] : [app.home];
   return [...new Set([...app.pythonPath, ...home, ...(app.writePaths ?? []), ...hostReadPaths()])];
+}
+
+/** A folder that a `.pth` file names but the isolates cannot read. */
+export interface UnreadablePathEntry {
+  /** The `.pth` file. */
+  file: string;
+  /** The folder its line names, made absolute. */
+  folder: string;
+}
+
+/**
+ * Finds the folders that the `.pth` files of `app`'s python-path folders name
+ * but that lie outside every folder an isolate can read. Python skips a
+ * line whose folder it cannot see without a word, so the front reports
+ * them. Folders missing on the host are left out: Python skips those on
+ * any server.
+ */
+export function unreadablePathEntries(app: AppSpec): UnreadablePathEntry[] {
+  const readable = appReadPaths(app);
+  const inside = (path: string) =>
+    readable.some((folder) => path === folder || path.startsWith(folder.replace(/\/$/, "") + "/"));
+  const found: UnreadablePathEntry[] = [];
+  for (const folder of app.pythonPath) {
+    let names: string[];
+    try {
+      names = [...Deno.readDirSync(folder)]
+        .filter((entry) => entry.name.endsWith(".pth") && !entry.name.startsWith("."))
+        .map((entry) => entry.name)
+        .sort();
+    } catch {
+      continue;
+    }
+    for (const name of names) {
+      const file = resolve(folder, name);
+      let text: string;
+      try {
+        text = Deno.readTextFileSync(file);
+      } catch {
+        continue;
+      }
+      for (const line of text.split("\n")) {
+        if (line.startsWith("#") || line.trim() === "" || /^import[ \t]/.test(line)) continue;
+        const named = resolve(folder, line.trimEnd());
+        if (inside(named) || !exists(named)) continue;
+        found.push({ file, folder: named });
+      }
+    }
+  }
+  return found;
+}
+
+function exists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch {
+    return false;
+  }
 }

@@ -856,11 +856,21 @@ def application(environ, start_response):
   const extra = `${library}/vendor`;
   await Deno.mkdir(extra);
   await Deno.writeTextFile(`${extra}/from_pth.py`, 'WHERE = "named by a .pth file"\n');
-  await Deno.writeTextFile(`${library}/extra.pth`, `# a comment line\n${extra}\n`);
+  // A folder outside them is skipped, with a warning that says how to add it.
+  const outside = await Deno.makeTempDir({ prefix: "wsgirun-pth-outside-" });
+  await Deno.writeTextFile(`${library}/extra.pth`, `# a comment line\n${extra}\n${outside}\n`);
   for (let run = 0; run < 2; run++) {
     await using server = await startWithLibrary(`${folder}/app.wsgi`, library, cache);
     const [where, ...path] = (await body(server.origin)).split("\n");
     assert.equal(where, "named by a .pth file");
+    assert.ok(!path.includes(outside), path.join(" "));
+    assert.match(
+      server.log(),
+      new RegExp(
+        `WARNING .*${library}/extra\\.pth lists ${outside}, which lies outside the application's folders.*; add it with --python-path`,
+      ),
+    );
+    assert.equal(server.log().match(/lies outside the application's folders/g)?.length, 1);
     // The folders a .pth file names come after the python-path, before the standard library.
     const standardLibrary = path.findIndex((entry) => /^\/lib\/python3/.test(entry));
     assert.ok(path.indexOf(library) >= 0, path.join(" "));
