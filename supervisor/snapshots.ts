@@ -1138,7 +1138,30 @@ export async function prepareBoot(options: BootOptions): Promise<Boot> {
   const boot = await chooseBoot(options);
   // Not awaited, so that the cleanup delays no start.
   void pruneRuntimeSnapshots(options.logger);
+  void warnOpenCacheFolder(options.logger);
   return boot;
+}
+
+let cacheFolderChecked = false;
+
+/**
+ * Logs a warning, once per process, when every user may write the cache
+ * folder without the sticky bit: another user can then delete or replace
+ * its files. Each file's owner and mode are still checked before it is
+ * used, so a replaced file is rebuilt, but snapshots keep being rebuilt.
+ */
+async function warnOpenCacheFolder(logger: Logger): Promise<void> {
+  if (cacheFolderChecked) return;
+  cacheFolderChecked = true;
+  const folder = snapshotCacheDir();
+  const mode = (await Deno.stat(folder).catch(() => null))?.mode;
+  if (mode === null || mode === undefined) return;
+  if ((mode & 0o002) === 0 || (mode & 0o1000) !== 0) return;
+  logger.warning(
+    `the snapshot cache folder ${folder} may be written by every user (mode ${
+      (mode & 0o7777).toString(8)
+    }), so another user can delete or replace its snapshots; run \`chmod 700 ${folder}\``,
+  );
 }
 
 async function chooseBoot(options: BootOptions): Promise<Boot> {

@@ -1025,9 +1025,12 @@ Deno.test("cache file that others may write rebuilt", async () => {
     assert.equal(await body(server.origin), "hello");
     return server.log();
   };
-  await run();
+  const first = await run();
+  assert.doesNotMatch(first, /snapshot cache folder/);
   const [snapshot] = await snapshotFiles(cache, "app-app.wsgi-");
   await Deno.chmod(`${cache}/${snapshot}`, 0o666);
+  // A folder that every user may write gets a warning; with the sticky bit it is safe.
+  await Deno.chmod(cache, 0o777);
 
   const log = await run();
   assert.match(
@@ -1035,6 +1038,13 @@ Deno.test("cache file that others may write rebuilt", async () => {
     /building the application snapshot \(.*app-app\.wsgi-\w+\.snapshot may be written by other users \(mode 666\)\)/,
   );
   assert.equal((await Deno.stat(`${cache}/${snapshot}`)).mode! & 0o777, 0o600);
+  assert.match(
+    log,
+    /WARNING .*the snapshot cache folder \S+ may be written by every user \(mode 777\).*run `chmod 700 /,
+  );
+
+  await Deno.chmod(cache, 0o1777);
+  assert.doesNotMatch(await run(), /snapshot cache folder/);
 });
 
 Deno.test("relative cache folder resolved against the working folder", () => {
