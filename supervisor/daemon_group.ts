@@ -483,6 +483,10 @@ export class DaemonGroup implements AppBackend {
   }
 
   #scheduleRestart(): void {
+    if (this.#reloadsStopped) {
+      this.#logger.info("not restarting the daemon process: the server is stopping");
+      return;
+    }
     const base = RESTART_DELAYS_MS[Math.min(this.#crashes - 1, RESTART_DELAYS_MS.length - 1)];
     // Up to 20% jitter, so that processes of several groups do not restart in step.
     const delay = Math.round(base * (1 + Math.random() * 0.2));

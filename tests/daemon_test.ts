@@ -818,6 +818,19 @@ Deno.test("daemon stopped process killed after socket-timeout", async () => {
       ),
     );
     assert.equal(countMatches(server.log(), /daemon process ready/), 2);
+
+    // A process that hangs while the server drains is killed, and not restarted.
+    const [fresh] = daemonPids(server).filter((other) => other !== pid);
+    const running = getText(server.origin + "/do/slow?ms=8000");
+    await delay(500);
+    Deno.kill(fresh, "SIGSTOP");
+    await server.stop();
+    const stopLog = server.log().slice(server.log().indexOf("SIGTERM"));
+
+    assert.equal((await running).status, 502);
+    assert.match(stopLog, new RegExp(`process=${fresh}\\] daemon process sent nothing`));
+    assert.match(stopLog, /not restarting the daemon process: the server is stopping/);
+    assert.doesNotMatch(stopLog, /restarting a daemon process in/);
   } finally {
     await Deno.remove(folder, { recursive: true });
   }
