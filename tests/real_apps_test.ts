@@ -318,6 +318,11 @@ Deno.test("real apps on python 3.12", async (t) => {
         /WARNING .*writing '.*realapp_services\.wsgi\.written' is not allowed/,
         5000,
       );
+      // The hint names the option of each mode.
+      assert.match(
+        server.log(),
+        /of the host folders, .* writable \(--write DIR adds one to the application, allow-write=DIR to its daemon group\)/,
+      );
     });
 
     await t.step("write inside writable folder", async () => {
