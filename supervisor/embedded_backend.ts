@@ -119,9 +119,13 @@ export class EmbeddedBackend implements AppBackend {
   }
 
   async start(): Promise<void> {
+    // The pool creates its first worker now, before the server reports that
+    // it listens: a Deno run without --unstable-worker-options exits there.
+    const started = this.#pool.start();
+    started.catch(() => {});
     await this.#script.start();
     this.#scriptTimer = setInterval(() => this.#script.check(), SCRIPT_CHECK_MS);
-    return this.#pool.start();
+    return started;
   }
 
   submit(request: BackendRequest): RequestHandle {

@@ -237,6 +237,28 @@ Deno.test({
         });
       }
 
+      await t.step("missing unstable flag stops before listening", async () => {
+        const output = await new Deno.Command(Deno.execPath(), {
+          args: [
+            "run",
+            "--no-config",
+            "--allow-all",
+            `${bundleDir}/wsgirun.js`,
+            repoPath("examples/hello/app.wsgi"),
+            "--port",
+            "0",
+          ],
+          cwd: bundleDir,
+          stdin: "null",
+        }).output();
+        const log = decoder.decode(output.stderr) + decoder.decode(output.stdout);
+
+        // Deno exits with its own message; the server must not have claimed to listen.
+        assert.notEqual(output.code, 0);
+        assert.match(log, /--unstable-worker-options/);
+        assert.doesNotMatch(log, /listening on/);
+      });
+
       await t.step("daemon group re-enters the bundle", async () => {
         // The daemon runs as the user nobody, which cannot read root's Deno
         // cache, so it needs the node_modules folder that `deno install` makes
