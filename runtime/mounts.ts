@@ -168,7 +168,6 @@ function mountsNeedingPrefix(mounts: MountLogIdentity[]): Set<string> {
   return new Set(shared.map((mount) => mount.mountPoint));
 }
 
-/** The mounts of a running server, longest prefix first. */
 /** Logs each folder that a python-path `.pth` file lists but the isolates cannot read. */
 function warnUnreadablePathEntries(app: AppSpec, logger: Logger, fix: string): void {
   for (const { file, folder } of unreadablePathEntries(app)) {
@@ -179,6 +178,7 @@ function warnUnreadablePathEntries(app: AppSpec, logger: Logger, fix: string): v
   }
 }
 
+/** The mounts of a running server, longest prefix first. */
 export class MountTable {
   readonly mounts: Mount[];
   readonly groups: DaemonGroup[];
