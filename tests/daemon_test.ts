@@ -836,6 +836,50 @@ Deno.test("daemon stopped process killed after socket-timeout", async () => {
   }
 });
 
+Deno.test("app snapshot whose restore hangs dropped", async () => {
+  const folder = await Deno.realPath(await Deno.makeTempDir({ prefix: "wsgirun_daemon_test_" }));
+  await Deno.chmod(folder, 0o755);
+  // Each isolate reseeds random right after it restores a snapshot. This
+  // application replaces random.seed while it imports, so its application
+  // snapshot restores into an endless loop; the runtime snapshot does not.
+  await Deno.writeTextFile(
+    join(folder, "app.wsgi"),
+    `import random
+
+def _spin(*args, **kwargs):
+    while True:
+        pass
+
+random.seed = _spin
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"restored without the snapshot"]
+`,
+  );
+  try {
+    await using server = await startSiteGroup(
+      folder,
+      "group=spins,user=nobody,processes=1,threads=1,startup-timeout=16",
+    );
+    const response = await getText(server.origin + "/");
+    const log = server.log();
+
+    assert.equal(response.status, 200);
+    assert.equal(response.body, "restored without the snapshot");
+    // The pool gives up on the isolate at 3/4 of startup-timeout, before the front kills the process.
+    assert.match(log, /isolate did not start within 12000 ms; replacing it/);
+    assert.match(
+      log,
+      /the application snapshot \S+app-app\.wsgi-\w+\.snapshot could not be restored; deleting it/,
+    );
+    assert.doesNotMatch(log, /startup timed out after/);
+    assert.equal(countMatches(log, /daemon process ready/), 1);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("daemon stop answers waiting requests", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   try {
