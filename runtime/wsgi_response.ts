@@ -116,6 +116,8 @@ export class ResponseBuilder implements ResponseSink {
   /** The response's Content-Length, or Infinity when it has none. */
   #declaredLength = Infinity;
   #started = false;
+  /** Whether the response went out with an empty body while the application still ran. */
+  #emptyBody = false;
   #done = false;
   #stream: ReadableStreamDefaultController<Uint8Array> | null = null;
   /** The file being sent, and the bytes of it that the Content-Length still requires. */
@@ -161,6 +163,14 @@ export class ResponseBuilder implements ResponseSink {
       if (message.complete) this.#finish();
       return;
     }
+    if (this.#declaredLength === 0 && !message.complete) {
+      // Deno reads nothing from a body of length 0 and cancels its stream,
+      // which would read as a client that left. The end() that follows
+      // finishes the request.
+      this.#emptyBody = true;
+      this.#resolve(new Response(EMPTY_BODY, { status: message.status, headers }));
+      return;
+    }
     if (message.complete) {
       // Deno gives a string body a Content-Type of its own, so it becomes bytes here.
       const body = message.body === undefined ? EMPTY_BODY : startBodyBytes(message.body);
@@ -187,7 +197,7 @@ export class ResponseBuilder implements ResponseSink {
       this.fail(502, message.error ?? "the request ended without a response");
       return;
     }
-    if (bodyless(this.#options.method, this.#status)) {
+    if (this.#emptyBody || bodyless(this.#options.method, this.#status)) {
       this.#finish(message.error);
       return;
     }
