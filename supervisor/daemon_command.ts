@@ -317,28 +317,63 @@ function mayEnter(info: Deno.FileInfo, uid: number, gid: number): boolean {
   return (mode & 0o001) !== 0;
 }
 
+/** Returns whether `uid` and `gid` may write what `info` describes, by its owner, group and other bits. */
+function mayWrite(info: Deno.FileInfo, uid: number, gid: number): boolean {
+  const mode = info.mode ?? 0;
+  if (info.uid === uid) return (mode & 0o200) !== 0;
+  if (info.gid === gid) return (mode & 0o020) !== 0;
+  return (mode & 0o002) !== 0;
+}
+
+/** An allow-write folder, or a file in one, that the group's user cannot write. */
+export interface UnwritablePath {
+  path: string;
+  mode: number;
+  owner: number | null;
+}
+
+/** Files checked in each allow-write folder, so that a large folder does not slow the start. */
+const WRITE_CHECK_FILES = 1000;
+
 /**
- * Returns the group's allow-write folders that its user cannot write, by
- * their owner, group and other bits, with their modes. Like
+ * Returns the group's allow-write folders that its user cannot write, and
+ * the files directly inside them that it cannot write (such as a SQLite
+ * database that root created), by their owner, group and other bits. Like
  * unreachableFolder, the result is a reason to warn.
  */
-export async function unwritableFolders(
+export async function unwritablePaths(
   app: AppSpec,
   identity: DaemonIdentity,
-): Promise<{ folder: string; mode: number }[]> {
+): Promise<{ folders: UnwritablePath[]; files: Map<string, UnwritablePath[]> }> {
+  const folders: UnwritablePath[] = [];
+  const files = new Map<string, UnwritablePath[]>();
   const { uid, gid } = identity;
-  if (uid === undefined || gid === undefined) return [];
-  const unwritable: { folder: string; mode: number }[] = [];
+  if (uid === undefined || gid === undefined) return { folders, files };
+  const describe = (path: string, info: Deno.FileInfo) => ({
+    path,
+    mode: (info.mode ?? 0) & 0o777,
+    owner: info.uid,
+  });
   for (const folder of app.writePaths ?? []) {
     const info = await Deno.stat(folder).catch(() => null);
     if (!info) continue;
-    const mode = info.mode ?? 0;
-    let bit = 0o002;
-    if (info.uid === uid) bit = 0o200;
-    else if (info.gid === gid) bit = 0o020;
-    if ((mode & bit) === 0) unwritable.push({ folder, mode: mode & 0o777 });
+    if (!mayWrite(info, uid, gid)) folders.push(describe(folder, info));
+    const found: UnwritablePath[] = [];
+    let checked = 0;
+    try {
+      for await (const entry of Deno.readDir(folder)) {
+        if (!entry.isFile) continue;
+        if (++checked > WRITE_CHECK_FILES) break;
+        const path = `${folder}/${entry.name}`;
+        const file = await Deno.stat(path).catch(() => null);
+        if (file && !mayWrite(file, uid, gid)) found.push(describe(path, file));
+      }
+    } catch {
+      // A folder the server cannot list is reported by the daemon when it is used.
+    }
+    if (found.length > 0) files.set(folder, found);
   }
-  return unwritable;
+  return { folders, files };
 }
 
 /**

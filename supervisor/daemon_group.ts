@@ -31,7 +31,7 @@ import {
   prepareDaemonCache,
   resolveIdentity,
   unreachableFolder,
-  unwritableFolders,
+  unwritablePaths,
 } from "./daemon_command.ts";
 import { type DaemonConfig, DaemonExit } from "./daemon_protocol.ts";
 import { DaemonProcess, DaemonRequestHandle, type ProcessExit } from "./daemon_process.ts";
@@ -155,11 +155,23 @@ export class DaemonGroup implements AppBackend {
           "of wsgirun and of the application (chmod o+x, or run from another folder)",
       );
     }
-    for (const { folder, mode } of await unwritableFolders(this.app, this.identity)) {
+    const unwritable = await unwritablePaths(this.app, this.identity);
+    for (const { path, mode } of unwritable.folders) {
       this.#logger.warning(
-        `${this.identity.description} cannot write ${folder} (mode ${mode.toString(8)}), ` +
+        `${this.identity.description} cannot write ${path} (mode ${mode.toString(8)}), ` +
           "so the application gets PermissionError for every write there although it is an " +
           "allow-write folder: give that user write access (chown or chmod)",
+      );
+    }
+    for (const [folder, files] of unwritable.files) {
+      const named = files.slice(0, 3).map(({ path, mode, owner }) =>
+        `${path.slice(folder.length + 1)} (mode ${mode.toString(8)}, owner uid ${owner})`
+      ).join(", ");
+      const more = files.length > 3 ? ` and ${files.length - 3} more` : "";
+      this.#logger.warning(
+        `${this.identity.description} cannot write ${plural(files.length, "file")} in the ` +
+          `allow-write folder ${folder}: ${named}${more}. Writes to them fail (SQLite reports ` +
+          "'attempt to write a readonly database'): give that user write access (chown or chmod)",
       );
     }
     if (Deno.build.standalone) {

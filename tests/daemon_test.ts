@@ -554,10 +554,20 @@ Deno.test("unwritable allow-write folder is reported", async () => {
   // Owned by root, who runs the tests, and not writable by others.
   await Deno.mkdir(data, { mode: 0o755 });
   await Deno.chmod(data, 0o755);
+  // A folder that nobody may write, with a database that root created in it.
+  const databases = join(folder, "databases");
+  await Deno.mkdir(databases);
+  await Deno.chown(databases, NOBODY, NOBODY);
+  const database = join(databases, "site.sqlite3");
+  await Deno.writeFile(database, new Uint8Array(0), { mode: 0o644 });
+  await Deno.chmod(database, 0o644);
   try {
     await using server = await startSiteGroup(
       folder,
-      `group=readonly,user=nobody,processes=1,threads=1,allow-write=${data}`,
+      `group=readonly,user=nobody,processes=1,threads=1,allow-write=${data},allow-write=${databases}`,
+    );
+    const write = await getText(
+      `${server.origin}/do/sandbox/sqlite-write?path=${encodeURIComponent(database)}`,
     );
 
     assert.match(
@@ -566,6 +576,18 @@ Deno.test("unwritable allow-write folder is reported", async () => {
         `WARNING \\[app=app\\.wsgi group=readonly\\] nobody \\(uid 65534[^)]*\\) cannot write ` +
           `${data} \\(mode 755\\), so the application gets PermissionError`,
       ),
+    );
+    assert.match(
+      server.log(),
+      new RegExp(
+        `WARNING .*cannot write 1 file in the allow-write folder ${databases}: ` +
+          "site\\.sqlite3 \\(mode 644, owner uid 0\\)\\. Writes to them fail",
+      ),
+    );
+    assert.doesNotMatch(server.log(), new RegExp(`cannot write ${databases} \\(mode`));
+    assert.equal(write.body, "denied: OperationalError");
+    await server.waitForLog(
+      /sandbox denied sqlite-write: OperationalError: attempt to write a readonly database: the user the application runs as cannot write '.*site\.sqlite3' or its folder/,
     );
   } finally {
     await Deno.remove(folder, { recursive: true });

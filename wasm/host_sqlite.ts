@@ -453,6 +453,15 @@ export class SqliteModule {
         `${message}: the folder of '${database.path}' is not writable; add it with --write DIR`,
       ];
     }
+    if (/readonly database/.test(message)) {
+      // The isolate may write the folder, so the file system permissions refused the write.
+      return [
+        FAILED,
+        kind,
+        `${message}: the user the application runs as cannot write '${database.path}' or ` +
+        "its folder; give that user write access to both (chown or chmod)",
+      ];
+    }
     return [FAILED, kind, message];
   }
 
