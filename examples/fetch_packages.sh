@@ -21,7 +21,6 @@ set -euo pipefail
 # - python3-typing-extensions: asgiref needs it only before Python 3.8.
 # - tzdata: pytz reads /usr/share/zoneinfo only for zones other than UTC, and the Django
 #   example sets TIME_ZONE = "UTC".
-# - libjs-jquery: used only by werkzeug's interactive debugger.
 PACKAGES=(
   python3-flask
   python3-werkzeug
@@ -35,6 +34,9 @@ PACKAGES=(
   python3-sqlparse
   python3-tz
   python3-bottle
+  # Django's admin links its jQuery files into this package's folder; werkzeug's
+  # interactive debugger uses it too.
+  libjs-jquery
 )
 
 # Compiled modules that may be unpacked because their package falls back to pure Python

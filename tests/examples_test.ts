@@ -36,6 +36,8 @@ async function fetchPackages(): Promise<string> {
 }
 
 const DIST_PACKAGES = await fetchPackages();
+/** The folder Debian's packages are unpacked into. */
+const DEBIAN_ROOT = DIST_PACKAGES.slice(0, -"/usr/lib/python3/dist-packages".length);
 
 /** Arguments shared by the framework examples: Debian bookworm's frameworks need Python 3.12. */
 const FRAMEWORK_ARGS = ["--python", "3.12", "--threads", "1", "--python-path", DIST_PACKAGES];
@@ -59,6 +61,13 @@ const EXAMPLE_SERVERS = {
       "--url-alias",
       "/static",
       repoPath("examples/django/static"),
+      // The admin's files, as examples/README.md serves them.
+      "--url-alias",
+      "/static/admin",
+      `${DIST_PACKAGES}/django/contrib/admin/static/admin`,
+      "--url-alias",
+      "/static/admin/js/vendor/jquery",
+      `${DEBIAN_ROOT}/usr/share/javascript/jquery`,
       "--access-log",
     ],
   },
@@ -454,6 +463,20 @@ async function checkDjango(t: Deno.TestContext, server: TestServer): Promise<voi
     await server.waitForLog(/Not Found: \/no-such-page/, 10_000);
     assert.doesNotMatch(server.log(), /Not Found: \/static/);
     assert.match(server.output(), /"GET \/static\/style\.css HTTP\/1\.1" 200 /);
+  });
+
+  await step(t, "admin stylesheet and jQuery served", async () => {
+    const login = await browser.text("/admin/login/");
+    assert.equal(login.response.status, 200);
+    assert.match(login.body, /href="\/static\/admin\/css\/base\.css"/);
+
+    const css = await browser.request("/static/admin/css/base.css");
+    assert.equal(css.status, 200);
+    assert.match(await css.text(), /\bbody\b/);
+    // Debian links the admin's jQuery into libjs-jquery, which fetch_packages.sh unpacks.
+    const jquery = await browser.request("/static/admin/js/vendor/jquery/jquery.min.js");
+    assert.equal(jquery.status, 200);
+    assert.match(await jquery.text(), /jQuery/);
   });
 }
 
