@@ -93,13 +93,14 @@ const STATUS_BY_ERROR_CODE: Record<string, number> = {
   EPERM: 403,
 };
 
+/** Bodies of the error responses, the same reason phrases as the front's other errors. */
 const STATUS_TEXT: Record<number, string> = {
-  400: "Bad request path",
+  400: "Bad Request",
   403: "Forbidden",
-  404: "Not found",
-  405: "Method not allowed",
-  416: "Range not satisfiable",
-  500: "Internal server error",
+  404: "Not Found",
+  405: "Method Not Allowed",
+  416: "Range Not Satisfiable",
+  500: "Internal Server Error",
 };
 
 /**

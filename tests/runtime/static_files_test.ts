@@ -296,7 +296,7 @@ Deno.test("serveStatic missing file 404", async () => {
     const response = await fetch(`${base}/static/nope.txt`);
     assert.equal(response.status, 404);
     assert.equal(response.headers.get("content-type"), "text/plain; charset=utf-8");
-    assert.equal(await response.text(), "Not found\n");
+    assert.equal(await response.text(), "Not Found\n");
   });
 });
 
@@ -734,7 +734,7 @@ Deno.test("serveStatic folder without index 404", async () => {
   await withServer(async ({ base }) => {
     const response = await fetch(`${base}/static/bare/`);
     assert.equal(response.status, 404);
-    assert.equal(await response.text(), "Not found\n");
+    assert.equal(await response.text(), "Not Found\n");
   });
 });
 
@@ -818,7 +818,7 @@ Deno.test("serveStatic fault 500 logged", async () => {
     },
   );
   assert.equal(response.status, 500);
-  assert.equal(await response.text(), "Internal server error\n");
+  assert.equal(await response.text(), "Internal Server Error\n");
   assert.equal(lines.length, 1);
   assert.match(lines[0], /^error Failed to serve a static file/);
 });
