@@ -561,6 +561,9 @@ const INVALID_STARTS = [
   "content-length-negative",
   "content-length-plus",
   "content-length-underscore",
+  "content-length-huge",
+  "content-length-conflict",
+  "too-many-headers",
 ];
 
 Deno.test("start_response", async (t) => {
@@ -733,9 +736,13 @@ Deno.test("response body", async (t) => {
 
   await t.step("list longer than Content-Length", async () => {
     const request = httpRequest("GET", "/raw/list-length-short") + httpRequest("GET", "/fixed");
-    const exchange = await rawExchange(main, request, ["GET", "GET"]);
+    let exchange!: RawExchange;
+    const log = await logOf(main, async () => {
+      exchange = await rawExchange(main, request, ["GET", "GET"]);
+    });
     assert.equal(exchange.responses[0].body, "01234");
     assert.equal(exchange.responses[1]?.body, "fixed body\n");
+    assert.equal(log.match(/sent more than the 5 bytes its Content-Length declared/g)?.length, 1);
   });
 
   for (const path of ["/length/long", "/raw/list-length-long"]) {
