@@ -244,7 +244,13 @@ export class IsolatePool {
     // A request posted behind another one in an isolate waits too, so it
     // counts against the queue limit.
     const waiting = this.#queue.length + this.#waitingInIsolates();
-    const idle = this.#findIdle();
+    let idle = this.#findIdle();
+    if (idle?.state === "busy" && this.#queue.length === 0) {
+      // A request that waits behind a slow one moves up first, so that this
+      // newer one does not overtake it.
+      this.#takeWaitingJob(idle, Infinity, true);
+      idle = this.#findIdle();
+    }
     if (
       idle && this.#queue.length === 0 && idle.canTakeJob(job) &&
       (idle.state === "idle" || waiting < this.#options.queueLimit)
@@ -608,6 +614,9 @@ export class IsolatePool {
   }
 
   #dispatchNext(isolate: Isolate): void {
+    // A request posted behind another isolate's slow request usually arrived
+    // before everything in the queue, so it goes first.
+    this.#takeWaitingJob(isolate, this.#queue[0]?.queuedAt, true);
     while (this.#queue.length > 0 && isolate.canTake) {
       const job = this.#queue[0];
       if (job.abandoned) {
@@ -672,17 +681,35 @@ export class IsolatePool {
     for (const isolate of this.#isolates) if (isolate.canTake) this.#dispatchNext(isolate);
   }
 
-  /** Moves a job that waits behind another isolate's running request to the idle `isolate`. */
-  #takeWaitingJob(isolate: Isolate): void {
+  /**
+   * Moves the job that has waited longest behind another isolate's running
+   * request to `isolate`, if it arrived before `before` and `isolate` has
+   * room for it. With `slowOnly`, only from behind a request that is blocked
+   * or has run for LONG_REQUEST_MS: moving jobs between isolates that run
+   * short requests costs more than it saves (hello world lost 17 % at 64
+   * connections when every finished request moved one).
+   */
+  #takeWaitingJob(isolate: Isolate, before = Infinity, slowOnly = false): void {
     if (!isolate.canTake) return;
+    const now = performance.now();
+    let holder: Isolate | undefined;
+    let oldest = before;
     for (const other of this.#isolates) {
-      if (other === isolate) continue;
-      const job = other.withdrawWaiting();
-      if (job) {
-        this.#run(isolate, job);
-        return;
+      if (other === isolate || other.jobs.length < 2) continue;
+      if (slowOnly && !other.blocked) {
+        const startedAt = this.#jobStartedAt.get(other);
+        if (startedAt === undefined || now - startedAt < LONG_REQUEST_MS) continue;
+      }
+      const waiting = other.jobs[other.jobs.length - 1];
+      const arrived = waiting.queuedAt ?? Infinity;
+      if (arrived < oldest && isolate.canTakeJob(waiting)) {
+        holder = other;
+        oldest = arrived;
       }
     }
+    // The withdrawal fails when the holder has just started the job itself.
+    const job = holder?.withdrawWaiting();
+    if (job) this.#run(isolate, job);
   }
 
   /**

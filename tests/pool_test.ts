@@ -38,6 +38,37 @@ Deno.test("waiting request moves to free isolate", async () => {
   assert.ok(finished.indexOf("waiting") < finished.indexOf("long"));
 });
 
+Deno.test("waiting request runs before later ones", async () => {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "2",
+  ]);
+  await server.waitForLog(/isolate=2\] isolate ready/);
+  const finished: string[] = [];
+  const request = async (name: string, seconds: number) => {
+    const response = await fetch(`${server.origin}/?seconds=${seconds}`);
+    assert.equal(response.status, 200);
+    await response.text();
+    finished.push(name);
+  };
+
+  const requests = [request("long", 4)];
+  await delay(300);
+  requests.push(request("short", 1));
+  await delay(200);
+  // Posted behind one of the running requests, then requests that arrive
+  // later fill the queue and keep the isolate that frees first busy.
+  requests.push(request("waiting", 0));
+  for (let i = 0; i < 6; i++) {
+    await delay(100);
+    requests.push(request(`later${i}`, 0.5));
+  }
+  await Promise.all(requests);
+
+  assert.ok(finished.indexOf("waiting") < finished.indexOf("long"), finished.join(" "));
+  assert.ok(finished.indexOf("waiting") < finished.indexOf("later0"), finished.join(" "));
+});
+
 Deno.test("long request with fast ones around it", async () => {
   await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
     "--threads",
