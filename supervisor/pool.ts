@@ -584,6 +584,8 @@ export class IsolatePool {
   /** Starts the replacement of the first worn isolate, unless one is starting. */
   #startReplacement(): void {
     if (this.#replacement || this.#worn.length === 0 || !this.#boot || this.#failedReason) return;
+    // A pool that stops or hands its requests to a fresh pool needs no replacement.
+    if (this.#stopping || this.#handOff) return;
     if (this.#spawnsBlocked()) return;
     this.#replacement = this.#spawn();
   }
