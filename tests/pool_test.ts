@@ -8,11 +8,9 @@ import assert from "node:assert/strict";
 import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
 import { countMatches, delay, runLoad, runLoadFor, waitForCount } from "./helpers/load.ts";
 
-Deno.test("waiting request moves to free isolate", async () => {
-  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
-    "--threads",
-    "2",
-  ]);
+/** Starts the pool test app with 2 isolates; `request` records the order in which responses end. */
+async function startOrderedServer() {
+  const server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "2"]);
   await server.waitForLog(/isolate=2\] isolate ready/);
   const finished: string[] = [];
   const request = async (name: string, seconds: number) => {
@@ -21,6 +19,12 @@ Deno.test("waiting request moves to free isolate", async () => {
     await response.text();
     finished.push(name);
   };
+  return { server, finished, request };
+}
+
+Deno.test("waiting request moves to free isolate", async () => {
+  const { server, finished, request } = await startOrderedServer();
+  await using _server = server;
 
   // Both isolates busy: the long request on one, the short one on the other.
   const long = request("long", 4);
@@ -39,18 +43,8 @@ Deno.test("waiting request moves to free isolate", async () => {
 });
 
 Deno.test("waiting request runs before later ones", async () => {
-  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
-    "--threads",
-    "2",
-  ]);
-  await server.waitForLog(/isolate=2\] isolate ready/);
-  const finished: string[] = [];
-  const request = async (name: string, seconds: number) => {
-    const response = await fetch(`${server.origin}/?seconds=${seconds}`);
-    assert.equal(response.status, 200);
-    await response.text();
-    finished.push(name);
-  };
+  const { server, finished, request } = await startOrderedServer();
+  await using _server = server;
 
   const requests = [request("long", 4)];
   await delay(300);
