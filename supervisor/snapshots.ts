@@ -109,6 +109,8 @@ const RUNTIME_SNAPSHOT_UNUSED_MS = 7 * 24 * 3600 * 1000;
 /** Age after which a temporary file of an unfinished snapshot build is deleted. */
 const LEFTOVER_MS = 24 * 3600 * 1000;
 const BUILD_TIMEOUT_MS = 180_000;
+/** The signal number that makes Python raise KeyboardInterrupt. */
+const SIGINT = 2;
 
 /** JSON header of a cache file, covered by the SHA-256 on the line before it. */
 interface SnapshotHeader {
@@ -418,19 +420,24 @@ async function writeFile(path: string, header: SnapshotHeader, payload: Uint8Arr
 
 // ---- building ----
 
-interface BuiltSnapshot {
+export interface BuiltSnapshot {
   bytes: Uint8Array;
   /** See SnapshotMessage. */
   files: string[];
   folders: string[];
 }
 
-/** Runs one snapshot build in a worker with the isolates' read permissions. */
-function buildInWorker(
+/**
+ * Runs one snapshot build in a worker with the isolates' read permissions.
+ * A build that takes longer than `timeoutMs` fails, and its worker stops.
+ */
+export function buildInWorker(
   message: BuildSnapshotMessage,
   readPaths: string[],
   logger: Logger,
+  timeoutMs = BUILD_TIMEOUT_MS,
 ): Promise<BuiltSnapshot> {
+  const interrupt = new Int32Array(new SharedArrayBuffer(4));
   const writePaths = message.app ? withMountRoots(message.app, message.app.writePaths ?? []) : [];
   const worker = new Worker(ISOLATE_WORKER_URL, {
     type: "module",
@@ -453,8 +460,8 @@ function buildInWorker(
     BuiltSnapshot
   >();
   const timer = setTimeout(
-    () => reject(new Error(`timed out after ${BUILD_TIMEOUT_MS} ms`)),
-    BUILD_TIMEOUT_MS,
+    () => reject(new Error(`timed out after ${timeoutMs} ms`)),
+    timeoutMs,
   );
   worker.onmessage = (event: MessageEvent<FromWorker>) => {
     const reply = event.data;
@@ -467,9 +474,12 @@ function buildInWorker(
     event.preventDefault();
     reject(new Error(event.message));
   };
-  worker.postMessage(message);
+  worker.postMessage({ ...message, interrupt: interrupt.buffer });
   return promise.finally(() => {
     clearTimeout(timer);
+    // Deno does not stop a worker that loops in wasm (see Isolate.terminate),
+    // so an import that hangs first gets KeyboardInterrupt.
+    Atomics.store(interrupt, 0, SIGINT);
     worker.terminate();
   });
 }

@@ -7,8 +7,11 @@ import assert from "node:assert/strict";
 import { repoPath, startServer, TEST_CACHE_DIR, type TestServer } from "./helpers/server.ts";
 import { loadPyodideFor } from "../wasm/pyodide_loader.ts";
 import { PAGE_BYTES, unpackSnapshot } from "../wasm/snapshot_pages.ts";
-import { countMatches } from "./helpers/load.ts";
-import { snapshotCacheDir } from "../supervisor/snapshots.ts";
+import { countMatches, delay } from "./helpers/load.ts";
+import { buildInWorker, snapshotCacheDir } from "../supervisor/snapshots.ts";
+import { appReadPaths, type AppSpec } from "../supervisor/app_spec.ts";
+import { pyodideFolder } from "../supervisor/isolate.ts";
+import { Logger } from "../supervisor/log.ts";
 import { crc32 } from "node:zlib";
 
 const HELLO = `
@@ -1275,4 +1278,37 @@ Deno.test("bundle uses shipped runtime snapshot", async () => {
   assert.match(log, /runtime snapshot from the program's own files/);
   assert.doesNotMatch(log, /building the Python/);
   assert.match(log, /isolate ready/);
+});
+
+/** CPU time this process has used, in seconds, from /proc/self/stat. */
+function processCpuSeconds(): number {
+  const stat = Deno.readTextFileSync("/proc/self/stat");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  // utime and stime, the 14th and 15th fields, in clock ticks of 1/100 s.
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
+Deno.test("snapshot build that hangs stops its thread", async () => {
+  const folder = await makeApp({ "app.wsgi": "while True:\n    pass\n" });
+  const app: AppSpec = {
+    name: "app.wsgi",
+    scriptPath: `${folder}/app.wsgi`,
+    callable: "application",
+    python: "3.14",
+    pythonPath: [folder],
+    preload: false,
+  };
+  const build = buildInWorker(
+    { type: "build-snapshot", python: "3.14", modules: [], base: null, wasmModule: null, app },
+    [pyodideFolder("3.14"), ...appReadPaths(app)],
+    new Logger("critical"),
+    8000,
+  );
+  await assert.rejects(build, /timed out after 8000 ms/);
+
+  // A worker thread that still ran the import's loop would use a core.
+  const before = processCpuSeconds();
+  await delay(1500);
+  const used = processCpuSeconds() - before;
+  assert.ok(used < 0.75, `the process used ${used} s of CPU in 1.5 s after the build stopped`);
 });

@@ -77,6 +77,8 @@ export interface BuildSnapshotMessage {
   app?: AppSpec;
   /** See InitMessage.identity. */
   identity?: ProcessIdentity | null;
+  /** See InitMessage.interrupt: the front writes SIGINT there when the build times out. */
+  interrupt?: SharedArrayBuffer | null;
 }
 
 export interface RequestMessage {

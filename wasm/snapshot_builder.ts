@@ -31,6 +31,7 @@ interface SnapshotPyodide {
   runPython(code: string): unknown;
   pyimport(name: string): Record<string, (...args: unknown[]) => unknown>;
   makeMemorySnapshot(): Uint8Array<ArrayBuffer>;
+  setInterruptBuffer(buffer: Int32Array | undefined): void;
 }
 
 /**
@@ -183,6 +184,8 @@ export async function buildSnapshot(
       stderr: (line) => post({ type: "log", level: "warning", message: line }),
     }) as SnapshotPyodide;
 
+    // An import that never ends gets KeyboardInterrupt when the build times out.
+    if (message.interrupt) pyodide.setInterruptBuffer(new Int32Array(message.interrupt));
     let imports = { files: [] as string[], folders: [] as string[] };
     if (message.app) {
       imports = importApplication(pyodide, message);
@@ -190,6 +193,9 @@ export async function buildSnapshot(
       if (message.modules.length > 0) pyodide.runPython(`import ${message.modules.join(", ")}`);
       importAdapter(pyodide);
     }
+    // Pyodide keeps whether signals are checked in wasm memory, and the
+    // interpreters restored from the snapshot set their own buffer.
+    if (message.interrupt) pyodide.setInterruptBuffer(undefined);
     const bytes = takeSnapshot(pyodide, message.app !== undefined);
     post({ type: "snapshot", bytes, ...imports }, [bytes.buffer]);
   } catch (error) {
