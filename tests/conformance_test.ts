@@ -381,6 +381,20 @@ Deno.test("environ of requests with bodies", async (t) => {
   });
 });
 
+Deno.test("standard error text ends with its request", async () => {
+  const log = await logOf(main, async () => {
+    const first = await fetch(`${main.origin}/raw/stderr?first%20part%20without%20newline`);
+    assert.equal(await first.text(), "written");
+    const second = await fetch(`${main.origin}/raw/stderr?second%20part%0A`);
+    assert.equal(await second.text(), "written");
+  });
+  const first = log.match(/^.*WARNING .*request=(\S+)\] first part without newline$/m);
+  const second = log.match(/^.*WARNING .*request=(\S+)\] second part$/m);
+  assert.ok(first, log);
+  assert.ok(second, log);
+  assert.notEqual(first[1], second[1]);
+});
+
 Deno.test("wsgi.errors line has the request id", async () => {
   const log = await logOf(main, async () => {
     const response = await fetchText(main, "/log?text=conformance%20errors%20line");

@@ -522,6 +522,15 @@ def _fast_body(result, response):
     return body
 
 
+def _flush_standard_streams():
+    """Flush print() output and standard error, so that the request's text is logged with it."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
 def handle(method, environ_json, body, streamed, request_id):
     """Run one request through the application; errors become responses and log lines."""
     errors = ErrorStream(request_id)
@@ -579,6 +588,7 @@ def handle(method, environ_json, body, streamed, request_id):
                 result.close()
             except BaseException:
                 _log_exception("the response iterable's close() raised")
+        _flush_standard_streams()
     if not response.finished:
         response.finished = True
         host.finish(None)

@@ -93,6 +93,8 @@ interface Pyodide {
   registerJsModule(name: string, module: object): void;
   setInterruptBuffer(buffer: Int32Array): void;
   checkInterrupt(): void;
+  setStdout(options: { write(buffer: Uint8Array): number }): void;
+  setStderr(options: { write(buffer: Uint8Array): number }): void;
 }
 type PyProxyCallable = ((...args: unknown[]) => unknown) & { destroy(): void };
 interface BytesProxy {
@@ -152,6 +154,39 @@ function post(message: FromWorker, transfer: Transferable[] = []): void {
 function log(level: "debug" | "info" | "warning" | "error", message: string): void {
   post({ type: "log", level, message, requestId: current?.id });
 }
+
+/**
+ * Turns what Python writes to a standard stream into log lines, and logs
+ * an unfinished line when the request ends. Pyodide's own line buffering
+ * kept such text until a later request wrote a newline, so it was logged
+ * with that request's id.
+ */
+class StreamLog {
+  #decoder = new TextDecoder();
+  #pending = "";
+
+  constructor(readonly level: "info" | "warning") {}
+
+  write(bytes: Uint8Array): number {
+    const lines = (this.#pending + this.#decoder.decode(bytes, { stream: true })).split("\n");
+    this.#pending = lines.pop()!;
+    for (const line of lines) log(this.level, line);
+    // A line without an end is logged in pieces rather than held without limit.
+    if (this.#pending.length >= STREAM_LINE_LIMIT) this.flush();
+    return bytes.length;
+  }
+
+  flush(): void {
+    const rest = this.#pending + this.#decoder.decode();
+    this.#pending = "";
+    if (rest !== "") log(this.level, rest);
+  }
+}
+
+/** Characters of one unfinished line that a StreamLog keeps before it logs them. */
+const STREAM_LINE_LIMIT = 65536;
+const stdoutLog = new StreamLog("info");
+const stderrLog = new StreamLog("warning");
 
 /** Copies a Python bytes object out of the wasm heap. */
 function copyBytes(proxy: BytesProxy): Uint8Array<ArrayBuffer> {
@@ -284,6 +319,8 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
     stderr: (line: string) => log("warning", line),
   }) as Pyodide;
 
+  pyodide.setStdout({ write: (bytes) => stdoutLog.write(bytes) });
+  pyodide.setStderr({ write: (bytes) => stderrLog.write(bytes) });
   mountHostFolders(pyodide.FS, appReadPaths(message.app), message.app.mountRoots);
   pyodide.registerJsModule("_wsgirun_host", host);
   installHostModules(pyodide as unknown as PyodideForHost, {
@@ -351,6 +388,9 @@ function preloadApplication(adapter: Record<string, PyProxyCallable>): void {
   } catch (error) {
     log("error", `failed to import the application at start: ${error}`);
     post({ type: "loaded", error: String(error) });
+  } finally {
+    stdoutLog.flush();
+    stderrLog.flush();
   }
 }
 
@@ -393,6 +433,8 @@ function runRequest(request: InboxRequest, control: RequestControl, ring: BodyRi
     post({ type: "end", requestId: request.requestId, error: `interpreter failure: ${error}` });
     post({ type: "fatal", message: `the interpreter failed while serving a request: ${error}` });
   } finally {
+    stdoutLog.flush();
+    stderrLog.flush();
     current = null;
     control.finish();
   }
