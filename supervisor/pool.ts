@@ -909,6 +909,8 @@ export class IsolatePool {
         isolate: isolate.id,
         request: isolate.job?.requestId,
       });
+      // The request failed, not the isolate: its replacement starts without a growing delay.
+      this.#restarts = 0;
       this.#onDead(isolate, reason, isolate.terminate(reason, 504));
     }
   }
