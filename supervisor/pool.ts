@@ -610,9 +610,12 @@ export class IsolatePool {
     this.#idleSince.delete(isolate);
     this.#jobStartedAt.delete(isolate);
     isolate.terminate("replaced by a fresh isolate");
-    this.#logger.info(`isolate stopped: replaced after ${plural(isolate.served, "request")}`, {
-      isolate: isolate.id,
-    });
+    this.#logger.info(
+      `isolate stopped: replaced after ${plural(isolate.served, "request")}, with ${
+        mebibytes(isolate.memoryBytes)
+      } of wasm memory`,
+      { isolate: isolate.id },
+    );
   }
 
   #dispatchNext(isolate: Isolate): void {

@@ -486,7 +486,9 @@ Deno.test("memory limit replaces isolate", async () => {
     /isolate=1\] isolate has \d+ MiB of wasm memory \(memory-limit 96 MiB\); starting a fresh one to replace it/,
   );
   await server.waitForLog(/isolate=2\] isolate ready/);
-  await server.waitForLog(/isolate=1\] isolate stopped: replaced after 3 requests/);
+  await server.waitForLog(
+    /isolate=1\] isolate stopped: replaced after 3 requests, with \d+ MiB of wasm memory/,
+  );
 
   assert.equal(await get(), "1");
   await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
