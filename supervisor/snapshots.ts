@@ -178,7 +178,7 @@ export function compiledInterpreter(
 ): Promise<WebAssembly.Module | null> {
   let compiled = compiledModules.get(python);
   if (!compiled) {
-    compiled = Deno.readFile(`${pyodideFolder}/pyodide.asm.wasm`)
+    compiled = readInterpreterFile(python, pyodideFolder)
       .then((bytes) => WebAssembly.compile(bytes))
       .catch((error) => {
         logger.warning(`cannot compile Pyodide's wasm module once for all isolates: ${error}`);
@@ -187,6 +187,27 @@ export function compiledInterpreter(
     compiledModules.set(python, compiled);
   }
   return compiled;
+}
+
+/**
+ * Reads `pyodide.asm.wasm`. With `nodeModulesDir` set to "auto", Deno puts
+ * an npm package into node_modules only when a module first imports it,
+ * and only the isolates' workers import Pyodide, so on the first run of a
+ * fresh checkout the file may not be there yet: importing the package here
+ * puts it there.
+ */
+async function readInterpreterFile(
+  python: PythonVersion,
+  folder: string,
+): Promise<Uint8Array<ArrayBuffer>> {
+  const path = `${folder}/pyodide.asm.wasm`;
+  try {
+    return await Deno.readFile(path);
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) throw error;
+    await import(PYODIDE_SPECIFIER[python]);
+    return await Deno.readFile(path);
+  }
 }
 
 // ---- cache files ----

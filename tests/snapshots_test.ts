@@ -1312,3 +1312,33 @@ Deno.test("snapshot build that hangs stops its thread", async () => {
   const used = processCpuSeconds() - before;
   assert.ok(used < 0.75, `the process used ${used} s of CPU in 1.5 s after the build stopped`);
 });
+
+Deno.test("fresh checkout compiles the wasm module once", async () => {
+  // A checkout without node_modules, where Deno installs Pyodide only when
+  // a module first imports it.
+  const checkout = await Deno.makeTempDir({ prefix: "wsgirun-checkout-" });
+  const parts = ["main.ts", "deno.json", "deno.lock", "runtime", "supervisor", "wasm", "examples"];
+  const copy = await new Deno.Command("cp", {
+    args: ["-r", ...parts.map((part) => repoPath(part)), checkout],
+  }).output();
+  assert.equal(copy.code, 0, new TextDecoder().decode(copy.stderr));
+  const server = new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-all", "main.ts", "examples/hello/app.wsgi", "--port", "0"],
+    cwd: checkout,
+    env: { WSGIRUN_CACHE_DIR: TEST_CACHE_DIR },
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  let log = "";
+  const decoder = new TextDecoder();
+  for await (const chunk of server.stderr) {
+    log += decoder.decode(chunk, { stream: true });
+    if (/isolate ready/.test(log)) break;
+  }
+  server.kill("SIGTERM");
+  await server.status;
+
+  assert.match(log, /isolate ready/);
+  assert.doesNotMatch(log, /cannot compile Pyodide's wasm module/);
+  assert.ok((await Deno.stat(`${checkout}/node_modules`)).isDirectory);
+});
