@@ -191,10 +191,9 @@ export function compiledInterpreter(
 
 /**
  * Reads `pyodide.asm.wasm`. With `nodeModulesDir` set to "auto", Deno puts
- * an npm package into node_modules only when a module first imports it,
- * and only the isolates' workers import Pyodide, so on the first run of a
- * fresh checkout the file may not be there yet: importing the package here
- * puts it there.
+ * an npm package into node_modules only when a module first imports it.
+ * Only the isolates' workers import Pyodide, so on the first run of a fresh
+ * checkout the file may be missing; importing the package here installs it.
  */
 async function readInterpreterFile(
   python: PythonVersion,

@@ -1243,8 +1243,8 @@ Deno.test("bundle uses shipped runtime snapshot", async () => {
   }
   const folder = await makeApp({ "app.wsgi": HELLO });
   const emptyCache = await Deno.makeTempDir({ prefix: "wsgirun-cache-" });
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
+  const log = await logUntilReady(
+    [
       "run",
       "--allow-all",
       "--no-config",
@@ -1261,8 +1261,24 @@ Deno.test("bundle uses shipped runtime snapshot", async () => {
       "--log-level",
       "debug",
     ],
-    cwd: out,
-    env: { WSGIRUN_CACHE_DIR: emptyCache },
+    out,
+    emptyCache,
+  );
+
+  assert.match(log, /runtime snapshot from the program's own files/);
+  assert.doesNotMatch(log, /building the Python/);
+  assert.match(log, /isolate ready/);
+});
+
+/**
+ * Runs Deno with `args` in `cwd` until an isolate is ready or the start
+ * fails, stops it with SIGTERM and returns its log.
+ */
+async function logUntilReady(args: string[], cwd: string, cacheDir: string): Promise<string> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args,
+    cwd,
+    env: { WSGIRUN_CACHE_DIR: cacheDir },
     stdout: "null",
     stderr: "piped",
   }).spawn();
@@ -1274,11 +1290,8 @@ Deno.test("bundle uses shipped runtime snapshot", async () => {
   }
   child.kill("SIGTERM");
   await child.status;
-
-  assert.match(log, /runtime snapshot from the program's own files/);
-  assert.doesNotMatch(log, /building the Python/);
-  assert.match(log, /isolate ready/);
-});
+  return log;
+}
 
 /** CPU time this process has used, in seconds, from /proc/self/stat. */
 function processCpuSeconds(): number {
@@ -1322,21 +1335,11 @@ Deno.test("fresh checkout compiles the wasm module once", async () => {
     args: ["-r", ...parts.map((part) => repoPath(part)), checkout],
   }).output();
   assert.equal(copy.code, 0, new TextDecoder().decode(copy.stderr));
-  const server = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "main.ts", "examples/hello/app.wsgi", "--port", "0"],
-    cwd: checkout,
-    env: { WSGIRUN_CACHE_DIR: TEST_CACHE_DIR },
-    stdout: "null",
-    stderr: "piped",
-  }).spawn();
-  let log = "";
-  const decoder = new TextDecoder();
-  for await (const chunk of server.stderr) {
-    log += decoder.decode(chunk, { stream: true });
-    if (/isolate ready/.test(log)) break;
-  }
-  server.kill("SIGTERM");
-  await server.status;
+  const log = await logUntilReady(
+    ["run", "--allow-all", "main.ts", "examples/hello/app.wsgi", "--port", "0"],
+    checkout,
+    TEST_CACHE_DIR,
+  );
 
   assert.match(log, /isolate ready/);
   assert.doesNotMatch(log, /cannot compile Pyodide's wasm module/);
