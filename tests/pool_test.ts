@@ -689,6 +689,24 @@ Deno.test("waiting request survives a crash", async () => {
   assert.equal(await served.text(), "slept 0.0");
 });
 
+Deno.test("stack overflow in C code replaces the isolate", async () => {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "1",
+  ]);
+  const overflow = await fetch(`${server.origin}/?json-depth=100000`);
+  await overflow.body?.cancel();
+  const after = await fetch(`${server.origin}/?json-depth=100`);
+
+  assert.equal(overflow.status, 502);
+  assert.equal(after.status, 200);
+  assert.equal(await after.text(), "parsed");
+  const log = server.log();
+  assert.match(log, /isolate stopped: .*Maximum call stack size exceeded \(recursion in C code/);
+  // Pyodide's own report becomes log lines with the request's id.
+  assert.match(log, /ERROR \[[^\]]*request=\S+\] Pyodide has suffered a fatal error/);
+});
+
 Deno.test("application cannot end its worker", async () => {
   await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
     "--threads",

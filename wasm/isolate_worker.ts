@@ -66,8 +66,9 @@ function blockWorkerExit(): void {
  * Keeps standard output for the server. In a daemon process it carries the
  * frames to the front, so a stray write from an application would break the
  * channel and get the process killed. The application cannot reach the
- * standard streams through `js.Deno`, and console.log() and its kin write
- * to standard error. NOTE: Deno's internal ops stay reachable through
+ * standard streams through `js.Deno`, and console.log() and its kin become
+ * log lines with the request's id, as Pyodide's own fatal-error report
+ * does. NOTE: Deno's internal ops stay reachable through
  * `js.Deno[js.Deno.internal]`, so this closes the documented ways only.
  */
 function guardStandardStreams(): void {
@@ -78,7 +79,14 @@ function guardStandardStreams(): void {
       },
     });
   }
-  for (const name of ["log", "info", "debug"] as const) console[name] = console.error;
+  const levels = { log: "info", info: "info", debug: "info", warn: "warning", error: "error" };
+  for (const [name, level] of Object.entries(levels)) {
+    console[name as keyof typeof levels] = (...args: unknown[]) =>
+      log(
+        level as "info" | "warning" | "error",
+        args.map((arg) => typeof arg === "string" ? arg : Deno.inspect(arg)).join(" "),
+      );
+  }
 }
 
 blockWorkerExit();
@@ -430,8 +438,15 @@ function runRequest(request: InboxRequest, control: RequestControl, ring: BodyRi
     // handle() catches everything Python raises; reaching this means the
     // interpreter itself is broken (out of memory, a fatal error).
     broken = true;
+    const hint = /Maximum call stack size exceeded/.test(String(error))
+      ? " (recursion in C code, such as json.loads() of data nested thousands of levels " +
+        "deep, ran out of stack before Python's recursion limit)"
+      : "";
     post({ type: "end", requestId: request.requestId, error: `interpreter failure: ${error}` });
-    post({ type: "fatal", message: `the interpreter failed while serving a request: ${error}` });
+    post({
+      type: "fatal",
+      message: `the interpreter failed while serving a request: ${error}${hint}`,
+    });
   } finally {
     stdoutLog.flush();
     stderrLog.flush();
