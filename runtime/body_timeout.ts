@@ -29,12 +29,14 @@ const CHECK_MS = 250;
  * with the ones it has. Readers that bring their own buffer (BYOB) read
  * straight into it. A read costs no timer of its own: a chunked upload in
  * small pieces is read thousands of times a second, and the front must keep
- * up with it (see the chunked upload limit in README.md).
+ * up with it (see the chunked upload limit in README.md). A read of `body`
+ * that fails calls `onReadError` before the stream fails with that error.
  */
 export function withBodyTimeout(
   body: ReadableStream<Uint8Array>,
   timeoutMs: number,
   onTimeout: (error: BodyTimeoutError) => void,
+  onReadError?: (error: unknown) => void,
 ): ReadableStream<Uint8Array> {
   // Deno gives some bodies (a small one it has already read) as a stream that
   // is not a byte stream, which has no BYOB reader.
@@ -76,6 +78,7 @@ export function withBodyTimeout(
             : await source.read();
         } catch (error) {
           stopChecking();
+          onReadError?.(error);
           throw error;
         } finally {
           waitingSince = undefined;

@@ -10,6 +10,7 @@
 import {
   type AppBackend,
   bodyReadFailure,
+  isMalformedBody,
   isServerStopping,
   type RequestHandle,
 } from "../supervisor/backend.ts";
@@ -124,6 +125,11 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
         // would otherwise cancel it as if the client had left.
         handle?.cancel("body-timeout");
         builder.fail(408, error.message);
+      }, (error) => {
+        // A malformed body is the client's error: 400 unless the response has started.
+        if (!isMalformedBody(error) || builder.finished) return;
+        handle?.cancel("bad-body");
+        builder.fail(400, bodyReadFailure(error));
       });
     } else {
       body = request.body;

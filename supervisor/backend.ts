@@ -79,9 +79,18 @@ export function isBodyTimeout(error: unknown): boolean {
   return error instanceof Error && error.name === "BodyTimeoutError";
 }
 
+/**
+ * Reports whether a failed body read means that the client sent a malformed
+ * body. Deno 2.9.6 fails the read of a bad chunk with "invalid HTTP/1 request".
+ */
+export function isMalformedBody(error: unknown): boolean {
+  return error instanceof Error && /invalid HTTP\/1 request/i.test(error.message);
+}
+
 /** Returns why a request body could not be read to its end, for the isolate. */
 export function bodyFailureCause(error: unknown): StopCause {
   if (isBodyTimeout(error)) return "body-timeout";
+  if (isMalformedBody(error)) return "bad-body";
   return serverStopping ? "server-stop" : "client";
 }
 
@@ -92,6 +101,9 @@ export function bodyFailureCause(error: unknown): StopCause {
  * through no fault of the client.
  */
 export function bodyReadFailure(error: unknown): string {
+  if (isMalformedBody(error)) {
+    return `malformed request body (invalid chunked transfer coding): ${error}`;
+  }
   return serverStopping
     ? `request body cut off because the server is stopping (Deno stops reading bodies then): ${error}`
     : `client stopped sending the request body: ${error}`;

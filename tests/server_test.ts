@@ -13,6 +13,7 @@ import { OPTIONS } from "../runtime/cli.ts";
 import { daemonMallocEnvironment } from "../supervisor/malloc.ts";
 import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
 import { peakResident, residentBytes, uploadGenerated } from "./helpers/transfer.ts";
+import { delay } from "./helpers/load.ts";
 
 const APP_SCRIPT = repoPath("tests/fixtures/server_app.wsgi");
 const IMPORT_SCRIPT = repoPath("tests/fixtures/server_import.wsgi");
@@ -1022,6 +1023,38 @@ async function stallBody(port: number, declared: number | null, sent: number): P
 
 /** The test application's callable on one isolate. */
 const ONE_APP_ISOLATE = ["--callable-object", "app", "--threads", "1"];
+
+Deno.test("malformed chunked body gets 400", async () => {
+  await using server = await startServer(APP_SCRIPT, ONE_APP_ISOLATE);
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+  let reply = "";
+  try {
+    const head =
+      "POST /do/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+    await conn.write(encoder.encode(head + "5\r\nhello\r\n"));
+    // The bad chunk comes once the application reads the body.
+    await delay(500);
+    await conn.write(encoder.encode("zz\r\nbad\r\n0\r\n\r\n"));
+    const buffer = new Uint8Array(4096);
+    const count = await conn.read(buffer);
+    reply = decoder.decode(buffer.subarray(0, count ?? 0));
+  } finally {
+    conn.close();
+  }
+
+  assert.equal(reply.split("\r\n")[0], "HTTP/1.1 400 Bad Request", reply);
+  assert.match(
+    server.log(),
+    /WARNING .*request failed with 400: malformed request body \(invalid chunked transfer coding\)/,
+  );
+  // The isolate that was reading the body names the cause, not a client that left.
+  await server.waitForLog(
+    /isolate=1 .*\] the client sent a malformed request body \(invalid chunked transfer coding\); the response was stopped/,
+    5000,
+  );
+  assert.doesNotMatch(server.log(), /client stopped sending the request body/);
+  assert.equal((await fetch(`${server.origin}/`)).status, 200);
+});
 
 Deno.test("module removed from Python 3.14 named with the fix", async () => {
   const folder = await Deno.makeTempDir({ prefix: "wsgirun-removed-" });
