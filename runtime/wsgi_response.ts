@@ -20,6 +20,8 @@ import {
 } from "../wasm/protocol.ts";
 
 const EMPTY_BODY = new Uint8Array(0);
+/** The error of a request whose client left, as the adapter and the front give it. */
+const CLIENT_DISCONNECTED = "client disconnected";
 
 const FILE_PIECE = 64 * 1024;
 
@@ -228,7 +230,7 @@ export class ResponseBuilder implements ResponseSink {
     this.#options.logger.info("client closed the connection while the request was queued");
     this.#resolve(errorResponse(503, "Service Unavailable"));
     // The client left, so the body was never sent.
-    this.#finish("client disconnected");
+    this.#finish(CLIENT_DISCONNECTED);
   }
 
   #push(item: BodyItem): void {
@@ -294,10 +296,17 @@ export class ResponseBuilder implements ResponseSink {
           await this.#openFile(item.message);
           continue;
         case "end":
-          if (item.error) {
+          // Deno cancelled the stream while this read waited, and #cancel logged it.
+          if (this.#done) return;
+          if (item.error === CLIENT_DISCONNECTED) {
+            // The isolate saw the client leave before Deno did: no fault of the server.
+            this.#options.logger.info("client closed the connection during the response");
+          } else if (item.error) {
             this.#options.logger.error(
               `response aborted after its headers were sent: ${item.error}`,
             );
+          }
+          if (item.error) {
             // Erroring the stream makes Deno close the connection without the
             // final chunk, so the client can tell the body is incomplete.
             controller.error(new Error(item.error));
@@ -352,7 +361,7 @@ export class ResponseBuilder implements ResponseSink {
     this.#file?.handle.close();
     this.#file = null;
     this.#options.logger.info(`client closed the connection during the response (${reason})`);
-    this.#finish("client disconnected");
+    this.#finish(CLIENT_DISCONNECTED);
   }
 
   /** Stops a streaming response that has not finished (the server is shutting down). */

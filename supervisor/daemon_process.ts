@@ -246,7 +246,12 @@ export class DaemonRequestHandle implements RequestHandle {
       }
     } catch (error) {
       if (this.#bodyStopped(process)) return;
-      if (!isBodyTimeout(error)) {
+      if (this.request.sink.finished) {
+        // See pumpBody in embedded_backend.ts.
+        logger.debug(`request body read stopped after the response: ${error}`, {
+          request: this.request.requestId,
+        });
+      } else if (!isBodyTimeout(error)) {
         logger.info(bodyReadFailure(error), { request: this.request.requestId });
       }
       process.send(Frame.BODY_ABORT, id, Uint8Array.of(stopCauseCode(bodyFailureCause(error))));

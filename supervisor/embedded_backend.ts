@@ -18,7 +18,7 @@ import {
   isBodyTimeout,
   type RequestHandle,
 } from "./backend.ts";
-import type { Job } from "./isolate.ts";
+import type { Job, ResponseSink } from "./isolate.ts";
 import { type Logger, tracebackSummary } from "./log.ts";
 import type { IsolatePool } from "./pool.ts";
 import { BODY_RING_BYTES, BodyRing } from "../wasm/channel.ts";
@@ -35,7 +35,12 @@ const BODY_READ_BYTES = 64 * 1024;
  * piece, and during a large upload those wait for the garbage collector as
  * tens of megabytes of external memory.
  */
-async function pumpBody(body: ReadableStream<Uint8Array>, ring: BodyRing, logger: Logger) {
+async function pumpBody(
+  body: ReadableStream<Uint8Array>,
+  ring: BodyRing,
+  sink: ResponseSink,
+  logger: Logger,
+) {
   let reader: ReadableStreamBYOBReader | ReadableStreamDefaultReader<Uint8Array>;
   try {
     reader = body.getReader({ mode: "byob" });
@@ -60,7 +65,10 @@ async function pumpBody(body: ReadableStream<Uint8Array>, ring: BodyRing, logger
       if (reader instanceof ReadableStreamBYOBReader) buffer = value.buffer as ArrayBuffer;
     }
   } catch (error) {
-    if (!isBodyTimeout(error)) logger.info(bodyReadFailure(error));
+    // Once the response is over (a request timeout, or an application that
+    // did not read the whole body), Deno closes the body: no client's doing.
+    if (sink.finished) logger.debug(`request body read stopped after the response: ${error}`);
+    else if (!isBodyTimeout(error)) logger.info(bodyReadFailure(error));
     ring.abort(bodyFailureCause(error));
   }
 }
@@ -149,7 +157,9 @@ export class EmbeddedBackend implements AppBackend {
       control.release();
       throw error;
     }
-    if (stream && ring) pumpBody(stream, ring, this.#logger.child({ request: request.requestId }));
+    if (stream && ring) {
+      pumpBody(stream, ring, request.sink, this.#logger.child({ request: request.requestId }));
+    }
 
     return {
       get running() {

@@ -42,6 +42,8 @@ export interface ResponseSink {
   fail(status: number, reason: string): void;
   /** The client left before an isolate ran the request; the pool will not run it. May come twice. */
   abandon(): void;
+  /** Whether the response is over: sent whole, failed, or cut off. */
+  readonly finished?: boolean;
 }
 
 /** One request as the pool schedules it. */

@@ -13,7 +13,7 @@ import { OPTIONS } from "../runtime/cli.ts";
 import { daemonMallocEnvironment } from "../supervisor/malloc.ts";
 import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
 import { peakResident, residentBytes, uploadGenerated } from "./helpers/transfer.ts";
-import { delay } from "./helpers/load.ts";
+import { countMatches, delay } from "./helpers/load.ts";
 
 const APP_SCRIPT = repoPath("tests/fixtures/server_app.wsgi");
 const IMPORT_SCRIPT = repoPath("tests/fixtures/server_import.wsgi");
@@ -350,6 +350,26 @@ Deno.test("server with one isolate", async (t) => {
       assert.equal((await getText(server, "/app/do/hello")).text, "hello", "server still serves");
     });
 
+    await t.step("unread body after the response", async () => {
+      // The application answers without reading a streamed body; the end of
+      // its body read is the server's doing, not a client that stopped.
+      const logStart = server.log().length;
+      const connection = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+      await connection.write(encoder.encode(
+        "POST /app/do/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
+      ));
+      await connection.write(new Uint8Array(200_000));
+      const buffer = new Uint8Array(4096);
+      const count = await connection.read(buffer);
+      const reply = decoder.decode(buffer.subarray(0, count ?? 0));
+      await delay(300);
+      connection.close();
+
+      assert.match(reply, /^HTTP\/1\.1 200 /);
+      assert.equal((await getText(server, "/app/do/hello")).text, "hello", "server still serves");
+      assert.doesNotMatch(server.log().slice(logStart), /client stopped sending/);
+    });
+
     await t.step("request larger than an inbox entry", async () => {
       // Most requests reach the isolate through its shared inbox; this one
       // does not fit an entry and takes the posted-message path, in order.
@@ -406,8 +426,27 @@ Deno.test("server with one isolate", async (t) => {
       const count = await connection.read(buffer);
       assert.notEqual(count, null, "the endless response started");
       connection.close();
-      await server.waitForLog(new RegExp(`iterable closed ${token}`), 5000);
+      const closed = await server.waitForLog(new RegExp(`.*iterable closed ${token}`), 5000);
       assert.equal((await getText(server, "/app/do/hello")).text, "hello", "server still serves");
+      // A client that leaves is no error of the server, whichever side notices it first.
+      const requestId = closed.match(/request=([\w-]+)/)?.[1];
+      assert.ok(requestId, closed);
+      // Its own marker line comes through wsgi.errors, which logs at ERROR.
+      assert.doesNotMatch(
+        server.log(),
+        new RegExp(`ERROR \\[[^\\]]*request=${requestId}\\] (?!iterable closed)`),
+      );
+      assert.equal(
+        countMatches(
+          server.log(),
+          new RegExp(`request=${requestId}\\] client closed the connection during`),
+        ),
+        1,
+      );
+      assert.match(
+        server.log(),
+        new RegExp(`INFO \\[[^\\]]*request=${requestId}\\] client closed the connection`),
+      );
     });
 
     await t.step("CRLF in header value", async () => {
