@@ -484,6 +484,9 @@ export class DaemonGroup implements AppBackend {
       return;
     }
     // A reload that fails leaves the processes started before it serving.
+    // A process of the reload that was still starting may fail after the
+    // first report; the reload has failed already, so it adds no line.
+    if (this.#holdReason) return;
     this.#holdReason = summary;
     for (const process of serving) process.replaced = false;
     this.#logger.critical(

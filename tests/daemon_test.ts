@@ -1100,6 +1100,43 @@ Deno.test("daemon reload cut short by stop", async () => {
   }
 });
 
+Deno.test("failed daemon reload keeps the old processes", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  const script = join(folder, "app.wsgi");
+  const working = await Deno.readTextFile(script);
+  try {
+    const server = await startServer(script, [
+      "--preload",
+      "--daemon",
+      "group=held,user=nobody,processes=2,threads=1",
+    ], { waitForReady: false });
+    await using _server = server;
+    await waitForCount(server, /daemon process ready/, 2, 0, 120_000);
+
+    await Deno.writeTextFile(script, "raise RuntimeError('broken by the deploy')\n" + working);
+    await server.waitForLog(/CRITICAL .*reload failed: /, 90_000);
+    const during = await getText(server.origin + "/");
+    // Processes of the reload that were still starting fail after the report, without a line.
+    await delay(3000);
+    const log = server.log();
+
+    assert.equal(during.status, 200);
+    assert.equal(countMatches(log, /reload failed: /), 1);
+    assert.match(
+      log,
+      /reload failed: 3 daemon processes in a row failed to start; .*broken by the deploy.*; 2 processes started before the reload keep serving/,
+    );
+    assert.doesNotMatch(log, /group marked failed/);
+
+    // The fixed script reloads.
+    await Deno.writeTextFile(script, working + "\n# fixed\n");
+    await waitForCount(server, /daemon process ready/, 4, 0, 90_000);
+    assert.equal((await getText(server.origin + "/")).status, 200);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("group failing at start is marked failed", async () => {
   await using server = await startServer(BROKEN_SCRIPT, [
     "--preload",
