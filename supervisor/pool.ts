@@ -89,6 +89,8 @@ const RESTART_DELAYS_MS = [100, 1000, 5000, 15000, 30000];
  * now and then on 2 cores loaded by the test client.
  */
 const LONG_REQUEST_MS = 250;
+/** Wasm memory above which an isolate without a memory limit gets a log line (see #noteLargeMemory). */
+const LARGE_MEMORY_BYTES = 512 * 1024 * 1024;
 /** Milliseconds between two checks of whether a waiting request calls for another isolate. */
 const GROW_CHECK_MS = 20;
 
@@ -128,6 +130,8 @@ export class IsolatePool {
   #startedMinimum = false;
   /** performance.now() when each busy isolate took its job. */
   #jobStartedAt = new Map<Isolate, number>();
+  /** Isolates whose large memory has been logged. */
+  #largeMemoryNoted = new WeakSet<Isolate>();
   /** performance.now() when each idle isolate finished its last job. */
   #idleSince = new Map<Isolate, number>();
   #firstReady = Promise.withResolvers<void>();
@@ -523,6 +527,7 @@ export class IsolatePool {
    */
   #recycle(isolate: Isolate): boolean {
     const { maxRequests, memoryLimitBytes } = this.#options;
+    if (memoryLimitBytes <= 0) this.#noteLargeMemory(isolate);
     if ((maxRequests <= 0 && memoryLimitBytes <= 0) || this.#stopping || this.#handOff) {
       return false;
     }
@@ -540,6 +545,21 @@ export class IsolatePool {
     }
     this.#startReplacement();
     return false;
+  }
+
+  /**
+   * Logs once per isolate, without a memory limit, when its wasm memory
+   * passes LARGE_MEMORY_BYTES. Wasm memory never shrinks, so what one large
+   * request allocated stays with the isolate until it stops.
+   */
+  #noteLargeMemory(isolate: Isolate): void {
+    if (isolate.memoryBytes < LARGE_MEMORY_BYTES || this.#largeMemoryNoted.has(isolate)) return;
+    this.#largeMemoryNoted.add(isolate);
+    this.#logger.warning(
+      `isolate has ${mebibytes(isolate.memoryBytes)} of wasm memory, which it keeps until it ` +
+        "stops because wasm memory never shrinks; --memory-limit replaces such isolates",
+      { isolate: isolate.id },
+    );
   }
 
   /** Returns why `isolate` is due for a replacement, or undefined when it is not. */

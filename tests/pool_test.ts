@@ -494,6 +494,21 @@ Deno.test("memory limit replaces isolate", async () => {
   await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
 });
 
+Deno.test("large wasm memory without a limit is logged", async () => {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "1",
+  ]);
+  for (let i = 0; i < 2; i++) {
+    const response = await fetch(`${server.origin}/?allocate-mib=600`);
+    assert.equal(await response.text(), "allocated");
+  }
+  // The memory stays after the block is freed, and the line comes once.
+  await server.waitForLog(/isolate=1\] isolate has \d+ MiB of wasm memory, which it keeps/);
+  assert.equal(countMatches(server.log(), /which it keeps until it stops/), 1);
+  assert.match(server.log(), /--memory-limit replaces such isolates/);
+});
+
 Deno.test("memory limit below fresh isolate", async () => {
   const script = await writeCountingScript(40);
   await using server = await startServer(script, ["--threads", "1", "--memory-limit", "48M"]);
