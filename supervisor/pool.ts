@@ -248,15 +248,13 @@ export class IsolatePool {
     // A request posted behind another one in an isolate waits too, so it
     // counts against the queue limit.
     const waiting = this.#queue.length + this.#waitingInIsolates();
-    let idle = this.#findIdle();
-    if (idle?.state === "busy" && this.#queue.length === 0) {
-      // A request that waits behind a slow one moves up first, so that this
-      // newer one does not overtake it.
-      this.#takeWaitingJob(idle, Infinity, true);
-      idle = this.#findIdle();
-    }
+    const idle = this.#findIdle();
+    // A newer request is not posted past one held behind a slow request: it
+    // waits in the queue, and the isolate that frees up first takes the held
+    // one before the queue (see #dispatchNext).
+    const overtakes = idle?.state === "busy" && this.#heldBehindSlow();
     if (
-      idle && this.#queue.length === 0 && idle.canTakeJob(job) &&
+      idle && !overtakes && this.#queue.length === 0 && idle.canTakeJob(job) &&
       (idle.state === "idle" || waiting < this.#options.queueLimit)
     ) {
       this.#run(idle, job);
@@ -425,6 +423,17 @@ export class IsolatePool {
     const now = performance.now();
     for (const [isolate, startedAt] of this.#jobStartedAt) {
       if (isolate.blocked || now - startedAt >= LONG_REQUEST_MS) return true;
+    }
+    return false;
+  }
+
+  /** Whether a request is posted behind one that has run for LONG_REQUEST_MS. */
+  #heldBehindSlow(): boolean {
+    const now = performance.now();
+    for (const isolate of this.#isolates) {
+      if (isolate.jobs.length < 2) continue;
+      const startedAt = this.#jobStartedAt.get(isolate);
+      if (startedAt !== undefined && now - startedAt >= LONG_REQUEST_MS) return true;
     }
     return false;
   }

@@ -8,33 +8,39 @@ import assert from "node:assert/strict";
 import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
 import { countMatches, delay, runLoad, runLoadFor, waitForCount } from "./helpers/load.ts";
 
-/** Starts the pool test app with 2 isolates; `request` records the order in which responses end. */
-async function startOrderedServer() {
-  const server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), ["--threads", "2"]);
+/** A request of sendInOrder: its name, how long it sleeps, and the pause before it is sent. */
+type PlannedRequest = [name: string, seconds: number, pauseMs: number];
+
+/**
+ * Starts the pool test app with 2 isolates, sends the planned requests one
+ * after another, and returns their names in the order their responses ended.
+ */
+async function sendInOrder(plan: PlannedRequest[]): Promise<string[]> {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "2",
+  ]);
   await server.waitForLog(/isolate=2\] isolate ready/);
   const finished: string[] = [];
-  const request = async (name: string, seconds: number) => {
-    const response = await fetch(`${server.origin}/?seconds=${seconds}`);
-    assert.equal(response.status, 200);
-    await response.text();
-    finished.push(name);
-  };
-  return { server, finished, request };
+  const requests: Promise<void>[] = [];
+  for (const [name, seconds, pauseMs] of plan) {
+    await delay(pauseMs);
+    requests.push((async () => {
+      const response = await fetch(`${server.origin}/?seconds=${seconds}`);
+      assert.equal(response.status, 200);
+      await response.text();
+      finished.push(name);
+    })());
+  }
+  await Promise.all(requests);
+  return finished;
 }
 
 Deno.test("waiting request moves to free isolate", async () => {
-  const { server, finished, request } = await startOrderedServer();
-  await using _server = server;
-
   // Both isolates busy: the long request on one, the short one on the other.
-  const long = request("long", 4);
-  await new Promise((resolve) => setTimeout(resolve, 300));
-  const short = request("short", 0.5);
-  await new Promise((resolve) => setTimeout(resolve, 200));
-  // This one is posted behind a running request; whichever isolate frees
+  // "waiting" is posted behind a running request; whichever isolate frees
   // first must run it, so it never waits for the long request.
-  const waiting = request("waiting", 0);
-  await Promise.all([long, short, waiting]);
+  const finished = await sendInOrder([["long", 4, 0], ["short", 0.5, 300], ["waiting", 0, 200]]);
 
   // "waiting" may run right behind "short", so this client can see the two
   // replies in either order. Either way it must not wait for "long".
@@ -43,24 +49,30 @@ Deno.test("waiting request moves to free isolate", async () => {
 });
 
 Deno.test("waiting request runs before later ones", async () => {
-  const { server, finished, request } = await startOrderedServer();
-  await using _server = server;
-
-  const requests = [request("long", 4)];
-  await delay(300);
-  requests.push(request("short", 1));
-  await delay(200);
-  // Posted behind one of the running requests, then requests that arrive
-  // later fill the queue and keep the isolate that frees first busy.
-  requests.push(request("waiting", 0));
-  for (let i = 0; i < 6; i++) {
-    await delay(100);
-    requests.push(request(`later${i}`, 0.5));
-  }
-  await Promise.all(requests);
+  // "waiting" is posted behind one of the running requests, then requests
+  // that arrive later fill the queue and keep the isolate that frees first busy.
+  const later = Array.from({ length: 6 }, (_, i): PlannedRequest => [`later${i}`, 0.5, 100]);
+  const finished = await sendInOrder([
+    ["long", 4, 0],
+    ["short", 1, 300],
+    ["waiting", 0, 200],
+    ...later,
+  ]);
 
   assert.ok(finished.indexOf("waiting") < finished.indexOf("long"), finished.join(" "));
   assert.ok(finished.indexOf("waiting") < finished.indexOf("later0"), finished.join(" "));
+});
+
+Deno.test("held request not overtaken by a later slow one", async () => {
+  // "waiting" is held behind "medium"; the later request must not take its place in line.
+  const finished = await sendInOrder([
+    ["medium", 1, 0],
+    ["long", 4, 200],
+    ["waiting", 0, 200],
+    ["later", 2, 300],
+  ]);
+
+  assert.ok(finished.indexOf("waiting") < finished.indexOf("later"), finished.join(" "));
 });
 
 Deno.test("long request with fast ones around it", async () => {
