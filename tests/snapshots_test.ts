@@ -1345,3 +1345,26 @@ Deno.test("fresh checkout compiles the wasm module once", async () => {
   assert.doesNotMatch(log, /cannot compile Pyodide's wasm module/);
   assert.ok((await Deno.stat(`${checkout}/node_modules`)).isDirectory);
 });
+
+Deno.test("text printed at import is logged without a request", async () => {
+  const folder = await makeApp({
+    "app.wsgi": `import sys
+print("import line")
+print("import text without newline", end="")
+sys.stderr.write("import error text without newline")
+${HELLO}`,
+  });
+  const cases = [["--threads", "2"], ["--threads", "2", "--snapshot", "runtime", "--preload"]];
+  for (const args of cases) {
+    await using server = await startServer(`${folder}/app.wsgi`, args);
+    assert.equal(await body(server.origin), "hello");
+    assert.equal(await body(server.origin), "hello");
+    const log = server.log();
+
+    for (const text of ["import line", "import text without newline"]) {
+      assert.match(log, new RegExp(`INFO \\[[^\\]]*\\] ${text}$`, "m"), args.join(" "));
+    }
+    assert.match(log, /WARNING \[[^\]]*\] import error text without newline$/m);
+    assert.doesNotMatch(log, /request=\S+\] import/, args.join(" "));
+  }
+});

@@ -31,7 +31,7 @@ import sys
 import time
 import traceback
 
-from _wsgirun_app_loader import configure, load_application, settings  # noqa: F401 (the worker calls configure)
+from _wsgirun_app_loader import configure, flush_standard_streams, load_application, settings  # noqa: F401 (the worker calls configure)
 
 # The `_wsgirun_host` module, bound by connect_host() in each isolate. Memory
 # snapshots import this adapter, and a snapshot cannot keep a JavaScript module.
@@ -522,15 +522,6 @@ def _fast_body(result, response):
     return body
 
 
-def _flush_standard_streams():
-    """Flush print() output and standard error, so that the request's text is logged with it."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-
-
 def handle(method, environ_json, body, streamed, request_id):
     """Run one request through the application; errors become responses and log lines."""
     errors = ErrorStream(request_id)
@@ -588,7 +579,8 @@ def handle(method, environ_json, body, streamed, request_id):
                 result.close()
             except BaseException:
                 _log_exception("the response iterable's close() raised")
-        _flush_standard_streams()
+        # The request's text without a final newline is logged with it.
+        flush_standard_streams()
     if not response.finished:
         response.finished = True
         host.finish(None)

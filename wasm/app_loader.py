@@ -59,6 +59,15 @@ def _read_path_files(python_path):
     sys.path[position:position] = added
 
 
+def flush_standard_streams():
+    """Flush print() output and standard error; an application may have replaced them."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
 def _load_script(path):
     """Execute a WSGI script file as a fresh module, as mod_wsgi does."""
     import types
@@ -125,6 +134,10 @@ def load_application():
         if hint:
             error.add_note(hint)
         raise
+    finally:
+        # Text printed at import without a final newline is logged now, not
+        # with a later request (or kept in an application snapshot).
+        flush_standard_streams()
 
     application = getattr(module, settings.callable_name, None)
     if application is None:

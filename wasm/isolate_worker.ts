@@ -36,6 +36,7 @@ import {
   startImports,
 } from "./pyodide_loader.ts";
 import { buildSnapshot, RESEED_PYTHON, writeAdapterFiles } from "./snapshot_builder.ts";
+import { StreamLog } from "./stream_log.ts";
 import { installHostModules, type PyodideForHost } from "./host_modules.ts";
 
 /**
@@ -163,38 +164,8 @@ function log(level: "debug" | "info" | "warning" | "error", message: string): vo
   post({ type: "log", level, message, requestId: current?.id });
 }
 
-/**
- * Turns what Python writes to a standard stream into log lines, and logs
- * an unfinished line when the request ends. Pyodide's own line buffering
- * kept such text until a later request wrote a newline, so it was logged
- * with that request's id.
- */
-class StreamLog {
-  #decoder = new TextDecoder();
-  #pending = "";
-
-  constructor(readonly level: "info" | "warning") {}
-
-  write(bytes: Uint8Array): number {
-    const lines = (this.#pending + this.#decoder.decode(bytes, { stream: true })).split("\n");
-    this.#pending = lines.pop()!;
-    for (const line of lines) log(this.level, line);
-    // A line without an end is logged in pieces rather than held without limit.
-    if (this.#pending.length >= STREAM_LINE_LIMIT) this.flush();
-    return bytes.length;
-  }
-
-  flush(): void {
-    const rest = this.#pending + this.#decoder.decode();
-    this.#pending = "";
-    if (rest !== "") log(this.level, rest);
-  }
-}
-
-/** Characters of one unfinished line that a StreamLog keeps before it logs them. */
-const STREAM_LINE_LIMIT = 65536;
-const stdoutLog = new StreamLog("info");
-const stderrLog = new StreamLog("warning");
+const stdoutLog = new StreamLog((line) => log("info", line));
+const stderrLog = new StreamLog((line) => log("warning", line));
 
 /** Copies a Python bytes object out of the wasm heap. */
 function copyBytes(proxy: BytesProxy): Uint8Array<ArrayBuffer> {

@@ -21,6 +21,7 @@ import {
   type MountableFS,
   mountHostFolders,
 } from "./pyodide_loader.ts";
+import { StreamLog } from "./stream_log.ts";
 import { installHostPython, type PyodideForHost, SHIM_FOLDER } from "./host_modules.ts";
 
 interface SnapshotPyodide {
@@ -32,6 +33,8 @@ interface SnapshotPyodide {
   pyimport(name: string): Record<string, (...args: unknown[]) => unknown>;
   makeMemorySnapshot(): Uint8Array<ArrayBuffer>;
   setInterruptBuffer(buffer: Int32Array | undefined): void;
+  setStdout(options: { write(buffer: Uint8Array): number }): void;
+  setStderr(options: { write(buffer: Uint8Array): number }): void;
 }
 
 /**
@@ -183,15 +186,25 @@ export async function buildSnapshot(
       stdout: (line) => post({ type: "log", level: "info", message: line }),
       stderr: (line) => post({ type: "log", level: "warning", message: line }),
     }) as SnapshotPyodide;
+    // What the application prints while it imports is logged during the build.
+    const stdout = new StreamLog((line) => post({ type: "log", level: "info", message: line }));
+    const stderr = new StreamLog((line) => post({ type: "log", level: "warning", message: line }));
+    pyodide.setStdout({ write: (bytes) => stdout.write(bytes) });
+    pyodide.setStderr({ write: (bytes) => stderr.write(bytes) });
 
     // An import that never ends gets KeyboardInterrupt when the build times out.
     if (message.interrupt) pyodide.setInterruptBuffer(new Int32Array(message.interrupt));
     let imports = { files: [] as string[], folders: [] as string[] };
-    if (message.app) {
-      imports = importApplication(pyodide, message);
-    } else {
-      if (message.modules.length > 0) pyodide.runPython(`import ${message.modules.join(", ")}`);
-      importAdapter(pyodide);
+    try {
+      if (message.app) {
+        imports = importApplication(pyodide, message);
+      } else {
+        if (message.modules.length > 0) pyodide.runPython(`import ${message.modules.join(", ")}`);
+        importAdapter(pyodide);
+      }
+    } finally {
+      stdout.flush();
+      stderr.flush();
     }
     // Pyodide keeps whether signals are checked in wasm memory, and the
     // interpreters restored from the snapshot set their own buffer.
