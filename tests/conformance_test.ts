@@ -578,6 +578,7 @@ const INVALID_STARTS = [
   "content-length-huge",
   "content-length-conflict",
   "too-many-headers",
+  "headers-too-large",
 ];
 
 Deno.test("start_response", async (t) => {

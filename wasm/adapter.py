@@ -94,6 +94,8 @@ _HOP_BY_HOP = frozenset(
 # Deno's Headers get slower with each distinct name, and the front builds them on
 # its main thread: 40 000 names stalled every request for seconds.
 _MAX_HEADERS = 1000
+# Header lines in all, in characters: 1000 headers of 64 KiB each slowed every request.
+_MAX_HEADER_CHARS = 1024 * 1024
 # The front reads Content-Length as a JavaScript number, exact up to 2**53 - 1.
 _MAX_CONTENT_LENGTH = 2**53 - 1
 
@@ -278,6 +280,7 @@ def _check_headers(headers):
             "%d headers; a response may have at most %d" % (len(headers), _MAX_HEADERS)
         )
     flat = []
+    size = 0
     for item in headers:
         if type(item) is not tuple or len(item) != 2:
             raise ResponseError("each header must be a (name, value) tuple, got %r" % (item,))
@@ -299,6 +302,12 @@ def _check_headers(headers):
             ) from None
         if name.lower() in _HOP_BY_HOP:
             raise ResponseError("hop-by-hop header %r is for the server to set" % name)
+        size += len(name) + len(value) + 4
+        if size > _MAX_HEADER_CHARS:
+            raise ResponseError(
+                "the headers exceed %d characters in all; send large data in the body"
+                % _MAX_HEADER_CHARS
+            )
         flat.append(name)
         flat.append(value.strip(" \t"))
     return flat
