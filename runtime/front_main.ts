@@ -146,7 +146,7 @@ export async function runFront(args: string[], mallocNote?: MallocNote): Promise
   for (const warning of options.warnings ?? []) logger.child({ pid: Deno.pid }).warning(warning);
   const server = await start(options, logger);
   server.ready.catch((error) => {
-    logger.critical(
+    logger.child({ app: options.app.name, pid: Deno.pid }).critical(
       `the application cannot start: ${error.message}. The server keeps running and returns 503 for its requests`,
     );
   });

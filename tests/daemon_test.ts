@@ -1180,7 +1180,7 @@ Deno.test("group failing at start is marked failed", async () => {
   // The front's line states that it keeps running, since the failure reads as fatal.
   assert.match(
     log,
-    /CRITICAL .*the application cannot start: .*\. The server keeps running and returns 503 for its requests/,
+    /CRITICAL \[app=app\.wsgi pid=\d+\] the application cannot start: .*\. The server keeps running and returns 503 for its requests/,
   );
 });
 
