@@ -306,23 +306,20 @@ async function executableFor(root: string, uid: number, gid: number): Promise<st
   return copy;
 }
 
-/**
- * Returns whether `uid` and `gid` may enter the folder that `info`
- * describes, by its owner, group and other bits.
- */
-function mayEnter(info: Deno.FileInfo, uid: number, gid: number): boolean {
-  const mode = info.mode ?? 0;
-  if (info.uid === uid) return (mode & 0o100) !== 0;
-  if (info.gid === gid) return (mode & 0o010) !== 0;
-  return (mode & 0o001) !== 0;
-}
+/** Permission bits of one class in a file mode: execute (enter a folder) and write. */
+const ENTER = 0o1;
+const WRITE = 0o2;
 
-/** Returns whether `uid` and `gid` may write what `info` describes, by its owner, group and other bits. */
-function mayWrite(info: Deno.FileInfo, uid: number, gid: number): boolean {
+/**
+ * Returns whether `uid` and `gid` have `access` (ENTER or WRITE) to what
+ * `info` describes, by its owner, group and other bits.
+ */
+function permits(info: Deno.FileInfo, uid: number, gid: number, access: number): boolean {
   const mode = info.mode ?? 0;
-  if (info.uid === uid) return (mode & 0o200) !== 0;
-  if (info.gid === gid) return (mode & 0o020) !== 0;
-  return (mode & 0o002) !== 0;
+  let shift = 0;
+  if (info.uid === uid) shift = 6;
+  else if (info.gid === gid) shift = 3;
+  return ((mode >> shift) & access) !== 0;
 }
 
 /** An allow-write folder, or a file in one, that the group's user cannot write. */
@@ -357,7 +354,7 @@ export async function unwritablePaths(
   for (const folder of app.writePaths ?? []) {
     const info = await Deno.stat(folder).catch(() => null);
     if (!info) continue;
-    if (!mayWrite(info, uid, gid)) folders.push(describe(folder, info));
+    if (!permits(info, uid, gid, WRITE)) folders.push(describe(folder, info));
     const found: UnwritablePath[] = [];
     let checked = 0;
     try {
@@ -366,7 +363,7 @@ export async function unwritablePaths(
         if (++checked > WRITE_CHECK_FILES) break;
         const path = `${folder}/${entry.name}`;
         const file = await Deno.stat(path).catch(() => null);
-        if (file && !mayWrite(file, uid, gid)) found.push(describe(path, file));
+        if (file && !permits(file, uid, gid, WRITE)) found.push(describe(path, file));
       }
     } catch {
       // A folder the server cannot list is reported by the daemon when it is used.
@@ -395,7 +392,9 @@ export async function unreachableFolder(
   for (const target of targets) {
     for (let folder = target;; folder = dirname(folder)) {
       const info = await Deno.stat(folder).catch(() => null);
-      if (info && !mayEnter(info, uid, gid)) return { folder, mode: (info.mode ?? 0) & 0o777 };
+      if (info && !permits(info, uid, gid, ENTER)) {
+        return { folder, mode: (info.mode ?? 0) & 0o777 };
+      }
       if (dirname(folder) === folder) break;
     }
   }

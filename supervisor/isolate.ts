@@ -160,7 +160,7 @@ export const PIPELINE_DEPTH = 2;
 const WASM_PAGE_BYTES = 64 * 1024;
 
 /** The signal number Pyodide turns into KeyboardInterrupt. */
-const SIGINT = 2;
+export const SIGINT = 2;
 
 export class Isolate {
   readonly id: number;

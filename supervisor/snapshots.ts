@@ -50,7 +50,7 @@ import {
   type FromWorker,
   SNAPSHOT_CONTENT_VERSION,
 } from "../wasm/protocol.ts";
-import { processIdentity } from "./isolate.ts";
+import { processIdentity, SIGINT } from "./isolate.ts";
 import { packSnapshot, unpackSnapshot } from "../wasm/snapshot_pages.ts";
 import adapterSource from "../wasm/adapter.py" with { type: "text" };
 import appLoaderSource from "../wasm/app_loader.py" with { type: "text" };
@@ -109,8 +109,6 @@ const RUNTIME_SNAPSHOT_UNUSED_MS = 7 * 24 * 3600 * 1000;
 /** Age after which a temporary file of an unfinished snapshot build is deleted. */
 const LEFTOVER_MS = 24 * 3600 * 1000;
 const BUILD_TIMEOUT_MS = 180_000;
-/** The signal number that makes Python raise KeyboardInterrupt. */
-const SIGINT = 2;
 
 /** JSON header of a cache file, covered by the SHA-256 on the line before it. */
 interface SnapshotHeader {
@@ -193,7 +191,7 @@ export function compiledInterpreter(
  * Reads `pyodide.asm.wasm`. With `nodeModulesDir` set to "auto", Deno puts
  * an npm package into node_modules only when a module first imports it.
  * Only the isolates' workers import Pyodide, so on the first run of a fresh
- * checkout the file may be missing; importing the package here installs it.
+ * checkout the file may be missing. Importing the package here installs it.
  */
 async function readInterpreterFile(
   python: PythonVersion,

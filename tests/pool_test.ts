@@ -7,6 +7,7 @@
 import assert from "node:assert/strict";
 import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
 import { countMatches, delay, runLoad, runLoadFor, waitForCount } from "./helpers/load.ts";
+import { cpuTicks } from "./helpers/transfer.ts";
 
 /** A request of sendInOrder: its name, how long it sleeps, and the pause before it is sent. */
 type PlannedRequest = [name: string, seconds: number, pauseMs: number];
@@ -648,13 +649,6 @@ Deno.test("retired isolates end their threads", async () => {
     `threads went from ${busy} to ${now} after ${retired} isolates retired`,
   );
 });
-
-/** Returns the CPU time a process has used so far, in clock ticks. */
-function cpuTicks(pid: number): number {
-  const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return Number(fields[11]) + Number(fields[12]);
-}
 
 Deno.test("time.sleep leaves the CPU idle", async () => {
   await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [

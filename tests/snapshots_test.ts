@@ -8,6 +8,7 @@ import { repoPath, startServer, TEST_CACHE_DIR, type TestServer } from "./helper
 import { loadPyodideFor } from "../wasm/pyodide_loader.ts";
 import { PAGE_BYTES, unpackSnapshot } from "../wasm/snapshot_pages.ts";
 import { countMatches, delay } from "./helpers/load.ts";
+import { cpuTicks } from "./helpers/transfer.ts";
 import { buildInWorker, snapshotCacheDir } from "../supervisor/snapshots.ts";
 import { appReadPaths, type AppSpec } from "../supervisor/app_spec.ts";
 import { pyodideFolder } from "../supervisor/isolate.ts";
@@ -859,7 +860,7 @@ def application(environ, start_response):
   const extra = `${library}/vendor`;
   await Deno.mkdir(extra);
   await Deno.writeTextFile(`${extra}/from_pth.py`, 'WHERE = "named by a .pth file"\n');
-  // A folder outside them is skipped, with a warning that says how to add it.
+  // A folder outside them is skipped, with a warning that names the option that adds it.
   const outside = await Deno.makeTempDir({ prefix: "wsgirun-pth-outside-" });
   await Deno.writeTextFile(`${library}/extra.pth`, `# a comment line\n${extra}\n${outside}\n`);
   for (let run = 0; run < 2; run++) {
@@ -1293,14 +1294,6 @@ async function logUntilReady(args: string[], cwd: string, cacheDir: string): Pro
   return log;
 }
 
-/** CPU time this process has used, in seconds, from /proc/self/stat. */
-function processCpuSeconds(): number {
-  const stat = Deno.readTextFileSync("/proc/self/stat");
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  // utime and stime, the 14th and 15th fields, in clock ticks of 1/100 s.
-  return (Number(fields[11]) + Number(fields[12])) / 100;
-}
-
 Deno.test("snapshot build that hangs stops its thread", async () => {
   const folder = await makeApp({ "app.wsgi": "while True:\n    pass\n" });
   const app: AppSpec = {
@@ -1320,9 +1313,9 @@ Deno.test("snapshot build that hangs stops its thread", async () => {
   await assert.rejects(build, /timed out after 8000 ms/);
 
   // A worker thread that still ran the import's loop would use a core.
-  const before = processCpuSeconds();
+  const before = cpuTicks(Deno.pid);
   await delay(1500);
-  const used = processCpuSeconds() - before;
+  const used = (cpuTicks(Deno.pid) - before) / 100;
   assert.ok(used < 0.75, `the process used ${used} s of CPU in 1.5 s after the build stopped`);
 });
 

@@ -13,6 +13,13 @@ export function statusField(pid: number, field: string): string {
   return line?.slice(field.length + 1).trim() ?? "";
 }
 
+/** Returns the CPU time (utime and stime) a process has used so far, in clock ticks of 1/100 s. */
+export function cpuTicks(pid: number): number {
+  const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return Number(fields[11]) + Number(fields[12]);
+}
+
 /** Returns the resident memory of a process in bytes, or 0 once it has exited. */
 export function residentBytes(pid: number): number {
   try {
