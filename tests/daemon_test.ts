@@ -554,7 +554,7 @@ Deno.test("unwritable allow-write folder is reported", async () => {
   // Owned by root, who runs the tests, and not writable by others.
   await Deno.mkdir(data, { mode: 0o755 });
   await Deno.chmod(data, 0o755);
-  // A folder that nobody may write, with a database that root created in it.
+  // A folder that the user nobody may write, with a database that root created in it.
   const databases = join(folder, "databases");
   await Deno.mkdir(databases);
   await Deno.chown(databases, NOBODY, NOBODY);

@@ -351,8 +351,8 @@ Deno.test("server with one isolate", async (t) => {
     });
 
     await t.step("unread body after the response", async () => {
-      // The application answers without reading a streamed body; the end of
-      // its body read is the server's doing, not a client that stopped.
+      // The application responds without reading a streamed body. Deno then
+      // ends the body read, which is not a client that stopped sending.
       const logStart = server.log().length;
       const connection = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
       await connection.write(encoder.encode(
