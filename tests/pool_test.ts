@@ -722,10 +722,12 @@ Deno.test("stack overflow in C code replaces the isolate", async () => {
   assert.equal(overflow.status, 502);
   assert.equal(after.status, 200);
   assert.equal(await after.text(), "parsed");
-  const log = server.log();
-  assert.match(log, /isolate stopped: .*Maximum call stack size exceeded \(recursion in C code/);
+  await server.waitForLog(
+    /isolate stopped: .*Maximum call stack size exceeded \(recursion in C code/,
+    5000,
+  );
   // Pyodide's own report becomes log lines with the request's id.
-  assert.match(log, /ERROR \[[^\]]*request=\S+\] Pyodide has suffered a fatal error/);
+  assert.match(server.log(), /ERROR \[[^\]]*request=\S+\] Pyodide has suffered a fatal error/);
 });
 
 Deno.test("application cannot end its worker", async () => {
