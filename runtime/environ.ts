@@ -26,6 +26,12 @@ export interface RawTarget {
   query: string;
   /** Path and query as sent ("/a%2Fb?x=1"). */
   uri: string;
+  /**
+   * The raw path as Deno gives it, with raw UTF-8 bytes as their characters
+   * ("/caf\u00e9" where `path` has "/caf\u00c3\u00a9"), for names that a user
+   * configured, such as alias URLs and file names.
+   */
+  text: string;
 }
 
 // deno-lint-ignore no-control-regex -- the range is all of ASCII, NUL included
@@ -64,9 +70,11 @@ export function rawTarget(url: string, host: string | null, listenPort: number):
   if (hash >= 0) target = target.slice(0, hash);
   const uri = latin1OfUtf8(target);
   const question = uri.indexOf("?");
+  const textEnd = target.indexOf("?");
+  const text = textEnd >= 0 ? target.slice(0, textEnd) : target;
   return question >= 0
-    ? { path: uri.slice(0, question), query: uri.slice(question + 1), uri }
-    : { path: uri, query: "", uri };
+    ? { path: uri.slice(0, question), query: uri.slice(question + 1), uri, text }
+    : { path: uri, query: "", uri, text };
 }
 
 function hexValue(code: number): number {

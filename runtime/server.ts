@@ -58,11 +58,19 @@ function accessLogTime(date: Date): string {
 }
 
 // deno-lint-ignore no-control-regex -- control characters are what the log must not contain
-const CONTROL_CHARACTERS = /[\x00-\x1f\x7f]/g;
+const UNPRINTABLE = /[\x00-\x1f\x7f-\xff]/g;
 
+/**
+ * Escapes a field the way Apache does: `"` and `\` get a backslash, and each
+ * byte outside printable ASCII becomes \xhh. The request line and headers come
+ * with one character per byte, so a raw UTF-8 path shows as its bytes.
+ */
 function quoted(value: string | null): string {
   if (value === null) return "-";
-  return value.replace(/[\\"]/g, (c) => "\\" + c).replace(CONTROL_CHARACTERS, "?");
+  return value.replace(/[\\"]/g, (c) => "\\" + c).replace(
+    UNPRINTABLE,
+    (c) => "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0"),
+  );
 }
 
 /**
@@ -130,16 +138,12 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
     };
 
     try {
-      const alias = matchAlias(options.urlAliases, target.path);
+      const alias = matchAlias(options.urlAliases, target.text);
       if (alias) {
-        const response = await serveStatic(request, alias.alias, alias.rest, {
+        return await serveStatic(request, alias.alias, alias.rest, {
           logger: requestLogger,
+          onDone: done,
         });
-        done({
-          status: response.status,
-          bytes: Number(response.headers.get("content-length") ?? 0),
-        });
-        return response;
       }
 
       const path = decodePath(target.path);

@@ -37,6 +37,28 @@ export interface ServeStaticOptions {
    * @default a Logger at level "info" that writes to standard error
    */
   logger?: StaticFilesLogger;
+  /**
+   * Receives the status and the body bytes sent once the response is over: when
+   * `serveStatic` returns, or for a body streamed from a file, when its last byte
+   * is sent, the client goes away or a read fails (`error` then says which).
+   */
+  onDone?: (record: StaticRecord) => void;
+}
+
+/** What {@linkcode ServeStaticOptions.onDone} receives. */
+export interface StaticRecord {
+  status: number;
+  bytes: number;
+  /** Why the body stopped before its end, if it did. */
+  error?: string;
+}
+
+/** What the functions below need besides the request: where to log and whom to tell the end. */
+interface FileContext {
+  logger: StaticFilesLogger;
+  /** Set by `streamFile`, which reports the end of the body itself. */
+  streaming: boolean;
+  onDone: (record: StaticRecord) => void;
 }
 
 /** Result of {@linkcode matchAlias}. */
@@ -53,6 +75,7 @@ const CHUNK_SIZE = 64 * 1024;
 
 const CONTENT_TYPES: Record<string, string> = {
   html: "text/html; charset=utf-8",
+  htm: "text/html; charset=utf-8",
   css: "text/css; charset=utf-8",
   js: "text/javascript; charset=utf-8",
   mjs: "text/javascript; charset=utf-8",
@@ -62,18 +85,26 @@ const CONTENT_TYPES: Record<string, string> = {
   txt: "text/plain; charset=utf-8",
   xml: "text/xml; charset=utf-8",
   csv: "text/csv; charset=utf-8",
+  md: "text/markdown; charset=utf-8",
+  webmanifest: "application/manifest+json; charset=utf-8",
   png: "image/png",
   jpg: "image/jpeg",
   jpeg: "image/jpeg",
   gif: "image/gif",
   webp: "image/webp",
+  avif: "image/avif",
   ico: "image/x-icon",
   pdf: "application/pdf",
   wasm: "application/wasm",
   woff: "font/woff",
   woff2: "font/woff2",
+  ttf: "font/ttf",
+  otf: "font/otf",
   mp4: "video/mp4",
   webm: "video/webm",
+  mp3: "audio/mpeg",
+  ogg: "audio/ogg",
+  wav: "audio/wav",
   zip: "application/zip",
   gz: "application/gzip",
 };
@@ -159,7 +190,26 @@ export async function serveStatic(
   rest: string,
   options: ServeStaticOptions = {},
 ): Promise<Response> {
-  const logger = options.logger ?? defaultLogger;
+  const context: FileContext = {
+    logger: options.logger ?? defaultLogger,
+    streaming: false,
+    onDone: options.onDone ?? (() => {}),
+  };
+  const response = await respond(request, alias, rest, context);
+  if (!context.streaming) {
+    // HEAD and 304 responses have no body, whatever their Content-Length header holds.
+    const bytes = response.body === null ? 0 : Number(response.headers.get("content-length") ?? 0);
+    context.onDone({ status: response.status, bytes });
+  }
+  return response;
+}
+
+async function respond(
+  request: Request,
+  alias: UrlAlias,
+  rest: string,
+  context: FileContext,
+): Promise<Response> {
   if (request.method !== "GET" && request.method !== "HEAD") {
     return textResponse(405, { allow: "GET, HEAD" });
   }
@@ -178,13 +228,13 @@ export async function serveStatic(
     const info = await Deno.stat(target);
     if (info.isDirectory) {
       if (!rest.endsWith("/")) return redirectToFolder(request, alias, rest);
-      return await serveIndex(request, root, target, logger);
+      return await serveIndex(request, root, target, context);
     }
     // A file cannot be a folder, and a file alias has no paths below it.
     if (!info.isFile || rest.endsWith("/")) return textResponse(404);
-    return await serveFile(request, target, logger);
+    return await serveFile(request, target, context);
   } catch (error) {
-    return errorResponse(error, alias, rest, logger);
+    return errorResponse(error, alias, rest, context.logger);
   }
 }
 
@@ -232,7 +282,7 @@ async function serveIndex(
   request: Request,
   root: string,
   folder: string,
-  logger: StaticFilesLogger,
+  context: FileContext,
 ): Promise<Response> {
   // index.html may itself be a symbolic link, so it is resolved and checked again.
   const index = await resolveInside(root, `${folder}/index.html`);
@@ -240,7 +290,7 @@ async function serveIndex(
 
   const info = await Deno.stat(index);
   if (!info.isFile) return textResponse(404);
-  return await serveFile(request, index, logger);
+  return await serveFile(request, index, context);
 }
 
 /**
@@ -297,11 +347,11 @@ function encodeNonPrintable(text: string): string {
 async function serveFile(
   request: Request,
   path: string,
-  logger: StaticFilesLogger,
+  context: FileContext,
 ): Promise<Response> {
   const file = await Deno.open(path, { read: true });
   try {
-    return await respondWithFile(request, file, path, logger);
+    return await respondWithFile(request, file, path, context);
   } catch (error) {
     file.close();
     throw error;
@@ -316,7 +366,7 @@ async function respondWithFile(
   request: Request,
   file: Deno.FsFile,
   path: string,
-  logger: StaticFilesLogger,
+  context: FileContext,
 ): Promise<Response> {
   // Stat the open file, not the path, so the headers describe the bytes that are sent
   // even if the path was replaced after it was resolved.
@@ -356,7 +406,11 @@ async function respondWithFile(
   }
 
   if (start > 0) await file.seek(start, Deno.SeekMode.Start);
-  return new Response(streamFile(file, length, path, logger), { status, headers });
+  context.streaming = true;
+  const body = streamFile(file, length, path, context.logger, (sent, error) => {
+    context.onDone({ status, bytes: sent, error });
+  });
+  return new Response(body, { status, headers });
 }
 
 /** Builds ETag and Last-Modified, the headers that 200, 206 and 304 responses share. */
@@ -388,7 +442,9 @@ function isNotModified(requestHeaders: Headers, validators: Headers): boolean {
   if (ifModifiedSince === null || lastModified === null) return false;
 
   const since = Date.parse(ifModifiedSince);
-  if (Number.isNaN(since)) return false;
+  // A date later than now is invalid (RFC 9110 section 13.1.3). Taking it would
+  // give 304 for a file changed after that date on a client with a wrong clock.
+  if (Number.isNaN(since) || since > Date.now()) return false;
   // HTTP dates have whole seconds, so the file's sub-second part must not count.
   return Date.parse(lastModified) <= since;
 }
@@ -456,20 +512,24 @@ function parseRange(header: string, size: number): ByteRange | "unsatisfiable" |
 /**
  * Streams `length` bytes from the current position of `file`, then closes it. The
  * stream also closes the file when the client goes away (cancel) or a read fails.
+ * `onEnd` gets the bytes handed to Deno once, and the reason when the body stopped
+ * short.
  */
 function streamFile(
   file: Deno.FsFile,
   length: number,
   path: string,
   logger: StaticFilesLogger,
+  onEnd: (sent: number, error?: string) => void,
 ): ReadableStream<Uint8Array> {
   let remaining = length;
   let closed = false;
   let cancelled = false;
-  const closeFile = () => {
+  const closeFile = (error?: string) => {
     if (closed) return;
     closed = true;
     file.close();
+    onEnd(length - remaining, error);
   };
 
   return new ReadableStream<Uint8Array>({
@@ -491,7 +551,7 @@ function streamFile(
       } catch (error) {
         // Closing the file on cancel makes a pending read fail, which is no fault.
         if (cancelled) return;
-        closeFile();
+        closeFile(String(error));
         logger.error("Failed to read a static file", {
           path: JSON.stringify(path),
           error: printable(String(error)),
@@ -501,7 +561,7 @@ function streamFile(
     },
     cancel() {
       cancelled = true;
-      closeFile();
+      closeFile("client disconnected");
     },
   });
 }

@@ -766,6 +766,63 @@ Deno.test("server log names shared-name mounts", async () => {
   assert.match(output, /"GET \/b\/ HTTP\/1\.1" 200 /);
 });
 
+Deno.test("static files by raw UTF-8 name, logged once sent", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun_static_test_" });
+  try {
+    await Deno.writeTextFile(join(folder, "caf\u00e9.txt"), "accent\n");
+    // Sparse, so the file costs no disk space.
+    const large = await Deno.open(join(folder, "large.bin"), { create: true, write: true });
+    await large.truncate(64 * MiB);
+    large.close();
+    await using server = await startServer(APP_SCRIPT, [
+      "--callable-object",
+      "app",
+      "--threads",
+      "1",
+      "--url-alias",
+      "/files",
+      folder,
+      "--access-log",
+    ]);
+    const accessLine = async (token: string) => {
+      const output = await pollUntil(() => server.output(), (text) => text.includes(token));
+      return output.split("\n").find((line) => line.includes(token)) ?? "";
+    };
+
+    // Clients other than browsers send the UTF-8 bytes of a name unescaped.
+    const raw = randomToken();
+    const response = await exchange(server.port, getRequest(`/files/caf\u00e9.txt?${raw}`));
+    assert.match(response.head, /^HTTP\/1\.1 200 /);
+    assert.equal(decoder.decode(response.body), "accent\n");
+    // As in Apache, bytes outside printable ASCII appear as \xhh.
+    assert.ok(
+      (await accessLine(raw)).includes(`"GET /files/caf\\xc3\\xa9.txt?${raw} HTTP/1.1" 200 7 `),
+      await accessLine(raw),
+    );
+    const escaped = await fetch(`${server.origin}/files/caf%C3%A9.txt`);
+    assert.equal(await escaped.text(), "accent\n");
+
+    // A client that leaves after the first piece of a large file: the line
+    // comes once the body stops, with the bytes that went out.
+    const cut = randomToken();
+    const connection = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+    await connection.write(getRequest(`/files/large.bin?${cut}`));
+    assert.notEqual(await connection.read(new Uint8Array(65536)), null);
+    connection.close();
+    const cutLine = await accessLine(cut);
+    const sent = /" 200 (\d+) /.exec(cutLine);
+    assert.ok(sent, cutLine);
+    assert.ok(Number(sent[1]) > 0 && Number(sent[1]) < 64 * MiB, cutLine);
+
+    const whole = randomToken();
+    const all = await fetch(`${server.origin}/files/large.bin?${whole}`);
+    assert.equal((await all.arrayBuffer()).byteLength, 64 * MiB);
+    assert.ok((await accessLine(whole)).includes(` 200 ${64 * MiB} `), await accessLine(whole));
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 // ---------------------------------------------------------------------------
 // Python 3.12
 

@@ -260,6 +260,49 @@ Deno.test("serveStatic content types", async () => {
   });
 });
 
+Deno.test("serveStatic more content types", async () => {
+  await withServer(async ({ base }, { root }) => {
+    const cases: [string, string][] = [
+      ["page.htm", "text/html; charset=utf-8"],
+      ["song.mp3", "audio/mpeg"],
+      ["font.ttf", "font/ttf"],
+      ["site.webmanifest", "application/manifest+json; charset=utf-8"],
+    ];
+    for (const [name, expected] of cases) {
+      await Deno.writeTextFile(`${root}/public/${name}`, "x");
+      const response = await fetch(`${base}/static/${name}`);
+      await response.body?.cancel();
+      assert.equal(response.headers.get("content-type"), expected, name);
+    }
+  });
+});
+
+Deno.test("serveStatic reports each response once it is over", async () => {
+  const fixture = await makeFixture();
+  const records: { status: number; bytes: number; error?: string }[] = [];
+  const server = Deno.serve({ port: 0, hostname: "127.0.0.1", onListen() {} }, (request) => {
+    const match = matchAlias(fixture.aliases, rawPathOf(request))!;
+    return serveStatic(request, match.alias, match.rest, { onDone: (r) => records.push(r) });
+  });
+  const base = `http://127.0.0.1:${server.addr.port}`;
+  try {
+    assert.equal(await (await fetch(`${base}/static/hello.txt`)).text(), HELLO);
+    await (await fetch(`${base}/static/hello.txt`, { method: "HEAD" })).body?.cancel();
+    await (await fetch(`${base}/static/missing.txt`)).text();
+    const ranged = await fetch(`${base}/static/hello.txt`, { headers: { range: "bytes=0-4" } });
+    assert.equal(await ranged.text(), HELLO.slice(0, 5));
+    assert.deepEqual(records, [
+      { status: 200, bytes: HELLO.length, error: undefined },
+      { status: 200, bytes: 0 },
+      { status: 404, bytes: "Not Found\n".length },
+      { status: 206, bytes: 5, error: undefined },
+    ]);
+  } finally {
+    await server.shutdown();
+    await Deno.remove(fixture.root, { recursive: true });
+  }
+});
+
 Deno.test("serveStatic binary content", async () => {
   await withServer(async ({ base }) => {
     const response = await fetch(`${base}/static/logo.png`);
@@ -449,6 +492,17 @@ Deno.test("serveStatic If-Modified-Since invalid date 200", async () => {
     });
     assert.equal(response.status, 200);
     await response.body?.cancel();
+  });
+});
+
+Deno.test("serveStatic If-Modified-Since in the future 200", async () => {
+  await withServer(async ({ base }) => {
+    // A date after now is invalid, so the file is sent even though it is older.
+    const response = await fetch(`${base}/static/hello.txt`, {
+      headers: { "if-modified-since": new Date(Date.now() + 86_400_000).toUTCString() },
+    });
+    assert.equal(response.status, 200);
+    assert.equal(await response.text(), HELLO);
   });
 });
 
