@@ -2,7 +2,8 @@
  * Leveled logging for the server, its pools and its isolates.
  *
  * Lines go to standard error as `<ISO time> <LEVEL> [key=value ...] message`,
- * so they can be read by people and split by scripts. Context keys carry the
+ * so they can be read by people and split by scripts; each line of a message
+ * of several lines gets that prefix. Context keys carry the
  * ids the guide asks every line to have: app, group, process (pid), isolate
  * and request. A mount's lines also carry `mount=PREFIX` when another mount
  * has the same app name and group (see runtime/mounts.ts).
@@ -63,8 +64,13 @@ export class Logger {
   log(level: LogLevel, message: string, context: LogContext = {}): void {
     if (!this.enabled(level)) return;
     const time = new Date().toISOString();
-    const ids = formatContext({ ...this.#context, ...context });
-    this.#sink(`${time} ${level.toUpperCase()} ${ids}${message}`);
+    const prefix = `${time} ${level.toUpperCase()} ${
+      formatContext({ ...this.#context, ...context })
+    }`;
+    // Every line of a traceback carries the ids too, so a search for one finds all of it.
+    this.#sink(
+      prefix + (message.includes("\n") ? message.replaceAll("\n", "\n" + prefix) : message),
+    );
   }
 
   debug(message: string, context?: LogContext): void {

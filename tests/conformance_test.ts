@@ -403,6 +403,22 @@ Deno.test("wsgi.errors line has the request id", async () => {
   assert.match(log, /\[[^\]]*request=[\w-]+\] conformance errors line$/m);
 });
 
+Deno.test("logging records keep their levels", async () => {
+  const token = crypto.randomUUID().slice(0, 8);
+  const log = await logOf(main, async () => {
+    assert.equal((await fetchText(main, `/logging?token=${token}`)).status, 200);
+  });
+  const line = (text: string) => log.split("\n").find((entry) => entry.endsWith(text)) ?? "";
+  // The server logs at INFO, so the debug record is left out.
+  assert.equal(line(`debug record ${token}`), "");
+  assert.match(line(`info record ${token}`), / INFO \[[^\]]*request=[\w-]+\] /);
+  assert.match(line(`error record ${token}`), / ERROR \[[^\]]*request=[\w-]+\] /);
+  assert.match(line(`exception record ${token}`), / ERROR \[/);
+  assert.match(line(`ValueError: raised ${token}`), / ERROR \[/, "the traceback's lines");
+  // Other text on standard error stays a warning.
+  assert.match(line(`printed ${token}`), / WARNING \[[^\]]*request=[\w-]+\] /);
+});
+
 Deno.test("mount point", async (t) => {
   await t.step("SCRIPT_NAME and PATH_INFO", async () => {
     const response = await fetch(`${mounted.origin}/app/environ/x`);
@@ -876,8 +892,19 @@ Deno.test("application errors", async (t) => {
       response = await fetchText(main, "/error/before-headers");
     });
     assert.equal(response.status, 500);
-    assert.match(log, /request=[\w-]+\] the application raised an exception\nTraceback/);
-    assert.match(log, /RuntimeError: conformance error before the headers/);
+    const id = /request=([\w-]+)\] the application raised an exception$/m.exec(log)?.[1];
+    assert.ok(id, log);
+    // Each line of the traceback carries the request's id, and the first
+    // frame is the application's, not the adapter's.
+    const traceback = new RegExp(
+      `request=${id}\\] Traceback \\(most recent call last\\):\\n` +
+        `.*request=${id}\\]   File ".*conformance_app\\.wsgi"`,
+    );
+    assert.match(log, traceback);
+    assert.match(
+      log,
+      new RegExp(`request=${id}\\] RuntimeError: conformance error before the headers`),
+    );
     assert.doesNotMatch(log, VALIDATOR_FAILURE);
   });
 

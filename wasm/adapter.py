@@ -16,6 +16,8 @@ host functions of the `_wsgirun_host` module that the worker registers:
     finish(error)        end of the response (error: abort the connection)
     read(size)           up to `size` request body bytes, None at the end
     log(level, message)  a line in the server's error log
+    stream_level(level)  the level of the standard-stream lines that follow
+                         (None: each stream's own)
     host_path(path)      the host path of a file on a host mount, else None
 
 Validation follows what waitress and mod_wsgi enforce, because Deno's HTTP
@@ -25,6 +27,7 @@ header value crashes the whole Deno process).
 
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -69,6 +72,40 @@ def _sleep(seconds):
 
 # Set before any application is imported, so `from time import sleep` gets it too.
 time.sleep = _sleep
+
+
+def _level_name(levelno):
+    """Return the server's level for a `logging` level number."""
+    for floor, name in ((50, "critical"), (40, "error"), (30, "warning"), (20, "info")):
+        if levelno >= floor:
+            return name
+    return "debug"
+
+
+_plain_emit = logging.StreamHandler.emit
+
+
+def _emit_at_level(handler, record):
+    """Write a record like StreamHandler.emit, at the record's level when it goes to standard output or error.
+
+    Without it, every line an application logs to standard error would be a
+    WARNING line, so `--log-level error` would hide its errors and show its
+    debug records. Records written to files stay as they are.
+    """
+    stream = getattr(handler, "stream", None)
+    if host is None or (stream is not sys.stderr and stream is not sys.stdout):
+        return _plain_emit(handler, record)
+    flush_standard_streams()
+    host.stream_level(_level_name(record.levelno))
+    try:
+        _plain_emit(handler, record)
+    finally:
+        flush_standard_streams()
+        host.stream_level(None)
+
+
+# Also a class attribute, so handlers made before an application's import get it.
+logging.StreamHandler.emit = _emit_at_level
 
 # A header name is an RFC 9110 token.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -455,7 +492,11 @@ _TRACEBACK_FRAMES = 100
 
 
 def _log_exception(prefix):
-    text = traceback.format_exc(limit=-_TRACEBACK_FRAMES).rstrip()
+    error_type, error, frames = sys.exc_info()
+    # The adapter's own frames come first, and the application's code is below them.
+    while frames is not None and frames.tb_next is not None and frames.tb_frame.f_code.co_filename == __file__:
+        frames = frames.tb_next
+    text = "".join(traceback.format_exception(error_type, error, frames, limit=-_TRACEBACK_FRAMES)).rstrip()
     host.log("error", prefix + "\n" + text)
 
 

@@ -28,6 +28,7 @@ import {
   type ToWorker,
 } from "./protocol.ts";
 import { appReadPaths, type AppSpec } from "../supervisor/app_spec.ts";
+import type { LogLevel } from "../supervisor/log.ts";
 import {
   describeError,
   interpreterMemoryPages,
@@ -84,7 +85,7 @@ function guardStandardStreams(): void {
   for (const [name, level] of Object.entries(levels)) {
     console[name as keyof typeof levels] = (...args: unknown[]) =>
       log(
-        level as "info" | "warning" | "error",
+        level as LogLevel,
         args.map((arg) => typeof arg === "string" ? arg : Deno.inspect(arg)).join(" "),
       );
   }
@@ -160,12 +161,18 @@ function post(message: FromWorker, transfer: Transferable[] = []): void {
   self.postMessage(message, transfer);
 }
 
-function log(level: "debug" | "info" | "warning" | "error", message: string): void {
+function log(level: LogLevel, message: string): void {
   post({ type: "log", level, message, requestId: current?.id });
 }
 
-const stdoutLog = new StreamLog((line) => log("info", line));
-const stderrLog = new StreamLog((line) => log("warning", line));
+/**
+ * Level of the lines that Python's `logging` writes to a standard stream,
+ * set by the adapter for each record. Other lines of standard output are
+ * logged at INFO, and those of standard error at WARNING.
+ */
+let streamLevel: LogLevel | undefined;
+const stdoutLog = new StreamLog((line) => log(streamLevel ?? "info", line));
+const stderrLog = new StreamLog((line) => log(streamLevel ?? "warning", line));
 
 /** Copies a Python bytes object out of the wasm heap. */
 function copyBytes(proxy: BytesProxy): Uint8Array<ArrayBuffer> {
@@ -270,8 +277,19 @@ const host = {
     }
   },
 
-  log(level: "debug" | "info" | "warning" | "error", message: string) {
+  log(level: LogLevel, message: string) {
     log(level, message);
+  },
+
+  /**
+   * Sets the level of the standard-stream lines that follow, or with undefined
+   * goes back to each stream's own. Unfinished lines are logged first, so each
+   * keeps the level it was written at.
+   */
+  stream_level(level: LogLevel | undefined) {
+    stdoutLog.flush();
+    stderrLog.flush();
+    streamLevel = level ?? undefined;
   },
 
   /** Maps a path on a host mount back to the host; undefined for other paths. */

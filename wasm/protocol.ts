@@ -7,6 +7,7 @@
  */
 
 import type { AppSpec, PythonVersion } from "../supervisor/app_spec.ts";
+import type { LogLevel } from "../supervisor/log.ts";
 
 /**
  * Version of what wasm/snapshot_builder.ts imports into a snapshot and of the
@@ -174,7 +175,7 @@ export interface EndMessage {
 
 export interface LogMessage {
   type: "log";
-  level: "debug" | "info" | "warning" | "error";
+  level: LogLevel;
   message: string;
   requestId?: string;
 }
