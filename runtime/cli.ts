@@ -74,6 +74,8 @@ export interface ParseEnvironment {
   cwd: string;
   /** Number of CPU cores, the default for `--threads`. */
   cpus: number;
+  /** Reads a variable of the server's environment, for `--env NAME`; none when absent. */
+  variable?: (name: string) => string | undefined;
 }
 
 /** Result of parsing: the server options, or the help or version text to print. */
@@ -138,7 +140,12 @@ export interface OptionSpec {
   /** The result that this option returns at once, for `--help` and `--version`. */
   result?: "help" | "version";
   /** Validates the values and stores them in `draft`. Relative paths resolve against `cwd`. */
-  apply?: (values: readonly string[], draft: OptionValues, cwd: string) => void;
+  apply?: (
+    values: readonly string[],
+    draft: OptionValues,
+    cwd: string,
+    env: ParseEnvironment,
+  ) => void;
 }
 
 const MAX_THREADS = 256;
@@ -288,21 +295,34 @@ export const OPTIONS: readonly OptionSpec[] = [
     name: "--env",
     valueNames: ["NAME=VALUE"],
     help: "Set an environment variable in os.environ of every application, before it " +
-      "is imported. The applications see no other variable of the server's " +
-      "environment.",
+      "is imported. NAME alone passes the server's own variable NAME, so that a " +
+      "secret stays out of the command line. The applications see no other variable " +
+      "of the server's environment.",
     defaultText: "no variables",
     repeatable: true,
-    apply: ([value], draft) => {
+    apply: ([value], draft, _cwd, env) => {
       const equals = value.indexOf("=");
-      const name = equals < 0 ? "" : value.slice(0, equals);
+      const name = equals < 0 ? value : value.slice(0, equals);
       if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name)) {
         throw invalidValue(
           "--env",
           value,
-          "NAME=VALUE with NAME of letters, digits and '_', such as DEBUG=1",
+          "NAME=VALUE or NAME, with NAME of letters, digits and '_', such as DEBUG=1",
         );
       }
-      draft.environment[name] = value.slice(equals + 1);
+      if (equals >= 0) {
+        draft.environment[name] = value.slice(equals + 1);
+        return;
+      }
+      const inherited = env.variable?.(name);
+      if (inherited === undefined) {
+        throw invalidValue(
+          "--env",
+          value,
+          `NAME=VALUE, or the NAME of a variable of the server's environment, where ${name} is not set`,
+        );
+      }
+      draft.environment[name] = inherited;
     },
   },
   {
@@ -717,7 +737,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
 
   const cwd = resolve(env.cwd);
   const draft = defaultOptionValues(env);
-  for (const use of tokens.uses) use.spec.apply?.(use.values, draft, cwd);
+  for (const use of tokens.uses) use.spec.apply?.(use.values, draft, cwd, env);
 
   const minThreads = draft.minThreads ?? draft.threads;
   if (minThreads > draft.threads) {

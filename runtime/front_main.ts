@@ -34,7 +34,11 @@ const REPEATED_SIGNAL_MS = 1000;
 
 function parseOrExit(args: string[]) {
   try {
-    return parseCommandLine(args, { cwd: Deno.cwd(), cpus: navigator.hardwareConcurrency });
+    return parseCommandLine(args, {
+      cwd: Deno.cwd(),
+      cpus: navigator.hardwareConcurrency,
+      variable: (name) => Deno.env.get(name),
+    });
   } catch (error) {
     if (!(error instanceof UsageError)) throw error;
     console.error(formatUsageError(error));

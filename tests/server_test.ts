@@ -987,7 +987,7 @@ AT_IMPORT = os.environ.get("GREETING", "unset")
 
 def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
-    values = [AT_IMPORT, os.environ.get("GREETING", "unset"), os.environ.get("WSGIRUN_TEST_SERVER_ONLY", "unset")]
+    values = [AT_IMPORT, os.environ.get("GREETING", "unset"), os.environ.get("WSGIRUN_TEST_SERVER_ONLY", "unset"), os.environ.get("WSGIRUN_TEST_PASSED", "unset")]
     return [" ".join(values).encode()]
 `,
   );
@@ -997,13 +997,16 @@ def application(environ, start_response):
       "1",
       "--env",
       "GREETING=hello there",
+      "--env",
+      "WSGIRUN_TEST_PASSED",
     ], {
-      env: { WSGIRUN_TEST_SERVER_ONLY: "secret" },
+      env: { WSGIRUN_TEST_SERVER_ONLY: "secret", WSGIRUN_TEST_PASSED: "passed on" },
     });
     const text = await (await fetch(server.origin + "/")).text();
 
-    // The variable is set before the import, so module code reads it. The server's own variables stay out.
-    assert.equal(text, "hello there hello there unset");
+    // The variable is set before the import, so module code reads it. The server's
+    // own variables stay out, except the one named alone.
+    assert.equal(text, "hello there hello there unset passed on");
   } finally {
     await Deno.remove(folder, { recursive: true });
   }

@@ -446,7 +446,7 @@ const INVALID_CASES: InvalidCase[] = [
   { args: ["--threads", "2", "--min-threads", "3"], option: "--min-threads", value: "3" },
   { args: ["--inactivity-timeout", "-1"], option: "--inactivity-timeout", value: "-1" },
   { args: ["--maximum-requests", "1.5"], option: "--maximum-requests", value: "1.5" },
-  { args: ["--env", "NOVALUE"], option: "--env", value: "NOVALUE" },
+  { args: ["--env", "NOT_SET"], option: "--env", value: "NOT_SET" },
   { args: ["--env", "1A=2"], option: "--env", value: "1A=2" },
   { args: ["--env", "=x"], option: "--env", value: "=x" },
   { args: ["--memory-limit", "16M"], option: "--memory-limit", value: "16M" },
@@ -476,6 +476,20 @@ for (const testCase of INVALID_CASES) {
     assert.ok(error.message.endsWith(")"), error.message);
   });
 }
+
+Deno.test("env NAME passes the server's variable", async () => {
+  await using fixture = await makeFixture();
+  const variables: Record<string, string> = { DB_PASSWORD: "s3cret", EMPTY: "" };
+  const env = { ...fixture.env, variable: (name: string) => variables[name] };
+  const options = serve(["app.wsgi", "--env", "DB_PASSWORD", "--env", "EMPTY"], env);
+  assert.deepEqual(options.app.environment, { DB_PASSWORD: "s3cret", EMPTY: "" });
+
+  const error = usageError(["app.wsgi", "--env", "API_KEY"], env);
+  assert.match(
+    error.message,
+    /^invalid value for --env: 'API_KEY' \(expected .*API_KEY is not set\)$/,
+  );
+});
 
 Deno.test("port invalid message exact", async () => {
   await using fixture = await makeFixture();
