@@ -329,11 +329,13 @@ export class Isolate {
     return unstarted;
   }
 
-  #becomeReady(): void {
+  /** Logs the ready line, which names a failed preload, and takes requests. */
+  #becomeReady(importFailed = false): void {
+    const memory = `${Math.round(this.memoryBytes / (1024 * 1024))} MiB of wasm memory`;
     this.#logger.info(
-      `isolate ready: ${this.#readyText}, with ${
-        Math.round(this.memoryBytes / (1024 * 1024))
-      } MiB of wasm memory`,
+      importFailed
+        ? `isolate ready without the application, whose import failed: ${this.#readyText}, with ${memory}`
+        : `isolate ready: ${this.#readyText}, with ${memory}`,
     );
     this.state = "idle";
     this.#options.onReady(this);
@@ -355,7 +357,7 @@ export class Isolate {
       case "loaded": {
         const keep = this.#options.onLoaded?.(this, message.error) ?? true;
         if (!keep || this.state !== "starting") return;
-        this.#becomeReady();
+        this.#becomeReady(message.error !== undefined);
         return;
       }
       case "log":

@@ -712,6 +712,27 @@ Deno.test("server import failures", async (t) => {
   }
 });
 
+Deno.test("preload failure named in ready line", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun_server_test_" });
+  const script = join(folder, "server_import.wsgi");
+  await Deno.copyFile(IMPORT_SCRIPT, script);
+  await Deno.writeTextFile(join(folder, "mode.txt"), "raise");
+  try {
+    await using server = await startServer(script, [
+      "--threads",
+      "1",
+      "--preload",
+      "--snapshot",
+      "runtime",
+    ]);
+    await server.waitForLog(/isolate ready without the application, whose import failed: /, 60_000);
+    assert.doesNotMatch(server.log(), /isolate ready: /);
+    assert.equal((await getText(server, "/")).status, 500);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 // ---------------------------------------------------------------------------
 // One script at two prefixes: the log lines name the mount
 
