@@ -75,22 +75,23 @@ function quoted(value: string | null): string {
 
 /**
  * Writes one access log line in Apache's combined format plus the duration in
- * microseconds. As in Apache, the time is when the request arrived, and the
- * size is the body's bytes, "-" for none (a HEAD response sends none).
+ * microseconds and the request id of the error log's lines. As in Apache, the
+ * time is when the request arrived, and the size is the body's bytes, "-" for
+ * none (a HEAD response sends none).
  */
 function writeAccessLog(
   request: Request,
   uri: string,
   remote: string,
   record: ResponseRecord,
-  arrival: { wallMs: number; monotonicMs: number },
+  arrival: { wallMs: number; monotonicMs: number; requestId: string },
 ) {
   const micros = Math.round((performance.now() - arrival.monotonicMs) * 1000);
   const bytes = request.method === "HEAD" ? 0 : record.bytes;
   const time = accessLogTime(new Date(arrival.wallMs));
   const line = `${remote} - - [${time}] "${request.method} ${quoted(uri)} HTTP/1.1" ` +
     `${record.status} ${bytes || "-"} "${quoted(request.headers.get("referer"))}" ` +
-    `"${quoted(request.headers.get("user-agent"))}" ${micros}\n`;
+    `"${quoted(request.headers.get("user-agent"))}" ${micros} ${arrival.requestId}\n`;
   Deno.stdout.writeSync(encoder.encode(line));
 }
 
@@ -127,8 +128,12 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
   const requestPrefix = Math.random().toString(36).slice(2, 6);
 
   const handler = async (request: Request, info: Deno.ServeHandlerInfo<Deno.NetAddr>) => {
-    const arrival = { wallMs: options.accessLog ? Date.now() : 0, monotonicMs: performance.now() };
     const requestId = `${requestPrefix}-${++requestCount}`;
+    const arrival = {
+      wallMs: options.accessLog ? Date.now() : 0,
+      monotonicMs: performance.now(),
+      requestId,
+    };
     const requestLogger = appLogger.child({ request: requestId });
     const host = request.headers.get("host");
     const target = rawTarget(request.url, host, listenAddr.port);

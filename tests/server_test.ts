@@ -488,6 +488,8 @@ Deno.test("server with one isolate", async (t) => {
       const lines = output.split("\n").filter((line) => line.includes(token));
       assert.equal(lines.length, 1, "one line for the request");
       assert.ok(lines[0].includes(`"GET /app/logged?${token} HTTP/1.1" 200 `), lines[0]);
+      // The duration in microseconds, then the id that the error log's lines carry.
+      assert.match(lines[0], / \d+ [a-z0-9]{4}-\d+$/);
     });
 
     /** Returns the access log line of the request whose query is `token`. */
