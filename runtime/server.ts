@@ -4,7 +4,7 @@
  * daemon process group), or to a 404.
  */
 
-import type { Logger } from "../supervisor/log.ts";
+import { type Logger, writeOutput } from "../supervisor/log.ts";
 import { buildEnviron, decodePath, rawTarget, serverName } from "./environ.ts";
 import { MountTable } from "./mounts.ts";
 import type { ServerOptions } from "./options.ts";
@@ -36,7 +36,6 @@ const DEFAULT_SHUTDOWN_MS = 5000;
 /** Time the 503 responses of requests stopped at the end of a shutdown get to reach their clients. */
 const FLUSH_AFTER_STOP_MS = 1000;
 
-const encoder = new TextEncoder();
 const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
 
 /** Describes an embedded pool's size for the start lines: "1 isolate", "4 isolates" or "1 to 4 isolates". */
@@ -92,7 +91,7 @@ function writeAccessLog(
   const line = `${remote} - - [${time}] "${request.method} ${quoted(uri)} HTTP/1.1" ` +
     `${record.status} ${bytes || "-"} "${quoted(request.headers.get("referer"))}" ` +
     `"${quoted(request.headers.get("user-agent"))}" ${micros} ${arrival.requestId}\n`;
-  Deno.stdout.writeSync(encoder.encode(line));
+  writeOutput(Deno.stdout, line);
 }
 
 /** Logs one line for each mount besides the main one, and for each mount in a daemon group. */

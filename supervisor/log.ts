@@ -27,8 +27,22 @@ export type LogSink = (line: string) => void;
 
 const encoder = new TextEncoder();
 
+/**
+ * Writes text to standard error or output. Once the stream's reader has gone
+ * (a log pipe whose reader exited), the text is dropped, so that the server
+ * keeps serving without its log instead of stopping at the next line.
+ */
+export function writeOutput(stream: typeof Deno.stderr | typeof Deno.stdout, text: string): void {
+  const bytes = encoder.encode(text);
+  try {
+    for (let offset = 0; offset < bytes.length;) offset += stream.writeSync(bytes.subarray(offset));
+  } catch (error) {
+    if (!(error instanceof Deno.errors.BrokenPipe)) throw error;
+  }
+}
+
 function writeStderr(line: string): void {
-  Deno.stderr.writeSync(encoder.encode(line + "\n"));
+  writeOutput(Deno.stderr, line + "\n");
 }
 
 function formatContext(context: LogContext): string {

@@ -1073,6 +1073,60 @@ Deno.test("server IPv6 address in brackets", async () => {
   assert.match(log, /listening on http:\/\/\[::1\]:\d+\/ /);
 });
 
+Deno.test("server outlives the reader of its log", async () => {
+  const process = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-all",
+      "--config",
+      repoPath("deno.json"),
+      repoPath("main.ts"),
+      APP_SCRIPT,
+      "--callable-object",
+      "app",
+      "--threads",
+      "1",
+      "--port",
+      "0",
+      "--access-log",
+      "--log-level",
+      "debug",
+    ],
+    stdout: "piped",
+    stderr: "piped",
+    stdin: "null",
+  }).spawn();
+  try {
+    let log = "";
+    const reader = process.stderr.pipeThrough(new TextDecoderStream()).getReader();
+    const deadline = Date.now() + 60_000;
+    while (!/isolate ready/.test(log) && Date.now() < deadline) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      log += value;
+    }
+    const port = /listening on http:\/\/127\.0\.0\.1:(\d+)\//.exec(log)?.[1];
+    assert.ok(port, log);
+    // Like `wsgirun ... 2>&1 | head -1`: both pipes lose their reader.
+    await reader.cancel();
+    await process.stdout.cancel();
+
+    // Each request writes an access line and debug lines to the closed pipes.
+    for (let i = 0; i < 3; i++) {
+      const response: Response = await fetch(`http://127.0.0.1:${port}/do/hello`);
+      assert.equal(await response.text(), "hello");
+    }
+    const exited = await Promise.race([
+      process.status.then(() => true),
+      delay(500).then(() => false),
+    ]);
+    assert.equal(exited, false, "the server exited");
+  } finally {
+    process.kill("SIGTERM");
+    await process.status;
+  }
+});
+
 Deno.test("cli port in use", async () => {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   try {
