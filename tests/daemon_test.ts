@@ -30,7 +30,7 @@ import {
   readFrames,
 } from "../supervisor/daemon_protocol.ts";
 import { DaemonSpecError, defaultGroupSpec, parseDaemonSpec } from "../supervisor/daemon_spec.ts";
-import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
+import { repoPath, serverArgs, startServer, type TestServer } from "./helpers/server.ts";
 import { peakResident, residentBytes, statusField, uploadGenerated } from "./helpers/transfer.ts";
 import { countMatches, delay, runLoad, waitForCount } from "./helpers/load.ts";
 
@@ -528,16 +528,7 @@ Deno.test("frames split across reads", async () => {
 
 Deno.test("server refuses a root daemon", async () => {
   const command = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--allow-all",
-      "--config",
-      repoPath("deno.json"),
-      repoPath("main.ts"),
-      OTHER_SCRIPT,
-      "--daemon",
-      "group=a",
-    ],
+    args: serverArgs([OTHER_SCRIPT, "--daemon", "group=a"]),
     stdout: "piped",
     stderr: "piped",
   });

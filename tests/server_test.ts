@@ -11,7 +11,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { OPTIONS } from "../runtime/cli.ts";
 import { daemonMallocEnvironment } from "../supervisor/malloc.ts";
-import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
+import { repoPath, serverArgs, startServer, type TestServer } from "./helpers/server.ts";
 import { peakResident, residentBytes, uploadGenerated } from "./helpers/transfer.ts";
 import { countMatches, delay, waitForCount } from "./helpers/load.ts";
 
@@ -968,7 +968,7 @@ async function runCli(
   permissions = ["--allow-all"],
 ): Promise<{ code: number; stdout: string; stderr: string }> {
   const command = new Deno.Command(Deno.execPath(), {
-    args: ["run", ...permissions, "--config", repoPath("deno.json"), repoPath("main.ts"), ...args],
+    args: serverArgs(args, permissions),
     stdout: "piped",
     stderr: "piped",
     stdin: "null",
@@ -1037,18 +1037,7 @@ def application(environ, start_response):
 
 Deno.test("server IPv6 address in brackets", async () => {
   const command = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--allow-all",
-      "--config",
-      repoPath("deno.json"),
-      repoPath("main.ts"),
-      APP_SCRIPT,
-      "--host",
-      "::1",
-      "--port",
-      "0",
-    ],
+    args: serverArgs([APP_SCRIPT, "--host", "::1", "--port", "0"]),
     stdout: "null",
     stderr: "piped",
     stdin: "null",
@@ -1075,12 +1064,7 @@ Deno.test("server IPv6 address in brackets", async () => {
 
 Deno.test("server outlives the reader of its log", async () => {
   const process = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--allow-all",
-      "--config",
-      repoPath("deno.json"),
-      repoPath("main.ts"),
+    args: serverArgs([
       APP_SCRIPT,
       "--callable-object",
       "app",
@@ -1091,7 +1075,7 @@ Deno.test("server outlives the reader of its log", async () => {
       "--access-log",
       "--log-level",
       "debug",
-    ],
+    ]),
     stdout: "piped",
     stderr: "piped",
     stdin: "null",

@@ -30,6 +30,11 @@ export interface TestServer extends AsyncDisposable {
   stop(): Promise<Deno.CommandStatus>;
 }
 
+/** Arguments of `deno` that run the server with `args`, under --allow-all unless `permissions` are given. */
+export function serverArgs(args: string[], permissions = ["--allow-all"]): string[] {
+  return ["run", ...permissions, "--config", CONFIG, MAIN, ...args];
+}
+
 /** Absolute path of a file in the repository. */
 export function repoPath(relative: string): string {
   return ROOT + relative;
@@ -52,7 +57,7 @@ export async function startServer(
 ): Promise<TestServer> {
   const permissions = options.permissions ?? ["--allow-all"];
   const command = new Deno.Command(Deno.execPath(), {
-    args: ["run", ...permissions, "--config", CONFIG, MAIN, script, "--port", "0", ...args],
+    args: serverArgs([script, "--port", "0", ...args], permissions),
     stdout: "piped",
     stderr: "piped",
     stdin: "null",
