@@ -325,6 +325,7 @@ class Daemon {
       eagerSize: config.eagerSize,
       idleTimeoutMs: config.inactivityTimeoutMs,
       memoryLimitBytes: config.memoryLimitBytes,
+      memoryLimitSetting: "the group's memory-limit key",
       requestTimeoutMs: config.requestTimeoutMs,
       queueLimit: config.queueLimit,
       queueTimeoutMs: config.queueTimeoutMs,

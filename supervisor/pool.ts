@@ -44,6 +44,8 @@ export interface PoolOptions {
    * request; 0 turns it off. Checked after each request. @default 0
    */
   memoryLimitBytes?: number;
+  /** The setting that sets memoryLimitBytes, as log lines name it. @default "--memory-limit" */
+  memoryLimitSetting?: string;
   /** Milliseconds a request may run before its isolate is replaced and it fails with 504; 0 turns it off. @default 0 */
   requestTimeoutMs?: number;
   /** Value of `wsgi.multiprocess`. @default size > 1 */
@@ -161,6 +163,7 @@ export class IsolatePool {
       requestTimeoutMs: 0,
       maxRequests: 0,
       memoryLimitBytes: 0,
+      memoryLimitSetting: "--memory-limit",
       multiprocess: options.size > 1,
       nextIsolateId: () => 0,
       failureLogLevel: "critical",
@@ -566,7 +569,7 @@ export class IsolatePool {
     this.#largeMemoryNoted.add(isolate);
     this.#logger.warning(
       `isolate has ${mebibytes(isolate.memoryBytes)} of wasm memory, which it keeps until it ` +
-        "stops because wasm memory never shrinks; --memory-limit replaces such isolates",
+        `stops because wasm memory never shrinks; ${this.#options.memoryLimitSetting} replaces such isolates`,
       { isolate: isolate.id },
     );
   }
@@ -578,9 +581,14 @@ export class IsolatePool {
       return `served ${plural(isolate.served, "request")} (maximum-requests ${maxRequests})`;
     }
     if (memoryLimitBytes > 0 && this.#memoryLimitUsable && isolate.memoryBytes > memoryLimitBytes) {
-      // Without an application snapshot the import comes with the first
-      // request, so the limit may be below what the application needs at all.
-      this.#overLimitAtFirstRequest = isolate.served <= 1 ? this.#overLimitAtFirstRequest + 1 : 0;
+      // Without an application snapshot or --preload the import comes with the
+      // first request, so the limit may be below what the application needs at
+      // all. An isolate that imported at start was checked when it was ready,
+      // and its first request alone may have allocated what is above the limit.
+      const importedAtStart = this.#boot?.kind === "application" || this.app.preload === true;
+      this.#overLimitAtFirstRequest = isolate.served <= 1 && !importedAtStart
+        ? this.#overLimitAtFirstRequest + 1
+        : 0;
       if (this.#overLimitAtFirstRequest >= 2) {
         this.#disableMemoryLimit(isolate, "after its first request");
         return undefined;

@@ -486,6 +486,21 @@ Deno.test("memory limit needed by the import ignored", async () => {
   await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
 });
 
+Deno.test("memory limit after large first requests", async () => {
+  const script = await writeCountingScript();
+  // The application snapshot holds the import, so a fresh isolate that passes
+  // the limit in its first request got there by that request alone.
+  await using server = await startServer(script, ["--threads", "1", "--memory-limit", "96M"]);
+  for (let isolate = 1; isolate <= 3; isolate++) {
+    assert.equal(await (await fetch(`${server.origin}/?grow`)).text(), "1");
+    await server.waitForLog(
+      new RegExp(`isolate=${isolate}\\] isolate stopped: replaced after 1 request`),
+    );
+  }
+  assert.doesNotMatch(server.log(), /is below the/);
+  await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
+});
+
 Deno.test("memory limit replaces isolate", async () => {
   const script = await writeCountingScript();
   await using server = await startServer(script, ["--threads", "1", "--memory-limit", "96M"]);
