@@ -274,6 +274,8 @@ export class DaemonGroup implements AppBackend {
   // Routing
 
   #dispatch(): void {
+    // A request past queue-timeout fails here rather than at the next tick.
+    if (this.#queue.length > 0) this.#expireQueue();
     while (this.#queue.length > 0) {
       const process = this.#pickProcess();
       if (!process) return;

@@ -447,6 +447,8 @@ class Daemon {
       body,
     );
     this.#requests.set(id, request);
+    // Queue-timeout counts from the request's arrival at the front.
+    request.job.queuedAt = performance.now() - decoded.waitedMs;
     try {
       this.pool.submit(request.job);
     } catch (error) {

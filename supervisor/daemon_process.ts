@@ -351,7 +351,13 @@ export class DaemonProcess {
     this.send(
       Frame.REQUEST,
       id,
-      encodeRequest(request.requestId, request.method, request.environ, whole),
+      encodeRequest(
+        request.requestId,
+        request.method,
+        request.environ,
+        whole,
+        performance.now() - handle.queuedAt,
+      ),
     );
   }
 

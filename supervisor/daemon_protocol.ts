@@ -202,30 +202,35 @@ export interface RequestPayload {
   bodyMode: number;
   /** The whole body for BodyMode.WHOLE. */
   body: Uint8Array<ArrayBuffer>;
+  /** Milliseconds the request waited in the front's queue, which count against queue-timeout. */
+  waitedMs: number;
 }
 
 /**
- * REQUEST payload: body mode (u8), request id length (u8), request id,
- * method length (u8), method, environ length (u32), environ, body.
+ * REQUEST payload: body mode (u8), milliseconds waited in the front (u32),
+ * request id length (u8), request id, method length (u8), method, environ
+ * length (u32), environ, body.
  */
 export function encodeRequest(
   requestId: string,
   method: string,
   environ: string,
   body: Uint8Array | null,
+  waitedMs = 0,
 ): Uint8Array {
   const idBytes = encoder.encode(requestId);
   const methodBytes = encoder.encode(method);
   const environBytes = encoder.encode(environ);
   const bodyLength = body?.length ?? 0;
   const payload = new Uint8Array(
-    7 + idBytes.length + methodBytes.length + environBytes.length + bodyLength,
+    11 + idBytes.length + methodBytes.length + environBytes.length + bodyLength,
   );
   const view = new DataView(payload.buffer);
   view.setUint8(0, body ? BodyMode.WHOLE : BodyMode.STREAM);
-  view.setUint8(1, idBytes.length);
-  payload.set(idBytes, 2);
-  let offset = 2 + idBytes.length;
+  view.setUint32(1, Math.min(Math.max(0, Math.round(waitedMs)), 0xffffffff), true);
+  view.setUint8(5, idBytes.length);
+  payload.set(idBytes, 6);
+  let offset = 6 + idBytes.length;
   view.setUint8(offset, methodBytes.length);
   payload.set(methodBytes, offset + 1);
   offset += 1 + methodBytes.length;
@@ -240,9 +245,10 @@ export function encodeRequest(
 export function decodeRequest(payload: Uint8Array<ArrayBuffer>): RequestPayload {
   const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
   const bodyMode = view.getUint8(0);
-  const idLength = view.getUint8(1);
-  const requestId = decoder.decode(payload.subarray(2, 2 + idLength));
-  let offset = 2 + idLength;
+  const waitedMs = view.getUint32(1, true);
+  const idLength = view.getUint8(5);
+  const requestId = decoder.decode(payload.subarray(6, 6 + idLength));
+  let offset = 6 + idLength;
   const methodLength = view.getUint8(offset);
   const method = decoder.decode(payload.subarray(offset + 1, offset + 1 + methodLength));
   offset += 1 + methodLength;
@@ -252,7 +258,7 @@ export function decodeRequest(payload: Uint8Array<ArrayBuffer>): RequestPayload 
   // A copy of just the body: posting a view to a worker would clone the
   // whole read buffer the view points into.
   const body = payload.slice(offset + environLength);
-  return { requestId, method, environ, bodyMode, body };
+  return { requestId, method, environ, bodyMode, body, waitedMs };
 }
 
 export interface StartPayload {

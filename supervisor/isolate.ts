@@ -63,7 +63,10 @@ export interface Job {
   running?: boolean;
   /** Called when an isolate takes the job. */
   onRunning?: () => void;
-  /** performance.now() when the pool received or requeued the job; its queue timeout counts from here. */
+  /**
+   * performance.now() when the job reached the pool, or the front for a daemon
+   * process's request; its queue timeout counts from here.
+   */
   queuedAt?: number;
 }
 

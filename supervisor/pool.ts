@@ -247,7 +247,8 @@ export class IsolatePool {
       throw new PoolUnavailableError(`application unavailable: ${this.#failedReason}`, 30);
     }
     if (this.#stopping) throw new PoolUnavailableError("the server is shutting down", 5);
-    job.queuedAt = performance.now();
+    // A daemon process sets the time its request reached the front.
+    job.queuedAt ??= performance.now();
     // A request posted behind another one in an isolate waits too, so it
     // counts against the queue limit.
     const waiting = this.#queue.length + this.#waitingInIsolates();

@@ -480,6 +480,9 @@ Deno.test("frames request round trip", () => {
   assert.equal(decoded.environ, '{"PATH_INFO":"/é"}');
   assert.equal(decoded.bodyMode, 0);
   assert.deepEqual(decoded.body, body);
+  assert.equal(decoded.waitedMs, 0);
+  const waited = encodeRequest("ab12-9", "GET", "{}", null, 1234.4) as Uint8Array<ArrayBuffer>;
+  assert.equal(decodeRequest(waited).waitedMs, 1234);
   assert.equal(
     decodeRequest(encodeRequest("ab12-8", "GET", "{}", null) as Uint8Array<ArrayBuffer>).bodyMode,
     1,
