@@ -727,7 +727,7 @@ export class IsolatePool {
   /**
    * Moves the job that has waited longest behind another isolate's running
    * request to `isolate`, if it arrived before `before` and `isolate` has
-   * room for it. With `slowOnly`, only from behind a request that has run
+   * nothing to run. With `slowOnly`, only from behind a request that has run
    * for LONG_REQUEST_MS: moving jobs between isolates that run short
    * requests costs more than it saves (hello world lost 17 % at 64
    * connections when every finished request moved one). A blocked request
@@ -735,7 +735,10 @@ export class IsolatePool {
    * database is blocked too.
    */
   #takeWaitingJob(isolate: Isolate, before = Infinity, slowOnly = false): void {
-    if (!isolate.canTake) return;
+    // Only an isolate with nothing to run takes a job over: one that already
+    // runs a job posted to it would hold the moved job behind that one, and
+    // two such isolates passed a job back and forth until its queue-timeout.
+    if (!isolate.canTake || isolate.jobs.length > 0) return;
     const now = performance.now();
     let holder: Isolate | undefined;
     let oldest = before;

@@ -1066,6 +1066,36 @@ Deno.test("daemon queued upload ends with its 503", async () => {
   }
 });
 
+Deno.test("daemon held request not passed around", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startSiteGroup(
+      folder,
+      "group=held,user=nobody,processes=2,threads=2,queue-timeout=5",
+    );
+    // Eight clients in a closed loop on four isolates, which start one per
+    // process: requests of 1 s wait about 1 s each. A request held behind a
+    // running one used to move to the other isolate, behind the request
+    // that isolate had just started, and back again until its 503.
+    const statuses: number[] = [];
+    const longest = { ms: 0 };
+    await Promise.all(Array.from({ length: 8 }, async () => {
+      for (let i = 0; i < 3; i++) {
+        const sent = performance.now();
+        const response = await fetch(server.origin + "/do/slow?ms=1000");
+        await response.body?.cancel();
+        statuses.push(response.status);
+        longest.ms = Math.max(longest.ms, performance.now() - sent);
+      }
+    }));
+
+    assert.deepEqual(statuses.filter((status) => status !== 200), []);
+    assert.ok(longest.ms < 4500, `a request took ${Math.round(longest.ms)} ms`);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("daemon reload cut short by stop", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   const script = join(folder, "app.wsgi");
