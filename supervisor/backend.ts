@@ -104,7 +104,11 @@ export function bodyReadFailure(error: unknown): string {
   if (isMalformedBody(error)) {
     return `malformed request body (invalid chunked transfer coding): ${error}`;
   }
-  return serverStopping
-    ? `request body cut off because the server is stopping (Deno stops reading bodies then): ${error}`
+  if (serverStopping) {
+    return `request body cut off because the server is stopping (Deno stops reading bodies then): ${error}`;
+  }
+  // Deno's text for a closed connection names its own resource table.
+  return error instanceof Deno.errors.BadResource
+    ? "client closed the connection before the request body ended"
     : `client stopped sending the request body: ${error}`;
 }

@@ -620,7 +620,7 @@ export async function runDaemon(): Promise<number> {
   const cause = await stopped.promise;
   // A drain that the front cut short (its graceful or shutdown timeout) ends here.
   if (cause.kind === "input closed" && running.requestCount > 0) {
-    logger.info(
+    logger.warning(
       `the front closed the channel: stopping ${
         plural(running.requestCount, "unfinished request")
       }`,

@@ -722,7 +722,7 @@ def application(environ, start_response):
     // The daemon's own log line reports that the request was stopped, not finished.
     assert.match(
       server.log(),
-      /group=memory pid=\d+\] the front closed the channel: stopping 1 unfinished request/,
+      /WARNING \[group=memory pid=\d+\] the front closed the channel: stopping 1 unfinished request/,
     );
   } finally {
     await Deno.remove(folder, { recursive: true });

@@ -1024,7 +1024,10 @@ Deno.test("upload cut by stop gets 503", async () => {
   assert.match(reply, /^HTTP\/1\.1 503 /);
   assert.equal(status.code, 0);
   assert.match(server.log(), /request body cut off because the server is stopping/);
-  assert.doesNotMatch(server.log(), /client stopped sending the request body/);
+  assert.doesNotMatch(
+    server.log(),
+    /client stopped sending the request body|client closed the connection before the request body ended/,
+  );
 });
 
 Deno.test("later second stop signal exits at once", async () => {
