@@ -99,7 +99,8 @@ async function logOf(server: TestServer, action: () => Promise<void>): Promise<s
 
 /** Counts the frame lines of the Python tracebacks in `log`. */
 function countFrames(log: string): number {
-  return log.match(/^ {2}File "/gm)?.length ?? 0;
+  // Each line carries the log prefix, which ends with the ids in brackets.
+  return log.match(/\] {3}File "/g)?.length ?? 0;
 }
 
 /** Runs a step on the main server whose requests all follow PEP 3333. */
