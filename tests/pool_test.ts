@@ -486,6 +486,30 @@ Deno.test("memory limit needed by the import ignored", async () => {
   await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
 });
 
+Deno.test("memory limit needed by a preloaded import ignored", async () => {
+  const script = await writeCountingScript(12);
+  // With --preload the import runs before the isolate is ready, so its
+  // memory counts as the memory of a fresh isolate.
+  await using server = await startServer(script, [
+    "--threads",
+    "1",
+    "--memory-limit",
+    "32M",
+    "--snapshot",
+    "runtime",
+    "--preload",
+  ]);
+  await server.waitForLog(
+    /memory-limit 32 MiB is below the \d+ MiB of wasm memory that a fresh isolate has when it starts/,
+  );
+  for (let request = 0; request < 3; request++) {
+    await (await fetch(server.origin + "/")).text();
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+  assert.doesNotMatch(server.log(), /replaced after/);
+  await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
+});
+
 Deno.test("memory limit after large first requests", async () => {
   const script = await writeCountingScript();
   // The application snapshot holds the import, so a fresh isolate that passes

@@ -381,8 +381,11 @@ function applyProcessSettings(app: AppSpec): void {
 function preloadApplication(adapter: Record<string, PyProxyCallable>): void {
   try {
     adapter.load_application();
+    // The pool checks --memory-limit against the memory of a ready isolate.
+    reportMemory();
     post({ type: "loaded" });
   } catch (error) {
+    reportMemory();
     log("error", `failed to import the application at start: ${error}`);
     post({ type: "loaded", error: String(error) });
   } finally {
