@@ -81,10 +81,15 @@ export class Logger {
     const prefix = `${time} ${level.toUpperCase()} ${
       formatContext({ ...this.#context, ...context })
     }`;
-    // Every line of a traceback carries the ids too, so a search for one finds all of it.
-    this.#sink(
-      prefix + (message.includes("\n") ? message.replaceAll("\n", "\n" + prefix) : message),
-    );
+    // Every line of a traceback carries the ids too, so a search for one finds
+    // all of it. A carriage return counts as a line break, so that it cannot
+    // hide the prefix on a terminal.
+    if (!/[\r\n]/.test(message)) {
+      this.#sink(prefix + message);
+      return;
+    }
+    const lines = message.replace(/\r\n?/g, "\n").trimEnd().split("\n");
+    this.#sink(lines.map((line) => prefix + line).join("\n"));
   }
 
   debug(message: string, context?: LogContext): void {

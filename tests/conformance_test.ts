@@ -414,6 +414,7 @@ Deno.test("logging records keep their levels", async () => {
   assert.equal(line(`debug record ${token}`), "");
   assert.match(line(`info record ${token}`), / INFO \[[^\]]*request=[\w-]+\] /);
   assert.match(line(`error record ${token}`), / ERROR \[[^\]]*request=[\w-]+\] /);
+  assert.match(line(`redirected record ${token}`), / ERROR \[/);
   assert.match(line(`exception record ${token}`), / ERROR \[/);
   assert.match(line(`ValueError: raised ${token}`), / ERROR \[/, "the traceback's lines");
   // Other text on standard error stays a warning.

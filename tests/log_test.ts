@@ -1,10 +1,11 @@
 /**
- * Log helpers: the one-line summary of a Python traceback that a second log
- * line about the same failure shows instead of the whole traceback.
+ * The logger's lines, and log helpers: the one-line summary of a Python
+ * traceback that a second log line about the same failure shows instead of
+ * the whole traceback.
  */
 
 import assert from "node:assert/strict";
-import { plural, tracebackSummary } from "../supervisor/log.ts";
+import { Logger, plural, tracebackSummary } from "../supervisor/log.ts";
 
 Deno.test("traceback summary names the exception", () => {
   const text = [
@@ -66,4 +67,20 @@ Deno.test("plural of count and noun", () => {
     [2, "fresh process", "2 fresh processes"],
   ];
   for (const [count, noun, expected] of cases) assert.equal(plural(count, noun), expected);
+});
+
+Deno.test("logger prefixes every line of a message", () => {
+  const written: string[] = [];
+  const logger = new Logger("info", { app: "a.wsgi" }, (line) => written.push(line));
+  logger.error("failed:\nTraceback\r\n  File x\rline\n\n");
+
+  assert.equal(written.length, 1);
+  const lines = written[0].split("\n");
+  // A trailing line break adds no empty line, and a lone carriage return breaks the line.
+  assert.deepEqual(lines.map((line) => line.replace(/^\S+ /, "")), [
+    "ERROR [app=a.wsgi] failed:",
+    "ERROR [app=a.wsgi] Traceback",
+    "ERROR [app=a.wsgi]   File x",
+    "ERROR [app=a.wsgi] line",
+  ]);
 });

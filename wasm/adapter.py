@@ -93,7 +93,8 @@ def _emit_at_level(handler, record):
     debug records. Records written to files stay as they are.
     """
     stream = getattr(handler, "stream", None)
-    if host is None or (stream is not sys.stderr and stream is not sys.stdout):
+    # The streams the worker set up, which redirect_stderr() and the like leave as they are.
+    if host is None or (stream is not sys.__stderr__ and stream is not sys.__stdout__):
         return _plain_emit(handler, record)
     flush_standard_streams()
     host.stream_level(_level_name(record.levelno))
@@ -491,10 +492,13 @@ def build_environ(environ_json, body, streamed, request_id, errors):
 _TRACEBACK_FRAMES = 100
 
 
+_OWN_FILES = (__file__, sys.modules["_wsgirun_app_loader"].__file__)
+
+
 def _log_exception(prefix):
     error_type, error, frames = sys.exc_info()
-    # The adapter's own frames come first, and the application's code is below them.
-    while frames is not None and frames.tb_next is not None and frames.tb_frame.f_code.co_filename == __file__:
+    # The adapter's and the loader's frames come first, and the application's code is below them.
+    while frames is not None and frames.tb_next is not None and frames.tb_frame.f_code.co_filename in _OWN_FILES:
         frames = frames.tb_next
     text = "".join(traceback.format_exception(error_type, error, frames, limit=-_TRACEBACK_FRAMES)).rstrip()
     host.log("error", prefix + "\n" + text)
