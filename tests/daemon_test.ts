@@ -1066,6 +1066,37 @@ Deno.test("daemon queued upload ends with its 503", async () => {
   }
 });
 
+Deno.test("daemon queue-timeout counts from the front", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startSiteGroup(
+      folder,
+      "group=queued,user=nobody,processes=1,threads=1,queue-timeout=4",
+    );
+    const slow = (ms: number) =>
+      fetch(`${server.origin}/do/slow?ms=${ms}`).then(async (response) => {
+        await response.body?.cancel();
+        return response.status;
+      });
+    // One request runs and 8 wait in the process, which takes 9 with threads=1.
+    const started = performance.now();
+    const filling = Array.from({ length: 9 }, () => slow(9000));
+    await delay(1500);
+    // This one waits in the front until the process's queue-timeout fails the
+    // 8, at 4 to 5 s. Then it goes to the process, where its own timeout must
+    // run out 4 s after it arrived, at 5.5 to 6.5 s, not 4 s after that.
+    const late = await slow(1);
+    const elapsed = performance.now() - started;
+
+    assert.equal(late, 503);
+    assert.ok(elapsed < 7200, `the late request got its 503 after ${Math.round(elapsed)} ms`);
+    const statuses = await Promise.all(filling);
+    assert.equal(statuses.filter((status) => status === 503).length, 8);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("daemon held request not passed around", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   try {
