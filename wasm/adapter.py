@@ -105,7 +105,7 @@ def _emit_at_level(handler, record):
         host.stream_level(None)
 
 
-# Also a class attribute, so handlers made before an application's import get it.
+# Set on the class, so that every StreamHandler writes this way, whenever it was made.
 logging.StreamHandler.emit = _emit_at_level
 
 # A header name is an RFC 9110 token.
