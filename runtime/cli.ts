@@ -22,6 +22,7 @@ import {
   DaemonSpecError,
   parseBytes,
   parseDaemonSpec,
+  parseEnvironmentItem,
   parseSeconds,
   parseSize,
   SECONDS_FORM,
@@ -301,28 +302,9 @@ export const OPTIONS: readonly OptionSpec[] = [
     defaultText: "no variables",
     repeatable: true,
     apply: ([value], draft, _cwd, env) => {
-      const equals = value.indexOf("=");
-      const name = equals < 0 ? value : value.slice(0, equals);
-      if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name)) {
-        throw invalidValue(
-          "--env",
-          value,
-          "NAME=VALUE or NAME, with NAME of letters, digits and '_', such as DEBUG=1",
-        );
-      }
-      if (equals >= 0) {
-        draft.environment[name] = value.slice(equals + 1);
-        return;
-      }
-      const inherited = env.variable?.(name);
-      if (inherited === undefined) {
-        throw invalidValue(
-          "--env",
-          value,
-          `NAME=VALUE, or the NAME of a variable of the server's environment, where ${name} is not set`,
-        );
-      }
-      draft.environment[name] = inherited;
+      const item = parseEnvironmentItem(value, env.variable ?? (() => undefined));
+      if ("expected" in item) throw invalidValue("--env", value, item.expected);
+      draft.environment[item[0]] = item[1];
     },
   },
   {
@@ -544,16 +526,16 @@ export const OPTIONS: readonly OptionSpec[] = [
       "inactivity-timeout (idle isolate retired, 60), request-timeout (504, 60), " +
       "queue-timeout (503, 45), startup-timeout (30), graceful-timeout (a reload " +
       "drains for this long, 15), shutdown-timeout (5). env=NAME=VALUE sets " +
-      "os.environ, allow-net=HOST[:PORT] and allow-write=DIR (or write=DIR) grant the application " +
+      "os.environ (env=NAME alone passes the server's own NAME), allow-net=HOST[:PORT] and allow-write=DIR (or write=DIR) grant the application " +
       "network and write access, which it has none of by default. With one SCRIPT " +
       "and one group, SCRIPT runs in that group. Touching the script, or SIGHUP, " +
       "starts fresh processes and drains the old ones. Example: --daemon " +
       "group=site1,processes=2,threads=15,user=www-data.",
     defaultText: "none (embedded)",
     repeatable: true,
-    apply: ([value], draft, cwd) => {
+    apply: ([value], draft, cwd, env) => {
       try {
-        draft.daemonGroups.push(parseDaemonSpec(value, cwd));
+        draft.daemonGroups.push(parseDaemonSpec(value, cwd, env.variable ?? (() => undefined)));
       } catch (error) {
         if (!(error instanceof DaemonSpecError)) throw error;
         throw new UsageError(`invalid --daemon ${quote(value)}: ${error.message}`);

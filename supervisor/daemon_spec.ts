@@ -131,7 +131,42 @@ const ACCOUNT = /^([a-z_][a-z0-9_-]{0,31}\$?|[0-9]{1,10})$/i;
 /** A host name or IPv4 address, or an IPv6 address in brackets, with an optional port. */
 const NET_HOST = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))(:[0-9]{1,5})?$/;
 
-type KeyParser = (value: string, spec: DaemonGroupSpec, cwd: string) => void;
+/** Reads a variable of the server's environment; none when absent. */
+export type VariableReader = (name: string) => string | undefined;
+
+/**
+ * Reads an environment item: NAME=VALUE, or NAME alone for the server's own
+ * variable NAME. Returns the name and the value, or, for an invalid item or
+ * an unset variable, the accepted form for the error message.
+ */
+export function parseEnvironmentItem(
+  item: string,
+  variable: VariableReader,
+): [string, string] | { expected: string } {
+  const equals = item.indexOf("=");
+  const name = equals < 0 ? item : item.slice(0, equals);
+  if (!ENV_NAME.test(name)) {
+    return {
+      expected: "NAME=VALUE or NAME, with NAME of letters, digits and '_', such as DEBUG=1",
+    };
+  }
+  if (equals >= 0) return [name, item.slice(equals + 1)];
+  const inherited = variable(name);
+  if (inherited === undefined) {
+    return {
+      expected:
+        `NAME=VALUE, or the NAME of a variable of the server's environment, where ${name} is not set`,
+    };
+  }
+  return [name, inherited];
+}
+
+type KeyParser = (
+  value: string,
+  spec: DaemonGroupSpec,
+  cwd: string,
+  variable: VariableReader,
+) => void;
 
 interface KeySpec {
   /** Accepted form, as error messages and the help show it. */
@@ -249,15 +284,13 @@ const KEYS: Record<string, KeySpec> = {
   "shutdown-timeout": secondsKey("shutdown-timeout", (spec, ms) => (spec.shutdownTimeoutMs = ms)),
   "socket-timeout": secondsKey("socket-timeout", (spec, ms) => (spec.socketTimeoutMs = ms)),
   "env": {
-    form: "NAME=VALUE with NAME of letters, digits and '_'",
+    form:
+      "NAME=VALUE with NAME of letters, digits and '_', or NAME alone for the server's own variable",
     repeatable: true,
-    parse: (value, spec) => {
-      const equals = value.indexOf("=");
-      const name = equals < 0 ? value : value.slice(0, equals);
-      if (equals < 0 || !ENV_NAME.test(name)) {
-        throw invalidKey("env", value, "NAME=VALUE with NAME of letters, digits and '_'");
-      }
-      spec.environment[name] = value.slice(equals + 1);
+    parse: (value, spec, _cwd, variable) => {
+      const item = parseEnvironmentItem(value, variable);
+      if ("expected" in item) throw invalidKey("env", value, item.expected);
+      spec.environment[item[0]] = item[1];
     },
   },
   "allow-net": {
@@ -335,7 +368,11 @@ export function defaultGroupSpec(name: string): DaemonGroupSpec {
  *
  * @throws {DaemonSpecError} An item is empty, a key unknown or repeated, or a value invalid.
  */
-export function parseDaemonSpec(text: string, cwd: string): DaemonGroupSpec {
+export function parseDaemonSpec(
+  text: string,
+  cwd: string,
+  variable: VariableReader = () => undefined,
+): DaemonGroupSpec {
   const [first, ...items] = text.split(",");
   const name = first.startsWith("group=") ? first.slice("group=".length) : first;
   if (first.includes("=") && !first.startsWith("group=")) {
@@ -359,7 +396,7 @@ export function parseDaemonSpec(text: string, cwd: string): DaemonGroupSpec {
       const previous = index > 0 ? items[index - 1] : first;
       const comma = previous.includes("=") && !Object.hasOwn(KEYS, item)
         ? `; a comma ends each value, so ${quote(previous)} ended before ',${item}': ` +
-          "a value cannot contain a comma"
+          "a value cannot contain a comma (give env=NAME alone to pass such a value from the server's environment)"
         : "";
       throw new DaemonSpecError(
         `invalid item ${quote(item)} (expected key=value, such as processes=2)${comma}`,
@@ -377,7 +414,7 @@ export function parseDaemonSpec(text: string, cwd: string): DaemonGroupSpec {
       throw new DaemonSpecError(`key ${quote(key)} is given twice (give it once)`);
     }
     seen.add(key);
-    keySpec.parse(value, spec, cwd);
+    keySpec.parse(value, spec, cwd, variable);
   }
   return spec;
 }

@@ -307,7 +307,7 @@ Deno.test("parseDaemonSpec rejects invalid input", () => {
     ["group=a,threads", /invalid item 'threads' \(expected key=value, such as processes=2\)$/],
     [
       "group=a,env=A=1,2",
-      /invalid item '2' \(expected key=value, such as processes=2\); a comma ends each value, so 'env=A=1' ended before ',2': a value cannot contain a comma$/,
+      /invalid item '2' \(expected key=value, such as processes=2\); a comma ends each value, so 'env=A=1' ended before ',2': a value cannot contain a comma \(give env=NAME alone/,
     ],
     [
       "group=a,startup-timeout=0",
@@ -324,6 +324,18 @@ Deno.test("parseDaemonSpec rejects invalid input", () => {
       return true;
     });
   }
+});
+
+Deno.test("parseDaemonSpec env NAME passes the server's variable", () => {
+  const variables: Record<string, string> = { DB_URL: "postgres://a,b@host/db" };
+  const read = (name: string) => variables[name];
+  const spec = parseDaemonSpec("group=a,env=DB_URL,env=MODE=x", "/", read);
+  assert.deepEqual(spec.environment, { DB_URL: "postgres://a,b@host/db", MODE: "x" });
+
+  assert.throws(() => parseDaemonSpec("group=a,env=API_KEY", "/", read), (error: Error) => {
+    assert.match(error.message, /invalid value for env: 'API_KEY' \(expected .*API_KEY is not set/);
+    return true;
+  });
 });
 
 // ---------------------------------------------------------------------------
