@@ -71,17 +71,19 @@ class SignalQueue {
 
 /** Acts on signals until a stop signal has stopped the server; never returns. */
 async function handleSignals(server: RunningServer, logger: Logger): Promise<never> {
-  const signals = new SignalQueue(["SIGINT", "SIGTERM", "SIGHUP"]);
+  // SIGUSR1 reloads too, as Apache's graceful restart does.
+  const signals = new SignalQueue(["SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1"]);
   let stoppingSince: number | undefined;
   for (;;) {
     const signal = await signals.next();
-    if (signal === "SIGHUP" && stoppingSince !== undefined) {
-      logger.info("SIGHUP ignored: the server is stopping");
+    const reload = signal === "SIGHUP" || signal === "SIGUSR1";
+    if (reload && stoppingSince !== undefined) {
+      logger.info(`${signal} ignored: the server is stopping`);
       continue;
     }
-    if (signal === "SIGHUP") {
-      logger.info("SIGHUP: reloading every application");
-      server.reload("the server received SIGHUP");
+    if (reload) {
+      logger.info(`${signal}: reloading every application`);
+      server.reload(`the server received ${signal}`);
       continue;
     }
     if (stoppingSince !== undefined) {

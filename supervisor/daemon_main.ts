@@ -518,7 +518,9 @@ function synchronousStdout(): WritableStream<Uint8Array> {
 
 /** Ignores the signals the front handles for the whole server. */
 function ignoreForwardedSignals(): void {
-  for (const signal of ["SIGINT", "SIGHUP"] as const) Deno.addSignalListener(signal, () => {});
+  for (const signal of ["SIGINT", "SIGHUP", "SIGUSR1"] as const) {
+    Deno.addSignalListener(signal, () => {});
+  }
 }
 
 /**
