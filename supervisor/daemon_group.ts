@@ -568,11 +568,13 @@ export class DaemonGroup implements AppBackend {
 
   #retire(process: DaemonProcess): void {
     const graceful = this.spec.gracefulTimeoutMs;
+    // The process knows which of its requests have started; it logs how many it finishes.
     process.logger.info(
       process.outstanding > 0
-        ? `retiring the daemon process: it finishes ${
+        ? `retiring the daemon process (${
           plural(process.outstanding, "request")
-        } within graceful-timeout (${graceful / 1000} s)`
+        } sent to it): it finishes those that have started within graceful-timeout ` +
+          `(${graceful / 1000} s) and gives back the others`
         : "retiring the daemon process",
     );
     process.retire(graceful);

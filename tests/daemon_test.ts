@@ -1586,6 +1586,16 @@ Deno.test("daemon server", async (t) => {
       assert.deepEqual(result.failures, []);
       const late = new Set(result.servedBy.slice(-10).map(servingPid));
       for (const pid of late) assert.ok(!before.has(pid), `pid ${pid} served after the reload`);
+      // The front cannot tell which requests a process has started, so it
+      // gives no count of those that the process finishes.
+      const retiring = server.log().slice(from).split("\n")
+        .filter((line) => line.includes("retiring the daemon process"));
+      for (const line of retiring) {
+        assert.match(
+          line,
+          /retiring the daemon process( \(\d+ requests? sent to it\): it finishes those that have started within graceful-timeout \(\d+ s\) and gives back the others)?$/,
+        );
+      }
     });
 
     await t.step("SIGHUP reloads every group under load", async () => {
