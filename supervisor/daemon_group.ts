@@ -568,7 +568,7 @@ export class DaemonGroup implements AppBackend {
 
   #retire(process: DaemonProcess): void {
     const graceful = this.spec.gracefulTimeoutMs;
-    // The process knows which of its requests have started; it logs how many it finishes.
+    // Only the process can tell which of its requests have started, and it logs how many it finishes.
     process.logger.info(
       process.outstanding > 0
         ? `retiring the daemon process (${
