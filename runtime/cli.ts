@@ -20,6 +20,7 @@ import { parseNetAllowEntry } from "../wasm/net_policy.ts";
 import {
   type DaemonGroupSpec,
   DaemonSpecError,
+  NO_VARIABLES,
   parseBytes,
   parseDaemonSpec,
   parseEnvironmentItem,
@@ -75,7 +76,7 @@ export interface ParseEnvironment {
   cwd: string;
   /** Number of CPU cores, the default for `--threads`. */
   cpus: number;
-  /** Reads a variable of the server's environment, for `--env NAME`; none when absent. */
+  /** Reader of the server's environment variables for `--env NAME`, which returns undefined for an unset one. */
   variable?: (name: string) => string | undefined;
 }
 
@@ -302,7 +303,7 @@ export const OPTIONS: readonly OptionSpec[] = [
     defaultText: "no variables",
     repeatable: true,
     apply: ([value], draft, _cwd, env) => {
-      const item = parseEnvironmentItem(value, env.variable ?? (() => undefined));
+      const item = parseEnvironmentItem(value, env.variable ?? NO_VARIABLES);
       if ("expected" in item) throw invalidValue("--env", value, item.expected);
       draft.environment[item[0]] = item[1];
     },
@@ -535,7 +536,7 @@ export const OPTIONS: readonly OptionSpec[] = [
     repeatable: true,
     apply: ([value], draft, cwd, env) => {
       try {
-        draft.daemonGroups.push(parseDaemonSpec(value, cwd, env.variable ?? (() => undefined)));
+        draft.daemonGroups.push(parseDaemonSpec(value, cwd, env.variable ?? NO_VARIABLES));
       } catch (error) {
         if (!(error instanceof DaemonSpecError)) throw error;
         throw new UsageError(`invalid --daemon ${quote(value)}: ${error.message}`);

@@ -38,22 +38,22 @@ export interface ServeStaticOptions {
    */
   logger?: StaticFilesLogger;
   /**
-   * Receives the status and the body bytes sent once the response is over: when
-   * `serveStatic` returns, or for a body streamed from a file, when its last byte
-   * is sent, the client goes away or a read fails (`error` then says which).
+   * Receives the status and the body bytes sent once the response is over. That
+   * is when `serveStatic` returns, or for a body streamed from a file, when its
+   * last byte is sent, the client goes away or a read fails (`error` names which).
    */
   onDone?: (record: StaticRecord) => void;
 }
 
-/** What {@linkcode ServeStaticOptions.onDone} receives. */
+/** Summary of a static response, for {@linkcode ServeStaticOptions.onDone}. */
 export interface StaticRecord {
   status: number;
   bytes: number;
-  /** Why the body stopped before its end, if it did. */
+  /** Reason the body stopped before its end, if it did. */
   error?: string;
 }
 
-/** What the functions below need besides the request: where to log and whom to tell the end. */
+/** Logger and end-of-response callback that the functions below share for one request. */
 interface FileContext {
   logger: StaticFilesLogger;
   /** Set by `streamFile`, which reports the end of the body itself. */
@@ -197,7 +197,7 @@ export async function serveStatic(
   };
   const response = await respond(request, alias, rest, context);
   if (!context.streaming) {
-    // HEAD and 304 responses have no body, whatever their Content-Length header holds.
+    // HEAD and 304 responses have no body, whatever their Content-Length header is.
     const bytes = response.body === null ? 0 : Number(response.headers.get("content-length") ?? 0);
     context.onDone({ status: response.status, bytes });
   }
@@ -512,8 +512,8 @@ function parseRange(header: string, size: number): ByteRange | "unsatisfiable" |
 /**
  * Streams `length` bytes from the current position of `file`, then closes it. The
  * stream also closes the file when the client goes away (cancel) or a read fails.
- * `onEnd` gets the bytes handed to Deno once, and the reason when the body stopped
- * short.
+ * `onEnd` is called once, with the bytes handed to Deno and, when the body stopped
+ * short, the reason.
  */
 function streamFile(
   file: Deno.FsFile,

@@ -131,8 +131,11 @@ const ACCOUNT = /^([a-z_][a-z0-9_-]{0,31}\$?|[0-9]{1,10})$/i;
 /** A host name or IPv4 address, or an IPv6 address in brackets, with an optional port. */
 const NET_HOST = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))(:[0-9]{1,5})?$/;
 
-/** Reads a variable of the server's environment; none when absent. */
+/** Reader of the server's environment variables, which returns undefined for an unset one. */
 export type VariableReader = (name: string) => string | undefined;
+
+/** Reader for an empty environment, where no variable is set. */
+export const NO_VARIABLES: VariableReader = () => undefined;
 
 /**
  * Reads an environment item: NAME=VALUE, or NAME alone for the server's own
@@ -371,7 +374,7 @@ export function defaultGroupSpec(name: string): DaemonGroupSpec {
 export function parseDaemonSpec(
   text: string,
   cwd: string,
-  variable: VariableReader = () => undefined,
+  variable: VariableReader = NO_VARIABLES,
 ): DaemonGroupSpec {
   const [first, ...items] = text.split(",");
   const name = first.startsWith("group=") ? first.slice("group=".length) : first;

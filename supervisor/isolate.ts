@@ -65,7 +65,7 @@ export interface Job {
   onRunning?: () => void;
   /**
    * performance.now() when the job reached the pool, or the front for a daemon
-   * process's request; its queue timeout counts from here.
+   * process's request. Its queue timeout counts from here.
    */
   queuedAt?: number;
 }

@@ -2,7 +2,7 @@
  * Leveled logging for the server, its pools and its isolates.
  *
  * Lines go to standard error as `<ISO time> <LEVEL> [key=value ...] message`,
- * so they can be read by people and split by scripts; each line of a message
+ * so they can be read by people and split by scripts. Each line of a message
  * of several lines gets that prefix. Context keys carry the
  * ids the guide asks every line to have: app, group, process (pid), isolate
  * and request. A mount's lines also carry `mount=PREFIX` when another mount

@@ -583,9 +583,9 @@ export class IsolatePool {
     }
     if (memoryLimitBytes > 0 && this.#memoryLimitUsable && isolate.memoryBytes > memoryLimitBytes) {
       // Without an application snapshot or --preload the import comes with the
-      // first request, so the limit may be below what the application needs at
-      // all. An isolate that imported at start was checked when it was ready,
-      // and its first request alone may have allocated what is above the limit.
+      // first request, so the limit may be below what the import needs. An
+      // isolate that imported at start was checked when it was ready, so what
+      // its first request took above the limit is that request's own.
       const importedAtStart = this.#boot?.kind === "application" || this.app.preload === true;
       this.#overLimitAtFirstRequest = isolate.served <= 1 && !importedAtStart
         ? this.#overLimitAtFirstRequest + 1
@@ -735,9 +735,9 @@ export class IsolatePool {
    * database is blocked too.
    */
   #takeWaitingJob(isolate: Isolate, before = Infinity, slowOnly = false): void {
-    // Only an isolate with nothing to run takes a job over: one that already
-    // runs a job posted to it would hold the moved job behind that one, and
-    // two such isolates passed a job back and forth until its queue-timeout.
+    // Only an isolate with nothing to run takes a job over. One that already runs
+    // a job posted to it would hold the moved job behind that one. Two such
+    // isolates passed a job back and forth until its queue-timeout.
     if (!isolate.canTake || isolate.jobs.length > 0) return;
     const now = performance.now();
     let holder: Isolate | undefined;

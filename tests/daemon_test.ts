@@ -326,7 +326,7 @@ Deno.test("parseDaemonSpec rejects invalid input", () => {
   }
 });
 
-Deno.test("parseDaemonSpec env NAME passes the server's variable", () => {
+Deno.test("parseDaemonSpec env NAME passes a variable", () => {
   const variables: Record<string, string> = { DB_URL: "postgres://a,b@host/db" };
   const read = (name: string) => variables[name];
   const spec = parseDaemonSpec("group=a,env=DB_URL,env=MODE=x", "/", read);

@@ -503,7 +503,7 @@ for (const { name, args, when, replacements } of IMPORT_ABOVE_LIMIT) {
 
 Deno.test("memory limit after large first requests", async () => {
   const script = await writeCountingScript();
-  // The application snapshot holds the import, so a fresh isolate that passes
+  // The application snapshot contains the import, so a fresh isolate that passes
   // the limit in its first request got there by that request alone.
   await using server = await startServer(script, ["--threads", "1", "--memory-limit", "96M"]);
   for (let isolate = 1; isolate <= 3; isolate++) {

@@ -277,7 +277,7 @@ Deno.test("serveStatic more content types", async () => {
   });
 });
 
-Deno.test("serveStatic reports each response once it is over", async () => {
+Deno.test("serveStatic reports each finished response", async () => {
   const fixture = await makeFixture();
   const records: { status: number; bytes: number; error?: string }[] = [];
   const server = Deno.serve({ port: 0, hostname: "127.0.0.1", onListen() {} }, (request) => {
