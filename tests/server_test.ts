@@ -832,7 +832,7 @@ Deno.test("static raw UTF-8 names and access lines", async () => {
     const escaped = await fetch(`${server.origin}/files/caf%C3%A9.txt`);
     assert.equal(await escaped.text(), "accent\n");
 
-    // A client that leaves after the first piece of a large file: the line
+    // A client that leaves after the first read of a large file: the line
     // comes once the body stops, with the bytes that went out.
     const cut = randomToken();
     const connection = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
@@ -840,10 +840,11 @@ Deno.test("static raw UTF-8 names and access lines", async () => {
     assert.notEqual(await connection.read(new Uint8Array(65536)), null);
     connection.close();
     const cutLine = await accessLine(cut);
-    const sent = /" 200 (\d+) /.exec(cutLine);
+    // "-" when the client left before the first piece of the body went out.
+    const sent = /" 200 (\d+|-) /.exec(cutLine);
     assert.ok(sent, cutLine);
-    assert.ok(Number(sent[1]) > 0, cutLine);
-    assert.ok(Number(sent[1]) < 64 * MiB, cutLine);
+    const bytes = sent[1] === "-" ? 0 : Number(sent[1]);
+    assert.ok(bytes < 64 * MiB, cutLine);
 
     const whole = randomToken();
     const all = await fetch(`${server.origin}/files/large.bin?${whole}`);
