@@ -10,6 +10,12 @@
  *   shutdown timeout, stop the daemon processes and exit 0. A second one
  *   exits at once with status 1; daemon processes then see their channel
  *   close and stop too.
+ * - SIGQUIT: exit at once with status 0, as gunicorn's quick shutdown.
+ * - SIGTTIN, SIGUSR2: logged and ignored. gunicorn uses them to add a worker
+ *   and to upgrade its binary, and their default actions would stop or end
+ *   the server. SIGTTOU keeps its default action: the terminal sends it to a
+ *   background process that writes while `stty tostop` is set, and a handler
+ *   would make each such write of the log raise it again.
  */
 
 import { DaemonConfigError } from "../supervisor/daemon_command.ts";
@@ -69,13 +75,40 @@ class SignalQueue {
   }
 }
 
+/** The reason, with what to do instead, for each ignored signal that other servers act on. */
+const IGNORED_SIGNALS: Partial<Record<Deno.Signal, string>> = {
+  SIGTTIN: "pools grow on their own up to --threads and a group's processes; " +
+    "restart the server with higher values for more",
+  SIGUSR2: "wsgirun has no in-place upgrade; send SIGHUP to reload the applications, " +
+    "or restart the server to run a new wsgirun",
+};
+
 /** Acts on signals until a stop signal has stopped the server; never returns. */
 async function handleSignals(server: RunningServer, logger: Logger): Promise<never> {
   // SIGUSR1 reloads too, as Apache's graceful restart does.
-  const signals = new SignalQueue(["SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1"]);
+  const signals = new SignalQueue([
+    "SIGINT",
+    "SIGTERM",
+    "SIGHUP",
+    "SIGUSR1",
+    "SIGQUIT",
+    ...Object.keys(IGNORED_SIGNALS) as Deno.Signal[],
+  ]);
   let stoppingSince: number | undefined;
   for (;;) {
     const signal = await signals.next();
+    const ignored = IGNORED_SIGNALS[signal];
+    if (ignored) {
+      logger.warning(`${signal} ignored: ${ignored}`);
+      continue;
+    }
+    if (signal === "SIGQUIT") {
+      logger.warning(
+        "SIGQUIT: exiting at once; running requests are cut off, and daemon processes stop " +
+          "when their channel closes",
+      );
+      Deno.exit(0);
+    }
     const reload = signal === "SIGHUP" || signal === "SIGUSR1";
     if (reload && stoppingSince !== undefined) {
       logger.info(`${signal} ignored: the server is stopping`);

@@ -516,9 +516,13 @@ function synchronousStdout(): WritableStream<Uint8Array> {
   });
 }
 
-/** Ignores the signals the front handles for the whole server. */
+/**
+ * Ignores the signals the front handles for the whole server, which a
+ * terminal or a service manager may send to every process of the group.
+ */
 function ignoreForwardedSignals(): void {
-  for (const signal of ["SIGINT", "SIGHUP", "SIGUSR1"] as const) {
+  const signals = ["SIGINT", "SIGHUP", "SIGUSR1", "SIGQUIT", "SIGTTIN", "SIGUSR2"] as const;
+  for (const signal of signals) {
     Deno.addSignalListener(signal, () => {});
   }
 }

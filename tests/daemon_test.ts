@@ -969,6 +969,29 @@ Deno.test("daemon SIGTERM returns requests in order", async () => {
   }
 });
 
+Deno.test("daemon ignores signals for the front", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startSiteGroup(
+      folder,
+      "group=deaf,user=nobody,processes=1,threads=1",
+    );
+    const [pid] = daemonPids(server);
+    // A service manager or a terminal may send these to every process of the server.
+    const signals = ["SIGINT", "SIGHUP", "SIGUSR1", "SIGQUIT", "SIGTTIN", "SIGUSR2"] as const;
+    for (const signal of signals) Deno.kill(pid, signal);
+    Deno.kill(pid, "SIGCONT");
+    await delay(500);
+    const response = await getText(server.origin + "/do/describe");
+
+    assert.equal(response.status, 200);
+    assert.equal(servingPid(JSON.parse(response.body).request_id), pid);
+    assert.doesNotMatch(server.log(), /daemon process (exited|was killed)/);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("daemon stalled body gets 408", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   try {

@@ -1063,3 +1063,42 @@ Deno.test("later second stop signal exits at once", async () => {
   assert.equal(status.code, 1);
   assert.match(server.log(), /SIGTERM during the graceful stop: exiting at once/);
 });
+
+Deno.test("SIGQUIT exits at once with status 0", async () => {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "1",
+  ]);
+  const slow = fetch(`${server.origin}/?seconds=30`).catch((error) => error);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+
+  server.process.kill("SIGQUIT");
+  const status = await server.process.status;
+  await slow;
+
+  assert.equal(status.signal, null);
+  assert.equal(status.code, 0);
+  assert.match(server.log(), /WARNING .*SIGQUIT: exiting at once/);
+});
+
+Deno.test("SIGTTIN and SIGUSR2 are ignored", async () => {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "1",
+  ]);
+  let response: Response;
+  try {
+    server.process.kill("SIGTTIN");
+    await server.waitForLog(/SIGTTIN ignored: /, 10_000);
+    server.process.kill("SIGUSR2");
+    await server.waitForLog(/SIGUSR2 ignored: /, 10_000);
+    response = await fetch(`${server.origin}/?seconds=0`, { signal: AbortSignal.timeout(10_000) });
+  } finally {
+    // SIGTTIN's default action stops a process, which could then not stop on SIGTERM.
+    server.process.kill("SIGCONT");
+  }
+
+  assert.equal(response.status, 200);
+  assert.equal(await response.text(), "slept 0.0");
+  assert.match(server.log(), /WARNING .*SIGTTIN ignored: pools grow on their own up to --threads/);
+});
