@@ -601,8 +601,8 @@ export class DaemonGroup implements AppBackend {
         : "";
       handle.request.sink.fail(
         503,
-        `queue timed out: the request waited ${Math.round(now - handle.queuedAt)} ms in group ` +
-          `'${this.name}' (queue-timeout ${timeout / 1000} s)${state}`,
+        `queue timed out: the request waited ${Math.round(now - handle.queuedAt)} ms in the ` +
+          `queue of group '${this.name}' (queue-timeout ${timeout / 1000} s)${state}`,
       );
     }
   }

@@ -822,11 +822,17 @@ export class IsolatePool {
     return serving;
   }
 
+  /**
+   * Handles an isolate that stopped: its unstarted requests go back to the
+   * queue, and the pool refills. `reported` is true when the caller has
+   * logged the cause as an error already, so the stop itself is INFO.
+   */
   #onDead(
     isolate: Isolate,
     reason: string,
     unstarted: Job[] = [],
     failedStart = isolate.readyAt === undefined,
+    reported = false,
   ): void {
     this.#requeue(unstarted);
     clearTimeout(this.#startupTimers.get(isolate));
@@ -839,7 +845,9 @@ export class IsolatePool {
 
     const neverStarted = failedStart;
     if (neverStarted) this.#failedStarts += 1;
-    this.#logger.error(`isolate stopped: ${reason}`, { isolate: isolate.id });
+    this.#logger.log(reported ? "info" : "error", `isolate stopped: ${reason}`, {
+      isolate: isolate.id,
+    });
     if (neverStarted && this.#dropApplicationSnapshot(reason)) return;
 
     const serving = this.#servingCount();
@@ -957,7 +965,7 @@ export class IsolatePool {
       });
       // The request failed, not the isolate: its replacement starts without a growing delay.
       this.#restarts = 0;
-      this.#onDead(isolate, reason, isolate.terminate(reason, 504));
+      this.#onDead(isolate, reason, isolate.terminate(reason, 504), undefined, true);
     }
   }
 
@@ -989,9 +997,9 @@ export class IsolatePool {
     const expire = (job: Job) => {
       job.sink.fail(
         503,
-        `request waited ${Math.round(now - job.queuedAt!)} ms in the queue (queue-timeout ${
-          timeout / 1000
-        } s)`,
+        `queue timed out: the request waited ${
+          Math.round(now - job.queuedAt!)
+        } ms in the queue (queue-timeout ${timeout / 1000} s)`,
       );
     };
     while (this.#queue.length > 0) {

@@ -1127,6 +1127,11 @@ Deno.test("daemon queue-timeout counts from the front", async () => {
     assert.ok(elapsed < 7200, `the late request got its 503 after ${Math.round(elapsed)} ms`);
     const statuses = await Promise.all(filling);
     assert.equal(statuses.filter((status) => status === 503).length, 8);
+    // The front and the process word the same timeout alike.
+    assert.match(
+      server.log(),
+      /queue timed out: the request waited \d+ ms in the queue \(queue-timeout 4 s\)/,
+    );
   } finally {
     await Deno.remove(folder, { recursive: true });
   }

@@ -822,7 +822,10 @@ Deno.test("embedded timeouts answer 504 and 503", async () => {
   const queued = await fetch(`${server.origin}/?seconds=0`);
   assert.equal(queued.status, 503);
   await queued.body?.cancel();
-  assert.match(server.log(), /waited \d+ ms in the queue \(queue-timeout 0.5 s\)/);
+  assert.match(
+    server.log(),
+    /queue timed out: the request waited \d+ ms in the queue \(queue-timeout 0.5 s\)/,
+  );
 
   const timedOut = await spinning;
   assert.equal(timedOut.status, 504);
@@ -869,6 +872,9 @@ Deno.test("timed-out isolate restarts for waiting requests", async () => {
   assert.equal(answer.status, 200);
   assert.equal(await answer.text(), "slept 0.0");
   assert.equal(server.log().match(/request timed out after .*; replacing the isolate/g)?.length, 3);
+  // The timeout's own ERROR line names the cause, so the stop that follows is INFO.
+  assert.equal(countMatches(server.log(), /INFO .*isolate stopped: request timed out/), 3);
+  assert.equal(countMatches(server.log(), /ERROR .*isolate stopped/), 0);
   // Each replacement started at once for the requests that waited, without a restart delay.
   assert.doesNotMatch(server.log(), /restarting the isolate in/);
 });
