@@ -111,6 +111,7 @@ export interface OptionValues {
   requestTimeoutMs: number;
   queueTimeoutMs: number;
   bodyTimeoutMs: number;
+  sendTimeoutMs: number;
   readAheadBytes: number;
   /** From `--min-threads`; unset means the value of `threads`. */
   minThreads?: number;
@@ -474,6 +475,18 @@ export const OPTIONS: readonly OptionSpec[] = [
     },
   },
   {
+    name: "--send-timeout",
+    valueNames: ["SECONDS"],
+    help: "Maximum time in seconds (up to 3 decimals) a streamed response may wait for the " +
+      "client to take more bytes, in embedded and daemon mode, before the server stops the " +
+      "application's response and its isolate is free again. 0 turns the limit off.",
+    defaultText: "20",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.sendTimeoutMs = parseDuration("--send-timeout", value);
+    },
+  },
+  {
     name: "--read-ahead",
     valueNames: ["SIZE"],
     help: "Largest request body with a Content-Length that the server reads whole, in " +
@@ -768,6 +781,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     requestTimeoutMs: draft.requestTimeoutMs,
     queueTimeoutMs: draft.queueTimeoutMs,
     bodyTimeoutMs: draft.bodyTimeoutMs,
+    sendTimeoutMs: draft.sendTimeoutMs,
     readAheadBytes: draft.readAheadBytes,
     app,
     mounts,
@@ -836,6 +850,7 @@ function defaultOptionValues(env: ParseEnvironment): OptionValues {
     requestTimeoutMs: 60_000,
     queueTimeoutMs: 45_000,
     bodyTimeoutMs: 20_000,
+    sendTimeoutMs: 20_000,
     readAheadBytes: 64 * 1024,
     inactivityTimeoutMs: 60_000,
     maximumRequests: 0,

@@ -58,6 +58,12 @@ export interface ServerOptions {
    */
   bodyTimeoutMs: number;
   /**
+   * Milliseconds a streamed response may wait for the client to take more
+   * bytes before the server stops it and frees its isolate; 0 for no limit.
+   * @default 20000
+   */
+  sendTimeoutMs: number;
+  /**
    * Largest request body with a Content-Length that the server reads whole
    * before it queues the request, so that a slow client does not hold an
    * isolate while it sends it; 0 streams every body.

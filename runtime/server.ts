@@ -170,6 +170,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
         logger: route.mount.logger.child({ request: requestId }),
         filePaths: route.mount.filePaths,
         bodyTimeoutMs: options.bodyTimeoutMs,
+        sendTimeoutMs: options.sendTimeoutMs,
         readAheadBytes: options.readAheadBytes,
         onDone: done,
       });

@@ -36,6 +36,8 @@ export interface WsgiRequest {
   filePaths: string[];
   /** See ServerOptions.bodyTimeoutMs. */
   bodyTimeoutMs: number;
+  /** See ServerOptions.sendTimeoutMs. */
+  sendTimeoutMs: number;
   /** See ServerOptions.readAheadBytes. */
   readAheadBytes: number;
   onDone(record: ResponseRecord): void;
@@ -143,10 +145,11 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
     method: request.method,
     control: {
       released: (bytes) => handle?.released(bytes),
-      cancel: () => handle?.cancel(),
+      cancel: (cause) => handle?.cancel(cause),
     },
     logger,
     filePaths: input.filePaths,
+    sendTimeoutMs: input.sendTimeoutMs,
     onDone: (record) => {
       handle?.close();
       input.onDone(record);

@@ -45,6 +45,11 @@ export interface ResponseBuilderOptions {
   logger: Logger;
   /** Host folders the application may hand to `wsgi.file_wrapper`. */
   filePaths: string[];
+  /**
+   * Milliseconds a streamed body may wait for the client to take more bytes
+   * before the response stops; 0 for no limit. See ServerOptions.sendTimeoutMs.
+   */
+  sendTimeoutMs?: number;
   /** Called once when the response has been fully sent or has failed. */
   onDone(record: ResponseRecord): void;
 }
@@ -124,6 +129,13 @@ export class ResponseBuilder implements ResponseSink {
   #stream: ReadableStreamDefaultController<Uint8Array> | null = null;
   /** The file being sent, and the bytes of it that the Content-Length still requires. */
   #file: { handle: Deno.FsFile; remaining: number; path: string } | null = null;
+  /**
+   * performance.now() when Deno last took a piece of the body without
+   * requesting the next one, or undefined while a pull is pending. Deno pulls
+   * the next piece once the client's socket has taken the last one.
+   */
+  #clientWaitingSince: number | undefined;
+  #sendTimer: ReturnType<typeof setTimeout> | undefined;
 
   constructor(options: ResponseBuilderOptions) {
     this.#options = options;
@@ -264,6 +276,15 @@ export class ResponseBuilder implements ResponseSink {
    * reader waiting forever.
    */
   async #pull(controller: ReadableStreamDefaultController<Uint8Array>): Promise<void> {
+    this.#clientWaitingSince = undefined;
+    await this.#producePiece(controller);
+    if (this.#done) return;
+    this.#clientWaitingSince = performance.now();
+    this.#armSendTimer(this.#options.sendTimeoutMs ?? 0);
+  }
+
+  /** Enqueues the next piece of the body, or closes or errors the stream. */
+  async #producePiece(controller: ReadableStreamDefaultController<Uint8Array>): Promise<void> {
     for (;;) {
       if (this.#file) {
         const piece = await this.#readFilePiece();
@@ -355,6 +376,42 @@ export class ResponseBuilder implements ResponseSink {
     return count === size ? piece : piece.subarray(0, count);
   }
 
+  /**
+   * Checks after `delayMs` whether the client has taken no body bytes for the
+   * send timeout. One timer per response, armed again until the response ends.
+   */
+  #armSendTimer(delayMs: number): void {
+    if (delayMs <= 0 || this.#sendTimer !== undefined) return;
+    this.#sendTimer = setTimeout(() => {
+      this.#sendTimer = undefined;
+      if (this.#done || this.#clientWaitingSince === undefined) return;
+      const timeout = this.#options.sendTimeoutMs!;
+      const waited = performance.now() - this.#clientWaitingSince;
+      if (waited < timeout) {
+        this.#armSendTimer(Math.max(1, timeout - waited));
+        return;
+      }
+      this.#stopStalledResponse(timeout);
+    }, delayMs);
+  }
+
+  /**
+   * Stops a response whose client takes no bytes, so that its isolate serves
+   * again. Deno keeps the connection open until the client closes it or takes
+   * the bytes already written to the socket, because a handler cannot close it.
+   */
+  #stopStalledResponse(timeoutMs: number): void {
+    const reason = `the client took no response bytes for ${timeoutMs / 1000} s (--send-timeout)`;
+    this.#options.logger.warning(
+      `response stopped after ${this.#bytes} bytes: ${reason}; its isolate serves again`,
+    );
+    this.#options.control.cancel("send-timeout");
+    this.#file?.handle.close();
+    this.#file = null;
+    this.#stream?.error(new Error(reason));
+    this.#finish(reason);
+  }
+
   #cancel(reason: unknown): void {
     if (this.#done) return;
     this.#options.control.cancel();
@@ -374,6 +431,7 @@ export class ResponseBuilder implements ResponseSink {
   #finish(error?: string): void {
     if (this.#done) return;
     this.#done = true;
+    clearTimeout(this.#sendTimer);
     this.#options.onDone({ status: this.#status, bytes: this.#bytes, error });
   }
 }

@@ -992,6 +992,42 @@ Deno.test("daemon ignores signals for the front", async () => {
   }
 });
 
+Deno.test("daemon send timeout frees the isolate", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startServer(join(folder, "app.wsgi"), [
+      "--send-timeout",
+      "1",
+      "--daemon",
+      "group=sender,user=nobody,processes=1,threads=1",
+    ], { waitForReady: false });
+    await server.waitForLog(/daemon process ready/, 120_000);
+    const stalled = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+    try {
+      // 1 GiB that this client never reads.
+      const head = `GET /do/download?size=${1024 * MiB} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`;
+      await stalled.write(new TextEncoder().encode(head));
+      const stopped = await server.waitForLog(/.*response stopped after \d+ bytes.*/, 30_000);
+      const next = await fetch(`${server.origin}/do/describe`, {
+        signal: AbortSignal.timeout(10_000),
+      });
+
+      assert.equal(next.status, 200);
+      await next.body?.cancel();
+      assert.match(stopped, /the client took no response bytes for 1 s \(--send-timeout\)/);
+      // The daemon's isolate names the cause, not a client that left.
+      await server.waitForLog(
+        /group=sender .*the client took no response bytes within --send-timeout; the response was stopped/,
+        5000,
+      );
+    } finally {
+      stalled.close();
+    }
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("daemon stalled body gets 408", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   try {

@@ -796,6 +796,37 @@ Deno.test("server log names shared-name mounts", async () => {
   assert.match(output, /"GET \/b\/ HTTP\/1\.1" 200 /);
 });
 
+Deno.test("send timeout frees a stalled reader's isolate", async () => {
+  await using server = await startServer(APP_SCRIPT, [
+    "--callable-object",
+    "app",
+    "--threads",
+    "1",
+    "--send-timeout",
+    "1",
+    "--access-log",
+  ]);
+  // This client requests an endless body and reads none of it.
+  const token = randomToken();
+  const stalled = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+  try {
+    await stalled.write(
+      encoder.encode(`GET /do/endless?token=${token} HTTP/1.1\r\nHost: x\r\n\r\n`),
+    );
+    const stopped = await server.waitForLog(/.*response stopped after \d+ bytes.*/, 30_000);
+    // The only isolate serves the next request while the stalled connection stays open.
+    const hello = await fetch(`${server.origin}/do/hello`, { signal: AbortSignal.timeout(10_000) });
+
+    assert.equal(hello.status, 200);
+    assert.equal(await hello.text(), "hello");
+    assert.match(stopped, /WARNING .*the client took no response bytes for 1 s \(--send-timeout\)/);
+    await server.waitForLog(new RegExp(`iterable closed ${token}`), 5000);
+    assert.match(server.output(), /"GET \/do\/endless\?token=\w+ HTTP\/1\.1" 200 \d+ /);
+  } finally {
+    stalled.close();
+  }
+});
+
 Deno.test("static raw UTF-8 names and access lines", async () => {
   const folder = await Deno.makeTempDir({ prefix: "wsgirun_static_test_" });
   try {

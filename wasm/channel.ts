@@ -36,9 +36,15 @@ const STATE_END = 1;
 const STATE_ABORTED = 2;
 
 /** The reason the front stopped a request or its body. */
-export type StopCause = "client" | "body-timeout" | "server-stop" | "bad-body";
+export type StopCause = "client" | "body-timeout" | "server-stop" | "bad-body" | "send-timeout";
 
-const STOP_CAUSES: StopCause[] = ["client", "body-timeout", "server-stop", "bad-body"];
+const STOP_CAUSES: StopCause[] = [
+  "client",
+  "body-timeout",
+  "server-stop",
+  "bad-body",
+  "send-timeout",
+];
 
 /** Messages for the application and the log when a request stops, by cause. */
 const REQUEST_STOPPED: Record<StopCause, string> = {
@@ -46,6 +52,7 @@ const REQUEST_STOPPED: Record<StopCause, string> = {
   "body-timeout": "the client sent no request body data within --body-timeout",
   "server-stop": "the server is stopping",
   "bad-body": "the client sent a malformed request body (invalid chunked transfer coding)",
+  "send-timeout": "the client took no response bytes within --send-timeout",
 };
 
 /** Messages of the error that a read of `wsgi.input` raises when the body stops, by cause. */
@@ -54,6 +61,7 @@ const BODY_STOPPED: Record<StopCause, string> = {
   "body-timeout": REQUEST_STOPPED["body-timeout"],
   "server-stop": "the server is stopping and no longer reads the request body",
   "bad-body": REQUEST_STOPPED["bad-body"],
+  "send-timeout": REQUEST_STOPPED["send-timeout"],
 };
 
 /** Returns the number that stands for `cause` in shared memory and frames (1 and up). */
