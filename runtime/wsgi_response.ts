@@ -12,6 +12,7 @@ import type { ResponseSink } from "../supervisor/isolate.ts";
 import type { Logger } from "../supervisor/log.ts";
 import type { RequestHandle } from "../supervisor/backend.ts";
 import {
+  CLIENT_DISCONNECTED,
   type EndMessage,
   type FileMessage,
   shortFileError,
@@ -20,8 +21,6 @@ import {
 } from "../wasm/protocol.ts";
 
 const EMPTY_BODY = new Uint8Array(0);
-/** The error of a request whose client left, as the adapter and the front give it. */
-const CLIENT_DISCONNECTED = "client disconnected";
 
 const FILE_PIECE = 64 * 1024;
 
@@ -206,6 +205,11 @@ export class ResponseBuilder implements ResponseSink {
   }
 
   end(message: EndMessage): void {
+    if (!this.#started && message.error === CLIENT_DISCONNECTED) {
+      // The isolate saw the client leave before the application started its response.
+      this.#endUnsent("client closed the connection before the response started");
+      return;
+    }
     if (!this.#started) {
       // The request ended before any status (the interpreter failed).
       this.fail(502, message.error ?? "the request ended without a response");
@@ -234,12 +238,17 @@ export class ResponseBuilder implements ResponseSink {
     this.#push({ kind: "end", error: reason });
   }
 
-  /** Ends a request whose client left before an isolate took it (nginx logs this as 499). */
+  /** Ends a request whose client left before an isolate took it. */
   abandon(): void {
     if (this.#started) return;
+    this.#endUnsent("client closed the connection while the request was queued");
+  }
+
+  /** Ends a request whose client left before its response started (nginx logs this as 499). */
+  #endUnsent(message: string): void {
     this.#started = true;
     this.#status = 499;
-    this.#options.logger.info("client closed the connection while the request was queued");
+    this.#options.logger.info(message);
     this.#resolve(errorResponse(503, "Service Unavailable"));
     // The client left, so the body was never sent.
     this.#finish(CLIENT_DISCONNECTED);

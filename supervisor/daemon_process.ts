@@ -32,6 +32,7 @@ import {
 } from "./daemon_protocol.ts";
 import { type Logger, plural } from "./log.ts";
 import { type StopCause, stopCauseCode } from "../wasm/channel.ts";
+import { CLIENT_DISCONNECTED } from "../wasm/protocol.ts";
 
 export type DaemonProcessState = "starting" | "ready" | "retiring" | "exited";
 
@@ -465,7 +466,8 @@ export class DaemonProcess {
       case Frame.END: {
         const error = payload.length ? decodeText(payload) : undefined;
         this.#finish(id, handle);
-        if (handle.responseStarted) {
+        // A client that left before the response started is no failure of the process.
+        if (handle.responseStarted || (handle.cancelled && error === CLIENT_DISCONNECTED)) {
           sink.end({ type: "end", requestId, error });
         } else if (handle.cancelled && error === DROPPED_BEFORE_RUN) {
           sink.abandon();

@@ -404,6 +404,35 @@ Deno.test("wsgi.errors line has the request id", async () => {
   assert.match(log, /\[[^\]]*request=[\w-]+\] conformance errors line$/m);
 });
 
+Deno.test("wsgi.errors text from close() logged", async () => {
+  const token = crypto.randomUUID().slice(0, 8);
+  const log = await logOf(main, async () => {
+    const response = await fetchText(main, `/raw/close-writes-errors?${token}`);
+    assert.equal(response.text, "body\n");
+  });
+  // The text has no final newline, and close() runs after the request's other text is flushed.
+  assert.match(
+    log,
+    new RegExp(`ERROR \\[[^\\]]*request=[\\w-]+\\] written in close ${token}$`, "m"),
+  );
+});
+
+Deno.test("exception after client left logged", async () => {
+  const log = await logOf(main, async () => {
+    const connection = await Deno.connect({ hostname: "127.0.0.1", port: main.port });
+    await connection.write(new TextEncoder().encode(httpRequest("GET", "/raw/raise-late?1")));
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    connection.close();
+    await main.waitForLog(/client closed the connection before the response started/, 10_000);
+  });
+
+  // The application's own exception keeps its traceback, and the client's leaving is no 502.
+  assert.match(log, /ERROR .*the application raised an exception/);
+  assert.match(log, /ERROR .*ValueError: raised after the client left/);
+  assert.match(log, /INFO .*client closed the connection before the response started/);
+  assert.doesNotMatch(log, /request failed with 502/);
+});
+
 Deno.test("logging records keep their levels", async () => {
   const token = crypto.randomUUID().slice(0, 8);
   const log = await logOf(main, async () => {
@@ -611,6 +640,15 @@ Deno.test("start_response", async (t) => {
       assert.match(log, /invalid response from the application/);
     });
   }
+
+  await t.step("subclasses of str, list and tuple", async () => {
+    const response = await fetchText(main, "/raw/subclass-start");
+    assert.equal(response.status, 200);
+    assert.equal(response.text, "subclasses\n");
+    // The underlying text goes out, not what the subclass's __str__ returns.
+    assert.equal(response.headers.get("x-subclass"), "kept");
+    assert.equal(response.headers.get("content-type"), "text/plain");
+  });
 
   await t.step("server alive after control byte", async () => {
     // A response header value with a control byte makes Deno exit. The

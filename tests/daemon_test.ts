@@ -1028,6 +1028,31 @@ Deno.test("daemon send timeout frees the isolate", async () => {
   }
 });
 
+Deno.test("daemon client leaving is no 502", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startSiteGroup(
+      folder,
+      "group=leaving,user=nobody,processes=1,threads=1",
+    );
+    const connection = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+    const head = "GET /do/slow-error?ms=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    await connection.write(new TextEncoder().encode(head));
+    await delay(300);
+    connection.close();
+    await server.waitForLog(
+      /INFO .*client closed the connection before the response started/,
+      10_000,
+    );
+
+    assert.doesNotMatch(server.log(), /request failed with 502/);
+    assert.match(server.log(), /ERROR .*ValueError: raised after the sleep/);
+    assert.equal((await getText(server.origin + "/do/describe")).status, 200);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("daemon stalled body gets 408", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   try {

@@ -166,6 +166,15 @@ class ErrorStream:
             self._pending = ""
 
 
+class RequestBodyStopped(OSError):
+    """The read of `wsgi.input` failed because the front stopped the request."""
+
+
+def _is_cancellation(error):
+    """Return whether `error` is the adapter's own signal that the front stopped the request."""
+    return isinstance(error, RequestBodyStopped) or getattr(error, "name", None) == "RequestCancelled"
+
+
 class InputStream:
     """`wsgi.input` over the request body, which the front streams in.
 
@@ -191,7 +200,7 @@ class InputStream:
                 # read, as mod_wsgi and gunicorn raise it.
                 if getattr(error, "name", None) != "RequestCancelled":
                     raise
-                raise OSError("request body read failed: %s" % error.message) from None
+                raise RequestBodyStopped("request body read failed: %s" % error.message) from None
             if chunk is None:
                 self._eof = True
                 break
@@ -297,7 +306,9 @@ class ResponseError(Exception):
 
 
 def _check_status(status):
-    if type(status) is not str:
+    # Subclasses of str, list and tuple pass, as in mod_wsgi and gunicorn:
+    # an enum.StrEnum member or Django's SafeString is a str.
+    if not isinstance(status, str):
         raise ResponseError("status must be a str, not %s" % type(status).__name__)
     match = _STATUS.match(status)
     if not match:
@@ -311,7 +322,7 @@ def _check_status(status):
 
 
 def _check_headers(headers):
-    if type(headers) is not list:
+    if not isinstance(headers, list):
         raise ResponseError("headers must be a list, not %s" % type(headers).__name__)
     if len(headers) > _MAX_HEADERS:
         raise ResponseError(
@@ -320,15 +331,18 @@ def _check_headers(headers):
     flat = []
     size = 0
     for item in headers:
-        if type(item) is not tuple or len(item) != 2:
+        if not isinstance(item, tuple) or len(item) != 2:
             raise ResponseError("each header must be a (name, value) tuple, got %r" % (item,))
         name, value = item
-        if type(name) is not str or not _TOKEN.match(name):
+        if not isinstance(name, str) or not _TOKEN.match(name):
             raise ResponseError("invalid header name %r" % (name,))
-        if type(value) is not str:
+        if not isinstance(value, str):
             raise ResponseError(
                 "header %r has a %s value; values must be str" % (name, type(value).__name__)
             )
+        # The host receives plain str, without a subclass's own __str__.
+        name = str.__str__(name)
+        value = str.__str__(value)
         if _BAD_VALUE_CHAR.search(value):
             raise ResponseError("header %r has a control character in its value %r" % (name, value))
         try:
@@ -381,7 +395,7 @@ class Response:
 
         code = _check_status(status)
         flat = _check_headers(headers)
-        self.status, self.code, self.headers = status, code, flat
+        self.status, self.code, self.headers = str.__str__(status), code, flat
         self.content_length = None
         for index in range(0, len(flat), 2):
             if flat[index].lower() == "content-length":
@@ -612,6 +626,9 @@ def handle(method, environ_json, body, streamed, request_id):
     except BaseException as error:
         if host.cancelled():
             # The front has stopped the request and responds to the client itself, so nothing is sent.
+            # An exception of the application's own still gets its traceback.
+            if not _is_cancellation(error):
+                _log_exception("the application raised an exception")
             host.log("info", "%s; the response was stopped" % host.cancel_reason())
             response.finished = True
             host.finish("client disconnected")
@@ -633,6 +650,8 @@ def handle(method, environ_json, body, streamed, request_id):
                 result.close()
             except BaseException:
                 _log_exception("the response iterable's close() raised")
+        # Text that close() wrote without a final newline.
+        errors.flush()
         # The request's text without a final newline is logged with it.
         flush_standard_streams()
     if not response.finished:

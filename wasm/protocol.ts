@@ -16,6 +16,9 @@ import type { LogLevel } from "../supervisor/log.ts";
  */
 export const SNAPSHOT_CONTENT_VERSION = 3;
 
+/** The error of a request whose client left, as the adapter and the front give it. */
+export const CLIENT_DISCONNECTED = "client disconnected";
+
 /** Prefix of an isolate worker's name, which ends with the Python version of its application. */
 export const ISOLATE_WORKER_NAME = "wsgirun-isolate-python-";
 
