@@ -65,6 +65,20 @@ Deno.test("file_wrapper cases", async (t) => {
       );
       assert.equal((await get("/write-folder")).status, 200);
     });
+
+    await t.step("file opened before os.chdir()", async () => {
+      const response = await get("/after-chdir");
+
+      assert.equal(response.status, 200);
+      assert.equal(response.text, "the file in first\n");
+    });
+
+    await t.step("file replaced after it was opened", async () => {
+      const response = await get("/replaced");
+
+      assert.equal(response.status, 200);
+      assert.equal(response.text, "the file that was opened\n");
+    });
   } finally {
     await Deno.remove(writeDir, { recursive: true });
   }

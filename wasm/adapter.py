@@ -18,7 +18,8 @@ host functions of the `_wsgirun_host` module that the worker registers:
     log(level, message)  a line in the server's error log
     stream_level(level)  the level of the standard-stream lines that follow
                          (None: each stream's own)
-    host_path(path)      the host path of a file on a host mount, else None
+    open_file_host_path(fd)  the host path of the file open as fd, while that
+                         path still leads to it; else None
 
 Validation follows what waitress and mod_wsgi enforce, because Deno's HTTP
 server must never see an invalid status or header (a control byte in a
@@ -527,10 +528,11 @@ _PLAIN_FILES = (io.BufferedReader, io.BufferedRandom, io.FileIO)
 def _send_file(response, wrapper):
     """Hand a real file's remaining bytes to the front; False if it is no real file."""
     filelike = wrapper.filelike
-    name = getattr(filelike, "name", None)
-    if type(filelike) not in _PLAIN_FILES or not isinstance(name, str):
+    if type(filelike) not in _PLAIN_FILES or filelike.closed:
         return False
-    path = host.host_path(os.path.abspath(name))
+    # By the open descriptor, not the name: after os.chdir() or a rename the
+    # name leads elsewhere, and a replaced file is read in Python instead.
+    path = host.open_file_host_path(filelike.fileno())
     if path is None:
         return False
     offset = filelike.tell()

@@ -7,6 +7,7 @@
  * the same file. Emscripten's own `flock` succeeds without locking anything.
  */
 
+import { fstatSync } from "node:fs";
 import { blockedDuring } from "./channel.ts";
 
 /** The parts of Emscripten's file system this module uses. */
@@ -19,6 +20,8 @@ export interface EmscriptenFs {
 export interface EmscriptenStream {
   path: string;
   flags: number;
+  /** The host file descriptor (node:fs) of a file on a host mount. */
+  nfd?: number;
   node: { mount: { type: unknown; mountpoint: string; opts: { root?: string } } };
 }
 
@@ -40,6 +43,30 @@ export function hostPathOf(fs: EmscriptenFs, stream: EmscriptenStream): string |
   const mount = stream.node?.mount;
   if (!mount || mount.type !== fs.filesystems.NODEFS || !mount.opts.root) return undefined;
   return mount.opts.root + stream.path.slice(mount.mountpoint.length);
+}
+
+/**
+ * Returns the host path of the file open as `fd` while that path still leads
+ * to the same file, else undefined: for a file in memory, and for one that
+ * was renamed or replaced after the application opened it. The front opens
+ * the file again by this path to send it.
+ *
+ * NOTE: a replacement between this check and the front's open still goes out
+ * as the new file, or as a short body when the new file is smaller.
+ */
+export function openFileHostPath(fs: EmscriptenFs, fd: number): string | undefined {
+  const stream = fs.getStream(fd);
+  if (!stream || stream.nfd === undefined) return undefined;
+  const path = hostPathOf(fs, stream);
+  if (path === undefined) return undefined;
+  try {
+    const opened = fstatSync(stream.nfd);
+    const current = Deno.statSync(path);
+    return opened.ino === current.ino && opened.dev === current.dev ? path : undefined;
+  } catch {
+    // Removed since it was opened, or not readable by path.
+    return undefined;
+  }
 }
 
 /** The `_wsgirun_posix` module of one isolate. */

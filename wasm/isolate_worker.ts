@@ -39,6 +39,7 @@ import {
 import { buildSnapshot, RESEED_PYTHON, writeAdapterFiles } from "./snapshot_builder.ts";
 import { StreamLog } from "./stream_log.ts";
 import { installHostModules, type PyodideForHost } from "./host_modules.ts";
+import { type EmscriptenFs, openFileHostPath } from "./host_posix.ts";
 
 /**
  * Keeps an application from ending this worker, or the whole process,
@@ -292,16 +293,9 @@ const host = {
     streamLevel = level ?? undefined;
   },
 
-  /** Maps a path on a host mount back to the host; undefined for other paths. */
-  host_path(path: string): string | undefined {
-    try {
-      const { node } = pyodide.FS.lookupPath(path, { follow: true });
-      const mount = node.mount;
-      if (mount.type !== pyodide.FS.filesystems.NODEFS || !mount.opts.root) return undefined;
-      return mount.opts.root + path.slice(mount.mountpoint.length);
-    } catch {
-      return undefined;
-    }
+  /** See openFileHostPath. */
+  open_file_host_path(fd: number): string | undefined {
+    return openFileHostPath(pyodide.FS as unknown as EmscriptenFs, fd);
   },
 };
 
