@@ -24,7 +24,7 @@
  * NOTE: If-Match and If-Unmodified-Since are not evaluated, so they never produce 412.
  */
 
-import { Logger } from "../supervisor/log.ts";
+import { hexEscape, Logger } from "../supervisor/log.ts";
 import type { UrlAlias } from "./options.ts";
 
 /** The logger methods `serveStatic` calls. */
@@ -600,11 +600,8 @@ function errorResponse(
 
 /** Escapes control characters, so a file name cannot break a log line in two. */
 function printable(text: string): string {
-  return text.replace(
-    // deno-lint-ignore no-control-regex -- matching control characters is the purpose.
-    /[\x00-\x1f\x7f]/g,
-    (character) => `\\x${character.charCodeAt(0).toString(16).padStart(2, "0")}`,
-  );
+  // deno-lint-ignore no-control-regex -- matching control characters is the purpose.
+  return text.replace(/[\x00-\x1f\x7f]/g, hexEscape);
 }
 
 function textResponse(status: number, extraHeaders: Record<string, string> = {}): Response {

@@ -45,6 +45,20 @@ function writeStderr(line: string): void {
   writeOutput(Deno.stderr, line + "\n");
 }
 
+/** Control characters other than tab, line feed and carriage return. */
+// deno-lint-ignore no-control-regex
+const CONTROL_CHARACTERS = /[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]/;
+
+/** Returns `character` as \xhh, the escape that Apache's logs use. */
+export function hexEscape(character: string): string {
+  return "\\x" + character.charCodeAt(0).toString(16).padStart(2, "0");
+}
+
+/** Writes each control character of CONTROL_CHARACTERS as \xhh. */
+function escapeControlCharacters(text: string): string {
+  return text.replace(new RegExp(CONTROL_CHARACTERS, "g"), hexEscape);
+}
+
 function formatContext(context: LogContext): string {
   const parts: string[] = [];
   for (const [key, value] of Object.entries(context)) {
@@ -84,6 +98,9 @@ export class Logger {
     // Every line of a traceback carries the ids too, so a search for one finds
     // all of it. A carriage return counts as a line break, so that it cannot
     // hide the prefix on a terminal.
+    // Other control characters are escaped, so that a message cannot hold
+    // terminal escape sequences or NUL bytes, as Apache's error log does.
+    if (CONTROL_CHARACTERS.test(message)) message = escapeControlCharacters(message);
     if (!/[\r\n]/.test(message)) {
       this.#sink(prefix + message);
       return;

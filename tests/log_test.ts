@@ -84,3 +84,12 @@ Deno.test("logger prefixes every line of a message", () => {
     "ERROR [app=a.wsgi] line",
   ]);
 });
+
+Deno.test("logger escapes control characters", () => {
+  const written: string[] = [];
+  const logger = new Logger("info", {}, (line) => written.push(line));
+  logger.error("\x1b[2Jcleared\x00screen\tand tab\nnext");
+
+  const lines = written[0].split("\n").map((line) => line.replace(/^\S+ ERROR /, ""));
+  assert.deepEqual(lines, ["\\x1b[2Jcleared\\x00screen\tand tab", "next"]);
+});
