@@ -650,6 +650,13 @@ Deno.test("start_response", async (t) => {
     assert.equal(response.headers.get("content-type"), "text/plain");
   });
 
+  await t.step("identical Content-Length repeated", async () => {
+    const response = await fetchText(main, "/raw/content-length-repeated");
+    assert.equal(response.status, 200);
+    assert.equal(response.text, "hello");
+    assert.equal(response.headers.get("content-length"), "5");
+  });
+
   await t.step("server alive after control byte", async () => {
     // A response header value with a control byte makes Deno exit. The
     // application sent one, so the server must still be running after it.

@@ -398,6 +398,7 @@ class Response:
         flat = _check_headers(headers)
         self.status, self.code, self.headers = str.__str__(status), code, flat
         self.content_length = None
+        repeats = []
         for index in range(0, len(flat), 2):
             if flat[index].lower() == "content-length":
                 value = flat[index + 1]
@@ -415,7 +416,12 @@ class Response:
                     raise ResponseError(
                         "conflicting Content-Length headers %d and %d" % (self.content_length, length)
                     )
+                if self.content_length is not None:
+                    # Deno would join an identical repeat into "5, 5" and drop both.
+                    repeats.append(index)
                 self.content_length = length
+        for index in reversed(repeats):
+            del flat[index : index + 2]
         return self.write
 
     def _limit(self, data):
