@@ -49,7 +49,7 @@ function writeStderr(line: string): void {
 // deno-lint-ignore no-control-regex
 const CONTROL_CHARACTERS = /[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]/;
 
-/** Returns `character` as \xhh, the escape that Apache's logs use. */
+/** Returns `character` as \xhh, the escape of Apache's access log. */
 export function hexEscape(character: string): string {
   return "\\x" + character.charCodeAt(0).toString(16).padStart(2, "0");
 }
@@ -99,7 +99,7 @@ export class Logger {
     // all of it. A carriage return counts as a line break, so that it cannot
     // hide the prefix on a terminal.
     // Other control characters are escaped, so that a message cannot hold
-    // terminal escape sequences or NUL bytes, as Apache's error log does.
+    // terminal escape sequences or NUL bytes.
     if (CONTROL_CHARACTERS.test(message)) message = escapeControlCharacters(message);
     if (!/[\r\n]/.test(message)) {
       this.#sink(prefix + message);
