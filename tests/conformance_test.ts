@@ -617,8 +617,6 @@ const INVALID_STARTS = [
   "header-value-control",
   "header-value-del",
   "header-value-not-latin1",
-  "header-connection",
-  "header-transfer-encoding",
   "content-length-negative",
   "content-length-plus",
   "content-length-underscore",
@@ -648,6 +646,18 @@ Deno.test("start_response", async (t) => {
     // The underlying text goes out, not what the subclass's __str__ returns.
     assert.equal(response.headers.get("x-subclass"), "kept");
     assert.equal(response.headers.get("content-type"), "text/plain");
+  });
+
+  await t.step("hop-by-hop headers dropped", async () => {
+    let response!: TextResponse;
+    const log = await logOf(main, async () => {
+      response = await fetchText(main, "/raw/hop-by-hop");
+    });
+    assert.equal(response.status, 200);
+    assert.equal(response.text, "hop-by-hop dropped\n");
+    assert.equal(response.headers.get("x-kept"), "yes");
+    assert.match(log, /WARNING .*dropped the hop-by-hop header 'Connection'/);
+    assert.match(log, /WARNING .*dropped the hop-by-hop header 'Transfer-Encoding'/);
   });
 
   await t.step("identical Content-Length repeated", async () => {

@@ -115,7 +115,8 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _STATUS = re.compile(r"^([1-9][0-9]{2}) ([^\x00-\x08\x0a-\x1f\x7f]*)$")
 
-# Hop-by-hop headers belong to one connection; the server owns them.
+# Hop-by-hop headers belong to one connection, which the server owns. The
+# adapter drops those an application sets, as gunicorn does.
 _HOP_BY_HOP = frozenset(
     (
         "connection",
@@ -322,6 +323,22 @@ def _check_status(status):
     return code
 
 
+# Lower-case names of the hop-by-hop headers this isolate has dropped and logged.
+_dropped_hop_by_hop = set()
+
+
+def _drop_hop_by_hop(name):
+    """Log the first drop of each hop-by-hop header in this isolate."""
+    if name.lower() in _dropped_hop_by_hop:
+        return
+    _dropped_hop_by_hop.add(name.lower())
+    host.log(
+        "warning",
+        "dropped the hop-by-hop header %r that the application set, because the server "
+        "manages the connection (logged once per isolate and header)" % name,
+    )
+
+
 def _check_headers(headers):
     if not isinstance(headers, list):
         raise ResponseError("headers must be a list, not %s" % type(headers).__name__)
@@ -354,7 +371,8 @@ def _check_headers(headers):
                 % (name, value)
             ) from None
         if name.lower() in _HOP_BY_HOP:
-            raise ResponseError("hop-by-hop header %r is for the server to set" % name)
+            _drop_hop_by_hop(name)
+            continue
         size += len(name) + len(value) + 4
         if size > _MAX_HEADER_CHARS:
             raise ResponseError(
