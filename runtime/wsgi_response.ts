@@ -11,6 +11,7 @@
 import type { ResponseSink } from "../supervisor/isolate.ts";
 import type { Logger } from "../supervisor/log.ts";
 import type { RequestHandle } from "../supervisor/backend.ts";
+import { realPathInside } from "../supervisor/app_spec.ts";
 import {
   CLIENT_DISCONNECTED,
   type EndMessage,
@@ -66,10 +67,6 @@ export function errorResponse(status: number, text: string, headers: HeadersInit
     status,
     headers: { "content-type": "text/plain; charset=utf-8", ...headers },
   });
-}
-
-function isInside(path: string, folders: string[]): boolean {
-  return folders.some((folder) => path === folder || path.startsWith(folder + "/"));
 }
 
 // Control characters make Deno reject a header or, for most of them, panic
@@ -350,13 +347,15 @@ export class ResponseBuilder implements ResponseSink {
   }
 
   async #openFile(message: FileMessage): Promise<void> {
-    if (!isInside(message.path, this.#options.filePaths)) {
-      const error = `wsgi.file_wrapper path '${message.path}' is outside the application's folders`;
-      this.#items.unshift({ kind: "end", error });
-      return;
-    }
     try {
-      const handle = await Deno.open(message.path, { read: true });
+      const real = await realPathInside(message.path, this.#options.filePaths);
+      if (real === undefined) {
+        const error =
+          `wsgi.file_wrapper path '${message.path}' is outside the application's folders`;
+        this.#items.unshift({ kind: "end", error });
+        return;
+      }
+      const handle = await Deno.open(real, { read: true });
       await handle.seek(message.offset, Deno.SeekMode.Start);
       const remaining = message.length < 0 ? Infinity : message.length;
       this.#file = { handle, remaining, path: message.path };

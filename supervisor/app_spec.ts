@@ -89,6 +89,28 @@ export function withMountRoots(app: AppSpec, paths: string[]): string[] {
 }
 
 /**
+ * Returns the real path of `path` when it lies inside one of `folders`, with
+ * symbolic links and `..` segments of both resolved, else undefined. The
+ * path comes from an application, so a check of the text alone would let
+ * `folder/../../etc/shadow` or a link to another folder through.
+ * @throws {Deno.errors.NotFound} When `path` does not exist.
+ */
+export async function realPathInside(path: string, folders: string[]): Promise<string | undefined> {
+  const real = await Deno.realPath(path);
+  for (const folder of folders) {
+    const realFolder = await Deno.realPath(folder).catch(() => undefined);
+    if (realFolder === undefined) continue;
+    if (
+      real === realFolder ||
+      real.startsWith(realFolder.endsWith("/") ? realFolder : realFolder + "/")
+    ) {
+      return real;
+    }
+  }
+  return undefined;
+}
+
+/**
  * Every host folder an isolate of `app` must be able to read, besides
  * Pyodide's own files. That includes the host's time zone database, which
  * every isolate shows at its usual path.

@@ -26,7 +26,13 @@
 import { dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { ISOLATE_WORKER_URL } from "./worker_url.ts";
-import { appReadPaths, PYODIDE_SPECIFIER, type PythonVersion, withMountRoots } from "./app_spec.ts";
+import {
+  appReadPaths,
+  PYODIDE_SPECIFIER,
+  type PythonVersion,
+  realPathInside,
+  withMountRoots,
+} from "./app_spec.ts";
 import { type Job, type ResponseSink, useProcessUmask } from "./isolate.ts";
 import { Logger, plural, tracebackSummary } from "./log.ts";
 import { IsolatePool, PoolUnavailableError } from "./pool.ts";
@@ -247,17 +253,16 @@ class DaemonRequest implements ResponseSink {
   async #sendFile(message: FileMessage): Promise<void> {
     const app = this.#daemon.config.app;
     const folders = withMountRoots(app, appReadPaths(app));
-    if (
-      !folders.some((folder) => message.path === folder || message.path.startsWith(folder + "/"))
-    ) {
-      this.#abortResponse(
-        `wsgi.file_wrapper path '${message.path}' is outside the application's folders`,
-      );
-      return;
-    }
     let file: Deno.FsFile | undefined;
     try {
-      file = await Deno.open(message.path, { read: true });
+      const real = await realPathInside(message.path, folders);
+      if (real === undefined) {
+        this.#abortResponse(
+          `wsgi.file_wrapper path '${message.path}' is outside the application's folders`,
+        );
+        return;
+      }
+      file = await Deno.open(real, { read: true });
       await file.seek(message.offset, Deno.SeekMode.Start);
       let remaining = message.length < 0 ? Infinity : message.length;
       const window = this.#daemon.config.responseWindow;

@@ -84,6 +84,46 @@ Deno.test("file_wrapper cases", async (t) => {
   }
 });
 
+Deno.test("file_wrapper path escaping its folders", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-file-wrapper-escape-" });
+  const secret = `${folder}/outside/secret.txt`;
+  try {
+    await Deno.mkdir(`${folder}/app`);
+    await Deno.mkdir(`${folder}/outside`);
+    await Deno.writeTextFile(secret, "not for the application\n");
+    await Deno.copyFile(SCRIPT, `${folder}/app/app.wsgi`);
+    await Deno.symlink("../outside", `${folder}/app/leak`);
+    // A daemon process reads the file as the group's user.
+    for (const path of [folder, `${folder}/app`, `${folder}/outside`]) {
+      await Deno.chmod(path, 0o755);
+    }
+    await Deno.chmod(secret, 0o644);
+    await Deno.chmod(`${folder}/app/app.wsgi`, 0o644);
+
+    const modes = [["--threads", "1"], ["--daemon", "group=escape,user=nobody,threads=1"]];
+    for (const args of modes) {
+      await using server = await startServer(`${folder}/app/app.wsgi`, args, {
+        waitForReady: false,
+      });
+      await server.waitForLog(/isolate ready/, 120_000);
+      // Both paths start with the application's folder and lead out of it.
+      const escapes = [`${folder}/app/../outside/secret.txt`, `${folder}/app/leak/secret.txt`];
+      for (const path of escapes) {
+        const response = await fetch(`${server.origin}/forged-path?${path}`);
+        const body = await response.text().catch((error) => String(error));
+
+        assert.doesNotMatch(body, /not for the application/, args.join(" "));
+      }
+      const rejections = server.log().match(
+        /ERROR .*wsgi\.file_wrapper path '[^']*' is outside the application's folders/g,
+      );
+      assert.equal(rejections?.length, escapes.length, args.join(" "));
+    }
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("file_wrapper through a linked folder", async () => {
   // The front must accept the real path that the isolate mounts for current/.
   const folder = await Deno.makeTempDir({ prefix: "wsgirun-file-wrapper-link-" });
