@@ -383,9 +383,13 @@ export class DaemonProcess {
   /** performance.now() of the PING that the process has not replied to yet. */
   pingedAt: number | undefined;
 
+  /** PINGs sent and not yet answered: a PONG beyond them is a protocol error. */
+  #unansweredPings = 0;
+
   /** Sends PING, which a live process replies to with PONG, to tell a silent process from a hung one. */
   ping(): void {
     this.pingedAt = performance.now();
+    this.#unansweredPings += 1;
     this.send(Frame.PING, 0);
   }
 
@@ -428,7 +432,14 @@ export class DaemonProcess {
   #receive(type: number, id: number, payload: Uint8Array<ArrayBuffer>): void {
     this.heardAt = performance.now();
     this.pingedAt = undefined;
-    if (type === Frame.PONG) return;
+    if (type === Frame.PONG) {
+      // A flood of PONG frames would keep the front busy with nothing else.
+      if (this.#unansweredPings === 0) {
+        throw new FrameError("unexpected PONG frame (no PING was sent)");
+      }
+      this.#unansweredPings -= 1;
+      return;
+    }
     if (type === Frame.FAILED) {
       this.failure = decodeText(payload);
       return;

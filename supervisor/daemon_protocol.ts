@@ -313,8 +313,14 @@ export function decodeFail(payload: Uint8Array): { status: number; reason: strin
 
 export type FrameHandler = (type: number, id: number, payload: Uint8Array<ArrayBuffer>) => void;
 
-/** The largest payload a valid frame has: a complete response body sent in its START frame. */
-const MAX_PAYLOAD_BYTES = 1024 * 1024 * 1024;
+/**
+ * The largest payload of a valid frame, with room to spare. A REQUEST frame
+ * carries a body of up to 16 MiB (the largest --read-ahead) and its environ.
+ * A START frame carries headers of up to 1 MiB and at most 4 MiB of body,
+ * because the adapter sends larger bodies in pieces. The reader allocates a
+ * payload whole, so a forged header cannot make the front allocate more.
+ */
+const MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;
 const FRAME_TYPES = new Set<number>(Object.values(Frame));
 
 /** A frame header that no wsgirun process writes: the stream carries something else. */

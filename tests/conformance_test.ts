@@ -660,6 +660,13 @@ Deno.test("start_response", async (t) => {
     assert.match(log, /WARNING .*dropped the hop-by-hop header 'Transfer-Encoding'/);
   });
 
+  await t.step("large list body keeps its length", async () => {
+    const response = await fetchText(main, "/raw/large-list");
+    assert.equal(response.status, 200);
+    assert.equal(response.headers.get("content-length"), String(5 * 1024 * 1024));
+    assert.equal(response.text, "a".repeat(3 * 1024 * 1024) + "b".repeat(2 * 1024 * 1024));
+  });
+
   await t.step("identical Content-Length repeated", async () => {
     const response = await fetchText(main, "/raw/content-length-repeated");
     assert.equal(response.status, 200);

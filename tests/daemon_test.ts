@@ -538,6 +538,53 @@ Deno.test("frames split across reads", async () => {
   assert.deepEqual(received, payload);
 });
 
+Deno.test("frame header over the payload limit", async () => {
+  // RESPONSE_BODY with a length of 1 GiB, which the reader must not allocate.
+  const header = encodeFrame(Frame.RESPONSE_BODY, 1).slice(0, 5);
+  const bytes = new Uint8Array([...header, 0, 0, 0, 0x40]);
+  const stream = ReadableStream.from([bytes]);
+
+  await assert.rejects(
+    readFrames(stream, () => {}),
+    /invalid frame header \(type 23, 1073741824 bytes\)/,
+  );
+});
+
+Deno.test("forged daemon frames kill the process", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startSiteGroup(
+      folder,
+      "group=forger,user=nobody,processes=1,threads=1",
+    );
+    const forgeries = [
+      // A PONG that no PING asked for.
+      { bytes: [Frame.PONG, 0, 0, 0, 0, 0, 0, 0, 0], log: /wrote an unexpected PONG frame/ },
+      // A body frame that announces 1 GiB.
+      {
+        bytes: [Frame.RESPONSE_BODY, 1, 0, 0, 0, 0, 0, 0, 0x40],
+        log: /wrote an invalid frame header \(type 23, 1073741824 bytes\)/,
+      },
+    ];
+    for (const [index, forgery] of forgeries.entries()) {
+      await getText(`${server.origin}/do/sandbox/forge-frame?bytes=${forgery.bytes.join(",")}`)
+        .catch(() => undefined);
+      await server.waitForLog(forgery.log, 10_000);
+      // The group starts a fresh process and serves again.
+      await waitForCount(server, /daemon process ready/, index + 2, 0, 60_000);
+      assert.equal((await getText(`${server.origin}/do/describe`)).status, 200);
+    }
+
+    // A real response body above the frame limit streams in frames of its own.
+    const big = await fetch(`${server.origin}/do/big-list?mib=40`);
+    assert.equal(big.status, 200);
+    assert.equal(big.headers.get("content-length"), String(40 * MiB));
+    assert.equal((await big.arrayBuffer()).byteLength, 40 * MiB);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 // ---------------------------------------------------------------------------
 // Start-up checks of the real program
 

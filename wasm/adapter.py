@@ -168,13 +168,9 @@ class ErrorStream:
             self._pending = ""
 
 
-class RequestBodyStopped(OSError):
-    """The read of `wsgi.input` failed because the front stopped the request."""
-
-
 def _is_cancellation(error):
     """Return whether `error` is the adapter's own signal that the front stopped the request."""
-    return isinstance(error, RequestBodyStopped) or getattr(error, "name", None) == "RequestCancelled"
+    return getattr(error, "wsgirun_request_stopped", False) or getattr(error, "name", None) == "RequestCancelled"
 
 
 class InputStream:
@@ -202,7 +198,10 @@ class InputStream:
                 # read, as mod_wsgi and gunicorn raise it.
                 if getattr(error, "name", None) != "RequestCancelled":
                     raise
-                raise RequestBodyStopped("request body read failed: %s" % error.message) from None
+                stopped = OSError("request body read failed: %s" % error.message)
+                # A plain OSError in tracebacks, but the adapter can tell it apart.
+                stopped.wsgirun_request_stopped = True
+                raise stopped from None
             if chunk is None:
                 self._eof = True
                 break
@@ -294,6 +293,12 @@ class FileWrapper:
 # microseconds). A Latin-1 str crosses as a plain string, one character per
 # byte, so it is cheaper up to a few KiB.
 _SMALL_BODY = 4096
+
+# The most body bytes that one message from the isolate carries. A larger
+# list body streams, and a larger chunk goes out in pieces, so that no single
+# message between the isolate, a daemon process and the front carries it whole
+# (the front rejects daemon frames above a few times this size).
+_MESSAGE_BODY_LIMIT = 4 * 1024 * 1024
 
 
 def _to_host(data):
@@ -485,10 +490,13 @@ class Response:
             data = b""
         data = self._limit(data)
         if not self.headers_sent:
-            self._start(data or None, False)
-        elif data:
-            host.send(_to_host(data))
-            self.bytes_sent += len(data)
+            first = data[:_MESSAGE_BODY_LIMIT]
+            self._start(first or None, False)
+            data = data[len(first) :]
+        for offset in range(0, len(data), _MESSAGE_BODY_LIMIT):
+            piece = data[offset : offset + _MESSAGE_BODY_LIMIT]
+            host.send(_to_host(piece))
+            self.bytes_sent += len(piece)
 
     @property
     def length_reached(self):
@@ -596,10 +604,18 @@ def _fast_body(result, response):
     if type(result) not in (list, tuple) or response.status is None or response.headers_sent:
         return None
     parts = []
+    size = 0
     for part in result:
         if type(part) is not bytes:
             return None
         parts.append(part)
+        size += len(part)
+    if size > _MESSAGE_BODY_LIMIT and response.body_allowed:
+        if response.content_length is None:
+            # The length is known, so a client still sees it in the streamed response.
+            response.headers += ["Content-Length", str(size)]
+            response.content_length = size
+        return None
     body = b"".join(parts) if len(parts) != 1 else parts[0]
     if not response.body_allowed:
         if response.method == "HEAD" and response.content_length is None and response.code not in (204, 205, 304):
