@@ -30,11 +30,44 @@ import {
   MAX_BODY_FRAME,
   readFrames,
 } from "./daemon_protocol.ts";
-import { type Logger, plural } from "./log.ts";
+import { type Logger, plural, writeOutput } from "./log.ts";
 import { type StopCause, stopCauseCode } from "../wasm/channel.ts";
 import { CLIENT_DISCONNECTED } from "../wasm/protocol.ts";
 
 export type DaemonProcessState = "starting" | "ready" | "retiring" | "exited";
+
+/**
+ * Copies a daemon process's standard error to the server's, line by line. A
+ * line whose ids name the process's group and pid is one of its own log
+ * lines and goes out unchanged. Any other text, such as a crash report of
+ * Deno or a line that an application wrote to look like another group's,
+ * becomes a WARNING line with the process's real ids.
+ */
+async function relayStandardError(
+  stream: ReadableStream<Uint8Array>,
+  group: string,
+  pid: number,
+  logger: Logger,
+): Promise<void> {
+  const name = group.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+  const ids = `(?=[^\\]]*\\bgroup=${name}[ \\]])(?=[^\\]]*\\bpid=${pid}[ \\]])`;
+  const ownLine = new RegExp(`^\\S+ [A-Z]+ \\[${ids}[^\\]]*\\] `);
+  const relay = (line: string) => {
+    if (ownLine.test(line)) writeOutput(Deno.stderr, line + "\n");
+    else logger.warning(`daemon process wrote to standard error: ${line}`);
+  };
+  let pending = "";
+  try {
+    for await (const text of stream.pipeThrough(new TextDecoderStream())) {
+      const lines = (pending + text).split("\n");
+      pending = lines.pop()!;
+      for (const line of lines) relay(line);
+    }
+  } catch {
+    // The pipe broke with the process; what arrived is relayed below.
+  }
+  if (pending !== "") relay(pending);
+}
 
 /** The end of a daemon process, decoded from its exit status. */
 export interface ProcessExit {
@@ -305,8 +338,9 @@ export class DaemonProcess {
       gid: launch.gid,
       stdin: "piped",
       stdout: "piped",
-      // The daemon writes its own log lines to the server's standard error.
-      stderr: "inherit",
+      // The daemon's log lines reach the server's standard error through
+      // relayStandardError, which checks whose they are.
+      stderr: "piped",
       // Its own session: a terminal's Ctrl-C or a signal to the server's
       // process group reaches the front only, which stops the daemons in order.
       detached: true,
@@ -323,7 +357,14 @@ export class DaemonProcess {
       (type, id, payload) => this.#receive(type, id, payload),
     )
       .catch((error) => this.#onChannelError(error));
-    this.exited = Promise.all([this.#child.status, frames]).then(([status]) =>
+    const relayed = relayStandardError(
+      this.#child.stderr,
+      options.config.group,
+      this.pid,
+      this.#logger,
+    );
+    // The exit is logged after the process's last lines, such as a crash report.
+    this.exited = Promise.all([this.#child.status, frames, relayed]).then(([status]) =>
       this.#onExit(status)
     );
   }

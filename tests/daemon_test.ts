@@ -575,6 +575,15 @@ Deno.test("forged daemon frames kill the process", async () => {
       assert.equal((await getText(`${server.origin}/do/describe`)).status, 200);
     }
 
+    // A line that claims another group's ids is relayed with this group's.
+    await getText(`${server.origin}/do/sandbox/forge-log`);
+    await server.waitForLog(/daemon process wrote to standard error: .*forged line/, 10_000);
+    assert.match(
+      server.log(),
+      /WARNING \[app=app\.wsgi group=forger process=\d+\] daemon process wrote to standard error: \S+ ERROR \[group=victim pid=1\] forged line/,
+    );
+    assert.doesNotMatch(server.log(), /^\S+ ERROR \[group=victim/m);
+
     // A real response body above the frame limit streams in frames of its own.
     const big = await fetch(`${server.origin}/do/big-list?mib=40`);
     assert.equal(big.status, 200);
