@@ -1528,6 +1528,7 @@ Deno.test("daemon server", async (t) => {
         `deno-read?path=${OTHER_SCRIPT}`,
         "deno-env",
         "deno-command",
+        "os-system",
         `python-socket?host=127.0.0.1&port=${server.port}`,
         "deno-connect",
       ];

@@ -201,6 +201,24 @@ def _forbid_processes():
 
     os.fork = fork
 
+    def no_programs(name):
+        def run(command, *rest, **kwargs):
+            message = (
+                "cannot run %r with os.%s(): a wsgirun isolate cannot run programs. Call a "
+                "Python library instead, or run the program in a separate service outside "
+                "wsgirun" % (command, name)
+            )
+            log("warning", message)
+            raise OSError(errno.ENOSYS, message)
+
+        return run
+
+    # Pyodide's os.system() ends the interpreter with a fatal error, and the
+    # exec family would replace it. os.exec*() and os.spawn*() go through these.
+    for name in ("system", "execv", "execve", "posix_spawn", "posix_spawnp"):
+        if hasattr(os, name):
+            setattr(os, name, no_programs(name))
+
 
 _ELF_MAGIC = b"\x7fELF"
 _WASM_MAGIC = b"\0asm"
