@@ -24,7 +24,7 @@ import {
 const EMPTY_BODY = new Uint8Array(0);
 
 const FILE_PIECE = 64 * 1024;
-/** The most bytes that waiting body chunks are joined into for one write. */
+/** Maximum bytes of waiting body chunks that are joined into one write. */
 const JOIN_LIMIT = 64 * 1024;
 
 type BodyItem =
