@@ -220,11 +220,17 @@ export class DaemonGroup implements AppBackend {
     const current = [...this.#processes].filter((p) =>
       p.state === "starting" || p.state === "ready"
     );
+    const serving = current.filter((p) => p.state === "ready").length;
+    const starting = current.length - serving;
+    // A process that is still starting has no requests, and #manage stops it at once.
     this.#logger.info(
       `reloading: ${reason}; starting ${plural(this.spec.processes, "fresh process")}, and ` +
-        `${plural(current.length, "current process")} ${
-          current.length === 1 ? "finishes its" : "finish their"
-        } requests within graceful-timeout (${this.spec.gracefulTimeoutMs / 1000} s)`,
+        `${plural(serving, "current process")} ${
+          serving === 1 ? "finishes its" : "finish their"
+        } requests within graceful-timeout (${this.spec.gracefulTimeoutMs / 1000} s)` +
+        (starting > 0
+          ? `; ${plural(starting, "process")} still starting ${starting === 1 ? "stops" : "stop"}`
+          : ""),
     );
     this.#failedReason = null;
     this.#holdReason = null;

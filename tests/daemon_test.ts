@@ -1284,6 +1284,30 @@ Deno.test("daemon held request not passed around", async () => {
   }
 });
 
+Deno.test("second SIGHUP names starting processes", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startSiteGroup(
+      folder,
+      "group=twice,user=nobody,processes=1,threads=1",
+    );
+    server.process.kill("SIGHUP");
+    await server.waitForLog(/reloading: the server received SIGHUP/);
+    // The fresh process of the first reload needs far longer than this to start.
+    server.process.kill("SIGHUP");
+    await waitForCount(server, /reloading: the server received SIGHUP/, 2, 0, 10_000);
+
+    assert.match(
+      server.log(),
+      /reloading: the server received SIGHUP; starting 1 fresh process, and 1 current process finishes its requests within graceful-timeout \(15 s\); 1 process still starting stops/,
+    );
+    await waitForCount(server, /daemon process ready/, 2, 0, 60_000);
+    assert.equal((await getText(server.origin + "/do/describe")).status, 200);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("daemon reload cut short by stop", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   const script = join(folder, "app.wsgi");
