@@ -147,6 +147,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
         return await serveStatic(request, alias.alias, alias.rest, {
           logger: requestLogger,
           onDone: done,
+          sendTimeoutMs: options.sendTimeoutMs,
         });
       }
 

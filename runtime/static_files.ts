@@ -25,6 +25,7 @@
  */
 
 import { hexEscape, Logger } from "../supervisor/log.ts";
+import { SendTimer } from "./send_timeout.ts";
 import type { UrlAlias } from "./options.ts";
 
 /** The logger methods `serveStatic` calls. */
@@ -43,6 +44,12 @@ export interface ServeStaticOptions {
    * last byte is sent, the client goes away or a read fails (`error` names which).
    */
   onDone?: (record: StaticRecord) => void;
+  /**
+   * Milliseconds a file's body may wait for the client to take more bytes
+   * before the server stops it and closes the file; 0 for no limit.
+   * @default 0
+   */
+  sendTimeoutMs?: number;
 }
 
 /** Summary of a static response, for {@linkcode ServeStaticOptions.onDone}. */
@@ -59,6 +66,7 @@ interface FileContext {
   /** Set by `streamFile`, which reports the end of the body itself. */
   streaming: boolean;
   onDone: (record: StaticRecord) => void;
+  sendTimeoutMs: number;
 }
 
 /** Result of {@linkcode matchAlias}. */
@@ -194,6 +202,7 @@ export async function serveStatic(
     logger: options.logger ?? defaultLogger,
     streaming: false,
     onDone: options.onDone ?? (() => {}),
+    sendTimeoutMs: options.sendTimeoutMs ?? 0,
   };
   const response = await respond(request, alias, rest, context);
   if (!context.streaming) {
@@ -407,7 +416,7 @@ async function respondWithFile(
 
   if (start > 0) await file.seek(start, Deno.SeekMode.Start);
   context.streaming = true;
-  const body = streamFile(file, length, path, context.logger, (sent, error) => {
+  const body = streamFile(file, length, path, context, (sent, error) => {
     context.onDone({ status, bytes: sent, error });
   });
   return new Response(body, { status, headers });
@@ -519,21 +528,36 @@ function streamFile(
   file: Deno.FsFile,
   length: number,
   path: string,
-  logger: StaticFilesLogger,
+  context: FileContext,
   onEnd: (sent: number, error?: string) => void,
 ): ReadableStream<Uint8Array> {
+  const logger = context.logger;
   let remaining = length;
   let closed = false;
   let cancelled = false;
+  let stream: ReadableStreamDefaultController<Uint8Array>;
   const closeFile = (error?: string) => {
     if (closed) return;
     closed = true;
+    sendTimer.stop();
     file.close();
     onEnd(length - remaining, error);
   };
+  // Deno keeps the connection until the client closes it, but the file closes now.
+  const sendTimer = new SendTimer(context.sendTimeoutMs, (reason) => {
+    if (closed) return;
+    cancelled = true;
+    closeFile(reason);
+    stream.error(new Error(reason));
+    logger.warning(`Stopped sending a static file: ${reason}`, { path: JSON.stringify(path) });
+  });
 
   return new ReadableStream<Uint8Array>({
+    start(controller) {
+      stream = controller;
+    },
     async pull(controller) {
+      sendTimer.pullStarted();
       try {
         const buffer = new Uint8Array(Math.min(CHUNK_SIZE, remaining));
         const count = await file.read(buffer);
@@ -547,6 +571,8 @@ function streamFile(
         if (remaining === 0) {
           closeFile();
           controller.close();
+        } else {
+          sendTimer.pieceQueued();
         }
       } catch (error) {
         // Closing the file on cancel makes a pending read fail, which is no fault.

@@ -12,6 +12,7 @@ import type { ResponseSink } from "../supervisor/isolate.ts";
 import type { Logger } from "../supervisor/log.ts";
 import type { RequestHandle } from "../supervisor/backend.ts";
 import { realPathInside } from "../supervisor/app_spec.ts";
+import { SendTimer } from "./send_timeout.ts";
 import {
   CLIENT_DISCONNECTED,
   type EndMessage,
@@ -127,16 +128,14 @@ export class ResponseBuilder implements ResponseSink {
   #stream: ReadableStreamDefaultController<Uint8Array> | null = null;
   /** The file being sent, and the bytes of it that the Content-Length still requires. */
   #file: { handle: Deno.FsFile; remaining: number; path: string } | null = null;
-  /**
-   * performance.now() when Deno last took a piece of the body without
-   * requesting the next one, or undefined while a pull is pending. Deno pulls
-   * the next piece once the client's socket has taken the last one.
-   */
-  #clientWaitingSince: number | undefined;
-  #sendTimer: ReturnType<typeof setTimeout> | undefined;
+  #sendTimer: SendTimer;
 
   constructor(options: ResponseBuilderOptions) {
     this.#options = options;
+    this.#sendTimer = new SendTimer(
+      options.sendTimeoutMs ?? 0,
+      (reason) => this.#stopStalledResponse(reason),
+    );
     const { promise, resolve } = Promise.withResolvers<Response>();
     this.response = promise;
     this.#resolve = resolve;
@@ -284,11 +283,9 @@ export class ResponseBuilder implements ResponseSink {
    * reader waiting forever.
    */
   async #pull(controller: ReadableStreamDefaultController<Uint8Array>): Promise<void> {
-    this.#clientWaitingSince = undefined;
+    this.#sendTimer.pullStarted();
     await this.#producePiece(controller);
-    if (this.#done) return;
-    this.#clientWaitingSince = performance.now();
-    this.#armSendTimer(this.#options.sendTimeoutMs ?? 0);
+    if (!this.#done) this.#sendTimer.pieceQueued();
   }
 
   /** Enqueues the next piece of the body, or closes or errors the stream. */
@@ -415,31 +412,12 @@ export class ResponseBuilder implements ResponseSink {
   }
 
   /**
-   * Checks after `delayMs` whether the client has taken no body bytes for the
-   * send timeout. One timer per response, armed again until the response ends.
-   */
-  #armSendTimer(delayMs: number): void {
-    if (delayMs <= 0 || this.#sendTimer !== undefined) return;
-    this.#sendTimer = setTimeout(() => {
-      this.#sendTimer = undefined;
-      if (this.#done || this.#clientWaitingSince === undefined) return;
-      const timeout = this.#options.sendTimeoutMs!;
-      const waited = performance.now() - this.#clientWaitingSince;
-      if (waited < timeout) {
-        this.#armSendTimer(Math.max(1, timeout - waited));
-        return;
-      }
-      this.#stopStalledResponse(timeout);
-    }, delayMs);
-  }
-
-  /**
    * Stops a response whose client takes no bytes, so that its isolate serves
    * again. Deno keeps the connection open until the client closes it or takes
    * the bytes already written to the socket, because a handler cannot close it.
    */
-  #stopStalledResponse(timeoutMs: number): void {
-    const reason = `the client took no response bytes for ${timeoutMs / 1000} s (--send-timeout)`;
+  #stopStalledResponse(reason: string): void {
+    if (this.#done) return;
     this.#options.logger.warning(
       `response stopped after ${this.#bytes} bytes: ${reason}; its isolate serves again`,
     );
@@ -469,7 +447,7 @@ export class ResponseBuilder implements ResponseSink {
   #finish(error?: string): void {
     if (this.#done) return;
     this.#done = true;
-    clearTimeout(this.#sendTimer);
+    this.#sendTimer.stop();
     this.#options.onDone({ status: this.#status, bytes: this.#bytes, error });
   }
 }

@@ -827,6 +827,47 @@ Deno.test("send timeout frees a stalled reader's isolate", async () => {
   }
 });
 
+Deno.test("send timeout closes a stalled static file", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun_static_stall_" });
+  const file = join(folder, "large.bin");
+  await Deno.writeFile(file, new Uint8Array(64 * MiB));
+  try {
+    await using server = await startServer(APP_SCRIPT, [
+      "--callable-object",
+      "app",
+      "--url-alias",
+      "/static",
+      folder,
+      "--send-timeout",
+      "1",
+    ]);
+    const stalled = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+    try {
+      await stalled.write(encoder.encode("GET /static/large.bin HTTP/1.1\r\nHost: x\r\n\r\n"));
+      await server.waitForLog(
+        /WARNING .*Stopped sending a static file: the client took no response bytes for 1 s/,
+        30_000,
+      );
+
+      // The file is closed while the connection stays open.
+      const open = Array.from(Deno.readDirSync(`/proc/${server.process.pid}/fd`)).filter(
+        (entry) => {
+          try {
+            return Deno.readLinkSync(`/proc/${server.process.pid}/fd/${entry.name}`) === file;
+          } catch {
+            return false;
+          }
+        },
+      );
+      assert.equal(open.length, 0);
+    } finally {
+      stalled.close();
+    }
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("static raw UTF-8 names and access lines", async () => {
   const folder = await Deno.makeTempDir({ prefix: "wsgirun_static_test_" });
   try {
