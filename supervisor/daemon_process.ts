@@ -37,6 +37,41 @@ import { CLIENT_DISCONNECTED } from "../wasm/protocol.ts";
 export type DaemonProcessState = "starting" | "ready" | "retiring" | "exited";
 
 /**
+ * Maximum response body bytes of one request that may wait for its client.
+ * A process sends at most its response window (256 KiB) of chunks, and as
+ * much again of a file, beyond what the client took. A START frame and one
+ * chunk may each add up to 4 MiB, the adapter's largest message.
+ */
+const MAX_UNRELEASED_BYTES = 16 * 1024 * 1024;
+
+/** Maximum length of a relayed line of a daemon process's standard error; longer ones are cut. */
+const MAX_RELAYED_LINE = 64 * 1024;
+
+/** The ids that a daemon process's own log lines carry. */
+const DAEMON_LOG_IDS = new Set(["group", "pid", "isolate", "request"]);
+
+/**
+ * Returns whether `line` has the form of the daemon process's own log lines:
+ * time, level and ids that name its group and pid, each id once, and no
+ * control character, which the process's logger escapes in its messages.
+ */
+function isOwnLogLine(line: string, group: string, pid: number): boolean {
+  // deno-lint-ignore no-control-regex
+  if (/[\x00-\x08\x0a-\x1f\x7f]/.test(line)) return false;
+  const match = /^\d{4}-\d\d-\d\dT[\d:.]+Z (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \[([^\]]*)\] /
+    .exec(line);
+  if (!match) return false;
+  const ids = new Map<string, string>();
+  for (const pair of match[1].split(" ")) {
+    const equals = pair.indexOf("=");
+    const key = pair.slice(0, equals);
+    if (equals < 0 || !DAEMON_LOG_IDS.has(key) || ids.has(key)) return false;
+    ids.set(key, pair.slice(equals + 1));
+  }
+  return ids.get("group") === group && ids.get("pid") === String(pid);
+}
+
+/**
  * Copies a daemon process's standard error to the server's, line by line. A
  * line whose ids name the process's group and pid is one of its own log
  * lines and goes out unchanged. Any other text, such as a crash report of
@@ -49,12 +84,15 @@ async function relayStandardError(
   pid: number,
   logger: Logger,
 ): Promise<void> {
-  const name = group.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-  const ids = `(?=[^\\]]*\\bgroup=${name}[ \\]])(?=[^\\]]*\\bpid=${pid}[ \\]])`;
-  const ownLine = new RegExp(`^\\S+ [A-Z]+ \\[${ids}[^\\]]*\\] `);
-  const relay = (line: string) => {
-    if (ownLine.test(line)) writeOutput(Deno.stderr, line + "\n");
+  const relayPiece = (line: string) => {
+    if (isOwnLogLine(line, group, pid)) writeOutput(Deno.stderr, line + "\n");
     else logger.warning(`daemon process wrote to standard error: ${line}`);
+  };
+  // A long line goes out in pieces, so that no log line grows without limit.
+  const relay = (line: string) => {
+    for (let offset = 0; offset === 0 || offset < line.length; offset += MAX_RELAYED_LINE) {
+      relayPiece(line.slice(offset, offset + MAX_RELAYED_LINE));
+    }
   };
   let pending = "";
   try {
@@ -62,6 +100,11 @@ async function relayStandardError(
       const lines = (pending + text).split("\n");
       pending = lines.pop()!;
       for (const line of lines) relay(line);
+      // A line without end goes out in pieces too, so that it cannot fill the front's memory.
+      while (pending.length > MAX_RELAYED_LINE) {
+        relayPiece(pending.slice(0, MAX_RELAYED_LINE));
+        pending = pending.slice(MAX_RELAYED_LINE);
+      }
     }
   } catch {
     // The pipe broke with the process; what arrived is relayed below.
@@ -160,6 +203,8 @@ export class DaemonRequestHandle implements RequestHandle {
   #bodyPumped = false;
   #bodyBytesInFlight = 0;
   #wakeBody: (() => void) | null = null;
+  /** Response body bytes that the process sent and the client has not taken yet. */
+  unreleasedBytes = 0;
 
   constructor(request: BackendRequest, onCancelQueued: (handle: DaemonRequestHandle) => void) {
     this.request = request;
@@ -167,6 +212,7 @@ export class DaemonRequestHandle implements RequestHandle {
   }
 
   released(bytes: number): void {
+    this.unreleasedBytes = Math.max(0, this.unreleasedBytes - bytes);
     if (this.process && !this.finished) {
       this.process.send(Frame.CREDIT, this.id, encodeUint32(bytes));
     }
@@ -352,10 +398,15 @@ export class DaemonProcess {
       this.#logger.debug(`channel to the daemon process closed: ${error}`);
     });
     this.#writer.send(Frame.CONFIGURE, 0, encodeJson(options.config));
-    const frames = readFrames(
-      this.#child.stdout,
-      (type, id, payload) => this.#receive(type, id, payload),
-    )
+    const frames = readFrames(this.#child.stdout, (type, id, payload) => {
+      try {
+        this.#receive(type, id, payload);
+      } catch (error) {
+        if (error instanceof FrameError) throw error;
+        // A payload that does not decode comes from a process that cannot be trusted either.
+        throw new FrameError(`invalid frame payload (type ${type}: ${error})`);
+      }
+    })
       .catch((error) => this.#onChannelError(error));
     const relayed = relayStandardError(
       this.#child.stderr,
@@ -508,11 +559,13 @@ export class DaemonProcess {
       case Frame.START: {
         const start = decodeStart(payload);
         handle.responseStarted = true;
+        if (!start.complete) this.#countUnreleased(handle, start.body?.length ?? 0);
         sink.start({ type: "start", requestId, ...start });
         if (start.complete) this.#finish(id, handle);
         return;
       }
       case Frame.RESPONSE_BODY:
+        this.#countUnreleased(handle, payload.length);
         sink.body(payload);
         return;
       case Frame.END: {
@@ -541,6 +594,21 @@ export class DaemonProcess {
       case Frame.BODY_CREDIT:
         handle.bodyCredit(decodeUint32(payload));
         return;
+    }
+  }
+
+  /**
+   * Counts response bytes that wait for the client. A process keeps within
+   * its response window, so far more than that is a process that ignores
+   * the window, which would fill the front's memory.
+   */
+  #countUnreleased(handle: DaemonRequestHandle, bytes: number): void {
+    handle.unreleasedBytes += bytes;
+    if (handle.unreleasedBytes > MAX_UNRELEASED_BYTES) {
+      throw new FrameError(
+        `oversized response body (${handle.unreleasedBytes} bytes that the client has not ` +
+          "taken, far beyond the response window)",
+      );
     }
   }
 

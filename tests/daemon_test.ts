@@ -553,36 +553,71 @@ Deno.test("frame header over the payload limit", async () => {
 Deno.test("forged daemon frames kill the process", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   try {
+    // One process for each forgery, so that each is the first request of its
+    // process and has frame id 1, and no restart delay adds up.
+    await using server = await startServer(join(folder, "app.wsgi"), [
+      "--daemon",
+      "group=forger,user=nobody,processes=4,threads=1",
+    ], { waitForReady: false });
+    await waitForCount(server, /daemon process ready/, 4, 0, 120_000);
+    const frame = (bytes: number[]) => `forge-frame?bytes=${bytes.join(",")}`;
+    const forgeries = [
+      // A PONG that no PING asked for.
+      { path: frame([Frame.PONG, 0, 0, 0, 0, 0, 0, 0, 0]), log: /wrote an unexpected PONG frame/ },
+      // A body frame that announces 1 GiB.
+      {
+        path: frame([Frame.RESPONSE_BODY, 1, 0, 0, 0, 0, 0, 0, 0x40]),
+        log: /wrote an invalid frame header \(type 23, 1073741824 bytes\)/,
+      },
+      // A START frame whose payload does not decode.
+      {
+        path: frame([Frame.START, 1, 0, 0, 0, 3, 0, 0, 0, 1, 2, 3]),
+        log: /wrote an invalid frame payload \(type 22: RangeError/,
+      },
+      // 20 MiB of valid body frames that the client never took.
+      { path: "forge-body", log: /wrote an oversized response body \(\d+ bytes that the client/ },
+    ];
+    for (const forgery of forgeries) {
+      await getText(`${server.origin}/do/sandbox/${forgery.path}`).catch(() => undefined);
+      await server.waitForLog(forgery.log, 10_000);
+    }
+    // The group starts fresh processes and serves again.
+    await waitForCount(server, /daemon process ready/, 5, 0, 60_000);
+    assert.equal((await getText(`${server.origin}/do/describe`)).status, 200);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
+Deno.test("daemon standard error relayed with its ids", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
     await using server = await startSiteGroup(
       folder,
       "group=forger,user=nobody,processes=1,threads=1",
     );
-    const forgeries = [
-      // A PONG that no PING asked for.
-      { bytes: [Frame.PONG, 0, 0, 0, 0, 0, 0, 0, 0], log: /wrote an unexpected PONG frame/ },
-      // A body frame that announces 1 GiB.
-      {
-        bytes: [Frame.RESPONSE_BODY, 1, 0, 0, 0, 0, 0, 0, 0x40],
-        log: /wrote an invalid frame header \(type 23, 1073741824 bytes\)/,
-      },
-    ];
-    for (const [index, forgery] of forgeries.entries()) {
-      await getText(`${server.origin}/do/sandbox/forge-frame?bytes=${forgery.bytes.join(",")}`)
-        .catch(() => undefined);
-      await server.waitForLog(forgery.log, 10_000);
-      // The group starts a fresh process and serves again.
-      await waitForCount(server, /daemon process ready/, index + 2, 0, 60_000);
-      assert.equal((await getText(`${server.origin}/do/describe`)).status, 200);
-    }
+    const [pid] = daemonPids(server);
+    await getText(`${server.origin}/do/sandbox/forge-log?pid=${pid}`);
+    await server.waitForLog(/forged after a return/, 10_000);
+    await getText(`${server.origin}/do/sandbox/long-line`);
+    await waitForCount(server, /wrote to standard error: A+/, 4, 0, 10_000);
 
-    // A line that claims another group's ids is relayed with this group's.
-    await getText(`${server.origin}/do/sandbox/forge-log`);
-    await server.waitForLog(/daemon process wrote to standard error: .*forged line/, 10_000);
+    // Lines that claim another group are relayed with this group's ids.
+    const wrapped =
+      /WARNING \[app=app\.wsgi group=forger process=\d+\] daemon process wrote to standard error: /;
+    for (const text of ["forged line", "forged twice"]) {
+      assert.match(server.log(), new RegExp(`${wrapped.source}.*${text}`), text);
+    }
+    // A carriage return breaks the relayed line, and the rest gets the ids too.
     assert.match(
       server.log(),
-      /WARNING \[app=app\.wsgi group=forger process=\d+\] daemon process wrote to standard error: \S+ ERROR \[group=victim pid=1\] forged line/,
+      /WARNING \[app=app\.wsgi group=forger process=\d+\] \S+ CRITICAL \[group=victim pid=1\] forged after a return/,
     );
-    assert.doesNotMatch(server.log(), /^\S+ ERROR \[group=victim/m);
+    assert.doesNotMatch(server.log(), /^\S+ (ERROR|CRITICAL) \[group=victim/m);
+    // The carriage return is escaped, so it cannot hide the prefix on a terminal.
+    assert.doesNotMatch(server.log(), /\r/);
+    // A line without end comes in pieces of 64 KiB: 200 KiB make 4.
+    assert.equal(countMatches(server.log(), /wrote to standard error: A{65536}(?!A)/), 3);
 
     // A real response body above the frame limit streams in frames of its own.
     const big = await fetch(`${server.origin}/do/big-list?mib=40`);
