@@ -11,7 +11,7 @@
 import type { ResponseSink } from "../supervisor/isolate.ts";
 import type { Logger } from "../supervisor/log.ts";
 import type { RequestHandle } from "../supervisor/backend.ts";
-import { realPathInside } from "../supervisor/app_spec.ts";
+import { openFileInside } from "../supervisor/app_spec.ts";
 import { SendTimer } from "./send_timeout.ts";
 import {
   CLIENT_DISCONNECTED,
@@ -375,14 +375,11 @@ export class ResponseBuilder implements ResponseSink {
 
   async #openFile(message: FileMessage): Promise<void> {
     try {
-      const real = await realPathInside(message.path, this.#options.filePaths);
-      if (real === undefined) {
-        const error =
-          `wsgi.file_wrapper path '${message.path}' is outside the application's folders`;
-        this.#items.unshift({ kind: "end", error });
+      const handle = await openFileInside(message.path, this.#options.filePaths);
+      if (typeof handle === "string") {
+        this.#items.unshift({ kind: "end", error: handle });
         return;
       }
-      const handle = await Deno.open(real, { read: true });
       await handle.seek(message.offset, Deno.SeekMode.Start);
       const remaining = message.length < 0 ? Infinity : message.length;
       this.#file = { handle, remaining, path: message.path };

@@ -89,13 +89,50 @@ export function withMountRoots(app: AppSpec, paths: string[]): string[] {
 }
 
 /**
- * Returns the real path of `path` when it lies inside one of `folders`, with
- * symbolic links and `..` segments of both resolved, else undefined. The
- * path comes from an application, so a check of the text alone would let
- * `folder/../../etc/shadow` or a link to another folder through.
+ * Opens the regular file at `path` for reading when it lies inside one of
+ * `folders`, or returns why not. The path comes from an application, so a
+ * check of its text would let `folder/../../etc/shadow` or a link to another
+ * folder through. Symbolic links and `..` of both are resolved, and the file
+ * that was opened must be the one the path still leads to afterwards.
+ *
+ * NOTE: someone who can rename folders in the path while the server opens
+ * it can still win the race between these checks and the open, because
+ * Deno has no openat2() with RESOLVE_BENEATH. Deno's own checks of an
+ * isolate's reads follow links in the same way (see README.md). A FIFO
+ * swapped in blocks the open until a writer comes.
  * @throws {Deno.errors.NotFound} When `path` does not exist.
  */
-export async function realPathInside(path: string, folders: string[]): Promise<string | undefined> {
+export async function openFileInside(
+  path: string,
+  folders: string[],
+): Promise<Deno.FsFile | string> {
+  const outside = `wsgi.file_wrapper path '${path}' is outside the application's folders`;
+  const real = await realPathInside(path, folders);
+  if (real === undefined) return outside;
+  const notFile = `wsgi.file_wrapper path '${path}' is not a regular file`;
+  if (!(await Deno.stat(real)).isFile) return notFile;
+  const file = await Deno.open(real, { read: true });
+  let problem: string | undefined;
+  let checked = false;
+  try {
+    const opened = await file.stat();
+    const again = await realPathInside(path, folders);
+    const current = again === undefined ? undefined : await Deno.stat(again);
+    if (!opened.isFile) problem = notFile;
+    else if (current === undefined) problem = outside;
+    else if (current.ino !== opened.ino || current.dev !== opened.dev) {
+      problem = `wsgi.file_wrapper path '${path}' changed while it was opened`;
+    }
+    checked = true;
+  } finally {
+    // Closed unless it is the file the path still leads to.
+    if (!checked || problem !== undefined) file.close();
+  }
+  return problem ?? file;
+}
+
+/** Returns the real path of `path` when it lies inside one of `folders`, else undefined. */
+async function realPathInside(path: string, folders: string[]): Promise<string | undefined> {
   const real = await Deno.realPath(path);
   for (const folder of folders) {
     const realFolder = await Deno.realPath(folder).catch(() => undefined);

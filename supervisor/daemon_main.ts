@@ -28,9 +28,9 @@ import { fileURLToPath } from "node:url";
 import { ISOLATE_WORKER_URL } from "./worker_url.ts";
 import {
   appReadPaths,
+  openFileInside,
   PYODIDE_SPECIFIER,
   type PythonVersion,
-  realPathInside,
   withMountRoots,
 } from "./app_spec.ts";
 import { type Job, type ResponseSink, useProcessUmask } from "./isolate.ts";
@@ -255,14 +255,12 @@ class DaemonRequest implements ResponseSink {
     const folders = withMountRoots(app, appReadPaths(app));
     let file: Deno.FsFile | undefined;
     try {
-      const real = await realPathInside(message.path, folders);
-      if (real === undefined) {
-        this.#abortResponse(
-          `wsgi.file_wrapper path '${message.path}' is outside the application's folders`,
-        );
+      const opened = await openFileInside(message.path, folders);
+      if (typeof opened === "string") {
+        this.#abortResponse(opened);
         return;
       }
-      file = await Deno.open(real, { read: true });
+      file = opened;
       await file.seek(message.offset, Deno.SeekMode.Start);
       let remaining = message.length < 0 ? Infinity : message.length;
       const window = this.#daemon.config.responseWindow;

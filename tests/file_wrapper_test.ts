@@ -93,6 +93,7 @@ Deno.test("file_wrapper path escaping its folders", async () => {
     await Deno.writeTextFile(secret, "not for the application\n");
     await Deno.copyFile(SCRIPT, `${folder}/app/app.wsgi`);
     await Deno.symlink("../outside", `${folder}/app/leak`);
+    await new Deno.Command("mkfifo", { args: [`${folder}/app/fifo`] }).output();
     // A daemon process reads the file as the group's user.
     for (const path of [folder, `${folder}/app`, `${folder}/outside`]) {
       await Deno.chmod(path, 0o755);
@@ -118,6 +119,13 @@ Deno.test("file_wrapper path escaping its folders", async () => {
         /ERROR .*wsgi\.file_wrapper path '[^']*' is outside the application's folders/g,
       );
       assert.equal(rejections?.length, escapes.length, args.join(" "));
+
+      // A FIFO would block the open until a writer came.
+      const fifo = await fetch(`${server.origin}/forged-path?${folder}/app/fifo`, {
+        signal: AbortSignal.timeout(10_000),
+      });
+      await fifo.text().catch(() => undefined);
+      await server.waitForLog(/wsgi\.file_wrapper path '[^']*fifo' is not a regular file/, 10_000);
     }
   } finally {
     await Deno.remove(folder, { recursive: true });
