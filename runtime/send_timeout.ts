@@ -50,7 +50,9 @@ export class SendTimer {
       }
       this.stop();
       this.#onStall(
-        `the client took no response bytes for ${this.#timeoutMs / 1000} s (--send-timeout)`,
+        `the client's socket took no more response bytes for ${
+          this.#timeoutMs / 1000
+        } s (--send-timeout)`,
       );
     }, delayMs);
   }

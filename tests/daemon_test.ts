@@ -1105,10 +1105,13 @@ Deno.test("daemon send timeout frees the isolate", async () => {
 
       assert.equal(next.status, 200);
       await next.body?.cancel();
-      assert.match(stopped, /the client took no response bytes for 1 s \(--send-timeout\)/);
+      assert.match(
+        stopped,
+        /the client's socket took no more response bytes for 1 s \(--send-timeout\)/,
+      );
       // The daemon's isolate names the cause, not a client that left.
       await server.waitForLog(
-        /group=sender .*the client took no response bytes within --send-timeout; the response was stopped/,
+        /group=sender .*the client's socket took no more response bytes within --send-timeout; the response was stopped/,
         5000,
       );
     } finally {

@@ -819,7 +819,10 @@ Deno.test("send timeout frees a stalled reader's isolate", async () => {
 
     assert.equal(hello.status, 200);
     assert.equal(await hello.text(), "hello");
-    assert.match(stopped, /WARNING .*the client took no response bytes for 1 s \(--send-timeout\)/);
+    assert.match(
+      stopped,
+      /WARNING .*the client's socket took no more response bytes for 1 s \(--send-timeout\)/,
+    );
     await server.waitForLog(new RegExp(`iterable closed ${token}`), 5000);
     assert.match(server.output(), /"GET \/do\/endless\?token=\w+ HTTP\/1\.1" 200 \d+ /);
   } finally {
@@ -845,7 +848,7 @@ Deno.test("send timeout closes a stalled static file", async () => {
     try {
       await stalled.write(encoder.encode("GET /static/large.bin HTTP/1.1\r\nHost: x\r\n\r\n"));
       await server.waitForLog(
-        /WARNING .*Stopped sending a static file: the client took no response bytes for 1 s/,
+        /WARNING .*Stopped sending a static file: the client's socket took no more response bytes for 1 s/,
         30_000,
       );
 

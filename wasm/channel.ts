@@ -52,7 +52,7 @@ const REQUEST_STOPPED: Record<StopCause, string> = {
   "body-timeout": "the client sent no request body data within --body-timeout",
   "server-stop": "the server is stopping",
   "bad-body": "the client sent a malformed request body (invalid chunked transfer coding)",
-  "send-timeout": "the client took no response bytes within --send-timeout",
+  "send-timeout": "the client's socket took no more response bytes within --send-timeout",
 };
 
 /** Messages of the error that a read of `wsgi.input` raises when the body stops, by cause. */
