@@ -658,6 +658,7 @@ Deno.test("start_response", async (t) => {
     assert.equal(response.headers.get("x-kept"), "yes");
     assert.match(log, /WARNING .*dropped the hop-by-hop header 'Connection'/);
     assert.match(log, /WARNING .*dropped the hop-by-hop header 'Transfer-Encoding'/);
+    assert.equal(response.headers.get("proxy-connection"), null);
   });
 
   await t.step("large list body keeps its length", async () => {

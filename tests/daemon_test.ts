@@ -1591,6 +1591,8 @@ Deno.test("daemon server", async (t) => {
         "deno-env",
         "deno-command",
         "os-system",
+        "os-exec",
+        "os-spawn",
         `python-socket?host=127.0.0.1&port=${server.port}`,
         "deno-connect",
       ];
@@ -1608,6 +1610,11 @@ Deno.test("daemon server", async (t) => {
         `${origin}/do/sandbox/python-environ?name=WSGIRUN_DAEMON_TEST_SECRET`,
       );
       assert.equal(environ.body, "allowed: None");
+      assert.match(server.log(), /cannot run 'true' with os\.exec\*\(\): a wsgirun isolate/);
+      assert.match(
+        server.log(),
+        /cannot run '\/bin\/true' with os\.spawn\*\(\): a wsgirun isolate/,
+      );
       assert.doesNotMatch(server.log(), new RegExp(secret));
     });
 

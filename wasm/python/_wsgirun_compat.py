@@ -201,12 +201,14 @@ def _forbid_processes():
 
     os.fork = fork
 
-    def no_programs(name):
+    def no_programs(family):
         def run(command, *rest, **kwargs):
+            if isinstance(command, (bytes, bytearray)):
+                command = os.fsdecode(command)
             message = (
-                "cannot run %r with os.%s(): a wsgirun isolate cannot run programs. Call a "
+                "cannot run %r with %s: a wsgirun isolate cannot run programs. Call a "
                 "Python library instead, or run the program in a separate service outside "
-                "wsgirun" % (command, name)
+                "wsgirun" % (command, family)
             )
             log("warning", message)
             raise OSError(errno.ENOSYS, message)
@@ -214,10 +216,17 @@ def _forbid_processes():
         return run
 
     # Pyodide's os.system() ends the interpreter with a fatal error, and the
-    # exec family would replace it. os.exec*() and os.spawn*() go through these.
-    for name in ("system", "execv", "execve", "posix_spawn", "posix_spawnp"):
-        if hasattr(os, name):
-            setattr(os, name, no_programs(name))
+    # exec family would replace it. The other os.exec*() functions call
+    # execv(), execve() or _execvpe(), which tries each folder of PATH, and
+    # os.spawn*() call _spawnvef().
+    os.system = no_programs("os.system()")
+    os.execv = os.execve = no_programs("os.exec*()")
+    if hasattr(os, "_execvpe"):
+        exec_path = no_programs("os.exec*()")
+        os._execvpe = lambda file, args, env=None: exec_path(file)
+    if hasattr(os, "_spawnvef"):
+        spawn = no_programs("os.spawn*()")
+        os._spawnvef = lambda mode, file, args, env, function: spawn(file)
 
 
 _ELF_MAGIC = b"\x7fELF"
