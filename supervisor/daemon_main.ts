@@ -52,6 +52,7 @@ import {
   encodeUint32,
   Frame,
   FrameWriter,
+  FRONT_FRAMES,
   readFrames,
   type ReadyInfo,
 } from "./daemon_protocol.ts";
@@ -554,7 +555,7 @@ function readConfig(
 ) {
   const { promise, resolve } = Promise.withResolvers<DaemonConfig | undefined>();
   let configured = false;
-  const done = readFrames(stream, (type, id, payload) => {
+  const done = readFrames(stream, FRONT_FRAMES, (type, id, payload) => {
     if (configured) {
       onFrame(type, id, payload);
       return;

@@ -14,6 +14,7 @@ import {
 import type { DaemonLaunch } from "./daemon_command.ts";
 import {
   BODY_WINDOW,
+  DAEMON_FRAMES,
   type DaemonConfig,
   DaemonExit,
   decodeFail,
@@ -398,7 +399,7 @@ export class DaemonProcess {
       this.#logger.debug(`channel to the daemon process closed: ${error}`);
     });
     this.#writer.send(Frame.CONFIGURE, 0, encodeJson(options.config));
-    const frames = readFrames(this.#child.stdout, (type, id, payload) => {
+    const frames = readFrames(this.#child.stdout, DAEMON_FRAMES, (type, id, payload) => {
       try {
         this.#receive(type, id, payload);
       } catch (error) {

@@ -323,6 +323,16 @@ export type FrameHandler = (type: number, id: number, payload: Uint8Array<ArrayB
 const MAX_PAYLOAD_BYTES = 32 * 1024 * 1024;
 const FRAME_TYPES = new Set<number>(Object.values(Frame));
 
+/** The frame types that the front sends, which only a daemon process reads. */
+export const FRONT_FRAMES: ReadonlySet<number> = new Set(
+  [...FRAME_TYPES].filter((type) => type < Frame.READY),
+);
+
+/** The frame types that a daemon process sends, which only the front reads. */
+export const DAEMON_FRAMES: ReadonlySet<number> = new Set(
+  [...FRAME_TYPES].filter((type) => type >= Frame.READY),
+);
+
 /** A frame header that no wsgirun process writes: the stream carries something else. */
 export class FrameError extends Error {
   constructor(message: string) {
@@ -336,11 +346,13 @@ export class FrameError extends Error {
  * the stream ends. A payload that arrived in one read is a view of that
  * read's buffer, which the stream never reuses.
  *
- * @throws {FrameError} A header has an unknown type or an impossible length,
+ * @throws {FrameError} A header has a type outside `types` (FRONT_FRAMES or
+ *   DAEMON_FRAMES, the frames the other side sends) or an impossible length,
  *   for example because something else wrote to the daemon's standard output.
  */
 export async function readFrames(
   stream: ReadableStream<Uint8Array<ArrayBuffer>>,
+  types: ReadonlySet<number>,
   onFrame: FrameHandler,
 ): Promise<void> {
   const header = new Uint8Array(HEADER_BYTES);
@@ -365,7 +377,7 @@ export async function readFrames(
         type = headerView.getUint8(0);
         id = headerView.getUint32(1, true);
         const length = headerView.getUint32(5, true);
-        if (!FRAME_TYPES.has(type) || length > MAX_PAYLOAD_BYTES) {
+        if (!types.has(type) || length > MAX_PAYLOAD_BYTES) {
           throw new FrameError(`invalid frame header (type ${type}, ${length} bytes)`);
         }
         if (chunk.length - offset >= length) {

@@ -21,12 +21,14 @@ import { parseCommandLine, UsageError } from "../runtime/cli.ts";
 import type { ServerOptions } from "../runtime/options.ts";
 import { DaemonConfigError, resolveIdentity } from "../supervisor/daemon_command.ts";
 import {
+  DAEMON_FRAMES,
   decodeRequest,
   decodeStart,
   encodeFrame,
   encodeRequest,
   encodeStart,
   Frame,
+  FRONT_FRAMES,
   readFrames,
 } from "../supervisor/daemon_protocol.ts";
 import { DaemonSpecError, defaultGroupSpec, parseDaemonSpec } from "../supervisor/daemon_spec.ts";
@@ -518,20 +520,20 @@ Deno.test("frames split across reads", async () => {
   const bytes = new Uint8Array([
     ...encodeFrame(Frame.CANCEL, 7),
     ...encodeFrame(Frame.BODY, 8, payload),
-    ...encodeFrame(Frame.END, 9, new Uint8Array([1, 2])),
+    ...encodeFrame(Frame.BODY_ABORT, 9, new Uint8Array([1, 2])),
   ]);
   // Deliver the bytes in pieces of 5, 4093 and the rest, cutting headers and payloads.
   const pieces = [bytes.slice(0, 5), bytes.slice(5, 4098), bytes.slice(4098)];
   const stream = ReadableStream.from(pieces);
   const frames: [number, number, number][] = [];
   let received: Uint8Array | undefined;
-  await readFrames(stream, (type, id, data) => {
+  await readFrames(stream, FRONT_FRAMES, (type, id, data) => {
     frames.push([type, id, data.length]);
     if (type === Frame.BODY) received = data.slice();
   });
 
   assert.deepEqual(frames, [[Frame.CANCEL, 7, 0], [Frame.BODY, 8, payload.length], [
-    Frame.END,
+    Frame.BODY_ABORT,
     9,
     2,
   ]]);
@@ -545,8 +547,18 @@ Deno.test("frame header over the payload limit", async () => {
   const stream = ReadableStream.from([bytes]);
 
   await assert.rejects(
-    readFrames(stream, () => {}),
+    readFrames(stream, DAEMON_FRAMES, () => {}),
     /invalid frame header \(type 23, 1073741824 bytes\)/,
+  );
+});
+
+Deno.test("frame of the other direction rejected", async () => {
+  // A REQUEST frame, which only the front sends, read by the front.
+  const stream = ReadableStream.from([encodeFrame(Frame.REQUEST, 1)]);
+
+  await assert.rejects(
+    readFrames(stream, DAEMON_FRAMES, () => {}),
+    /invalid frame header \(type 2, 0 bytes\)/,
   );
 });
 
