@@ -6,6 +6,8 @@
  * - SIGHUP: every application starts fresh interpreters (fresh processes for
  *   daemon groups) and the old ones finish their requests. Once the server
  *   is stopping, SIGHUP is ignored.
+ * - SIGUSR1: Deno opens its debugger on this signal, which the server
+ *   closes again at once and logs (see inspector_guard.ts).
  * - SIGTERM, SIGINT: stop accepting, let running requests finish within the
  *   shutdown timeout, stop the daemon processes and exit 0. A second one
  *   exits at once with status 1; daemon processes then see their channel
@@ -19,6 +21,7 @@
  */
 
 import { DaemonConfigError } from "../supervisor/daemon_command.ts";
+import { closeInspectorOnSigusr1, sigusr1Message } from "../supervisor/inspector_guard.ts";
 import { Logger } from "../supervisor/log.ts";
 import type { MallocNote } from "../supervisor/malloc.ts";
 import { formatUsageError, parseCommandLine, UsageError } from "./cli.ts";
@@ -85,12 +88,10 @@ const IGNORED_SIGNALS: Partial<Record<Deno.Signal, string>> = {
 
 /** Acts on signals until a stop signal has stopped the server; never returns. */
 async function handleSignals(server: RunningServer, logger: Logger): Promise<never> {
-  // SIGUSR1 reloads too, as Apache's graceful restart does.
   const signals = new SignalQueue([
     "SIGINT",
     "SIGTERM",
     "SIGHUP",
-    "SIGUSR1",
     "SIGQUIT",
     ...Object.keys(IGNORED_SIGNALS) as Deno.Signal[],
   ]);
@@ -109,7 +110,7 @@ async function handleSignals(server: RunningServer, logger: Logger): Promise<nev
       );
       Deno.exit(0);
     }
-    const reload = signal === "SIGHUP" || signal === "SIGUSR1";
+    const reload = signal === "SIGHUP";
     if (reload && stoppingSince !== undefined) {
       logger.info(`${signal} ignored: the server is stopping`);
       continue;
@@ -181,6 +182,9 @@ export async function runFront(args: string[], mallocNote?: MallocNote): Promise
   }
   const options = command.options;
   const logger = new Logger(options.logLevel);
+  closeInspectorOnSigusr1((url, openMs) =>
+    logger.child({ pid: Deno.pid }).warning(sigusr1Message(url, openMs))
+  );
   if (mallocNote) logger.child({ pid: Deno.pid }).log(mallocNote.level, mallocNote.message);
   for (const warning of options.warnings ?? []) logger.child({ pid: Deno.pid }).warning(warning);
   const server = await start(options, logger);

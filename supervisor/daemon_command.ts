@@ -27,8 +27,12 @@
  *   isolates themselves cannot read it.
  * - `--allow-net`: only the group's allow-net hosts. The channel to the front
  *   is the process's standard input and output, which need no permission.
- * - `--allow-sys=uid,gid`: so the process can check that it does not run as
- *   root, and tell its isolates what os.getuid() and os.getgid() return.
+ * - `--allow-sys`: so the process can check that it does not run as root,
+ *   tell its isolates what os.getuid() and os.getgid() return, and close the
+ *   debugger that SIGUSR1 opens (inspector_guard.ts). Deno 2.9.6 has no
+ *   descriptor for the inspector that --allow-sys=NAME accepts, so the
+ *   process may read the other system facts too (host name, load). Its
+ *   isolates may read none of them.
  * - no other `--allow-env`, and no `--allow-run` or `--allow-ffi`. The
  *   environment is cleared too, except for the variables that locate Deno's
  *   cache and glibc's malloc setting (see malloc.ts).
@@ -444,7 +448,7 @@ export function permissionFlags(app: AppSpec, cache: DaemonCache, config?: strin
   const flags = [
     `--allow-read=${read.join(",")}`,
     "--allow-env=WSGIRUN_CACHE_DIR",
-    "--allow-sys=uid,gid",
+    "--allow-sys",
   ];
   if (write.length) flags.push(`--allow-write=${write.join(",")}`);
   if (app.allowNet?.length) flags.push(`--allow-net=${app.allowNet.join(",")}`);

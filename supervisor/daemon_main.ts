@@ -34,6 +34,7 @@ import {
   withMountRoots,
 } from "./app_spec.ts";
 import { type Job, type ResponseSink, useProcessUmask } from "./isolate.ts";
+import { closeInspectorOnSigusr1, sigusr1Message } from "./inspector_guard.ts";
 import { Logger, plural, tracebackSummary } from "./log.ts";
 import { IsolatePool, PoolUnavailableError } from "./pool.ts";
 import {
@@ -600,6 +601,7 @@ export async function runDaemon(): Promise<number> {
     return DaemonExit.USAGE;
   }
   const logger = new Logger(config.logLevel, { group: config.group, pid: Deno.pid });
+  closeInspectorOnSigusr1((url, openMs) => logger.warning(sigusr1Message(url, openMs)));
   if (Deno.uid() === 0) {
     logger.critical(
       "daemon process stopped: it runs as root, which a daemon never does; give the group user=NAME",

@@ -32,7 +32,7 @@ import {
   readFrames,
 } from "../supervisor/daemon_protocol.ts";
 import { DaemonSpecError, defaultGroupSpec, parseDaemonSpec } from "../supervisor/daemon_spec.ts";
-import { repoPath, serverArgs, startServer, type TestServer } from "./helpers/server.ts";
+import { listensOn, repoPath, serverArgs, startServer, type TestServer } from "./helpers/server.ts";
 import { peakResident, residentBytes, statusField, uploadGenerated } from "./helpers/transfer.ts";
 import { countMatches, delay, runLoad, waitForCount } from "./helpers/load.ts";
 
@@ -1090,6 +1090,11 @@ Deno.test("daemon ignores signals for the front", async () => {
     assert.equal(response.status, 200);
     assert.equal(servingPid(JSON.parse(response.body).request_id), pid);
     assert.doesNotMatch(server.log(), /daemon process (exited|was killed)/);
+    // Deno opens its debugger on SIGUSR1, and the process closes it again.
+    await server.waitForLog(
+      new RegExp(`WARNING \\[group=deaf pid=${pid}\\] SIGUSR1: Deno opened its debugger`),
+    );
+    assert.equal(listensOn(pid, 9229), false);
   } finally {
     await Deno.remove(folder, { recursive: true });
   }

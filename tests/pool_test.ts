@@ -5,7 +5,7 @@
  */
 
 import assert from "node:assert/strict";
-import { repoPath, startServer, type TestServer } from "./helpers/server.ts";
+import { listensOn, repoPath, startServer, type TestServer } from "./helpers/server.ts";
 import { countMatches, delay, runLoad, runLoadFor, waitForCount } from "./helpers/load.ts";
 import { cpuTicks } from "./helpers/transfer.ts";
 
@@ -1107,4 +1107,23 @@ Deno.test("SIGTTIN and SIGUSR2 are ignored", async () => {
   assert.equal(response.status, 200);
   assert.equal(await response.text(), "slept 0.0");
   assert.match(server.log(), /WARNING .*SIGTTIN ignored: pools grow on their own up to --threads/);
+});
+
+Deno.test("SIGUSR1 debugger closed at once", async () => {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "1",
+  ]);
+  server.process.kill("SIGUSR1");
+  const line = await server.waitForLog(/.*SIGUSR1: .*/, 10_000);
+
+  // Deno opens its debugger on SIGUSR1, which lets any local user run code in the server.
+  assert.match(
+    line,
+    /WARNING .*SIGUSR1: Deno opened its debugger at ws:\/\/127\.0\.0\.1:9229\/\S+, which was closed after \d+ ms\. wsgirun does not act on SIGUSR1: send SIGHUP to reload/,
+  );
+  assert.equal(listensOn(server.process.pid, 9229), false);
+  assert.doesNotMatch(server.log(), /reloading/);
+  const response = await fetch(`${server.origin}/?seconds=0`);
+  assert.equal(await response.text(), "slept 0.0");
 });

@@ -122,12 +122,6 @@ Deno.test("embedded reload on SIGHUP", async () => {
   // The replaced isolate is stopped once it has finished.
   await waitForCount(server, /replaced isolate 1 stopped\n/, 1);
   assert.match(server.log(), /isolate=2\] isolate ready/);
-
-  // SIGUSR1, Apache's graceful restart, reloads the same way.
-  server.process.kill("SIGUSR1");
-  await server.waitForLog(/SIGUSR1: reloading every application/);
-  await waitForCount(server, /reloaded: fresh isolates take new requests/, 2);
-  assert.equal(await (await fetch(server.origin + "/")).text(), "one");
 });
 
 Deno.test("embedded reload follows a switched release link", async () => {

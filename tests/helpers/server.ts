@@ -188,3 +188,29 @@ export async function rawRequest(
   for (const chunk of chunks) text += String.fromCharCode(...chunk);
   return text;
 }
+
+/** Returns whether process `pid` holds a listening TCP socket on `port` (IPv4 or IPv6). */
+export function listensOn(pid: number, port: number): boolean {
+  const inodes = new Set<string>();
+  for (const entry of Deno.readDirSync(`/proc/${pid}/fd`)) {
+    try {
+      const target = Deno.readLinkSync(`/proc/${pid}/fd/${entry.name}`);
+      const socket = /^socket:\[(\d+)\]$/.exec(target);
+      if (socket) inodes.add(socket[1]);
+    } catch {
+      // The descriptor was closed while it was being read.
+    }
+  }
+  const listening = "0A";
+  const portHex = port.toString(16).toUpperCase().padStart(4, "0");
+  for (const table of ["/proc/net/tcp", "/proc/net/tcp6"]) {
+    for (const line of Deno.readTextFileSync(table).split("\n").slice(1)) {
+      const fields = line.trim().split(/\s+/);
+      if (fields.length < 10) continue;
+      if (fields[1].endsWith(`:${portHex}`) && fields[3] === listening && inodes.has(fields[9])) {
+        return true;
+      }
+    }
+  }
+  return false;
+}
