@@ -1070,6 +1070,10 @@ function parseExistingPath(
   cwd: string,
   expected: "directory" | "file or directory",
 ): string {
+  // An unset shell variable ("--write $DATA_DIR") must not mean the working folder.
+  if (value === "") {
+    throw invalidValue(option, value, `an existing ${expected}, not an empty path`);
+  }
   const path = resolve(cwd, value);
   const kind = statPathKind(path);
   const accepted = kind === "directory" || (kind === "file" && expected !== "directory");

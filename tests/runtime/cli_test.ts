@@ -407,6 +407,10 @@ const INVALID_CASES: InvalidCase[] = [
   { args: ["--python", "python3"], option: "--python", value: "python3" },
   { args: ["--python-path", "missing"], option: "--python-path", value: "missing" },
   { args: ["--python-path", "app.wsgi"], option: "--python-path", value: "app.wsgi" },
+  // An unset shell variable, as in --write "$DATA_DIR", must not mean the working folder.
+  { args: ["--python-path", ""], option: "--python-path", value: "" },
+  { args: ["--write", ""], option: "--write", value: "" },
+  { args: ["--url-alias", "/static", ""], option: "--url-alias", value: "" },
   { args: ["--callable-object", "my-app"], option: "--callable-object", value: "my-app" },
   { args: ["--callable-object", "2app"], option: "--callable-object", value: "2app" },
   { args: ["--callable-object", "a.b"], option: "--callable-object", value: "a.b" },
