@@ -477,9 +477,11 @@ export const OPTIONS: readonly OptionSpec[] = [
   {
     name: "--send-timeout",
     valueNames: ["SECONDS"],
-    help: "Maximum time in seconds (up to 3 decimals) a streamed response may wait for the " +
-      "client to take more bytes, in embedded and daemon mode, before the server stops the " +
-      "application's response and its isolate is free again. 0 turns the limit off.",
+    help: "Maximum time in seconds (up to 3 decimals) a streamed response or static file " +
+      "may wait for the client's socket to take more bytes, in embedded and daemon mode, " +
+      "before the server stops it and its isolate is free again. The socket takes more once " +
+      "the client has read about half of its send buffer (up to 4 MiB on Linux), so a " +
+      "client that reads less than that within the time is stopped too. 0 turns the limit off.",
     defaultText: "20",
     repeatable: false,
     apply: ([value], draft) => {
