@@ -370,7 +370,11 @@ export const OPTIONS: readonly OptionSpec[] = [
     defaultText: "info",
     repeatable: false,
     apply: ([value], draft) => {
-      draft.logLevel = parseChoice("--log-level", value, LOG_LEVELS);
+      // Any case, as gunicorn and Python's logging accept WARNING.
+      const lower = value.toLowerCase();
+      draft.logLevel = (LOG_LEVELS as readonly string[]).includes(lower)
+        ? lower as LogLevel
+        : parseChoice("--log-level", value, LOG_LEVELS);
     },
   },
   {

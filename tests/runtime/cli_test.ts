@@ -121,6 +121,7 @@ const VALID_CASES: ValidCase[] = [
   { args: ["--threads", "256"], read: (o) => o.threads, expected: () => 256 },
   { args: ["--python", "3.12"], read: (o) => o.app.python, expected: () => "3.12" },
   { args: ["--python", "3.14"], read: (o) => o.app.python, expected: () => "3.14" },
+  { args: ["--log-level", "WARNING"], read: (o) => o.logLevel, expected: () => "warning" },
   {
     args: ["--python-path", "pylib"],
     read: (o) => o.app.pythonPath,
@@ -436,7 +437,6 @@ const INVALID_CASES: InvalidCase[] = [
   { args: ["--url-alias", "/s/../x", "static"], option: "--url-alias", value: "/s/../x" },
   { args: ["--url-alias", "/static", "missing"], option: "--url-alias", value: "missing" },
   { args: ["--log-level", "verbose"], option: "--log-level", value: "verbose" },
-  { args: ["--log-level", "INFO"], option: "--log-level", value: "INFO" },
   { args: ["--queue-limit", "100001"], option: "--queue-limit", value: "100001" },
   { args: ["--queue-limit", "-5"], option: "--queue-limit", value: "-5" },
   { args: ["--request-timeout", "1e3"], option: "--request-timeout", value: "1e3" },
