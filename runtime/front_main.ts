@@ -40,6 +40,12 @@ const EXIT_FAILURE = 1;
  * process group. A later one cuts the graceful stop short.
  */
 const REPEATED_SIGNAL_MS = 1000;
+/**
+ * A SIGHUP this soon after the last one is the same one delivered twice, as
+ * under `deno task` (about 10 ms apart). Shorter than REPEATED_SIGNAL_MS, so
+ * that a deliberate second reload soon after a first one still happens.
+ */
+const REPEATED_RELOAD_MS = 250;
 
 function parseOrExit(args: string[]) {
   try {
@@ -96,6 +102,7 @@ async function handleSignals(server: RunningServer, logger: Logger): Promise<nev
     ...Object.keys(IGNORED_SIGNALS) as Deno.Signal[],
   ]);
   let stoppingSince: number | undefined;
+  let reloadedAt = -Infinity;
   for (;;) {
     const signal = await signals.next();
     const ignored = IGNORED_SIGNALS[signal];
@@ -115,7 +122,14 @@ async function handleSignals(server: RunningServer, logger: Logger): Promise<nev
       logger.info(`${signal} ignored: the server is stopping`);
       continue;
     }
+    if (reload && performance.now() - reloadedAt < REPEATED_RELOAD_MS) {
+      logger.info(
+        `${signal} again within ${REPEATED_RELOAD_MS} ms: taken as the same reload`,
+      );
+      continue;
+    }
     if (reload) {
+      reloadedAt = performance.now();
       logger.info(`${signal}: reloading every application`);
       server.reload(`the server received ${signal}`);
       continue;

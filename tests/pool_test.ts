@@ -1127,3 +1127,17 @@ Deno.test("SIGUSR1 debugger closed at once", async () => {
   const response = await fetch(`${server.origin}/?seconds=0`);
   assert.equal(await response.text(), "slept 0.0");
 });
+
+Deno.test("SIGHUP delivered twice reloads once", async () => {
+  await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+    "--threads",
+    "1",
+  ]);
+  // A SIGHUP to the process group of `deno task` reaches the server twice.
+  server.process.kill("SIGHUP");
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  server.process.kill("SIGHUP");
+  await server.waitForLog(/SIGHUP again within \d+ ms: taken as the same reload/, 10_000);
+
+  assert.equal(countMatches(server.log(), /SIGHUP: reloading every application/), 1);
+});
