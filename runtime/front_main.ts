@@ -131,7 +131,7 @@ async function handleSignals(server: RunningServer, logger: Logger): Promise<nev
     if (reload) {
       reloadedAt = performance.now();
       logger.info(`${signal}: reloading every application`);
-      server.reload(`the server received ${signal}`);
+      server.reload(`the server received ${signal}`, true);
       continue;
     }
     if (stoppingSince !== undefined) {

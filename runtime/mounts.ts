@@ -278,8 +278,16 @@ export class MountTable {
     return Promise.all(this.backends.map((backend) => backend.start())).then(() => {});
   }
 
-  /** Replaces the interpreters of every backend, embedded and daemon groups (SIGHUP). */
-  reload(reason: string): void {
+  /**
+   * Replaces the interpreters of every backend, embedded and daemon groups.
+   * With `reimport` (SIGHUP), their application snapshots are built again.
+   */
+  reload(reason: string, reimport = false): void {
+    if (reimport) {
+      const now = Date.now();
+      // A daemon group and an embedded pool each read this from the spec at their next start.
+      for (const mount of this.mounts) mount.app.snapshotNotBefore = now;
+    }
     for (const backend of this.backends) backend.reload(reason);
   }
 

@@ -27,8 +27,11 @@ export interface RunningServer {
    * daemon groups, else 5 s), then stops every backend.
    */
   shutdown(timeoutMs?: number): Promise<void>;
-  /** Starts fresh interpreters for every application and drains the old ones (SIGHUP). */
-  reload(reason: string): void;
+  /**
+   * Starts fresh interpreters for every application and drains the old ones.
+   * With `reimport` (SIGHUP), the application snapshots are built again.
+   */
+  reload(reason: string, reimport?: boolean): void;
 }
 
 /** Grace period for running responses when the server stops and no group sets its own. */
@@ -218,7 +221,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
       mounts,
       ready,
       finished: server.finished,
-      reload: (reason) => mounts.reload(reason),
+      reload: (reason, reimport) => mounts.reload(reason, reimport),
       async shutdown(timeoutMs = shutdownMs) {
         appLogger.info("shutting down: no new connections");
         markServerStopping();

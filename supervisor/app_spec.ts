@@ -62,6 +62,12 @@ export interface AppSpec {
    * symbolic link switched later (current -> releases/42) changes nothing
    * for them until a reload starts fresh ones.
    */
+  /**
+   * Epoch ms: an application snapshot whose build began before this is built
+   * again. SIGHUP sets it, so that a reload imports the application afresh
+   * and sees files it read at import (a config.json), as a touch does.
+   */
+  snapshotNotBefore?: number;
   mountRoots?: Record<string, string>;
 }
 

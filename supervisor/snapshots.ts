@@ -121,6 +121,8 @@ interface SnapshotHeader {
   files?: FileStamp[];
   /** A stamp of each folder the application's imports searched. */
   folders?: FolderStamp[];
+  /** Epoch ms when the build of an application snapshot began. */
+  builtAt?: number;
 }
 
 /**
@@ -376,7 +378,7 @@ async function writeSnapshot(
   path: string,
   key: string,
   snapshot: Uint8Array,
-  stamps: Pick<SnapshotHeader, "files" | "folders"> = {},
+  stamps: Pick<SnapshotHeader, "files" | "folders" | "builtAt"> = {},
   logger?: Logger,
 ): Promise<{ snapshot: SharedArrayBuffer; written: boolean }> {
   const packed = packSnapshot(snapshot);
@@ -992,6 +994,9 @@ async function cachedApplicationSnapshot(
   if (typeof cached === "string") return cached;
   const changed = await changedImport(cached.header.files ?? [], cached.header.folders ?? []);
   if (changed) return changed;
+  if (app.snapshotNotBefore !== undefined && (cached.header.builtAt ?? 0) < app.snapshotNotBefore) {
+    return "the server received SIGHUP after it was built";
+  }
   await touch(path);
   return cached.snapshot;
 }
@@ -1144,7 +1149,7 @@ async function buildApplicationSnapshot(
     path,
     key,
     built.bytes,
-    { files, folders },
+    { files, folders, builtAt: buildStartedAt },
     logger,
   );
   if (written) await pruneApplicationSnapshots(logger);

@@ -1339,6 +1339,46 @@ Deno.test("daemon held request not passed around", async () => {
   }
 });
 
+Deno.test("daemon SIGHUP imports the application again", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    // The application reads config.json at import; config.json is no module.
+    const script = join(folder, "app.wsgi");
+    await Deno.writeTextFile(join(folder, "config.json"), '{"greeting": "one"}');
+    await Deno.chmod(join(folder, "config.json"), 0o644);
+    const original = await Deno.readTextFile(script);
+    await Deno.writeTextFile(
+      script,
+      "import json as _json\n" +
+        "with open(__file__.rsplit('/', 1)[0] + '/config.json') as _config:\n" +
+        "    IMPORTED_GREETING = _json.load(_config)['greeting']\n" + original,
+    );
+    await using server = await startSiteGroup(
+      folder,
+      "group=reimport,user=nobody,processes=2,threads=1",
+    );
+    await waitForCount(server, /daemon process ready/, 2, 0, 60_000);
+
+    await Deno.writeTextFile(join(folder, "config.json"), '{"greeting": "two"}');
+    server.process.kill("SIGHUP");
+    await waitForCount(server, /daemon process ready/, 4, 0, 20_000);
+    const greetings = new Set<string>();
+    for (let i = 0; i < 4; i++) {
+      const response = await getText(`${server.origin}/do/sandbox/imported-greeting`);
+      greetings.add(response.body);
+    }
+
+    assert.deepEqual([...greetings], ["allowed: 'two'"]);
+    // One process builds the snapshot, and the other uses it.
+    assert.equal(
+      countMatches(server.log(), /building the application snapshot \(the server received SIGHUP/),
+      1,
+    );
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("second SIGHUP names starting processes", async () => {
   const folder = await copyFixture(SITE_FIXTURE);
   try {

@@ -124,6 +124,41 @@ Deno.test("embedded reload on SIGHUP", async () => {
   assert.match(server.log(), /isolate=2\] isolate ready/);
 });
 
+/** An application that returns the greeting that config.json held when it was imported. */
+const CONFIG_SCRIPT = `import json, os
+
+with open(os.path.join(os.path.dirname(__file__), "config.json")) as config:
+    GREETING = json.load(config)["greeting"]
+
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [GREETING.encode()]
+`;
+
+Deno.test("SIGHUP imports the application again", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-reimport-" });
+  try {
+    await Deno.writeTextFile(`${folder}/app.wsgi`, CONFIG_SCRIPT);
+    await Deno.writeTextFile(`${folder}/config.json`, '{"greeting": "one"}');
+    await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"]);
+    assert.equal(await (await fetch(server.origin + "/")).text(), "one");
+
+    // config.json is no module, so only a new import sees the change.
+    await Deno.writeTextFile(`${folder}/config.json`, '{"greeting": "two"}');
+    server.process.kill("SIGHUP");
+    await waitForCount(server, /reloaded: fresh isolates take new requests/, 1);
+
+    assert.equal(await (await fetch(server.origin + "/")).text(), "two");
+    assert.match(
+      server.log(),
+      /building the application snapshot \(the server received SIGHUP after it was built\)/,
+    );
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("embedded reload follows a switched release link", async () => {
   // The layout of many deploy tools: current -> releases/N, switched at once.
   const folder = await Deno.makeTempDir({ prefix: "wsgirun-release-" });
