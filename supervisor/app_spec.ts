@@ -65,7 +65,7 @@ export interface AppSpec {
   /**
    * Epoch ms: an application snapshot whose build began before this is built
    * again. SIGHUP sets it, so that a reload imports the application afresh
-   * and sees files it read at import (a config.json), as a touch does.
+   * and reads again the files it reads at import (a config.json).
    */
   snapshotNotBefore?: number;
   mountRoots?: Record<string, string>;
