@@ -2,9 +2,10 @@
  * Deno 2.9.2 and later start the V8 inspector server on 127.0.0.1:9229 when
  * the process receives SIGUSR1, whatever listeners the program has. Any local
  * user can then connect to it and run JavaScript with the permissions of the
- * process, which for the front means all of them. This module closes that
- * server as soon as it appears, unless it was already open at start (a
- * developer who runs wsgirun with --inspect keeps theirs).
+ * process, which for the front means all of them. Deno installs its handler
+ * 500 ms after the process starts. This module closes that server as soon as
+ * it appears, unless it was already open at start (a developer who runs
+ * wsgirun with --inspect keeps theirs).
  */
 
 import inspector from "node:inspector";
@@ -40,7 +41,7 @@ export function closeInspectorOnSigusr1(
 /** Returns the log line for SIGUSR1, after the debugger that it opened was closed. */
 export function sigusr1Message(url: string | undefined, openMs: number): string {
   const debuggerState = url === undefined
-    ? "Deno could not open its debugger (another process holds 127.0.0.1:9229)"
+    ? `Deno opened no debugger within ${WATCH_MS} ms (another process may use 127.0.0.1:9229)`
     : `Deno opened its debugger at ${url}, which was closed after ${openMs} ms`;
   return `SIGUSR1: ${debuggerState}. wsgirun does not act on SIGUSR1: send SIGHUP to reload`;
 }

@@ -1080,6 +1080,8 @@ Deno.test("daemon ignores signals for the front", async () => {
       "group=deaf,user=nobody,processes=1,threads=1",
     );
     const [pid] = daemonPids(server);
+    // Deno listens for SIGUSR1 only from 500 ms after the process started.
+    await delay(600);
     // A service manager or a terminal may send these to every process of the server.
     const signals = ["SIGINT", "SIGHUP", "SIGUSR1", "SIGQUIT", "SIGTTIN", "SIGUSR2"] as const;
     for (const signal of signals) Deno.kill(pid, signal);

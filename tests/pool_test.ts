@@ -1114,6 +1114,8 @@ Deno.test("SIGUSR1 debugger closed at once", async () => {
     "--threads",
     "1",
   ]);
+  // Deno listens for SIGUSR1 only from 500 ms after the process started.
+  await new Promise((resolve) => setTimeout(resolve, 1000));
   server.process.kill("SIGUSR1");
   const line = await server.waitForLog(/.*SIGUSR1: .*/, 10_000);
 
