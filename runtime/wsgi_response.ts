@@ -128,14 +128,11 @@ export class ResponseBuilder implements ResponseSink {
   #stream: ReadableStreamDefaultController<Uint8Array> | null = null;
   /** The file being sent, and the bytes of it that the Content-Length still requires. */
   #file: { handle: Deno.FsFile; remaining: number; path: string } | null = null;
-  #sendTimer: SendTimer;
+  /** The send timeout of a streamed body; a response sent whole needs none. */
+  #sendTimer: SendTimer | null = null;
 
   constructor(options: ResponseBuilderOptions) {
     this.#options = options;
-    this.#sendTimer = new SendTimer(
-      options.sendTimeoutMs ?? 0,
-      (reason) => this.#stopStalledResponse(reason),
-    );
     const { promise, resolve } = Promise.withResolvers<Response>();
     this.response = promise;
     this.#resolve = resolve;
@@ -268,6 +265,10 @@ export class ResponseBuilder implements ResponseSink {
   }
 
   #makeStream(): ReadableStream<Uint8Array> {
+    this.#sendTimer = new SendTimer(
+      this.#options.sendTimeoutMs ?? 0,
+      (reason) => this.#stopStalledResponse(reason),
+    );
     return new ReadableStream<Uint8Array>({
       start: (controller) => {
         this.#stream = controller;
@@ -283,9 +284,9 @@ export class ResponseBuilder implements ResponseSink {
    * reader waiting forever.
    */
   async #pull(controller: ReadableStreamDefaultController<Uint8Array>): Promise<void> {
-    this.#sendTimer.pullStarted();
+    this.#sendTimer?.pullStarted();
     await this.#producePiece(controller);
-    if (!this.#done) this.#sendTimer.pieceQueued();
+    if (!this.#done) this.#sendTimer?.pieceQueued();
   }
 
   /** Enqueues the next piece of the body, or closes or errors the stream. */
@@ -444,7 +445,7 @@ export class ResponseBuilder implements ResponseSink {
   #finish(error?: string): void {
     if (this.#done) return;
     this.#done = true;
-    this.#sendTimer.stop();
+    this.#sendTimer?.stop();
     this.#options.onDone({ status: this.#status, bytes: this.#bytes, error });
   }
 }

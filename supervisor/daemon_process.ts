@@ -476,7 +476,7 @@ export class DaemonProcess {
   /** performance.now() of the PING that the process has not replied to yet. */
   pingedAt: number | undefined;
 
-  /** PINGs sent and not yet answered: a PONG beyond them is a protocol error. */
+  /** PINGs sent that no PONG has matched yet. A PONG beyond them is a protocol error. */
   #unansweredPings = 0;
 
   /** Sends PING, which a live process replies to with PONG, to tell a silent process from a hung one. */

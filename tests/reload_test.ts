@@ -144,7 +144,7 @@ Deno.test("SIGHUP imports the application again", async () => {
     await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"]);
     assert.equal(await (await fetch(server.origin + "/")).text(), "one");
 
-    // config.json is no module, so only a new import sees the change.
+    // config.json is no module, so only a new import reads the change.
     await Deno.writeTextFile(`${folder}/config.json`, '{"greeting": "two"}');
     server.process.kill("SIGHUP");
     await waitForCount(server, /reloaded: fresh isolates take new requests/, 1);

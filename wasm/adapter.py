@@ -295,7 +295,7 @@ class FileWrapper:
 # byte, so it is cheaper up to a few KiB.
 _SMALL_BODY = 4096
 
-# The most body bytes that one message from the isolate carries. A larger
+# Maximum body bytes that one message from the isolate carries. A larger
 # list body streams, and a larger chunk goes out in pieces, so that no single
 # message between the isolate, a daemon process and the front carries it whole
 # (the front rejects daemon frames above a few times this size).

@@ -189,7 +189,7 @@ export async function rawRequest(
   return text;
 }
 
-/** Returns whether process `pid` holds a listening TCP socket on `port` (IPv4 or IPv6). */
+/** Returns whether process `pid` has a listening TCP socket on `port` (IPv4 or IPv6). */
 export function listensOn(pid: number, port: number): boolean {
   const inodes = new Set<string>();
   for (const entry of Deno.readDirSync(`/proc/${pid}/fd`)) {
