@@ -863,14 +863,15 @@ Deno.test("daemon reload moves waiting requests", async () => {
       folder,
       "group=moves,user=nobody,processes=1,threads=1,graceful-timeout=2",
     );
-    // One request of 4 s, past graceful-timeout, then five of 1 s: the first
-    // of those waits in the isolate behind the long one, the others in the
-    // process's queue. Only the long one may fail. An upload with a streamed
+    // One request of 10 s, past graceful-timeout even when the fresh process
+    // takes seconds to build its snapshot (graceful-timeout starts once it is
+    // ready), then five of 1 s: the first of those waits in the isolate behind
+    // the long one, the others in the process's queue. Only the long one may fail. An upload with a streamed
     // body waits in the process's queue too, because its body would start to
     // flow once an isolate has taken it.
     const requests: Promise<{ status: number; body: string }>[] = [];
     for (let i = 0; i < 6; i++) {
-      requests.push(getText(server.origin + `/do/slow?ms=${i === 0 ? 4000 : 1000}`));
+      requests.push(getText(server.origin + `/do/slow?ms=${i === 0 ? 10_000 : 1000}`));
       await delay(100);
       if (i === 0) {
         requests.push(
