@@ -20,6 +20,7 @@ import { parseNetAllowEntry } from "../wasm/net_policy.ts";
 import {
   type DaemonGroupSpec,
   DaemonSpecError,
+  memoryLimitProblem,
   NO_VARIABLES,
   parseBytes,
   parseDaemonSpec,
@@ -118,6 +119,7 @@ export interface OptionValues {
   inactivityTimeoutMs: number;
   maximumRequests: number;
   memoryLimitBytes: number;
+  memoryMaxBytes: number;
   /** From `--shutdown-timeout`; unset keeps the default that depends on the daemon groups. */
   shutdownTimeoutMs?: number;
   daemonGroups: DaemonGroupSpec[];
@@ -160,6 +162,7 @@ const EMBEDDED_ONLY_OPTIONS = new Set([
   "--inactivity-timeout",
   "--maximum-requests",
   "--memory-limit",
+  "--memory-max",
   "--request-timeout",
   "--queue-timeout",
 ]);
@@ -251,9 +254,21 @@ export const OPTIONS: readonly OptionSpec[] = [
     defaultText: "0",
     repeatable: false,
     apply: ([value], draft) => {
-      const bytes = parseSize(value);
-      if (bytes === undefined) throw invalidValue("--memory-limit", value, SIZE_FORM);
-      draft.memoryLimitBytes = bytes;
+      draft.memoryLimitBytes = parseMemorySize("--memory-limit", value);
+    },
+  },
+  {
+    name: "--memory-max",
+    valueNames: ["SIZE"],
+    help: "Wasm memory that an embedded isolate may never pass, in the same form as " +
+      "--memory-limit. An allocation past it fails: Python raises MemoryError in the " +
+      "request, which the application may catch, and the isolate serves on. Without it, " +
+      "one request can grow its isolate to 4 GiB. 0 turns it off. " +
+      "Daemon groups take the memory-max key instead.",
+    defaultText: "0",
+    repeatable: false,
+    apply: ([value], draft) => {
+      draft.memoryMaxBytes = parseMemorySize("--memory-max", value);
     },
   },
   {
@@ -542,7 +557,8 @@ export const OPTIONS: readonly OptionSpec[] = [
       "python-path: DIR[:DIR...]. python: 3.12 or 3.14. display-name: the name ps " +
       "shows (default (wsgi:NAME)). maximum-requests, restart-interval: replace a " +
       "process after that many requests or seconds. memory-limit: replace an isolate " +
-      "whose wasm memory grew past this size, such as 512M. Timeouts in seconds: " +
+      "whose wasm memory grew past this size, such as 512M. memory-max: wasm memory " +
+      "an isolate may never pass (MemoryError in the request). Timeouts in seconds: " +
       "inactivity-timeout (idle isolate retired, 60), request-timeout (504, 60), " +
       "queue-timeout (503, 45), startup-timeout (30), graceful-timeout (a reload " +
       "drains for this long, 15), shutdown-timeout (5). env=NAME=VALUE sets " +
@@ -741,6 +757,13 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
   const draft = defaultOptionValues(env);
   for (const use of tokens.uses) use.spec.apply?.(use.values, draft, cwd, env);
 
+  const limitProblem = memoryLimitProblem(
+    draft.memoryLimitBytes,
+    draft.memoryMaxBytes,
+    ["--memory-limit", "--memory-max"],
+  );
+  if (limitProblem) throw new UsageError(limitProblem);
+
   const minThreads = draft.minThreads ?? draft.threads;
   if (minThreads > draft.threads) {
     throw new UsageError(
@@ -779,6 +802,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     inactivityTimeoutMs: draft.inactivityTimeoutMs,
     maximumRequests: draft.maximumRequests,
     memoryLimitBytes: draft.memoryLimitBytes,
+    memoryMaxBytes: draft.memoryMaxBytes,
     mountPoint: draft.mountPoint,
     urlAliases: draft.urlAliases,
     accessLog: draft.accessLog,
@@ -861,6 +885,7 @@ function defaultOptionValues(env: ParseEnvironment): OptionValues {
     inactivityTimeoutMs: 60_000,
     maximumRequests: 0,
     memoryLimitBytes: 0,
+    memoryMaxBytes: 0,
     daemonGroups: [],
     mounts: [],
   };
@@ -1198,6 +1223,12 @@ function parseDuration(option: string, value: string): number {
   const ms = parseSeconds(value);
   if (ms === undefined) throw invalidValue(option, value, SECONDS_FORM);
   return ms;
+}
+
+function parseMemorySize(option: string, value: string): number {
+  const bytes = parseSize(value);
+  if (bytes === undefined) throw invalidValue(option, value, SIZE_FORM);
+  return bytes;
 }
 
 function parseChoice<T extends string>(option: string, value: string, choices: readonly T[]): T {

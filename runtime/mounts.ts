@@ -229,6 +229,7 @@ export class MountTable {
           idleTimeoutMs: options.inactivityTimeoutMs,
           maxRequests: options.maximumRequests,
           memoryLimitBytes: options.memoryLimitBytes,
+          memoryMaxBytes: options.memoryMaxBytes,
           queueLimit: options.queueLimit,
           requestTimeoutMs: options.requestTimeoutMs,
           queueTimeoutMs: options.queueTimeoutMs,

@@ -35,6 +35,8 @@ export interface ServerOptions {
   maximumRequests: number;
   /** Bytes of wasm memory above which an embedded isolate is replaced; 0 turns it off. @default 0 */
   memoryLimitBytes: number;
+  /** Bytes past which an embedded isolate's wasm memory may not grow; 0 for no cap. @default 0 */
+  memoryMaxBytes: number;
   /** URL prefix the application is mounted at: "" for the root, else "/prefix". @default "" */
   mountPoint: string;
   urlAliases: UrlAlias[];

@@ -122,6 +122,7 @@ export class DaemonGroup implements AppBackend {
       requestTimeoutMs: spec.requestTimeoutMs,
       inactivityTimeoutMs: spec.inactivityTimeoutMs,
       memoryLimitBytes: spec.memoryLimitBytes,
+      memoryMaxBytes: spec.memoryMaxBytes,
       startupTimeoutMs: spec.startupTimeoutMs,
       // Every isolate is its own interpreter, so one application object is
       // never called by two threads (wsgi.multithread stays False), while

@@ -331,6 +331,7 @@ class Daemon {
       idleTimeoutMs: config.inactivityTimeoutMs,
       memoryLimitBytes: config.memoryLimitBytes,
       memoryLimitSetting: "the group's memory-limit key",
+      memoryMaxBytes: config.memoryMaxBytes,
       requestTimeoutMs: config.requestTimeoutMs,
       queueLimit: config.queueLimit,
       queueTimeoutMs: config.queueTimeoutMs,

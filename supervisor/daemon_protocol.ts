@@ -118,6 +118,8 @@ export interface DaemonConfig {
   inactivityTimeoutMs: number;
   /** See DaemonGroupSpec.memoryLimitBytes. */
   memoryLimitBytes: number;
+  /** See DaemonGroupSpec.memoryMaxBytes. */
+  memoryMaxBytes: number;
   startupTimeoutMs: number;
   /** Value of `wsgi.multiprocess` for the group's interpreters. */
   multiprocess: boolean;

@@ -35,6 +35,8 @@ export interface DaemonGroupSpec {
   maximumRequests: number;
   /** Bytes of wasm memory above which an isolate of a process is replaced after its request; 0 turns it off. @default 0 */
   memoryLimitBytes: number;
+  /** Bytes past which an isolate's wasm memory may not grow (see PoolOptions.memoryMaxBytes); 0 for no cap. @default 0 */
+  memoryMaxBytes: number;
   /** Milliseconds after which a process is replaced; 0 turns it off. @default 0 */
   restartIntervalMs: number;
   /** Milliseconds an isolate may stay idle before it is retired; 0 keeps it. @default 60000 */
@@ -255,15 +257,8 @@ const KEYS: Record<string, KeySpec> = {
       spec.maximumRequests = parseInteger("maximum-requests", value, 0, 1_000_000_000);
     },
   },
-  "memory-limit": {
-    form: SIZE_FORM,
-    repeatable: false,
-    parse: (value, spec) => {
-      const bytes = parseSize(value);
-      if (bytes === undefined) throw invalidKey("memory-limit", value, SIZE_FORM);
-      spec.memoryLimitBytes = bytes;
-    },
-  },
+  "memory-limit": sizeKey("memory-limit", (spec, bytes) => (spec.memoryLimitBytes = bytes)),
+  "memory-max": sizeKey("memory-max", (spec, bytes) => (spec.memoryMaxBytes = bytes)),
   "restart-interval": secondsKey("restart-interval", (spec, ms) => (spec.restartIntervalMs = ms)),
   "inactivity-timeout": secondsKey(
     "inactivity-timeout",
@@ -346,6 +341,7 @@ export function defaultGroupSpec(name: string): DaemonGroupSpec {
     displayName: `(wsgi:${name})`,
     maximumRequests: 0,
     memoryLimitBytes: 0,
+    memoryMaxBytes: 0,
     restartIntervalMs: 0,
     inactivityTimeoutMs: 60_000,
     requestTimeoutMs: 60_000,
@@ -419,7 +415,29 @@ export function parseDaemonSpec(
     seen.add(key);
     keySpec.parse(value, spec, cwd, variable);
   }
+  const limitProblem = memoryLimitProblem(
+    spec.memoryLimitBytes,
+    spec.memoryMaxBytes,
+    ["memory-limit", "memory-max"],
+  );
+  if (limitProblem) throw new DaemonSpecError(limitProblem);
   return spec;
+}
+
+/**
+ * Says what is wrong when a memory limit (replace the isolate after its
+ * request) is at or above the memory cap (refuse the allocation). Memory
+ * never gets past the cap, so such a limit never acts. Returns undefined
+ * when the two fit. The last argument holds the names of the two settings.
+ */
+export function memoryLimitProblem(
+  limitBytes: number,
+  maxBytes: number,
+  [limit, max]: [string, string],
+): string | undefined {
+  if (limitBytes === 0 || maxBytes === 0 || limitBytes < maxBytes) return undefined;
+  return `${limit} (${limitBytes} bytes) is not below ${max} (${maxBytes} bytes), so an ` +
+    `isolate never passes it: give a ${limit} below ${max}, or leave ${limit} out`;
 }
 
 /**
@@ -449,6 +467,18 @@ function secondsKey(key: string, set: (spec: DaemonGroupSpec, ms: number) => voi
       const ms = parseSeconds(value);
       if (ms === undefined) throw invalidKey(key, value, SECONDS_FORM);
       set(spec, ms);
+    },
+  };
+}
+
+function sizeKey(key: string, set: (spec: DaemonGroupSpec, bytes: number) => void): KeySpec {
+  return {
+    form: SIZE_FORM,
+    repeatable: false,
+    parse: (value, spec) => {
+      const bytes = parseSize(value);
+      if (bytes === undefined) throw invalidKey(key, value, SIZE_FORM);
+      set(spec, bytes);
     },
   };
 }

@@ -75,6 +75,8 @@ export interface IsolateOptions {
   app: AppSpec;
   logger: Logger;
   responseWindow: number;
+  /** See PoolOptions.memoryMaxBytes. */
+  memoryMaxBytes?: number;
   multiprocess: boolean;
   /** The pool's control slots; jobs whose control lives there can go through the inbox. */
   controlTable?: ControlTable;
@@ -209,6 +211,7 @@ export class Isolate {
       isolateId: options.id,
       readPaths,
       responseWindow: options.responseWindow,
+      memoryMaxBytes: options.memoryMaxBytes ?? 0,
       multiprocess: options.multiprocess,
       snapshot: options.boot?.snapshot ?? null,
       snapshotPages: options.boot?.snapshot ? dataPagesOf(options.boot.snapshot) : null,

@@ -46,6 +46,12 @@ export interface PoolOptions {
   memoryLimitBytes?: number;
   /** The setting that sets memoryLimitBytes, as log lines name it. @default "--memory-limit" */
   memoryLimitSetting?: string;
+  /**
+   * Bytes past which an isolate's wasm memory may not grow: the allocation
+   * fails, and Python raises MemoryError in the request. 0 leaves the 4 GiB
+   * of wasm32. @default 0
+   */
+  memoryMaxBytes?: number;
   /** Milliseconds a request may run before its isolate is replaced and it fails with 504; 0 turns it off. @default 0 */
   requestTimeoutMs?: number;
   /** Value of `wsgi.multiprocess`. @default size > 1 */
@@ -164,6 +170,7 @@ export class IsolatePool {
       maxRequests: 0,
       memoryLimitBytes: 0,
       memoryLimitSetting: "--memory-limit",
+      memoryMaxBytes: 0,
       multiprocess: options.size > 1,
       nextIsolateId: () => 0,
       failureLogLevel: "critical",
@@ -477,6 +484,7 @@ export class IsolatePool {
       app: this.app,
       logger: this.#logger,
       responseWindow: this.#options.responseWindow,
+      memoryMaxBytes: this.#options.memoryMaxBytes,
       multiprocess: this.#options.multiprocess,
       controlTable: this.#controls,
       boot: this.#boot!,

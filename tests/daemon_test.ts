@@ -243,7 +243,7 @@ Deno.test("parseDaemonSpec defaults", () => {
 Deno.test("parseDaemonSpec every key", () => {
   const spec = parseDaemonSpec(
     "group=site1,processes=2,threads=4,user=nobody,group=nogroup,home=.,python-path=.,python=3.12," +
-      "display-name=%{GROUP}-x,maximum-requests=100,memory-limit=512M,restart-interval=3600,inactivity-timeout=2.5," +
+      "display-name=%{GROUP}-x,maximum-requests=100,memory-limit=512M,memory-max=1G,restart-interval=3600,inactivity-timeout=2.5," +
       "request-timeout=30,queue-timeout=10,startup-timeout=20,graceful-timeout=7,shutdown-timeout=3," +
       "socket-timeout=9," +
       "env=A=1,env=B=x=y,allow-net=127.0.0.1:5432,allow-net=[::1]:80,allow-write=.",
@@ -261,6 +261,7 @@ Deno.test("parseDaemonSpec every key", () => {
   assert.equal(spec.displayName, "(wsgi:site1)-x");
   assert.equal(spec.maximumRequests, 100);
   assert.equal(spec.memoryLimitBytes, 512 * 1024 * 1024);
+  assert.equal(spec.memoryMaxBytes, 1024 * 1024 * 1024);
   assert.equal(spec.restartIntervalMs, 3_600_000);
   assert.equal(spec.inactivityTimeoutMs, 2_500);
   assert.equal(spec.requestTimeoutMs, 30_000);
@@ -301,6 +302,14 @@ Deno.test("parseDaemonSpec rejects invalid input", () => {
     [
       "group=a,memory-limit=1M",
       /invalid value for memory-limit: '1M' \(expected 0 \(off\), or a size from 32M to 4G/,
+    ],
+    [
+      "group=a,memory-max=2M",
+      /invalid value for memory-max: '2M' \(expected 0 \(off\), or a size from 32M to 4G/,
+    ],
+    [
+      "group=a,memory-limit=1G,memory-max=512M",
+      /memory-limit \(1073741824 bytes\) is not below memory-max \(536870912 bytes\)/,
     ],
     ["group=a,env=1A=2", /invalid value for env: '1A=2' \(expected NAME=VALUE/],
     ["group=a,allow-net=host:99999", /invalid value for allow-net: 'host:99999'/],
@@ -841,6 +850,26 @@ def application(environ, start_response):
     assert.match(
       server.log(),
       /WARNING \[group=memory pid=\d+\] the front closed the channel: stopping 1 unfinished request/,
+    );
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
+Deno.test("daemon memory max refuses growth past it", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    await using server = await startSiteGroup(
+      folder,
+      "group=capped,user=nobody,processes=1,threads=1,memory-max=96M",
+    );
+    const allocate = async (mib: number) =>
+      (await getText(`${server.origin}/do/allocate?mib=${mib}`)).body;
+    assert.equal(await allocate(200), "MemoryError");
+    assert.equal(await allocate(8), "allocated");
+    assert.match(
+      server.log(),
+      /WARNING \[group=capped pid=\d+ isolate=1 request=\S+\] the application asked for \d+ MiB of wasm memory, past the memory-max of 96 MiB/,
     );
   } finally {
     await Deno.remove(folder, { recursive: true });

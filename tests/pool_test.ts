@@ -552,6 +552,54 @@ Deno.test("large wasm memory without a limit is logged", async () => {
   assert.match(server.log(), /--memory-limit replaces such isolates/);
 });
 
+for (const python of ["3.14", "3.12"]) {
+  Deno.test(`memory max refuses growth past it on Python ${python}`, async () => {
+    await using server = await startServer(repoPath("tests/fixtures/pool_app.wsgi"), [
+      "--threads",
+      "1",
+      "--memory-max",
+      "128M",
+      "--python",
+      python,
+    ]);
+    for (let i = 0; i < 2; i++) {
+      const refused = await fetch(`${server.origin}/?allocate-mib=200`);
+      assert.equal(refused.status, 500);
+      await refused.body?.cancel();
+    }
+    // The isolate serves on, within the memory it has, and tells its limit.
+    const response = await fetch(`${server.origin}/?allocate-mib=16`);
+    assert.equal(await response.text(), "allocated");
+    const limit = await fetch(`${server.origin}/?limit-as=1`);
+    assert.equal(await limit.text(), "(134217728, 134217728)");
+
+    assert.match(server.log(), /isolate=1 request=\S+\] MemoryError/);
+    assert.equal(
+      countMatches(
+        server.log(),
+        /isolate=1 request=\S+\] the application asked for \d+ MiB of wasm memory, past the memory-max of 128 MiB/,
+      ),
+      1,
+    );
+    assert.doesNotMatch(server.log(), /isolate stopped/);
+  });
+}
+
+Deno.test("memory max below the application snapshot", async () => {
+  const script = await writeCountingScript(48);
+  await using server = await startServer(script, ["--threads", "1", "--memory-max", "64M"]);
+  await server.waitForLog(
+    /the snapshot needs \d+ MiB of wasm memory at start, more than the memory-max of 64 MiB; raise memory-max/,
+  );
+  // Isolates start from the runtime snapshot instead, where the import fails.
+  const response = await fetch(server.origin + "/");
+  assert.equal(response.status, 500);
+  await response.body?.cancel();
+  assert.match(server.log(), /failed to import the application/);
+  assert.match(server.log(), /request=\S+\] MemoryError/);
+  await Deno.remove(script.slice(0, -"/app.wsgi".length), { recursive: true });
+});
+
 Deno.test("memory limit below fresh isolate", async () => {
   const script = await writeCountingScript(40);
   await using server = await startServer(script, ["--threads", "1", "--memory-limit", "48M"]);

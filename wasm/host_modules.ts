@@ -74,6 +74,8 @@ export interface HostModuleSettings {
   identity: ProcessIdentity | null;
   /** Writes one line to the server's error log, tagged with the current request. */
   log: LogFunction;
+  /** The isolate's memory cap (memory-max), or 0 for none. */
+  memoryMaxBytes?: number;
 }
 
 /** The host modules of one isolate, for the worker to shut down. */
@@ -109,7 +111,11 @@ export function installHostModules(
     allowNet: settings.app.allowNet ?? [],
     log: settings.log,
   });
-  const posix = new PosixModule(pyodide.FS, () => pyodide._module.HEAPU8.byteLength);
+  const posix = new PosixModule(
+    pyodide.FS,
+    () => pyodide._module.HEAPU8.byteLength,
+    settings.memoryMaxBytes,
+  );
   const sqlite = new SqliteModule({ fs: pyodide.FS, log: settings.log });
   pyodide.registerJsModule("_wsgirun_net", bindMethods(net));
   pyodide.registerJsModule("_wsgirun_posix", bindMethods(posix));

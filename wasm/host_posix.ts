@@ -73,12 +73,15 @@ export function openFileHostPath(fs: EmscriptenFs, fd: number): string | undefin
 export class PosixModule {
   #fs: EmscriptenFs;
   #memoryBytes: () => number;
+  #memoryMaxBytes: number;
   /** Host files that hold the lock of each open Emscripten file. */
   #locks = new Map<EmscriptenStream, Deno.FsFile>();
 
-  constructor(fs: EmscriptenFs, memoryBytes: () => number) {
+  /** `memoryMaxBytes` is the memory cap of the isolate, or 0 for the 4 GiB of wasm32. */
+  constructor(fs: EmscriptenFs, memoryBytes: () => number, memoryMaxBytes = 0) {
     this.#fs = fs;
     this.#memoryBytes = memoryBytes;
+    this.#memoryMaxBytes = memoryMaxBytes;
     this.#hookClose();
   }
 
@@ -132,6 +135,11 @@ export class PosixModule {
   /** Current size of the isolate's WebAssembly memory in bytes. */
   memory_bytes(): number {
     return this.#memoryBytes();
+  }
+
+  /** Bytes the isolate's WebAssembly memory may grow to. */
+  memory_max_bytes(): number {
+    return this.#memoryMaxBytes || 4 * 1024 ** 3;
   }
 
   #release(stream: EmscriptenStream): void {

@@ -306,6 +306,15 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
     snapshot: message.snapshot ? new Uint8Array(message.snapshot) : null,
     snapshotPages: message.snapshotPages,
     wasmModule: message.wasmModule,
+    memoryMaxBytes: message.memoryMaxBytes ?? 0,
+    onMemoryRefused: (wanted) =>
+      log(
+        "warning",
+        `the application asked for ${Math.round(wanted / 1024 / 1024)} MiB of wasm memory, ` +
+          `past the memory-max of ${Math.round(message.memoryMaxBytes! / 1024 / 1024)} MiB: ` +
+          "the allocation failed with MemoryError (this line comes once per isolate; " +
+          "raise memory-max if the application needs more)",
+      ),
     stdout: (line: string) => log("info", line),
     stderr: (line: string) => log("warning", line),
   }) as Pyodide;
@@ -318,6 +327,7 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
     app: message.app,
     log,
     identity: message.identity ?? null,
+    memoryMaxBytes: message.memoryMaxBytes ?? 0,
   });
   writeAdapterFiles(pyodide);
 

@@ -30,6 +30,8 @@ export interface InitMessage {
   readPaths: string[];
   /** Bytes of response the worker may post before it waits for the client. */
   responseWindow: number;
+  /** Bytes the interpreter's wasm memory may not grow past; 0 for no cap. */
+  memoryMaxBytes?: number;
   /** Whether the pool runs more than one isolate of this app (`wsgi.multiprocess`). */
   multiprocess: boolean;
   /** Memory snapshot to restore (runtime or application), or null to start from scratch. */

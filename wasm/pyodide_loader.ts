@@ -47,6 +47,10 @@ export interface LoadOptions {
   wasmModule?: WebAssembly.Module | null;
   /** Keep what `makeMemorySnapshot()` needs (only for building snapshots). */
   makeSnapshot?: boolean;
+  /** Bytes the interpreter's wasm memory may not grow past; 0 for the 4 GiB of wasm32. */
+  memoryMaxBytes?: number;
+  /** Called once, the first time the interpreter is refused more memory by memoryMaxBytes. */
+  onMemoryRefused?: (requestedBytes: number) => void;
   stdout?: (line: string) => void;
   stderr?: (line: string) => void;
 }
@@ -160,6 +164,7 @@ function findImportedMemory(imports: WebAssembly.Imports | undefined): WebAssemb
 function hookInstantiate(
   wasmModule: WebAssembly.Module | null | undefined,
   heapEnd: number,
+  cap: MemoryCap,
 ): () => void {
   const original = WebAssembly.instantiate;
   const hooked = async (
@@ -177,6 +182,7 @@ function hookInstantiate(
       memory.grow(Math.ceil((heapEnd - memory.buffer.byteLength) / WASM_PAGE_BYTES));
     }
     interpreterMemory = memory ?? findImportedMemory(imports);
+    if (interpreterMemory && cap.bytes > 0) capMemory(interpreterMemory, cap);
     return { instance, module };
   };
   (WebAssembly as { instantiate: unknown }).instantiate = hooked;
@@ -185,12 +191,55 @@ function hookInstantiate(
   };
 }
 
+interface MemoryCap {
+  bytes: number;
+  onRefused?: (requestedBytes: number) => void;
+}
+
+/**
+ * Keeps `memory` at or below `cap.bytes`. Emscripten grows the heap only
+ * through the memory object's grow(), in JavaScript, and takes an exception
+ * there as a failed allocation: malloc() returns NULL and Python raises
+ * MemoryError. The memory object gets its own grow() that refuses to pass
+ * the cap, so one request cannot take the machine's memory.
+ */
+function capMemory(memory: WebAssembly.Memory, cap: MemoryCap): void {
+  const grow = WebAssembly.Memory.prototype.grow;
+  let refused = false;
+  Object.defineProperty(memory, "grow", {
+    value: (delta: number) => {
+      const wanted = memory.buffer.byteLength + delta * WASM_PAGE_BYTES;
+      if (wanted > cap.bytes) {
+        if (!refused) cap.onRefused?.(wanted);
+        refused = true;
+        throw new RangeError(`wasm memory may not grow past ${cap.bytes} bytes (memory-max)`);
+      }
+      return grow.call(memory, delta);
+    },
+  });
+}
+
+function mebibytes(bytes: number): string {
+  return `${Math.round(bytes / 1024 / 1024)} MiB`;
+}
+
 export async function loadPyodideFor(options: LoadOptions): Promise<unknown> {
   const { loadPyodide } = await PYODIDE_MODULES[options.python]();
   const factoryOption = await FACTORY_INSTALLERS[options.python]();
   nextRestorePages = options.snapshot && options.snapshotPages ? options.snapshotPages : null;
   const heapEnd = options.snapshot ? snapshotHeapEnd(options.snapshot) : 0;
-  const restore = hookInstantiate(options.wasmModule, heapEnd);
+  const memoryMax = options.memoryMaxBytes ?? 0;
+  // Pyodide only logs an error thrown while it instantiates the module, and then never settles.
+  if (memoryMax > 0 && heapEnd > memoryMax) {
+    throw new Error(
+      `the snapshot needs ${mebibytes(heapEnd)} of wasm memory at start, more than the ` +
+        `memory-max of ${mebibytes(memoryMax)}; raise memory-max`,
+    );
+  }
+  const restore = hookInstantiate(options.wasmModule, heapEnd, {
+    bytes: memoryMax,
+    onRefused: options.onMemoryRefused,
+  });
   try {
     return await loadPyodide({
       // The default reads from the server's terminal; input() should raise EOFError.

@@ -198,6 +198,12 @@ const VALID_CASES: ValidCase[] = [
     read: (o) => o.memoryLimitBytes,
     expected: () => 268435456,
   },
+  { args: ["--threads", "6"], read: (o) => o.memoryMaxBytes, expected: () => 0 },
+  {
+    args: ["--memory-max", "1G", "--memory-limit", "512M"],
+    read: (o) => o.memoryMaxBytes,
+    expected: () => 1024 * 1024 * 1024,
+  },
   { args: ["--memory-limit", "0"], read: (o) => o.memoryLimitBytes, expected: () => 0 },
   { args: ["--shutdown-timeout", "0"], read: (o) => o.shutdownTimeoutMs, expected: () => 0 },
   { args: ["--threads", "3"], read: (o) => o.readAheadBytes, expected: () => 65536 },
@@ -457,6 +463,8 @@ const INVALID_CASES: InvalidCase[] = [
   { args: ["--memory-limit", "5G"], option: "--memory-limit", value: "5G" },
   { args: ["--memory-limit", "512MB"], option: "--memory-limit", value: "512MB" },
   { args: ["--memory-limit", "-1"], option: "--memory-limit", value: "-1" },
+  { args: ["--memory-max", "16M"], option: "--memory-max", value: "16M" },
+  { args: ["--memory-max", "5G"], option: "--memory-max", value: "5G" },
   { args: ["--maximum-requests", "1000000001"], option: "--maximum-requests", value: "1000000001" },
   { args: ["--access-log=yes"], option: "--access-log", value: "yes" },
   { args: ["--read-ahead", "17M"], option: "--read-ahead", value: "17M" },
@@ -480,6 +488,20 @@ for (const testCase of INVALID_CASES) {
     assert.ok(error.message.endsWith(")"), error.message);
   });
 }
+
+Deno.test("memory limit at the memory cap rejected", async () => {
+  await using fixture = await makeFixture();
+  const error = usageError(
+    ["app.wsgi", "--memory-limit", "256M", "--memory-max", "256M"],
+    fixture.env,
+  );
+  assert.equal(
+    error.message,
+    "--memory-limit (268435456 bytes) is not below --memory-max (268435456 bytes), so an " +
+      "isolate never passes it: give a --memory-limit below --memory-max, or leave " +
+      "--memory-limit out",
+  );
+});
 
 Deno.test("env NAME passes the server's variable", async () => {
   await using fixture = await makeFixture();

@@ -1,8 +1,8 @@
 """Resource limits and usage of a wsgirun isolate.
 
 Pyodide has no resource module. The values describe the isolate: memory is
-its WebAssembly memory (at most 4 GiB), it has one thread and no child
-processes, and Emscripten allows 4096 open files. `setrlimit` accepts lower
+its WebAssembly memory (at most 4 GiB, or the server's memory-max), it has
+one thread and no child processes, and Emscripten allows 4096 open files. `setrlimit` accepts lower
 limits and returns them from `getrlimit`.
 
 NOTE: limits set with `setrlimit` are not enforced.
@@ -39,15 +39,13 @@ RUSAGE_CHILDREN = -1
 RUSAGE_BOTH = -2
 RUSAGE_THREAD = 1
 
-# wasm32 addresses at most 4 GiB.
-_MEMORY_MAX = 4 * 1024**3
+# Limits that the memory cap of the isolate sets, asked for each time: a
+# snapshot may hold this module from before the cap of the isolate was known.
+_MEMORY_RESOURCES = (RLIMIT_DATA, RLIMIT_RSS, RLIMIT_AS)
 # Emscripten's limit on open file descriptors.
 _OPEN_FILES_MAX = 4096
 
 _limits = {
-    RLIMIT_DATA: (_MEMORY_MAX, _MEMORY_MAX),
-    RLIMIT_RSS: (_MEMORY_MAX, _MEMORY_MAX),
-    RLIMIT_AS: (_MEMORY_MAX, _MEMORY_MAX),
     RLIMIT_NOFILE: (_OPEN_FILES_MAX, _OPEN_FILES_MAX),
     RLIMIT_NPROC: (1, 1),
     RLIMIT_CORE: (0, 0),
@@ -75,6 +73,9 @@ def _check_resource(resource):
 
 def getrlimit(resource):
     _check_resource(resource)
+    if resource in _MEMORY_RESOURCES and resource not in _limits:
+        cap = _posix.memory_max_bytes()
+        return (cap, cap)
     return _limits.get(resource, (RLIM_INFINITY, RLIM_INFINITY))
 
 
