@@ -30,6 +30,7 @@ import {
   SECONDS_FORM,
   SIZE_FORM,
 } from "../supervisor/daemon_spec.ts";
+import { AccessLogFormatError, compileAccessLogFormat, FORMAT_FORM } from "./access_log.ts";
 import { assignProcessGroups, MountConfigError, splitProcessGroup } from "./mounts.ts";
 import type { MountSpec, ServerOptions, UrlAlias } from "./options.ts";
 
@@ -105,6 +106,7 @@ export interface OptionValues {
   mountPoint: string;
   urlAliases: UrlAlias[];
   accessLog: boolean;
+  accessLogFormat: string;
   logLevel: LogLevel;
   preload: boolean;
   snapshot: "app" | "runtime" | "off";
@@ -370,11 +372,34 @@ export const OPTIONS: readonly OptionSpec[] = [
   {
     name: "--access-log",
     valueNames: [],
-    help: "Write one line per request to standard output.",
+    help: "Write one line per request to standard output, in --access-log-format.",
     defaultText: "off",
     repeatable: false,
     apply: (_values, draft) => {
       draft.accessLog = true;
+    },
+  },
+  {
+    name: "--access-log-format",
+    valueNames: ["FORMAT"],
+    help: "Format of the access log lines, with Apache's LogFormat directives: %h " +
+      "client address, %l and %u ident and Basic-auth user, %t arrival time, %r request " +
+      "line, %m method, %U path, %q query string, %H protocol, %>s status, %b or %B body " +
+      "bytes, %D microseconds, %T seconds, %L request id (as request=ID in the error " +
+      "log), %p port, %P process id, %{Name}i request header, %% a percent sign. Or " +
+      "a name: common, combined, or default (combined, then %D %L). Turns the access " +
+      "log on.",
+    defaultText: "default",
+    repeatable: false,
+    apply: ([value], draft) => {
+      try {
+        compileAccessLogFormat(value);
+      } catch (error) {
+        if (!(error instanceof AccessLogFormatError)) throw error;
+        throw invalidValue("--access-log-format", value, `${FORMAT_FORM}; ${error.message}`);
+      }
+      draft.accessLog = true;
+      draft.accessLogFormat = value;
     },
   },
   {
@@ -806,6 +831,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     mountPoint: draft.mountPoint,
     urlAliases: draft.urlAliases,
     accessLog: draft.accessLog,
+    accessLogFormat: draft.accessLogFormat,
     logLevel: draft.logLevel,
     queueLimit: draft.queueLimit,
     requestTimeoutMs: draft.requestTimeoutMs,
@@ -873,6 +899,7 @@ function defaultOptionValues(env: ParseEnvironment): OptionValues {
     mountPoint: "",
     urlAliases: [],
     accessLog: false,
+    accessLogFormat: "default",
     logLevel: "info",
     preload: false,
     snapshot: "app",

@@ -42,6 +42,8 @@ export interface ServerOptions {
   urlAliases: UrlAlias[];
   /** Write one line per request to standard output. @default false */
   accessLog: boolean;
+  /** Apache LogFormat directives of the access log, or a name in NAMED_FORMATS. @default "default" */
+  accessLogFormat: string;
   /** @default "info" */
   logLevel: LogLevel;
   /**

@@ -5,6 +5,7 @@
  */
 
 import { type Logger, writeOutput } from "../supervisor/log.ts";
+import { compileAccessLogFormat } from "./access_log.ts";
 import { buildEnviron, decodePath, rawTarget, serverName } from "./environ.ts";
 import { MountTable } from "./mounts.ts";
 import type { ServerOptions } from "./options.ts";
@@ -39,8 +40,6 @@ const DEFAULT_SHUTDOWN_MS = 5000;
 /** Time the 503 responses of requests stopped at the end of a shutdown get to reach their clients. */
 const FLUSH_AFTER_STOP_MS = 1000;
 
-const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-
 /** Describes an embedded pool's size for the start lines: "1 isolate", "4 isolates" or "1 to 4 isolates". */
 function describeIsolates(options: ServerOptions): string {
   const { minThreads, threads } = options;
@@ -50,51 +49,6 @@ function describeIsolates(options: ServerOptions): string {
 
 function delay<T>(ms: number, value: T): Promise<T> {
   return new Promise((resolve) => setTimeout(resolve, ms, value));
-}
-
-/** Formats a time as in Apache's access log: 04/Dec/2026:21:18:11 +0000. */
-function accessLogTime(date: Date): string {
-  const pad = (n: number) => String(n).padStart(2, "0");
-  return `${pad(date.getUTCDate())}/${MONTHS[date.getUTCMonth()]}/${date.getUTCFullYear()}:` +
-    `${pad(date.getUTCHours())}:${pad(date.getUTCMinutes())}:${pad(date.getUTCSeconds())} +0000`;
-}
-
-// deno-lint-ignore no-control-regex -- control characters are what the log must not contain
-const UNPRINTABLE = /[\x00-\x1f\x7f-\xff]/g;
-
-/**
- * Escapes a field the way Apache does: `"` and `\` get a backslash, and each
- * byte outside printable ASCII becomes \xhh. The request line and headers come
- * with one character per byte, so a raw UTF-8 path shows as its bytes.
- */
-function quoted(value: string | null): string {
-  if (value === null) return "-";
-  return value.replace(/[\\"]/g, (c) => "\\" + c).replace(
-    UNPRINTABLE,
-    (c) => "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0"),
-  );
-}
-
-/**
- * Writes one access log line in Apache's combined format plus the duration in
- * microseconds and the request id of the error log's lines. As in Apache, the
- * time is when the request arrived, and the size is the body's bytes, "-" for
- * none (a HEAD response sends none).
- */
-function writeAccessLog(
-  request: Request,
-  uri: string,
-  remote: string,
-  record: ResponseRecord,
-  arrival: { wallMs: number; monotonicMs: number; requestId: string },
-) {
-  const micros = Math.round((performance.now() - arrival.monotonicMs) * 1000);
-  const bytes = request.method === "HEAD" ? 0 : record.bytes;
-  const time = accessLogTime(new Date(arrival.wallMs));
-  const line = `${remote} - - [${time}] "${request.method} ${quoted(uri)} HTTP/1.1" ` +
-    `${record.status} ${bytes || "-"} "${quoted(request.headers.get("referer"))}" ` +
-    `"${quoted(request.headers.get("user-agent"))}" ${micros} ${arrival.requestId}\n`;
-  writeOutput(Deno.stdout, line);
 }
 
 /** Logs one line for each mount besides the main one, and for each mount in a daemon group. */
@@ -128,6 +82,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
   const ready = mounts.start();
   let requestCount = 0;
   const requestPrefix = Math.random().toString(36).slice(2, 6);
+  const accessLine = options.accessLog ? compileAccessLogFormat(options.accessLogFormat) : null;
 
   const handler = async (request: Request, info: Deno.ServeHandlerInfo<Deno.NetAddr>) => {
     const requestId = `${requestPrefix}-${++requestCount}`;
@@ -140,8 +95,19 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
     const host = request.headers.get("host");
     const target = rawTarget(request.url, host, listenAddr.port);
     const remote = info.remoteAddr.hostname;
-    const done = (record: ResponseRecord) => {
-      if (options.accessLog) writeAccessLog(request, target.uri, remote, record, arrival);
+    const done = (response: ResponseRecord) => {
+      if (!accessLine) return;
+      const line = accessLine({
+        request,
+        uri: target.uri,
+        remote,
+        serverPort: listenAddr.port,
+        response,
+        arrivalWallMs: arrival.wallMs,
+        arrivalMs: arrival.monotonicMs,
+        requestId,
+      });
+      writeOutput(Deno.stdout, line + "\n");
     };
 
     try {

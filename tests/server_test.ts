@@ -1195,6 +1195,26 @@ Deno.test("server outlives the reader of its log", async () => {
   }
 });
 
+Deno.test("access log format", async () => {
+  await using server = await startServer(repoPath("examples/hello/app.wsgi"), [
+    "--threads",
+    "1",
+    "--access-log-format",
+    "%m %U%q %>s %B %{X-Trace}i %u %L",
+  ]);
+  const token = randomToken();
+  const response = await fetch(`${server.origin}/hello?${token}`, {
+    headers: { "X-Trace": "t-1", Authorization: "Basic " + btoa("ops:pw") },
+  });
+  const size = (await response.arrayBuffer()).byteLength;
+  const output = await pollUntil(() => server.output(), (text) => text.includes(token));
+  const line = output.split("\n").find((text) => text.includes(token));
+  assert.match(
+    line ?? "",
+    new RegExp(`^GET /hello\\?${token} 200 ${size} t-1 ops [a-z0-9]{4}-\\d+$`),
+  );
+});
+
 Deno.test("cli port in use", async () => {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   try {
