@@ -12,7 +12,10 @@ export interface AccessRecord {
   request: Request;
   /** The request target as the client sent it, path and query. */
   uri: string;
+  /** The address of the connection's peer. */
   remote: string;
+  /** The client's address: `remote`, or what a trusted proxy forwarded. */
+  client: string;
   /** The port the server listens on. */
   serverPort: number;
   response: ResponseRecord;
@@ -102,7 +105,7 @@ function basicUser(request: Request): string | null {
  */
 const DIRECTIVES: Record<string, Field> = {
   "%": () => "%",
-  a: (r) => r.remote,
+  a: (r) => r.client,
   h: (r) => r.remote,
   l: () => "-",
   u: (r) => escaped(basicUser(r.request)),

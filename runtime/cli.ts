@@ -31,6 +31,7 @@ import {
   SIZE_FORM,
 } from "../supervisor/daemon_spec.ts";
 import { AccessLogFormatError, compileAccessLogFormat, FORMAT_FORM } from "./access_log.ts";
+import { type AddressRange, parseAddressRange, TRUSTED_PROXY_FORM } from "./proxy.ts";
 import { assignProcessGroups, MountConfigError, splitProcessGroup } from "./mounts.ts";
 import type { MountSpec, ServerOptions, UrlAlias } from "./options.ts";
 
@@ -105,6 +106,7 @@ export interface OptionValues {
   callableObject?: string;
   mountPoint: string;
   urlAliases: UrlAlias[];
+  trustedProxies: AddressRange[];
   accessLog: boolean;
   accessLogFormat: string;
   logLevel: LogLevel;
@@ -346,6 +348,22 @@ export const OPTIONS: readonly OptionSpec[] = [
     repeatable: false,
     apply: ([value], draft) => {
       draft.callableObject = parseIdentifier("--callable-object", value);
+    },
+  },
+  {
+    name: "--trusted-proxy",
+    valueNames: ["ADDR"],
+    help: "Address, or CIDR range such as 10.0.0.0/8, of a reverse proxy in front of " +
+      "the server. For requests from it, REMOTE_ADDR, wsgi.url_scheme, HTTP_HOST and " +
+      "SERVER_PORT come from its X-Forwarded-For, -Proto, -Host and -Port headers. " +
+      "Once one is given, requests from other addresses lose those headers, so that " +
+      "clients cannot fake them.",
+    defaultText: "none (the headers pass as they came)",
+    repeatable: true,
+    apply: ([value], draft) => {
+      const range = parseAddressRange(value);
+      if (!range) throw invalidValue("--trusted-proxy", value, TRUSTED_PROXY_FORM);
+      draft.trustedProxies.push(range);
     },
   },
   {
@@ -830,6 +848,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     memoryMaxBytes: draft.memoryMaxBytes,
     mountPoint: draft.mountPoint,
     urlAliases: draft.urlAliases,
+    trustedProxies: draft.trustedProxies,
     accessLog: draft.accessLog,
     accessLogFormat: draft.accessLogFormat,
     logLevel: draft.logLevel,
@@ -898,6 +917,7 @@ function defaultOptionValues(env: ParseEnvironment): OptionValues {
     writePaths: [],
     mountPoint: "",
     urlAliases: [],
+    trustedProxies: [],
     accessLog: false,
     accessLogFormat: "default",
     logLevel: "info",

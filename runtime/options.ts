@@ -1,6 +1,7 @@
 import type { AppSpec } from "../supervisor/app_spec.ts";
 import type { DaemonGroupSpec } from "../supervisor/daemon_spec.ts";
 import type { LogLevel } from "../supervisor/log.ts";
+import type { AddressRange } from "./proxy.ts";
 
 /** A static folder served at a URL prefix without Python (`--url-alias`). */
 export interface UrlAlias {
@@ -40,6 +41,8 @@ export interface ServerOptions {
   /** URL prefix the application is mounted at: "" for the root, else "/prefix". @default "" */
   mountPoint: string;
   urlAliases: UrlAlias[];
+  /** Reverse proxies whose X-Forwarded-* headers are trusted (--trusted-proxy). @default [] */
+  trustedProxies: AddressRange[];
   /** Write one line per request to standard output. @default false */
   accessLog: boolean;
   /** Apache LogFormat directives of the access log, or a name in NAMED_FORMATS. @default "default" */

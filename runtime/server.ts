@@ -6,6 +6,7 @@
 
 import { type Logger, writeOutput } from "../supervisor/log.ts";
 import { compileAccessLogFormat } from "./access_log.ts";
+import { TrustedProxies } from "./proxy.ts";
 import { buildEnviron, decodePath, rawTarget, serverName } from "./environ.ts";
 import { MountTable } from "./mounts.ts";
 import type { ServerOptions } from "./options.ts";
@@ -51,6 +52,26 @@ function delay<T>(ms: number, value: T): Promise<T> {
   return new Promise((resolve) => setTimeout(resolve, ms, value));
 }
 
+/**
+ * Logs a forwarding header from a trusted proxy that was ignored because its
+ * value is invalid: a warning the first time for each header, then at debug
+ * level, because a misconfigured proxy sends it with every request.
+ */
+function logInvalidForwarding(
+  logger: Logger,
+  warned: Set<string>,
+  proxy: string,
+  header: string,
+  value: string,
+): void {
+  const level = warned.has(header) ? "debug" : "warning";
+  warned.add(header);
+  logger[level](
+    `ignored the invalid ${header} header '${value}' from the trusted proxy ${proxy}; ` +
+      "check that proxy's configuration (this warning comes once per header)",
+  );
+}
+
 /** Logs one line for each mount besides the main one, and for each mount in a daemon group. */
 function logMounts(mounts: MountTable, options: ServerOptions, logger: Logger): void {
   for (const mount of mounts.mounts) {
@@ -83,6 +104,9 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
   let requestCount = 0;
   const requestPrefix = Math.random().toString(36).slice(2, 6);
   const accessLine = options.accessLog ? compileAccessLogFormat(options.accessLogFormat) : null;
+  const proxies = new TrustedProxies(options.trustedProxies);
+  /** Headers of a trusted proxy whose invalid value was logged as a warning; later ones go to debug. */
+  const warnedHeaders = new Set<string>();
 
   const handler = async (request: Request, info: Deno.ServeHandlerInfo<Deno.NetAddr>) => {
     const requestId = `${requestPrefix}-${++requestCount}`;
@@ -95,12 +119,21 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
     const host = request.headers.get("host");
     const target = rawTarget(request.url, host, listenAddr.port);
     const remote = info.remoteAddr.hostname;
+    const forwarded = proxies.enabled
+      ? proxies.resolve(
+        remote,
+        request.headers,
+        (header, value) =>
+          logInvalidForwarding(requestLogger, warnedHeaders, remote, header, value),
+      )
+      : undefined;
     const done = (response: ResponseRecord) => {
       if (!accessLine) return;
       const line = accessLine({
         request,
         uri: target.uri,
         remote,
+        client: forwarded?.client ?? remote,
         serverPort: listenAddr.port,
         response,
         arrivalWallMs: arrival.wallMs,
@@ -132,6 +165,9 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
         remoteAddr: remote,
         remotePort: info.remoteAddr.port,
       });
+      if (proxies.enabled) {
+        proxies.apply(environ, forwarded, (name) => serverName(name, listenAddr.hostname));
+      }
       return await handleWsgiRequest({
         request,
         requestId,

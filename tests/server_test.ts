@@ -1215,6 +1215,65 @@ Deno.test("access log format", async () => {
   );
 });
 
+const FORWARDING_HEADERS = {
+  "X-Forwarded-For": "203.0.113.9, 127.0.0.1",
+  "X-Forwarded-Proto": "https",
+  "X-Forwarded-Host": "shop.example.test",
+  "X-Forwarded-Port": "443",
+};
+
+/** Starts the echo fixture with one isolate and `args`. */
+function startEchoServer(args: string[]): Promise<TestServer> {
+  return startServer(APP_SCRIPT, ["--callable-object", "app", "--threads", "1", ...args]);
+}
+
+Deno.test("trusted proxy headers applied", async () => {
+  await using server = await startEchoServer([
+    "--trusted-proxy",
+    "127.0.0.0/8",
+    "--access-log-format",
+    "%a %h %U",
+  ]);
+  const response = await fetch(`${server.origin}/echo`, { headers: FORWARDING_HEADERS });
+  const environ = await response.json();
+  assert.equal(environ.REMOTE_ADDR, "203.0.113.9");
+  assert.equal(environ["wsgi.url_scheme"], "https");
+  assert.equal(environ.HTTPS, "on");
+  assert.equal(environ.HTTP_HOST, "shop.example.test");
+  assert.equal(environ.SERVER_NAME, "shop.example.test");
+  assert.equal(environ.SERVER_PORT, "443");
+  // The access log's %a is the client, %h the connection's peer.
+  const output = await pollUntil(() => server.output(), (text) => text.includes("/echo"));
+  assert.match(output, /^203\.0\.113\.9 127\.0\.0\.1 \/echo$/m);
+
+  // An invalid value is ignored, with one warning per header.
+  for (let i = 0; i < 2; i++) {
+    const bad = await fetch(`${server.origin}/echo`, { headers: { "X-Forwarded-Proto": "ftp" } });
+    assert.equal((await bad.json())["wsgi.url_scheme"], "http");
+  }
+  assert.equal(
+    countMatches(
+      server.log(),
+      /WARNING .*request=\S+\] ignored the invalid X-Forwarded-Proto header 'ftp' from the trusted proxy 127\.0\.0\.1/,
+    ),
+    1,
+  );
+});
+
+Deno.test("untrusted peer loses forwarding headers", async () => {
+  await using server = await startEchoServer(["--trusted-proxy", "192.0.2.1"]);
+  const response = await fetch(`${server.origin}/echo`, {
+    headers: { ...FORWARDING_HEADERS, "X-Other": "kept" },
+  });
+  const environ = await response.json();
+  assert.equal(environ.REMOTE_ADDR, "127.0.0.1");
+  assert.equal(environ["wsgi.url_scheme"], "http");
+  assert.equal(environ.HTTP_X_OTHER, "kept");
+  for (const key of ["FOR", "PROTO", "HOST", "PORT"]) {
+    assert.equal(environ[`HTTP_X_FORWARDED_${key}`], undefined, key);
+  }
+});
+
 Deno.test("cli port in use", async () => {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   try {

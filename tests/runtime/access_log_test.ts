@@ -17,6 +17,7 @@ function record(overrides: Partial<AccessRecord> = {}, headers: HeadersInit = {}
     request: new Request("http://127.0.0.1:8000/shop/cart?item=7", { method: "POST", headers }),
     uri: "/shop/cart?item=7",
     remote: "127.0.0.2",
+    client: "192.0.2.9",
     serverPort: 8000,
     response: { status: 201, bytes: 42 },
     arrivalWallMs: Date.UTC(2026, 11, 6, 9, 5, 3, 999),
@@ -32,7 +33,7 @@ Deno.test("access log directives", () => {
   );
   assert.equal(
     line,
-    "127.0.0.2|127.0.0.2|-|[06/Dec/2026:09:05:03 +0000]|POST /shop/cart?item=7 HTTP/1.1|POST|" +
+    "192.0.2.9|127.0.0.2|-|[06/Dec/2026:09:05:03 +0000]|POST /shop/cart?item=7 HTTP/1.1|POST|" +
       `/shop/cart|?item=7|HTTP/1.1|201|201|42|42|ab12-7|8000|${Deno.pid}|100%`,
   );
 });

@@ -150,6 +150,12 @@ const VALID_CASES: ValidCase[] = [
   },
   { args: ["--access-log"], read: (o) => o.accessLog, expected: () => true },
   { args: ["--threads", "2"], read: (o) => o.accessLogFormat, expected: () => "default" },
+  { args: ["--threads", "2"], read: (o) => o.trustedProxies, expected: () => [] },
+  {
+    args: ["--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1"],
+    read: (o) => o.trustedProxies.map((range) => `${range.text} ${range.bits}`),
+    expected: () => ["10.0.0.0/8 8", "::1 128"],
+  },
   {
     args: ["--access-log-format", "%h %>s"],
     read: (o) => [o.accessLog, o.accessLogFormat],
@@ -474,6 +480,8 @@ const INVALID_CASES: InvalidCase[] = [
   { args: ["--maximum-requests", "1000000001"], option: "--maximum-requests", value: "1000000001" },
   { args: ["--access-log=yes"], option: "--access-log", value: "yes" },
   { args: ["--access-log-format", "%h %x"], option: "--access-log-format", value: "%h %x" },
+  { args: ["--trusted-proxy", "proxy.lan"], option: "--trusted-proxy", value: "proxy.lan" },
+  { args: ["--trusted-proxy", "10.0.0.0/40"], option: "--trusted-proxy", value: "10.0.0.0/40" },
   { args: ["--read-ahead", "17M"], option: "--read-ahead", value: "17M" },
   { args: ["--read-ahead", "1G"], option: "--read-ahead", value: "1G" },
   { args: ["--read-ahead", "-1"], option: "--read-ahead", value: "-1" },
