@@ -33,7 +33,7 @@ import {
 import { AccessLogFormatError, compileAccessLogFormat, FORMAT_FORM } from "./access_log.ts";
 import { type AddressRange, parseAddressRange, TRUSTED_PROXY_FORM } from "./proxy.ts";
 import { assignProcessGroups, MountConfigError, splitProcessGroup } from "./mounts.ts";
-import type { MountSpec, ServerOptions, UrlAlias } from "./options.ts";
+import type { MountSpec, ServerOptions, TlsFiles, UrlAlias } from "./options.ts";
 
 export const WSGIRUN_VERSION = "0.1.0";
 
@@ -93,6 +93,8 @@ export type CommandLine =
 export interface OptionValues {
   host: string;
   port: number;
+  certFile?: string;
+  keyFile?: string;
   threads: number;
   python: PythonVersion;
   /** Absolute real paths from `--python-path`, in the order given. */
@@ -348,6 +350,28 @@ export const OPTIONS: readonly OptionSpec[] = [
     repeatable: false,
     apply: ([value], draft) => {
       draft.callableObject = parseIdentifier("--callable-object", value);
+    },
+  },
+  {
+    name: "--certfile",
+    valueNames: ["FILE"],
+    help: "TLS certificate chain in PEM form: the server then speaks HTTPS (and HTTP/2 " +
+      "where the client offers it), and wsgi.url_scheme is https. Give --keyfile too.",
+    defaultText: "none (plain HTTP)",
+    repeatable: false,
+    apply: ([value], draft, cwd) => {
+      draft.certFile = parseExistingPath("--certfile", value, cwd, "file");
+    },
+  },
+  {
+    name: "--keyfile",
+    valueNames: ["FILE"],
+    help: "Private key of --certfile in PEM form. Only the server reads it, before any " +
+      "application starts.",
+    defaultText: "none",
+    repeatable: false,
+    apply: ([value], draft, cwd) => {
+      draft.keyFile = parseExistingPath("--keyfile", value, cwd, "file");
     },
   },
   {
@@ -840,6 +864,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
   const options: ServerOptions = {
     host: draft.host,
     port: draft.port,
+    tls: readTlsFiles(draft.certFile, draft.keyFile),
     threads: draft.threads,
     minThreads,
     inactivityTimeoutMs: draft.inactivityTimeoutMs,
@@ -1110,6 +1135,41 @@ function scriptNotFound(value: string, path: string): UsageError {
 // ---------------------------------------------------------------------------
 // Value checks
 
+/**
+ * Reads the PEM files of --certfile and --keyfile, which go together.
+ * Deno checks that the key belongs to the certificate when the server
+ * starts to listen.
+ */
+function readTlsFiles(certFile?: string, keyFile?: string): TlsFiles | undefined {
+  if (certFile === undefined && keyFile === undefined) return undefined;
+  if (certFile === undefined || keyFile === undefined) {
+    const [given, missing] = certFile === undefined
+      ? ["--keyfile", "--certfile"]
+      : ["--certfile", "--keyfile"];
+    throw new UsageError(`${given} needs ${missing}: give the certificate and its key together`);
+  }
+  const cert = readPem("--certfile", certFile, "CERTIFICATE");
+  const key = readPem("--keyfile", keyFile, "PRIVATE KEY");
+  return { certFile, keyFile, cert, key };
+}
+
+/** Reads a PEM file that must contain a block whose label ends in `label`, such as "PRIVATE KEY". */
+function readPem(option: string, path: string, label: string): string {
+  let text: string;
+  try {
+    text = Deno.readTextFileSync(path);
+  } catch (error) {
+    const reason = error instanceof Error ? error.message : String(error);
+    throw new UsageError(`cannot read ${option} ${quote(path)}: ${reason}`);
+  }
+  if (!new RegExp(`-----BEGIN [A-Z ]*${label}-----`).test(text)) {
+    throw new UsageError(
+      `${option} ${quote(path)} is not a PEM file with a '-----BEGIN ${label}-----' line`,
+    );
+  }
+  return text;
+}
+
 type PathKind = "file" | "directory" | "special" | "missing";
 
 function statPathKind(path: string): PathKind {
@@ -1146,7 +1206,7 @@ function parseExistingPath(
   option: string,
   value: string,
   cwd: string,
-  expected: "directory" | "file or directory",
+  expected: "directory" | "file" | "file or directory",
 ): string {
   // An unset shell variable ("--write $DATA_DIR") must not mean the working folder.
   if (value === "") {
@@ -1154,12 +1214,14 @@ function parseExistingPath(
   }
   const path = resolve(cwd, value);
   const kind = statPathKind(path);
-  const accepted = kind === "directory" || (kind === "file" && expected !== "directory");
+  const accepted = kind === "directory"
+    ? expected !== "file"
+    : kind === "file" && expected !== "directory";
   if (accepted) return path;
 
   const found = kind === "missing"
     ? "does not exist"
-    : `is a ${kind === "file" ? "file" : "special file"}`;
+    : `is a ${kind === "special" ? "special file" : kind}`;
   throw invalidValue(option, value, `an existing ${expected}, but ${quote(path)} ${found}`);
 }
 

@@ -16,6 +16,8 @@ export interface ConnectionInfo {
   serverPort: number;
   remoteAddr: string;
   remotePort: number;
+  /** "https" when the server has a TLS certificate. */
+  scheme: "http" | "https";
 }
 
 /** The request target split into its raw parts, as strings of byte values 0-255. */
@@ -50,8 +52,13 @@ function latin1OfUtf8(text: string): string {
  * Cuts the raw request target out of `req.url`.
  * `host` is the Host header, or null when the request had none.
  */
-export function rawTarget(url: string, host: string | null, listenPort: number): RawTarget {
-  const prefix = "http://" + (host ? host : `localhost:${listenPort}`);
+export function rawTarget(
+  url: string,
+  host: string | null,
+  listenPort: number,
+  scheme = "http",
+): RawTarget {
+  const prefix = `${scheme}://` + (host ? host : `localhost:${listenPort}`);
   let target: string;
   if (
     url.startsWith(prefix) && (url.length === prefix.length || "/?*".includes(url[prefix.length]))
@@ -148,8 +155,9 @@ export function buildEnviron(
     SERVER_PORT: String(connection.serverPort),
     REMOTE_ADDR: connection.remoteAddr,
     REMOTE_PORT: String(connection.remotePort),
-    "wsgi.url_scheme": "http",
+    "wsgi.url_scheme": connection.scheme,
   };
+  if (connection.scheme === "https") environ.HTTPS = "on";
 
   for (const [name, value] of request.headers) {
     const plain = UNPREFIXED[name];

@@ -20,12 +20,22 @@ export interface MountSpec {
   processGroup?: string;
 }
 
+/** A TLS certificate chain and its private key, read from their files at start. */
+export interface TlsFiles {
+  certFile: string;
+  keyFile: string;
+  cert: string;
+  key: string;
+}
+
 /** Everything the command line sets for one server. */
 export interface ServerOptions {
   /** @default "127.0.0.1" */
   host: string;
   /** @default 8000 */
   port: number;
+  /** Certificate and key in PEM form, for HTTPS (--certfile, --keyfile); unset serves plain HTTP. */
+  tls?: TlsFiles;
   /** Maximum isolates of an embedded pool. @default navigator.hardwareConcurrency */
   threads: number;
   /** Isolates an embedded pool starts with and keeps when idle, at most `threads`. @default threads */

@@ -72,6 +72,28 @@ function logInvalidForwarding(
   );
 }
 
+/** A TLS certificate or key that Deno cannot use; the server does not start. */
+export class TlsConfigError extends Error {}
+
+/** Starts Deno's HTTP server, and names the files when it rejects the certificate or key. */
+function listen(
+  serveOptions: Deno.ServeTcpOptions & Partial<Deno.TlsCertifiedKeyPem>,
+  handler: Deno.ServeHandler<Deno.NetAddr>,
+  options: ServerOptions,
+): Deno.HttpServer<Deno.NetAddr> {
+  try {
+    return Deno.serve(serveOptions, handler);
+  } catch (error) {
+    if (!options.tls || error instanceof Deno.errors.AddrInUse) throw error;
+    if (error instanceof Deno.errors.PermissionDenied) throw error;
+    throw new TlsConfigError(
+      `cannot use the certificate ${options.tls.certFile} with the key ` +
+        `${options.tls.keyFile}: ${error instanceof Error ? error.message : error}; ` +
+        "give the key that belongs to the certificate, both in PEM form",
+    );
+  }
+}
+
 /** Logs one line for each mount besides the main one, and for each mount in a daemon group. */
 function logMounts(mounts: MountTable, options: ServerOptions, logger: Logger): void {
   for (const mount of mounts.mounts) {
@@ -105,6 +127,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
   const requestPrefix = Math.random().toString(36).slice(2, 6);
   const accessLine = options.accessLog ? compileAccessLogFormat(options.accessLogFormat) : null;
   const proxies = new TrustedProxies(options.trustedProxies);
+  const scheme = options.tls ? "https" : "http";
   /** Headers of a trusted proxy whose invalid value was logged as a warning; later ones go to debug. */
   const warnedHeaders = new Set<string>();
 
@@ -117,7 +140,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
     };
     const requestLogger = appLogger.child({ request: requestId });
     const host = request.headers.get("host");
-    const target = rawTarget(request.url, host, listenAddr.port);
+    const target = rawTarget(request.url, host, listenAddr.port, scheme);
     const remote = info.remoteAddr.hostname;
     const forwarded = proxies.enabled
       ? proxies.resolve(
@@ -164,6 +187,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
         serverPort: listenAddr.port,
         remoteAddr: remote,
         remotePort: info.remoteAddr.port,
+        scheme,
       });
       if (proxies.enabled) {
         proxies.apply(environ, forwarded, (name) => serverName(name, listenAddr.hostname));
@@ -191,9 +215,10 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
 
   const { promise: listening, resolve: onListening } = Promise.withResolvers<Deno.NetAddr>();
   let listenAddr: Deno.NetAddr;
-  const server = Deno.serve({
+  const serveOptions: Deno.ServeTcpOptions & Partial<Deno.TlsCertifiedKeyPem> = {
     hostname: options.host,
     port: options.port,
+    ...(options.tls ? { cert: options.tls.cert, key: options.tls.key } : {}),
     onListen: (addr) => onListening(addr as Deno.NetAddr),
     onError: (error) => {
       // The handler catches its own errors, so what reaches here is a
@@ -201,7 +226,8 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
       appLogger.debug(`connection aborted: ${error}`);
       return errorResponse(500, "Internal Server Error");
     },
-  }, handler);
+  };
+  const server = listen(serveOptions, handler, options);
 
   return listening.then((addr) => {
     listenAddr = addr;
@@ -211,7 +237,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
     // An IPv6 address goes in brackets in a URL.
     const host = addr.hostname.includes(":") ? `[${addr.hostname}]` : addr.hostname;
     appLogger.info(
-      `listening on http://${host}:${addr.port}${options.mountPoint || "/"} (${runsIn})`,
+      `listening on ${scheme}://${host}:${addr.port}${options.mountPoint || "/"} (${runsIn})`,
     );
     logMounts(mounts, options, appLogger);
     const groupShutdownMs = mounts.groups.length > 0

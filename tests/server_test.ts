@@ -1274,6 +1274,67 @@ Deno.test("untrusted peer loses forwarding headers", async () => {
   }
 });
 
+const TLS_FIXTURE = repoPath("tests/fixtures/tls");
+
+Deno.test("https with certfile and keyfile", async () => {
+  await using server = await startEchoServer([
+    "--certfile",
+    join(TLS_FIXTURE, "cert.pem"),
+    "--keyfile",
+    join(TLS_FIXTURE, "key.pem"),
+  ]);
+  assert.ok(server.origin.startsWith("https://"), server.origin);
+  const cert = await Deno.readTextFile(join(TLS_FIXTURE, "cert.pem"));
+  using client = Deno.createHttpClient({ caCerts: [cert] });
+  const response = await fetch(`${server.origin}/echo?x=1`, { client });
+  const environ = await response.json();
+  assert.equal(environ["wsgi.url_scheme"], "https");
+  assert.equal(environ.HTTPS, "on");
+  assert.equal(environ.PATH_INFO, "/echo");
+  assert.equal(environ.QUERY_STRING, "x=1");
+
+  // Plain HTTP gets no answer on that port.
+  await assert.rejects(fetch(`http://127.0.0.1:${server.port}/echo`));
+});
+
+Deno.test("https key of another certificate", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun_tls_test_" });
+  try {
+    // A fresh key, in PEM form, that the fixture's certificate does not belong to.
+    const pair = await crypto.subtle.generateKey(
+      { name: "ECDSA", namedCurve: "P-256" },
+      true,
+      ["sign"],
+    ) as CryptoKeyPair;
+    const der = new Uint8Array(await crypto.subtle.exportKey("pkcs8", pair.privateKey));
+    const base64 = btoa(String.fromCharCode(...der)).replace(/.{64}/g, "$&\n");
+    const keyFile = join(folder, "other-key.pem");
+    await Deno.writeTextFile(
+      keyFile,
+      `-----BEGIN PRIVATE KEY-----\n${base64}\n-----END PRIVATE KEY-----\n`,
+    );
+    const outcome = await startEchoServer([
+      "--certfile",
+      join(TLS_FIXTURE, "cert.pem"),
+      "--keyfile",
+      keyFile,
+    ]).then(
+      async (server) => {
+        await server.stop();
+        return "the server started";
+      },
+      (error: Error) => error.message,
+    );
+    assert.match(outcome, /the server exited with code 2 during startup/);
+    assert.match(
+      outcome,
+      /wsgirun: cannot use the certificate \S+cert\.pem with the key \S+other-key\.pem: .*KeyMismatch/,
+    );
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 Deno.test("cli port in use", async () => {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   try {

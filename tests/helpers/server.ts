@@ -123,14 +123,15 @@ export async function startServer(
 
   try {
     const listening = await untilExit(
-      waitForLog(/listening on http:\/\/[^:]+:(\d+)/, options.timeoutMs),
+      waitForLog(/listening on https?:\/\/[^:]+:(\d+)/, options.timeoutMs),
     );
     const port = Number(listening.match(/:(\d+)/)![1]);
+    const scheme = listening.includes("https://") ? "https" : "http";
     if (options.waitForReady ?? true) {
       await untilExit(waitForLog(/isolate ready/, options.timeoutMs));
     }
     return {
-      origin: `http://127.0.0.1:${port}`,
+      origin: `${scheme}://127.0.0.1:${port}`,
       port,
       process,
       log: () => stderr,

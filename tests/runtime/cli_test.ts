@@ -10,6 +10,7 @@ import {
   WSGIRUN_VERSION,
 } from "../../runtime/cli.ts";
 import type { ServerOptions } from "../../runtime/options.ts";
+import { repoPath } from "../helpers/server.ts";
 
 /** A temporary working directory with a script, two directories and a file to point options at. */
 interface Fixture extends AsyncDisposable {
@@ -503,6 +504,51 @@ for (const testCase of INVALID_CASES) {
     assert.ok(error.message.endsWith(")"), error.message);
   });
 }
+
+Deno.test("certfile and keyfile read", async () => {
+  await using fixture = await makeFixture();
+  const tls = repoPath("tests/fixtures/tls");
+  const options = serve(
+    ["app.wsgi", "--certfile", join(tls, "cert.pem"), "--keyfile", join(tls, "key.pem")],
+    fixture.env,
+  );
+  assert.equal(options.tls?.certFile, join(tls, "cert.pem"));
+  assert.equal(options.tls?.keyFile, join(tls, "key.pem"));
+  assert.match(options.tls?.cert ?? "", /^-----BEGIN CERTIFICATE-----\n/);
+  assert.match(options.tls?.key ?? "", /^-----BEGIN PRIVATE KEY-----\n/);
+  assert.equal(serve(["app.wsgi"], fixture.env).tls, undefined);
+});
+
+Deno.test("certfile and keyfile errors", async () => {
+  await using fixture = await makeFixture();
+  const cert = repoPath("tests/fixtures/tls/cert.pem");
+  const key = repoPath("tests/fixtures/tls/key.pem");
+  const cases: [string[], string][] = [
+    [["--certfile", cert], "--certfile needs --keyfile: give the certificate and its key together"],
+    [["--keyfile", key], "--keyfile needs --certfile: give the certificate and its key together"],
+    [
+      ["--certfile", key, "--keyfile", key],
+      `--certfile '${key}' is not a PEM file with a '-----BEGIN CERTIFICATE-----' line`,
+    ],
+    [
+      ["--certfile", cert, "--keyfile", cert],
+      `--keyfile '${cert}' is not a PEM file with a '-----BEGIN PRIVATE KEY-----' line`,
+    ],
+  ];
+  for (const [args, message] of cases) {
+    assert.equal(usageError(["app.wsgi", ...args], fixture.env).message, message);
+  }
+  const missing = usageError(["app.wsgi", "--certfile", "nope.pem"], fixture.env);
+  assert.match(
+    missing.message,
+    /^invalid value for --certfile: 'nope\.pem' \(expected an existing file, but '.*nope\.pem' does not exist\)$/,
+  );
+  const folder = usageError(["app.wsgi", "--keyfile", "static"], fixture.env);
+  assert.match(
+    folder.message,
+    /^invalid value for --keyfile: 'static' \(expected an existing file, but '.*static' is a directory\)$/,
+  );
+});
 
 Deno.test("memory limit at the memory cap rejected", async () => {
   await using fixture = await makeFixture();
