@@ -4,9 +4,9 @@
 #
 # Usage: bench/run.sh   (or: deno task bench)
 #   Progress goes to stderr. The results go to stdout and to bench/results/latest.md.
-#   On an idle 2-core machine one run should take about eight to ten minutes (an
-#   estimate from the durations below). Under load from other jobs it takes longer,
-#   because of the load waits and the repeated measurements described below.
+#   On an idle 2-core machine one run took 13 minutes (BENCHMARKS.md), where the
+#   durations below add up to about eight: the load waits and the repeated
+#   measurements described below take the rest, and more under other jobs.
 #
 # What runs, each server alone on loopback:
 #   - examples/hello/app.wsgi under wsgirun (2 isolates, Python 3.14), gunicorn (gthread

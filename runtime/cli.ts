@@ -253,8 +253,8 @@ export const OPTIONS: readonly OptionSpec[] = [
     name: "--memory-limit",
     valueNames: ["SIZE"],
     help: "Wasm memory above which an embedded isolate is replaced, checked after each " +
-      "request: bytes as in mod_wsgi, or a number with K, M or G, such as 512M. A fresh " +
-      "isolate starts first. Until it is ready, the old one keeps serving, new requests " +
+      "request: 0 or 32M to 4G, in bytes as in mod_wsgi, or a number with K, M or G, " +
+      "such as 512M. A fresh isolate starts first. Until it is ready, the old one keeps serving, new requests " +
       "too, so memory can grow past the limit for that time. 0 turns it off. " +
       "Daemon groups take the memory-limit key instead.",
     defaultText: "0",
@@ -448,7 +448,7 @@ export const OPTIONS: readonly OptionSpec[] = [
     name: "--log-level",
     valueNames: ["LEVEL"],
     help: "Lowest level of the log messages written to standard error: " +
-      `${listAlternatives(LOG_LEVELS)}.`,
+      `${listAlternatives(LOG_LEVELS)}, in any case.`,
     defaultText: "info",
     repeatable: false,
     apply: ([value], draft) => {
@@ -615,20 +615,24 @@ export const OPTIONS: readonly OptionSpec[] = [
   {
     name: "--daemon",
     valueNames: ["SPEC"],
-    help: "Define a daemon process group: SPEC is group=NAME followed by ,key=value " +
-      "items with mod_wsgi's names. processes: processes in the group (default 1). " +
+    help: "Define a daemon process group: SPEC is group=NAME (or NAME alone, as in " +
+      "mod_wsgi) followed by ,key=value items with mod_wsgi's names. processes: " +
+      "processes in the group (default 1). " +
       "threads: isolates per process, created on demand and retired when idle " +
       "(default 15). user, group: the account the processes run as (the server " +
       "must run as root, and a daemon never runs as root); only the first item, " +
       "group=NAME, names the process group. home: working directory. " +
       "python-path: DIR[:DIR...]. python: 3.12 or 3.14. display-name: the name ps " +
-      "shows (default (wsgi:NAME)). maximum-requests, restart-interval: replace a " +
-      "process after that many requests or seconds. memory-limit: replace an isolate " +
-      "whose wasm memory grew past this size, such as 512M. memory-max: wasm memory " +
-      "an isolate may never pass (MemoryError in the request). Timeouts in seconds: " +
-      "inactivity-timeout (idle isolate retired, 60), request-timeout (504, 60), " +
-      "queue-timeout (503, 45), startup-timeout (30), graceful-timeout (a reload " +
-      "drains for this long, 15), shutdown-timeout (5). env=NAME=VALUE sets " +
+      "shows, where %{GROUP} is the group's name, up to 64 printable ASCII " +
+      "characters (default (wsgi:NAME)). maximum-requests, restart-interval: replace " +
+      "a process after that many requests or seconds (default 0, off). memory-limit: " +
+      "replace an isolate whose wasm memory grew past this size, 0 or 32M to 4G, such " +
+      "as 512M. memory-max: wasm memory an isolate may never pass (MemoryError in the " +
+      "request). Timeouts in seconds: inactivity-timeout (idle isolate retired, 60), " +
+      "request-timeout (504, 60), queue-timeout (503, 45), startup-timeout (30), " +
+      "graceful-timeout (a reload drains for this long, 15), socket-timeout (a " +
+      "process with requests that stays silent is pinged, then killed, 60), " +
+      "shutdown-timeout (5). env=NAME=VALUE sets " +
       "os.environ (env=NAME alone passes the server's own NAME), allow-net=HOST[:PORT] and allow-write=DIR (or write=DIR) grant the application " +
       "network and write access, which it has none of by default. With one SCRIPT " +
       "and one group, SCRIPT runs in that group. Touching the script, or SIGHUP, " +
@@ -663,7 +667,9 @@ export const OPTIONS: readonly OptionSpec[] = [
     help: "Serve another application at the URL path prefix URL. SCRIPT is a file or " +
       "package.module[:callable], optionally followed by :process-group=GROUP to " +
       "run it in a daemon group; without that it runs embedded. It shares " +
-      "--python, --python-path, --threads and --preload with SCRIPT.",
+      "--python, --python-path, --env, --write, --allow-net, --snapshot, --threads " +
+      "and --preload with SCRIPT. A file mounted this way defines application: " +
+      "--callable-object applies to SCRIPT only.",
     defaultText: "none",
     repeatable: true,
     apply: ([url, script], draft) => {
@@ -834,7 +840,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
   const minThreads = draft.minThreads ?? draft.threads;
   if (minThreads > draft.threads) {
     throw new UsageError(
-      `invalid value for --min-threads: '${minThreads}' (expected a number from 1 to --threads, which is ${draft.threads})`,
+      `invalid value for --min-threads: '${minThreads}' (expected an integer from 1 to --threads, which is ${draft.threads})`,
     );
   }
 

@@ -10,6 +10,7 @@
 
 import { resolve } from "node:path";
 import { type AppSpec, PYTHON_VERSIONS, type PythonVersion } from "./app_spec.ts";
+import { NetEntryError, parseNetAllowEntry } from "../wasm/net_policy.ts";
 
 /** One daemon process group as the command line defines it. */
 export interface DaemonGroupSpec {
@@ -130,8 +131,6 @@ const GROUP_NAME = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$/;
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
 /** A user or group: a POSIX account name or a numeric id. */
 const ACCOUNT = /^([a-z_][a-z0-9_-]{0,31}\$?|[0-9]{1,10})$/i;
-/** A host name or IPv4 address, or an IPv6 address in brackets, with an optional port. */
-const NET_HOST = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))(:[0-9]{1,5})?$/;
 
 /** Reader of the server's environment variables, which returns undefined for an unset one. */
 export type VariableReader = (name: string) => string | undefined;
@@ -295,13 +294,12 @@ const KEYS: Record<string, KeySpec> = {
     form: "HOST or HOST:PORT, such as 127.0.0.1:5432 or [::1]:80",
     repeatable: true,
     parse: (value, spec) => {
-      const port = value.match(/:([0-9]+)$/)?.[1];
-      if (!NET_HOST.test(value) || (port !== undefined && Number(port) > 65535)) {
-        throw invalidKey(
-          "allow-net",
-          value,
-          "HOST or HOST:PORT, such as 127.0.0.1:5432 or [::1]:80",
-        );
+      // The same check as --allow-net's, so that both accept the same entries.
+      try {
+        parseNetAllowEntry(value);
+      } catch (error) {
+        if (!(error instanceof NetEntryError)) throw error;
+        throw invalidKey("allow-net", value, error.expected);
       }
       spec.allowNet.push(value);
     },
@@ -322,11 +320,6 @@ const KEYS: Record<string, KeySpec> = {
     },
   },
 };
-
-/** The accepted keys with their forms, one per line, for `--help`. */
-export const DAEMON_KEYS_HELP: string = Object.entries(KEYS)
-  .map(([key, spec]) => `${key}=${spec.repeatable ? " (repeatable)" : ""}: ${spec.form}`)
-  .join("\n");
 
 /** The keys a group accepts, in the order the help lists them. */
 export const DAEMON_KEYS: readonly string[] = Object.keys(KEYS);

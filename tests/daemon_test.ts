@@ -314,6 +314,10 @@ Deno.test("parseDaemonSpec rejects invalid input", () => {
     ["group=a,env=1A=2", /invalid value for env: '1A=2' \(expected NAME=VALUE/],
     ["group=a,allow-net=host:99999", /invalid value for allow-net: 'host:99999'/],
     [
+      "group=a,allow-net=127.0.0.1:0",
+      /invalid value for allow-net: '127\.0\.0\.1:0' \(expected .*the port must be a number from 1 to 65535\)/,
+    ],
+    [
       "group=a,home=/no/such/folder",
       /invalid value for home: '\/no\/such\/folder' \(expected an existing directory/,
     ],
@@ -1163,7 +1167,7 @@ Deno.test("daemon send timeout frees the isolate", async () => {
       );
       // The daemon's isolate names the cause, not a client that left.
       await server.waitForLog(
-        /group=sender .*the client's socket took no more response bytes within --send-timeout; the response was stopped/,
+        /group=sender .*the client's socket took no more response bytes within --send-timeout; the request was stopped/,
         5000,
       );
     } finally {
@@ -1224,7 +1228,7 @@ Deno.test("daemon stalled body gets 408", async () => {
     );
     // The isolate reading the body names the timeout, not a client that left.
     await server.waitForLog(
-      /group=stall pid=\d+ isolate=1 .*\] the client sent no request body data within --body-timeout; the response was stopped/,
+      /group=stall pid=\d+ isolate=1 .*\] the client sent no request body data within --body-timeout; the request was stopped/,
       5000,
     );
     // The process's only isolate serves the next request.

@@ -1433,7 +1433,7 @@ Deno.test("malformed chunked body gets 400", async () => {
   );
   // The isolate that was reading the body names the cause, not a client that left.
   await server.waitForLog(
-    /isolate=1 .*\] the client sent a malformed request body \(invalid chunked transfer coding\); the response was stopped/,
+    /isolate=1 .*\] the client sent a malformed request body \(invalid chunked transfer coding\); the request was stopped/,
     5000,
   );
   assert.doesNotMatch(
@@ -1554,10 +1554,10 @@ Deno.test("stalled body gets 408", async () => {
   );
   // The isolate that was reading a streamed body names the timeout, not a client that left.
   await server.waitForLog(
-    /INFO .*isolate=1 .*\] the client sent no request body data within --body-timeout; the response was stopped/,
+    /INFO .*isolate=1 .*\] the client sent no request body data within --body-timeout; the request was stopped/,
     5000,
   );
-  assert.doesNotMatch(server.log(), /client closed the connection; the response was stopped/);
+  assert.doesNotMatch(server.log(), /client closed the connection; the request was stopped/);
   // The only isolate is free again, and a body that keeps coming is not cut.
   const slowBody = new ReadableStream<Uint8Array>({
     async start(controller) {

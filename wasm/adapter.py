@@ -672,7 +672,7 @@ def handle(method, environ_json, body, streamed, request_id):
             # An exception of the application's own still gets its traceback.
             if not _is_cancellation(error):
                 _log_exception("the application raised an exception")
-            host.log("info", "%s; the response was stopped" % host.cancel_reason())
+            host.log("info", "%s; the request was stopped" % host.cancel_reason())
             response.finished = True
             host.finish("client disconnected")
             return

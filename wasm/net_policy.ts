@@ -47,10 +47,21 @@ export function parseNetAllowEntry(value: string): NetAllowEntry {
   return { host, port };
 }
 
-function invalidEntry(value: string, hint?: string): RangeError {
+/** An --allow-net value or allow-net key that is not a valid entry. */
+export class NetEntryError extends RangeError {
+  /** The accepted form, with a hint about what is wrong where there is one. */
+  readonly expected: string;
+
+  constructor(value: string, expected: string, setting = "--allow-net") {
+    super(`invalid value for ${setting}: '${value}' (expected ${expected})`);
+    this.expected = expected;
+  }
+}
+
+function invalidEntry(value: string, hint?: string): NetEntryError {
   const expected = "HOST, HOST:PORT or [IPV6]:PORT, such as db.example.com:5432" +
     (hint ? `; ${hint}` : "");
-  return new RangeError(`invalid value for --allow-net: '${value}' (expected ${expected})`);
+  return new NetEntryError(value, expected);
 }
 
 /** Formats an entry or address the way `--allow-net` takes it. */
