@@ -16,8 +16,8 @@ export interface AccessRecord {
   remote: string;
   /** The client's address: `remote`, or what a trusted proxy forwarded. */
   client: string;
-  /** The port the server listens on. */
-  serverPort: number;
+  /** The port the server listens on; unset on a Unix socket. */
+  serverPort: number | undefined;
   response: ResponseRecord;
   /** Date.now() when the request arrived. */
   arrivalWallMs: number;
@@ -105,8 +105,8 @@ function basicUser(request: Request): string | null {
  */
 const DIRECTIVES: Record<string, Field> = {
   "%": () => "%",
-  a: (r) => r.client,
-  h: (r) => r.remote,
+  a: (r) => r.client || "-",
+  h: (r) => r.remote || "-",
   l: () => "-",
   u: (r) => escaped(basicUser(r.request)),
   t: (r) => `[${accessLogTime(new Date(r.arrivalWallMs))}]`,
@@ -121,7 +121,7 @@ const DIRECTIVES: Record<string, Field> = {
   D: (r) => String(micros(r)),
   T: (r) => String(Math.floor(micros(r) / 1_000_000)),
   L: (r) => r.requestId,
-  p: (r) => String(r.serverPort),
+  p: (r) => String(r.serverPort ?? "-"),
   P: () => String(Deno.pid),
 };
 

@@ -95,6 +95,7 @@ export interface OptionValues {
   port: number;
   certFile?: string;
   keyFile?: string;
+  unixSocket?: string;
   threads: number;
   python: PythonVersion;
   /** Absolute real paths from `--python-path`, in the order given. */
@@ -350,6 +351,24 @@ export const OPTIONS: readonly OptionSpec[] = [
     repeatable: false,
     apply: ([value], draft) => {
       draft.callableObject = parseIdentifier("--callable-object", value);
+    },
+  },
+  {
+    name: "--unix-socket",
+    valueNames: ["PATH"],
+    help: "Listen on a Unix socket at PATH in place of --host and --port, for a " +
+      "reverse proxy on the same machine. Every local user may connect, as to a " +
+      "loopback port; the permissions of its directory limit who reaches it. A socket " +
+      "left behind by a server that no longer runs is replaced.",
+    defaultText: "none (TCP)",
+    repeatable: false,
+    apply: ([value], draft, cwd) => {
+      if (value === "") throw invalidValue("--unix-socket", value, "a path, not an empty one");
+      const path = resolve(cwd, value);
+      if (statPathKind(dirname(path)) !== "directory") {
+        throw invalidValue("--unix-socket", value, `a path in an existing directory`);
+      }
+      draft.unixSocket = path;
     },
   },
   {
@@ -836,6 +855,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     ["--memory-limit", "--memory-max"],
   );
   if (limitProblem) throw new UsageError(limitProblem);
+  checkUnixSocketAlone(tokens.uses.map((use) => use.spec.name));
 
   const minThreads = draft.minThreads ?? draft.threads;
   if (minThreads > draft.threads) {
@@ -871,6 +891,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     host: draft.host,
     port: draft.port,
     tls: readTlsFiles(draft.certFile, draft.keyFile),
+    unixSocket: draft.unixSocket,
     threads: draft.threads,
     minThreads,
     inactivityTimeoutMs: draft.inactivityTimeoutMs,
@@ -1140,6 +1161,17 @@ function scriptNotFound(value: string, path: string): UsageError {
 
 // ---------------------------------------------------------------------------
 // Value checks
+
+/** Rejects --host, --port and --certfile next to --unix-socket, which replaces the TCP socket. */
+function checkUnixSocketAlone(given: string[]): void {
+  if (!given.includes("--unix-socket")) return;
+  const clashing = ["--host", "--port", "--certfile"].filter((name) => given.includes(name));
+  if (clashing.length === 0) return;
+  throw new UsageError(
+    `--unix-socket cannot be combined with ${clashing.join(" or ")}: the server listens ` +
+      "on the Unix socket alone, and the proxy in front of it speaks HTTPS to clients",
+  );
+}
 
 /**
  * Reads the PEM files of --certfile and --keyfile, which go together.

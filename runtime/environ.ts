@@ -15,7 +15,8 @@ export interface ConnectionInfo {
   serverName: string;
   serverPort: number;
   remoteAddr: string;
-  remotePort: number;
+  /** The client's port; unset on a Unix socket, where REMOTE_PORT is left out. */
+  remotePort: number | undefined;
   /** "https" when the server has a TLS certificate. */
   scheme: "http" | "https";
 }
@@ -154,9 +155,9 @@ export function buildEnviron(
     SERVER_NAME: connection.serverName,
     SERVER_PORT: String(connection.serverPort),
     REMOTE_ADDR: connection.remoteAddr,
-    REMOTE_PORT: String(connection.remotePort),
     "wsgi.url_scheme": connection.scheme,
   };
+  if (connection.remotePort !== undefined) environ.REMOTE_PORT = String(connection.remotePort);
   if (connection.scheme === "https") environ.HTTPS = "on";
 
   for (const [name, value] of request.headers) {
@@ -172,6 +173,26 @@ export function buildEnviron(
     environ["HTTP_" + name.toUpperCase().replaceAll("-", "_")] = value;
   }
   return environ;
+}
+
+/** Returns the port of a Host value ("example.test:8443", "[2001:db8::1]:8443"), if it has one. */
+export function hostPort(host: string | null): string | undefined {
+  if (host === null) return undefined;
+  const colon = host.lastIndexOf(":");
+  if (colon < 0 || host.lastIndexOf("]") > colon) return undefined;
+  return host.slice(colon + 1);
+}
+
+/**
+ * Returns SERVER_PORT for a request on a Unix socket, which has no port of
+ * its own: the port of the Host header, else the scheme's default.
+ */
+export function unixServerPort(host: string | null, scheme: string): number {
+  const port = hostPort(host);
+  if (port !== undefined && /^[0-9]{1,5}$/.test(port) && Number(port) <= 65535) {
+    return Number(port);
+  }
+  return scheme === "https" ? 443 : 80;
 }
 
 /** Takes SERVER_NAME from the Host header (without its port), as mod_wsgi does by default. */

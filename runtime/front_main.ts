@@ -25,7 +25,8 @@ import { closeInspectorOnSigusr1, sigusr1Message } from "../supervisor/inspector
 import { Logger } from "../supervisor/log.ts";
 import type { MallocNote } from "../supervisor/malloc.ts";
 import { formatUsageError, parseCommandLine, UsageError } from "./cli.ts";
-import { type RunningServer, startServer, TlsConfigError } from "./server.ts";
+import { type RunningServer, startServer } from "./server.ts";
+import { ListenConfigError } from "./listener.ts";
 
 /** Exit status for invalid command lines and configurations, as in most Unix tools. */
 const EXIT_USAGE = 2;
@@ -157,7 +158,7 @@ async function start(
   try {
     return await startServer(options, logger);
   } catch (error) {
-    if (error instanceof DaemonConfigError || error instanceof TlsConfigError) {
+    if (error instanceof DaemonConfigError || error instanceof ListenConfigError) {
       console.error(`wsgirun: ${error.message}`);
       Deno.exit(EXIT_USAGE);
     }

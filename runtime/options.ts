@@ -34,6 +34,8 @@ export interface ServerOptions {
   host: string;
   /** @default 8000 */
   port: number;
+  /** Path of a Unix socket to listen on in place of `host` and `port` (--unix-socket). */
+  unixSocket?: string;
   /** Certificate and key in PEM form, for HTTPS (--certfile, --keyfile); unset serves plain HTTP. */
   tls?: TlsFiles;
   /** Maximum isolates of an embedded pool. @default navigator.hardwareConcurrency */

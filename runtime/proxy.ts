@@ -8,10 +8,12 @@
  * every request, because a proxy passes them on from the client unchanged.
  */
 
+import { hostPort } from "./environ.ts";
+
 /** An IP address as its 4 or 16 bytes. */
 type Address = Uint8Array;
 
-/** A range of addresses: the first `bits` bits of `address`. */
+/** A range of addresses: the first `bits` bits of `address`; no bytes stand for Unix socket peers. */
 export interface AddressRange {
   address: Address;
   bits: number;
@@ -52,7 +54,11 @@ const ALTERNATE_KEYS = [
 
 /** Expected form of a --trusted-proxy value, for error messages. */
 export const TRUSTED_PROXY_FORM =
-  "an IPv4 or IPv6 address, or a range in CIDR form such as 10.0.0.0/8 or fd00::/8";
+  "an IPv4 or IPv6 address, a range in CIDR form such as 10.0.0.0/8 or fd00::/8, " +
+  "or unix for every peer of --unix-socket";
+
+/** The --trusted-proxy value that trusts the peers of a Unix socket, which have no address. */
+const UNIX_PEERS = "unix";
 
 /** Parses an IPv4 or IPv6 address; undefined when `text` is not one. */
 export function parseAddress(text: string): Address | undefined {
@@ -118,6 +124,7 @@ function unmapped(address: Address): Address {
  * Returns undefined when `text` is neither.
  */
 export function parseAddressRange(text: string): AddressRange | undefined {
+  if (text === UNIX_PEERS) return { address: new Uint8Array(0), bits: 0, text };
   const slash = text.indexOf("/");
   const address = parseAddress(slash < 0 ? text : text.slice(0, slash));
   if (!address) return undefined;
@@ -165,14 +172,6 @@ function lastItem(value: string | null): string | undefined {
   return item === "" ? undefined : item;
 }
 
-/** Returns the port of a Host value ("example.test:8443", "[2001:db8::1]:8443"), if it has one. */
-function hostPort(host: string | undefined): string | undefined {
-  if (host === undefined) return undefined;
-  const colon = host.lastIndexOf(":");
-  if (colon < 0 || host.lastIndexOf("]") > colon) return undefined;
-  return host.slice(colon + 1);
-}
-
 /** The trusted proxies of a server (--trusted-proxy). */
 export class TrustedProxies {
   readonly ranges: readonly AddressRange[];
@@ -186,7 +185,9 @@ export class TrustedProxies {
     return this.ranges.length > 0;
   }
 
+  /** Returns whether the peer at `address` is a trusted proxy; "" is a peer of a Unix socket. */
   trusts(address: string): boolean {
+    if (address === "") return this.ranges.some((range) => range.text === UNIX_PEERS);
     const parsed = parseAddress(address);
     if (!parsed) return false;
     const plain = unmapped(parsed);
@@ -238,7 +239,7 @@ export class TrustedProxies {
     }
 
     const portHeader = headers.get("x-forwarded-port");
-    const port = portHeader !== null ? lastItem(portHeader) : hostPort(forwarded.host);
+    const port = portHeader !== null ? lastItem(portHeader) : hostPort(forwarded.host ?? null);
     if (port !== undefined && /^[0-9]{1,5}$/.test(port) && Number(port) <= 65535) {
       forwarded.port = String(Number(port));
     } else if (port !== undefined) {

@@ -7,7 +7,8 @@
 import { type Logger, writeOutput } from "../supervisor/log.ts";
 import { compileAccessLogFormat } from "./access_log.ts";
 import { TrustedProxies } from "./proxy.ts";
-import { buildEnviron, decodePath, rawTarget, serverName } from "./environ.ts";
+import { type Endpoint, listen, type Peer } from "./listener.ts";
+import { buildEnviron, decodePath, rawTarget, serverName, unixServerPort } from "./environ.ts";
 import { MountTable } from "./mounts.ts";
 import type { ServerOptions } from "./options.ts";
 import { matchAlias, serveStatic } from "./static_files.ts";
@@ -17,7 +18,7 @@ import { handleWsgiRequest } from "./wsgi_request.ts";
 
 export interface RunningServer {
   /** The listening address (with the real port when --port 0 was given). */
-  addr: Deno.NetAddr;
+  endpoint: Endpoint;
   mounts: MountTable;
   /** Resolves once every mount can serve; rejects if one cannot start. */
   ready: Promise<void>;
@@ -72,28 +73,6 @@ function logInvalidForwarding(
   );
 }
 
-/** A TLS certificate or key that Deno cannot use; the server does not start. */
-export class TlsConfigError extends Error {}
-
-/** Starts Deno's HTTP server, and names the files when it rejects the certificate or key. */
-function listen(
-  serveOptions: Deno.ServeTcpOptions & Partial<Deno.TlsCertifiedKeyPem>,
-  handler: Deno.ServeHandler<Deno.NetAddr>,
-  options: ServerOptions,
-): Deno.HttpServer<Deno.NetAddr> {
-  try {
-    return Deno.serve(serveOptions, handler);
-  } catch (error) {
-    if (!options.tls || error instanceof Deno.errors.AddrInUse) throw error;
-    if (error instanceof Deno.errors.PermissionDenied) throw error;
-    throw new TlsConfigError(
-      `cannot use the certificate ${options.tls.certFile} with the key ` +
-        `${options.tls.keyFile}: ${error instanceof Error ? error.message : error}; ` +
-        "give the key that belongs to the certificate, both in PEM form",
-    );
-  }
-}
-
 /** Logs one line for each mount besides the main one, and for each mount in a daemon group. */
 function logMounts(mounts: MountTable, options: ServerOptions, logger: Logger): void {
   for (const mount of mounts.mounts) {
@@ -131,7 +110,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
   /** Headers of a trusted proxy whose invalid value was logged as a warning; later ones go to debug. */
   const warnedHeaders = new Set<string>();
 
-  const handler = async (request: Request, info: Deno.ServeHandlerInfo<Deno.NetAddr>) => {
+  const handler = async (request: Request, peer: Peer) => {
     const requestId = `${requestPrefix}-${++requestCount}`;
     const arrival = {
       wallMs: options.accessLog ? Date.now() : 0,
@@ -140,8 +119,8 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
     };
     const requestLogger = appLogger.child({ request: requestId });
     const host = request.headers.get("host");
-    const target = rawTarget(request.url, host, listenAddr.port, scheme);
-    const remote = info.remoteAddr.hostname;
+    const target = rawTarget(request.url, host, endpoint.port ?? 0, endpoint.urlScheme);
+    const remote = peer.address;
     const forwarded = proxies.enabled
       ? proxies.resolve(
         remote,
@@ -157,7 +136,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
         uri: target.uri,
         remote,
         client: forwarded?.client ?? remote,
-        serverPort: listenAddr.port,
+        serverPort: endpoint.port,
         response,
         arrivalWallMs: arrival.wallMs,
         arrivalMs: arrival.monotonicMs,
@@ -183,14 +162,14 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
         return errorResponse(404, "Not Found");
       }
       const environ = buildEnviron(request, target, route.scriptName, route.pathInfo, {
-        serverName: serverName(host, listenAddr.hostname),
-        serverPort: listenAddr.port,
+        serverName: serverName(host, endpoint.hostname),
+        serverPort: endpoint.port ?? unixServerPort(host, scheme),
         remoteAddr: remote,
-        remotePort: info.remoteAddr.port,
+        remotePort: peer.port,
         scheme,
       });
       if (proxies.enabled) {
-        proxies.apply(environ, forwarded, (name) => serverName(name, listenAddr.hostname));
+        proxies.apply(environ, forwarded, (name) => serverName(name, endpoint.hostname));
       }
       return await handleWsgiRequest({
         request,
@@ -213,39 +192,31 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
     }
   };
 
-  const { promise: listening, resolve: onListening } = Promise.withResolvers<Deno.NetAddr>();
-  let listenAddr: Deno.NetAddr;
-  const serveOptions: Deno.ServeTcpOptions & Partial<Deno.TlsCertifiedKeyPem> = {
-    hostname: options.host,
-    port: options.port,
-    ...(options.tls ? { cert: options.tls.cert, key: options.tls.key } : {}),
-    onListen: (addr) => onListening(addr as Deno.NetAddr),
-    onError: (error) => {
-      // The handler catches its own errors, so what reaches here is a
-      // response stream that was aborted on purpose and already logged.
-      appLogger.debug(`connection aborted: ${error}`);
-      return errorResponse(500, "Internal Server Error");
-    },
+  // The handler runs only once the server listens, when endpoint is set.
+  let endpoint: Endpoint;
+  const onError = (error: unknown) => {
+    // The handler catches its own errors, so what reaches here is a
+    // response stream that was aborted on purpose and already logged.
+    appLogger.debug(`connection aborted: ${error}`);
+    return errorResponse(500, "Internal Server Error");
   };
-  const server = listen(serveOptions, handler, options);
 
-  return listening.then((addr) => {
-    listenAddr = addr;
+  return listen(options, handler, onError).then(({ server, endpoint: listening }) => {
+    endpoint = listening;
     const runsIn = options.processGroup === undefined
       ? `Python ${app.python}, ${describeIsolates(options)}`
       : `daemon group '${options.processGroup}'`;
-    // An IPv6 address goes in brackets in a URL.
-    const host = addr.hostname.includes(":") ? `[${addr.hostname}]` : addr.hostname;
-    appLogger.info(
-      `listening on ${scheme}://${host}:${addr.port}${options.mountPoint || "/"} (${runsIn})`,
-    );
+    const where = endpoint.port === undefined
+      ? `${endpoint.url}, URL path ${options.mountPoint || "/"}`
+      : endpoint.url + (options.mountPoint || "/");
+    appLogger.info(`listening on ${where} (${runsIn})`);
     logMounts(mounts, options, appLogger);
     const groupShutdownMs = mounts.groups.length > 0
       ? Math.max(...mounts.groups.map((group) => group.spec.shutdownTimeoutMs))
       : DEFAULT_SHUTDOWN_MS;
     const shutdownMs = options.shutdownTimeoutMs ?? groupShutdownMs;
     return {
-      addr,
+      endpoint,
       mounts,
       ready,
       finished: server.finished,

@@ -1335,6 +1335,106 @@ Deno.test("https key of another certificate", async () => {
   }
 });
 
+/**
+ * Leaves a socket file at `path` that nobody listens on, as a server killed
+ * with SIGKILL does: a child process listens there and is killed.
+ */
+async function leaveStaleSocket(path: string): Promise<void> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "eval",
+      `Deno.listen({ transport: "unix", path: ${JSON.stringify(path)} }); ` +
+      `console.log("listening"); setInterval(() => {}, 1000);`,
+    ],
+    stdout: "piped",
+    stderr: "null",
+  }).spawn();
+  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  await reader.read();
+  child.kill("SIGKILL");
+  await child.status;
+  await reader.cancel();
+  assert.ok((await Deno.lstat(path)).isSocket);
+}
+
+Deno.test("unix socket server", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun_unix_test_" });
+  const path = join(folder, "site.sock");
+  await leaveStaleSocket(path);
+  const process = new Deno.Command(Deno.execPath(), {
+    args: serverArgs([
+      APP_SCRIPT,
+      "--callable-object",
+      "app",
+      "--threads",
+      "1",
+      "--unix-socket",
+      path,
+      "--trusted-proxy",
+      "unix",
+    ]),
+    stdout: "null",
+    stderr: "piped",
+    stdin: "null",
+  }).spawn();
+  const reader = process.stderr.pipeThrough(new TextDecoderStream()).getReader();
+  try {
+    let log = "";
+    const deadline = Date.now() + 60_000;
+    while (!/isolate ready/.test(log) && Date.now() < deadline) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      log += value;
+    }
+    assert.match(log, /listening on unix:\S+site\.sock, URL path \/ \(/);
+    // As on a loopback port, every local user may connect.
+    assert.equal((await Deno.lstat(path)).mode! & 0o777, 0o666);
+
+    using client = Deno.createHttpClient({ proxy: { transport: "unix", path } });
+    const response = await fetch("http://site.test:8080/echo", {
+      client,
+      headers: { "X-Forwarded-For": "198.51.100.7", "X-Forwarded-Proto": "https" },
+    });
+    const environ = await response.json();
+    assert.equal(environ.SERVER_NAME, "site.test");
+    assert.equal(environ.SERVER_PORT, "8080");
+    assert.equal(environ.PATH_INFO, "/echo");
+    assert.equal(environ.REMOTE_PORT, undefined);
+    // The proxy on the socket is trusted, so its headers tell the client.
+    assert.equal(environ.REMOTE_ADDR, "198.51.100.7");
+    assert.equal(environ["wsgi.url_scheme"], "https");
+
+    // A second server on the same path fails at once with the reason.
+    const second = await runCli([APP_SCRIPT, "--unix-socket", path]);
+    assert.equal(second.code, 2);
+    assert.match(
+      second.stderr,
+      /cannot listen on the Unix socket \S+: another server listens there/,
+    );
+  } finally {
+    process.kill("SIGTERM");
+    await process.status;
+    await reader.cancel();
+  }
+  // The server removes its socket when it stops.
+  await assert.rejects(Deno.lstat(path), Deno.errors.NotFound);
+  await Deno.remove(folder, { recursive: true });
+});
+
+Deno.test("unix socket path taken by a file", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun_unix_test_" });
+  const path = join(folder, "taken");
+  await Deno.writeTextFile(path, "data");
+  const result = await runCli([APP_SCRIPT, "--unix-socket", path]);
+  assert.equal(result.code, 2);
+  assert.match(
+    result.stderr,
+    /cannot listen on the Unix socket \S+taken: the path is taken by a file that is not a socket/,
+  );
+  assert.equal(await Deno.readTextFile(path), "data");
+  await Deno.remove(folder, { recursive: true });
+});
+
 Deno.test("cli port in use", async () => {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   try {

@@ -550,6 +550,28 @@ Deno.test("certfile and keyfile errors", async () => {
   );
 });
 
+Deno.test("unix socket option", async () => {
+  await using fixture = await makeFixture();
+  const options = serve(["app.wsgi", "--unix-socket", "static/site.sock"], fixture.env);
+  assert.equal(options.unixSocket, join(fixture.dir, "static", "site.sock"));
+  assert.equal(serve(["app.wsgi"], fixture.env).unixSocket, undefined);
+
+  const missing = usageError(["app.wsgi", "--unix-socket", "run/site.sock"], fixture.env);
+  assert.equal(
+    missing.message,
+    "invalid value for --unix-socket: 'run/site.sock' (expected a path in an existing directory)",
+  );
+  const clash = usageError(
+    ["app.wsgi", "--port", "9000", "--unix-socket", "s.sock", "--host", "0.0.0.0"],
+    fixture.env,
+  );
+  assert.equal(
+    clash.message,
+    "--unix-socket cannot be combined with --host or --port: the server listens on the Unix " +
+      "socket alone, and the proxy in front of it speaks HTTPS to clients",
+  );
+});
+
 Deno.test("memory limit at the memory cap rejected", async () => {
   await using fixture = await makeFixture();
   const error = usageError(

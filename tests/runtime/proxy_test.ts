@@ -98,6 +98,10 @@ Deno.test("proxy trust by range", () => {
   assert.ok(!trusted.trusts("172.32.0.1"));
   assert.ok(!trusted.trusts("fe80::1"));
   assert.ok(!trusted.trusts("not an address"));
+  // A peer of a Unix socket has no address, and only "unix" trusts it.
+  assert.ok(!trusted.trusts(""));
+  assert.ok(proxies("unix").trusts(""));
+  assert.ok(!proxies("unix").trusts("127.0.0.1"));
 });
 
 Deno.test("proxy untrusted peer", () => {
