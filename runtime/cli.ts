@@ -32,6 +32,7 @@ import {
 } from "../supervisor/daemon_spec.ts";
 import { AccessLogFormatError, compileAccessLogFormat, FORMAT_FORM } from "./access_log.ts";
 import { type AddressRange, parseAddressRange, TRUSTED_PROXY_FORM } from "./proxy.ts";
+import { type ConfigLine, ConfigSyntaxError, parseConfigText } from "./config_file.ts";
 import { assignProcessGroups, MountConfigError, splitProcessGroup } from "./mounts.ts";
 import type { MountSpec, ServerOptions, TlsFiles, UrlAlias } from "./options.ts";
 
@@ -131,8 +132,8 @@ export interface OptionValues {
   shutdownTimeoutMs?: number;
   daemonGroups: DaemonGroupSpec[];
   processGroup?: string;
-  /** `--mount` uses, with SCRIPT still unresolved. */
-  mounts: { mountPoint: string; script: string; processGroup?: string }[];
+  /** `--mount` uses, with SCRIPT still unresolved and the folder it resolves against. */
+  mounts: { mountPoint: string; script: string; processGroup?: string; cwd: string }[];
 }
 
 /** One command-line option: its names, the values it takes, its help and its handler. */
@@ -691,12 +692,25 @@ export const OPTIONS: readonly OptionSpec[] = [
       "--callable-object applies to SCRIPT only.",
     defaultText: "none",
     repeatable: true,
-    apply: ([url, script], draft) => {
+    apply: ([url, script], draft, cwd) => {
       draft.mounts.push({
         mountPoint: parseUrlPrefix("--mount", url),
         ...splitProcessGroup(script),
+        cwd,
       });
     },
+  },
+  {
+    name: "--config",
+    valueNames: ["FILE"],
+    help: "Read settings from FILE: one per line, an option without its dashes followed " +
+      "by its values (port 8000, daemon group=site,processes=2), and 'script SCRIPT' for " +
+      "SCRIPT. Quote values that contain spaces, and start comments with #. Relative " +
+      "paths in FILE resolve against its folder. Options on the command line come " +
+      "after the file's, so they replace its values, or add to them where an option " +
+      "may be given more than once.",
+    defaultText: "none",
+    repeatable: false,
   },
   {
     name: "--help",
@@ -843,11 +857,23 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
   if (action === "version") return { kind: "version", text: `wsgirun ${WSGIRUN_VERSION}` };
   if (tokens.error) throw tokens.error;
 
-  const scriptArgument = selectScriptArgument(tokens.positionals);
-
   const cwd = resolve(env.cwd);
+  const config = readConfigUses(tokens, cwd);
+  // The command line comes last, so that its values replace those of the file.
+  const uses = [...(config?.uses ?? []), ...tokens.uses];
+  if (tokens.positionals.length === 0 && config && !config.script) {
+    throw new UsageError(
+      "missing SCRIPT: name a WSGI script file or package.module:callable, on the command " +
+        "line or with a 'script' line in the --config file",
+    );
+  }
+  const script = tokens.positionals.length === 0 && config?.script
+    ? config.script
+    : { value: selectScriptArgument(tokens.positionals), cwd };
+  const scriptArgument = script.value;
+
   const draft = defaultOptionValues(env);
-  for (const use of tokens.uses) use.spec.apply?.(use.values, draft, cwd, env);
+  for (const use of uses) applyUse(use, draft, cwd, env);
 
   const limitProblem = memoryLimitProblem(
     draft.memoryLimitBytes,
@@ -855,7 +881,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     ["--memory-limit", "--memory-max"],
   );
   if (limitProblem) throw new UsageError(limitProblem);
-  checkUnixSocketAlone(tokens.uses.map((use) => use.spec.name));
+  checkUnixSocketAlone(uses.map((use) => use.spec.name));
 
   const minThreads = draft.minThreads ?? draft.threads;
   if (minThreads > draft.threads) {
@@ -869,10 +895,10 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     ...draft.mounts.map((mount) => mount.mountPoint),
   ]);
 
-  const app = buildApp(scriptArgument, draft, cwd, draft.callableObject);
+  const app = buildApp(scriptArgument, draft, script.cwd, draft.callableObject);
   const mounts: MountSpec[] = draft.mounts.map((mount) => ({
     mountPoint: mount.mountPoint,
-    app: buildApp(mount.script, draft, cwd, undefined),
+    app: buildApp(mount.script, draft, mount.cwd, undefined),
     processGroup: mount.processGroup,
   }));
   let processGroup: string | undefined;
@@ -917,7 +943,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
   if (processGroup !== undefined) options.processGroup = processGroup;
   const allInGroups = processGroup !== undefined &&
     mounts.every((mount) => mount.processGroup !== undefined);
-  const ignored = tokens.uses.map((use) => use.spec.name).filter((name) =>
+  const ignored = uses.map((use) => use.spec.name).filter((name) =>
     EMBEDDED_ONLY_OPTIONS.has(name)
   );
   if (allInGroups && ignored.length > 0) {
@@ -931,6 +957,76 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
   }
   if (draft.shutdownTimeoutMs !== undefined) options.shutdownTimeoutMs = draft.shutdownTimeoutMs;
   return { kind: "serve", options };
+}
+
+/** Applies one option use, and names the file and line of a use from a configuration file in its error. */
+function applyUse(
+  use: OptionUse,
+  draft: OptionValues,
+  cwd: string,
+  env: ParseEnvironment,
+): void {
+  try {
+    use.spec.apply?.(use.values, draft, use.cwd ?? cwd, env);
+  } catch (error) {
+    if (!(error instanceof UsageError) || use.origin === undefined) throw error;
+    throw new UsageError(`${use.origin}: ${error.message}`);
+  }
+}
+
+/** Options that a configuration file cannot set, because they act before it is read. */
+const COMMAND_LINE_ONLY = new Set(["--config", "--help", "--version"]);
+
+/**
+ * Reads the file of --config into option uses whose relative paths resolve
+ * against the file's folder, and the SCRIPT of its `script` line. Returns
+ * undefined without --config.
+ */
+function readConfigUses(
+  tokens: Tokens,
+  cwd: string,
+): { uses: OptionUse[]; script?: { value: string; cwd: string } } | undefined {
+  const configUse = tokens.uses.find((use) => use.spec.name === "--config");
+  if (!configUse) return undefined;
+  const path = resolve(cwd, configUse.values[0]);
+  let lines: ConfigLine[];
+  try {
+    lines = parseConfigText(Deno.readTextFileSync(path));
+  } catch (error) {
+    if (error instanceof ConfigSyntaxError) {
+      throw new UsageError(`${path} line ${error.line}: ${error.message}`);
+    }
+    const reason = error instanceof Error ? error.message : String(error);
+    throw new UsageError(`cannot read --config ${quote(path)}: ${reason}`);
+  }
+
+  const folder = dirname(path);
+  const uses: OptionUse[] = [];
+  let script: { value: string; cwd: string } | undefined;
+  for (const { words: [name, ...values], line } of lines) {
+    const origin = `${path} line ${line}`;
+    if (name === "script") {
+      if (values.length !== 1) {
+        throw new UsageError(`${origin}: script takes one value, the SCRIPT to serve`);
+      }
+      script = { value: values[0], cwd: folder };
+      continue;
+    }
+    const option = name.startsWith("--") ? name : `--${name}`;
+    if (COMMAND_LINE_ONLY.has(option)) {
+      throw new UsageError(`${origin}: ${option} works on the command line only`);
+    }
+    const lineTokens = tokenize([option, ...values]);
+    if (lineTokens.error) throw new UsageError(`${origin}: ${lineTokens.error.message}`);
+    if (lineTokens.positionals.length > 0) {
+      throw new UsageError(
+        `${origin}: unexpected value ${quote(lineTokens.positionals[0])} after ${name} ` +
+          "(quote a value that contains spaces)",
+      );
+    }
+    uses.push(...lineTokens.uses.map((use) => ({ ...use, cwd: folder, origin })));
+  }
+  return { uses, script };
 }
 
 /** Resolves a SCRIPT argument into the application it names, with the shared options. */
@@ -993,6 +1089,10 @@ function defaultOptionValues(env: ParseEnvironment): OptionValues {
 interface OptionUse {
   spec: OptionSpec;
   values: string[];
+  /** The folder that relative paths resolve against, for a use from a configuration file. */
+  cwd?: string;
+  /** The file and line of a use from a configuration file, for error messages. */
+  origin?: string;
 }
 
 interface Tokens {

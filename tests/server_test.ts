@@ -1195,6 +1195,22 @@ Deno.test("server outlives the reader of its log", async () => {
   }
 });
 
+Deno.test("server from a config file", async () => {
+  // The command line's --port 0 comes after the file's port 8000 and replaces it.
+  await using server = await startServer("", [
+    "--config",
+    repoPath("examples/hello/wsgirun.conf"),
+  ]);
+  assert.match(
+    server.log(),
+    /listening on http:\/\/127\.0\.0\.1:\d+\/ \(Python 3\.14, 2 isolates\)/,
+  );
+  const response = await fetch(`${server.origin}/from-config`);
+  assert.equal(await response.text(), "Hello, world!\n");
+  const output = await pollUntil(() => server.output(), (text) => text.includes("/from-config"));
+  assert.match(output, /"GET \/from-config HTTP\/1\.1" 200 14 "-" "\S+"$/m);
+});
+
 Deno.test("access log format", async () => {
   await using server = await startServer(repoPath("examples/hello/app.wsgi"), [
     "--threads",

@@ -57,7 +57,8 @@ export async function startServer(
 ): Promise<TestServer> {
   const permissions = options.permissions ?? ["--allow-all"];
   const command = new Deno.Command(Deno.execPath(), {
-    args: serverArgs([script, "--port", "0", ...args], permissions),
+    // An empty script leaves SCRIPT to a --config file among `args`.
+    args: serverArgs([...(script ? [script] : []), "--port", "0", ...args], permissions),
     stdout: "piped",
     stderr: "piped",
     stdin: "null",

@@ -965,3 +965,84 @@ Deno.test("UsageError name", () => {
   assert.equal(new UsageError("x").name, "UsageError");
   assert.ok(new UsageError("x") instanceof Error);
 });
+
+/** Writes `text` as conf/site.conf in the fixture and returns its path. */
+async function writeConfig(fixture: Fixture, text: string): Promise<string> {
+  await Deno.mkdir(join(fixture.dir, "conf"), { recursive: true });
+  const path = join(fixture.dir, "conf", "site.conf");
+  await Deno.writeTextFile(path, text);
+  return path;
+}
+
+Deno.test("config file settings", async () => {
+  await using fixture = await makeFixture();
+  const path = await writeConfig(
+    fixture,
+    [
+      "# The site's settings.",
+      "script ../app.wsgi",
+      "port 9001",
+      "",
+      "  threads 3   # a comment after the value",
+      "url-alias /static ../static",
+      `access-log-format '%h "%r" %>s'`,
+      'env GREETING="hello \\"world\\""',
+      "mount /other ../app.wsgi",
+      "access-log",
+    ].join("\n"),
+  );
+  // Relative paths in the file resolve against its folder, not the working folder.
+  const options = serve(["--config", path], { ...fixture.env, cwd: "/" });
+  assert.equal(options.port, 9001);
+  assert.equal(options.threads, 3);
+  assert.equal(options.app.scriptPath, join(fixture.dir, "app.wsgi"));
+  assert.deepEqual(options.urlAliases, [{ url: "/static", path: join(fixture.dir, "static") }]);
+  assert.equal(options.accessLog, true);
+  assert.equal(options.accessLogFormat, '%h "%r" %>s');
+  assert.deepEqual(options.app.environment, { GREETING: 'hello "world"' });
+  assert.equal(options.mounts[0].app.scriptPath, join(fixture.dir, "app.wsgi"));
+});
+
+Deno.test("config file and command line", async () => {
+  await using fixture = await makeFixture();
+  await Deno.writeTextFile(join(fixture.dir, "other.wsgi"), "def application(e, s):\n");
+  const path = await writeConfig(fixture, "script ../app.wsgi\nport 9001\nenv A=1\n");
+  // The command line comes after the file: it replaces single values and adds to lists.
+  const options = serve(
+    ["other.wsgi", "--config", path, "--port", "9002", "--env", "B=2"],
+    fixture.env,
+  );
+  assert.equal(options.port, 9002);
+  assert.equal(options.app.scriptPath, join(fixture.dir, "other.wsgi"));
+  assert.deepEqual(options.app.environment, { A: "1", B: "2" });
+});
+
+Deno.test("config file errors", async () => {
+  await using fixture = await makeFixture();
+  const cases: [string, string][] = [
+    ["script ../app.wsgi\ncolour red\n", "line 2: unknown option '--colour'"],
+    ["script ../app.wsgi\n\nport x\n", "line 3: invalid value for --port: 'x' (expected"],
+    ["script ../app.wsgi\naccess-log yes\n", "line 2: unexpected value 'yes' after access-log"],
+    ["script ../app.wsgi\nurl-alias /static\n", "line 2: missing PATH for --url-alias '/static'"],
+    ["env A='open\n", "line 1: a single quote is not closed"],
+    ['env A="open\n', "line 1: a double quote is not closed"],
+    ["config other.conf\n", "line 1: --config works on the command line only"],
+    ["script\n", "line 1: script takes one value, the SCRIPT to serve"],
+    ["script ../app.wsgi\nwrite ../missing\n", "line 2: invalid value for --write: '../missing'"],
+  ];
+  for (const [text, message] of cases) {
+    const path = await writeConfig(fixture, text);
+    const error = usageError(["--config", path], fixture.env);
+    assert.ok(error.message.startsWith(`${path} ${message}`), `${text}: ${error.message}`);
+  }
+
+  const noScript = await writeConfig(fixture, "port 9001\n");
+  assert.match(
+    usageError(["--config", noScript], fixture.env).message,
+    /^missing SCRIPT: .* or with a 'script' line in the --config file$/,
+  );
+  assert.match(
+    usageError(["--config", "nope.conf"], fixture.env).message,
+    /^cannot read --config '.*nope\.conf': /,
+  );
+});
