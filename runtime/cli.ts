@@ -97,6 +97,7 @@ export interface OptionValues {
   certFile?: string;
   keyFile?: string;
   unixSocket?: string;
+  pidFile?: string;
   threads: number;
   python: PythonVersion;
   /** Absolute real paths from `--python-path`, in the order given. */
@@ -462,6 +463,25 @@ export const OPTIONS: readonly OptionSpec[] = [
       }
       draft.accessLog = true;
       draft.accessLogFormat = value;
+    },
+  },
+  {
+    name: "--pid",
+    valueNames: ["FILE"],
+    help: "Write the server's process id to FILE once it listens, for scripts and " +
+      "service managers that signal it, and remove the file when it stops.",
+    defaultText: "none",
+    repeatable: false,
+    apply: ([value], draft, cwd) => {
+      if (value === "") throw invalidValue("--pid", value, "a file path, not an empty one");
+      const path = resolve(cwd, value);
+      if (statPathKind(dirname(path)) !== "directory") {
+        throw invalidValue("--pid", value, "a path in an existing directory");
+      }
+      if (statPathKind(path) === "directory") {
+        throw invalidValue("--pid", value, "a file path, but it is a directory");
+      }
+      draft.pidFile = path;
     },
   },
   {
@@ -918,6 +938,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     port: draft.port,
     tls: readTlsFiles(draft.certFile, draft.keyFile),
     unixSocket: draft.unixSocket,
+    pidFile: draft.pidFile,
     threads: draft.threads,
     minThreads,
     inactivityTimeoutMs: draft.inactivityTimeoutMs,

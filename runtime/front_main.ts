@@ -188,6 +188,33 @@ function listenFailure(error: unknown): string | undefined {
   return undefined;
 }
 
+/**
+ * Writes the process id to `path` through a temporary file, so that a reader
+ * never sees a half-written file, and removes it when the process exits,
+ * unless another server wrote its own id there meanwhile.
+ */
+function writePidFile(path: string, logger: Logger): void {
+  const text = `${Deno.pid}\n`;
+  const temporary = `${path}.${Deno.pid}.tmp`;
+  try {
+    Deno.writeTextFileSync(temporary, text);
+    Deno.renameSync(temporary, path);
+  } catch (error) {
+    logger.error(
+      `cannot write the pid file ${path}: ${error instanceof Error ? error.message : error}; ` +
+        "the server runs on without it (check that folder's permissions)",
+    );
+    return;
+  }
+  globalThis.addEventListener("unload", () => {
+    try {
+      if (Deno.readTextFileSync(path) === text) Deno.removeSync(path);
+    } catch {
+      // Already removed, or replaced by a file that is not ours to remove.
+    }
+  });
+}
+
 /** `mallocNote`: what main.ts did to the C library's malloc settings, for the log. */
 export async function runFront(args: string[], mallocNote?: MallocNote): Promise<void> {
   const command = parseOrExit(args);
@@ -203,6 +230,7 @@ export async function runFront(args: string[], mallocNote?: MallocNote): Promise
   if (mallocNote) logger.child({ pid: Deno.pid }).log(mallocNote.level, mallocNote.message);
   for (const warning of options.warnings ?? []) logger.child({ pid: Deno.pid }).warning(warning);
   const server = await start(options, logger);
+  if (options.pidFile !== undefined) writePidFile(options.pidFile, logger.child({ pid: Deno.pid }));
   server.ready.catch((error) => {
     logger.child({ app: options.app.name, pid: Deno.pid }).critical(
       `the application cannot start: ${error.message}. The server keeps running and returns 503 for its requests`,

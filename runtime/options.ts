@@ -34,6 +34,8 @@ export interface ServerOptions {
   host: string;
   /** @default 8000 */
   port: number;
+  /** File the server writes its process id to once it listens (--pid). */
+  pidFile?: string;
   /** Path of a Unix socket to listen on in place of `host` and `port` (--unix-socket). */
   unixSocket?: string;
   /** Certificate and key in PEM form, for HTTPS (--certfile, --keyfile); unset serves plain HTTP. */

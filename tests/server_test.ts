@@ -1195,6 +1195,24 @@ Deno.test("server outlives the reader of its log", async () => {
   }
 });
 
+for (const signal of ["SIGTERM", "SIGQUIT"] as const) {
+  Deno.test(`pid file removed after ${signal}`, async () => {
+    const folder = await Deno.makeTempDir({ prefix: "wsgirun_pid_test_" });
+    const path = join(folder, "wsgirun.pid");
+    // A file that a killed server left behind is replaced.
+    await Deno.writeTextFile(path, "999999\n");
+    const server = await startEchoServer(["--pid", path]);
+    try {
+      assert.equal(await Deno.readTextFile(path), `${server.process.pid}\n`);
+    } finally {
+      server.process.kill(signal);
+      assert.equal((await server.stop()).code, 0);
+    }
+    await assert.rejects(Deno.lstat(path), Deno.errors.NotFound);
+    await Deno.remove(folder, { recursive: true });
+  });
+}
+
 Deno.test("server from a config file", async () => {
   // The command line's --port 0 comes after the file's port 8000 and replaces it.
   await using server = await startServer("", [

@@ -550,6 +550,22 @@ Deno.test("certfile and keyfile errors", async () => {
   );
 });
 
+Deno.test("pid file option", async () => {
+  await using fixture = await makeFixture();
+  assert.equal(
+    serve(["app.wsgi", "--pid", "static/wsgirun.pid"], fixture.env).pidFile,
+    join(fixture.dir, "static", "wsgirun.pid"),
+  );
+  assert.equal(
+    usageError(["app.wsgi", "--pid", "run/wsgirun.pid"], fixture.env).message,
+    "invalid value for --pid: 'run/wsgirun.pid' (expected a path in an existing directory)",
+  );
+  assert.equal(
+    usageError(["app.wsgi", "--pid", "static"], fixture.env).message,
+    "invalid value for --pid: 'static' (expected a file path, but it is a directory)",
+  );
+});
+
 Deno.test("unix socket option", async () => {
   await using fixture = await makeFixture();
   const options = serve(["app.wsgi", "--unix-socket", "static/site.sock"], fixture.env);
