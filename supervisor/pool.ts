@@ -106,6 +106,11 @@ type ResolvedPoolOptions =
   & Required<Omit<PoolOptions, "onApplicationLoaded">>
   & Pick<PoolOptions, "onApplicationLoaded">;
 
+/** Orders jobs by the time they arrived, oldest first. Array.sort keeps equal ones in place. */
+function byArrival(a: Job, b: Job): number {
+  return (a.queuedAt ?? 0) - (b.queuedAt ?? 0);
+}
+
 export class IsolatePool {
   readonly app: AppSpec;
   #options: ResolvedPoolOptions;
@@ -333,7 +338,8 @@ export class IsolatePool {
 
   /**
    * Takes back up to `max` requests that have not started: queued ones, then
-   * ones that wait in an isolate behind a running request.
+   * ones that wait in an isolate behind a running request. They come in the
+   * order they arrived, so that whoever takes them runs the oldest first.
    */
   withdrawWaiting(max: number): Job[] {
     const jobs = this.#queue.splice(0, max);
@@ -344,7 +350,7 @@ export class IsolatePool {
         jobs.push(job);
       }
     }
-    return jobs;
+    return jobs.sort(byArrival);
   }
 
   /**
@@ -725,10 +731,12 @@ export class IsolatePool {
       }
       return;
     }
-    // A job keeps the time it first arrived: its queue timeout counts from there.
+    // A job keeps the time it first arrived: its queue timeout counts from
+    // there, and it goes before the jobs that arrived after it.
     const now = performance.now();
     for (const job of jobs) job.queuedAt ??= now;
-    this.#queue.unshift(...jobs);
+    const merged = [...jobs, ...this.#queue].sort(byArrival);
+    this.#queue.splice(0, this.#queue.length, ...merged);
     for (const isolate of this.#isolates) if (isolate.canTake) this.#dispatchNext(isolate);
   }
 

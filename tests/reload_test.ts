@@ -338,6 +338,38 @@ Deno.test("embedded reload moves waiting requests", async () => {
   await waitForCount(server, /replaced isolate 1 stopped\n/, 1);
 });
 
+Deno.test("embedded reload keeps the arrival order", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "wsgirun-reload-" });
+  await Deno.writeTextFile(
+    `${folder}/app.wsgi`,
+    `
+import time
+
+def application(environ, start_response):
+    print("START", environ["QUERY_STRING"], flush=True)
+    time.sleep(1.5)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [environ["QUERY_STRING"].encode()]
+`,
+  );
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "2"]);
+  // Two run, two wait in the isolates behind them and two in the pool's queue.
+  const requests: Promise<string>[] = [];
+  for (let i = 1; i <= 6; i++) {
+    requests.push(fetch(`${server.origin}/?r${i}`).then((response) => response.text()));
+    await delay(50);
+  }
+  await delay(300);
+  server.process.kill("SIGHUP");
+  assert.deepEqual(await Promise.all(requests), ["r1", "r2", "r3", "r4", "r5", "r6"]);
+
+  // The fresh isolates start the four waiting requests in the order they arrived.
+  const afterReload = server.log().slice(server.log().indexOf("SIGHUP: reloading"));
+  const started = [...afterReload.matchAll(/START (r\d)/g)].map((match) => match[1]);
+  assert.deepEqual(started, ["r3", "r4", "r5", "r6"], server.log());
+  await Deno.remove(folder, { recursive: true });
+});
+
 Deno.test("embedded reload keeps a preloaded app that fails", async () => {
   const script = await writeScript("one");
   await using server = await startServer(script, ["--threads", "1", "--preload"]);
