@@ -64,6 +64,15 @@ async function readSmallBody(
   }
 }
 
+/**
+ * Cancels a request body that will never be read. Deno keeps the
+ * connection of an unread body, with its socket buffers, until the request
+ * is garbage collected, even after the client has gone.
+ */
+function discardBody(body: Uint8Array | ReadableStream<Uint8Array> | null): void {
+  if (body instanceof ReadableStream) body.cancel().catch(() => {});
+}
+
 /** Returns the declared body size, or undefined when there is none or it is chunked. */
 function declaredLength(request: Request): number | undefined {
   const value = request.headers.get("content-length");
@@ -82,6 +91,7 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
     logger.warning(
       `rejected Transfer-Encoding '${transferEncoding}': only 'chunked' is supported; send the body uncoded`,
     );
+    discardBody(request.body);
     input.onDone({ status: 501, bytes: errorBodyBytes("Transfer-Encoding not supported") });
     return errorResponse(501, "Transfer-Encoding not supported");
   }
@@ -167,6 +177,7 @@ export async function handleWsgiRequest(input: WsgiRequest): Promise<Response> {
   } catch (error) {
     if (!(error instanceof PoolUnavailableError)) throw error;
     logger.warning(`request rejected with 503: ${error.message}`);
+    discardBody(body);
     input.onDone({
       status: 503,
       bytes: errorBodyBytes("Service Unavailable"),
