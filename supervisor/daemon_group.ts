@@ -224,14 +224,18 @@ export class DaemonGroup implements AppBackend {
     const serving = current.filter((p) => p.state === "ready").length;
     const starting = current.length - serving;
     // A process that is still starting has no requests, and #manage stops it at once.
+    const finishing = serving > 0
+      ? `, and ${plural(serving, "current process")} ${
+        serving === 1 ? "finishes its" : "finish their"
+      } requests within graceful-timeout (${this.spec.gracefulTimeoutMs / 1000} s)`
+      : "";
+    const stopping = starting > 0
+      ? `; ${plural(starting, "process")} still starting ${starting === 1 ? "stops" : "stop"}`
+      : "";
     this.#logger.info(
-      `reloading: ${reason}; starting ${plural(this.spec.processes, "fresh process")}, and ` +
-        `${plural(serving, "current process")} ${
-          serving === 1 ? "finishes its" : "finish their"
-        } requests within graceful-timeout (${this.spec.gracefulTimeoutMs / 1000} s)` +
-        (starting > 0
-          ? `; ${plural(starting, "process")} still starting ${starting === 1 ? "stops" : "stop"}`
-          : ""),
+      `reloading: ${reason}; starting ${
+        plural(this.spec.processes, "fresh process")
+      }${finishing}${stopping}`,
     );
     this.#failedReason = null;
     this.#holdReason = null;

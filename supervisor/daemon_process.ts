@@ -660,10 +660,10 @@ export class DaemonProcess {
   /** The daemon got SIGTERM from outside the front: send it nothing more, let it finish. */
   #onDraining(): void {
     if (this.state === "exited" || this.state === "retiring") return;
+    // Only the process can tell which of its requests have started, and it logs how many it finishes.
     this.#logger.warning(
-      `daemon process received SIGTERM; it finishes ${
-        plural(this.outstanding, "request")
-      } and stops`,
+      `daemon process received SIGTERM (${plural(this.outstanding, "request")} sent to it): ` +
+        "it finishes those that have started, gives back the others and stops",
     );
     this.stopReason = "stopped after SIGTERM";
     this.stopPlanned = true;
