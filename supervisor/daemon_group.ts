@@ -74,6 +74,24 @@ const PREFETCH_REQUESTS = 8;
 /** Response bytes an isolate may have in flight before it waits for the client. */
 const RESPONSE_WINDOW = 256 * 1024;
 
+/**
+ * Returns the replaced processes to retire now, when `keep` of them may go
+ * on serving until fresh ones are ready: those still starting, and the
+ * oldest of the ready ones. Under load, each fresh process can reach
+ * maximum-requests before its own replacement is ready; retiring the
+ * newest ones instead kept the oldest process serving without end.
+ */
+export function replacedToRetire<T extends { state: string; startedAt: number }>(
+  replaced: readonly T[],
+  keep: number,
+): T[] {
+  const ready = replaced.filter((p) => p.state === "ready").sort((a, b) =>
+    b.startedAt - a.startedAt
+  );
+  const kept = new Set(ready.slice(0, keep));
+  return replaced.filter((p) => !kept.has(p));
+}
+
 export class DaemonGroup implements AppBackend {
   readonly name: string;
   readonly spec: DaemonGroupSpec;
@@ -553,17 +571,11 @@ export class DaemonGroup implements AppBackend {
     const fresh = all.filter((p) => !p.replaced && (p.state === "starting" || p.state === "ready"));
     const freshReady = fresh.filter((p) => p.state === "ready").length;
 
-    const replaced = all
-      .filter((p) => p.replaced && (p.state === "starting" || p.state === "ready"))
-      .sort((a, b) => a.startedAt - b.startedAt);
-    let keep = Math.max(0, this.spec.processes - freshReady);
-    for (const process of replaced) {
-      if (process.state === "ready" && keep > 0) {
-        keep -= 1;
-        continue;
-      }
-      this.#retire(process);
-    }
+    const replaced = all.filter((p) =>
+      p.replaced && (p.state === "starting" || p.state === "ready")
+    );
+    const keep = Math.max(0, this.spec.processes - freshReady);
+    for (const process of replacedToRetire(replaced, keep)) this.#retire(process);
 
     if (this.#failedReason || this.#holdReason) return;
     const missing = this.spec.processes - fresh.length;

@@ -32,6 +32,7 @@ import {
   readFrames,
 } from "../supervisor/daemon_protocol.ts";
 import { DaemonSpecError, defaultGroupSpec, parseDaemonSpec } from "../supervisor/daemon_spec.ts";
+import { replacedToRetire } from "../supervisor/daemon_group.ts";
 import { listensOn, repoPath, serverArgs, startServer, type TestServer } from "./helpers/server.ts";
 import { peakResident, residentBytes, statusField, uploadGenerated } from "./helpers/transfer.ts";
 import { countMatches, delay, runLoad, waitForCount } from "./helpers/load.ts";
@@ -238,6 +239,22 @@ Deno.test("parseDaemonSpec defaults", () => {
   assert.equal(spec.gracefulTimeoutMs, 15_000);
   assert.equal(spec.shutdownTimeoutMs, 5_000);
   assert.equal(spec.socketTimeoutMs, 60_000);
+});
+
+Deno.test("replaced processes retire oldest first", () => {
+  const process = (name: string, state: string, startedAt: number) => ({ name, state, startedAt });
+  const replaced = [
+    process("oldest", "ready", 1),
+    process("starting", "starting", 4),
+    process("newest", "ready", 3),
+    process("middle", "ready", 2),
+  ];
+  const names = (keep: number) => replacedToRetire(replaced, keep).map((p) => p.name);
+  // The newest ready ones keep serving; the oldest have served the most.
+  assert.deepEqual(names(2), ["oldest", "starting"]);
+  assert.deepEqual(names(1), ["oldest", "starting", "middle"]);
+  assert.deepEqual(names(0), ["oldest", "starting", "newest", "middle"]);
+  assert.deepEqual(names(5), ["starting"]);
 });
 
 Deno.test("parseDaemonSpec every key", () => {
