@@ -448,7 +448,8 @@ export class DaemonGroup implements AppBackend {
       process.logger.info(`daemon process ${exit.reason}`);
       return;
     }
-    this.#queue.unshift(...waiting);
+    // They go before the requests that arrived after them, not before all.
+    for (const handle of waiting) this.#requeue(handle);
     this.#logExit(process, exit, running, waiting.length, planned);
 
     if (!planned && !this.#failedReason) this.#countCrash(process, exit);
