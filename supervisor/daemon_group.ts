@@ -78,8 +78,8 @@ const RESPONSE_WINDOW = 256 * 1024;
  * Returns the replaced processes to retire now, when `keep` of them may go
  * on serving until fresh ones are ready: those still starting, and the
  * oldest of the ready ones. Under load, each fresh process can reach
- * maximum-requests before its own replacement is ready; retiring the
- * newest ones instead kept the oldest process serving without end.
+ * maximum-requests before its own replacement is ready. Retiring the
+ * newest ones instead would keep the oldest process serving without end.
  */
 export function replacedToRetire<T extends { state: string; startedAt: number }>(
   replaced: readonly T[],
@@ -88,8 +88,8 @@ export function replacedToRetire<T extends { state: string; startedAt: number }>
   const ready = replaced.filter((p) => p.state === "ready").sort((a, b) =>
     b.startedAt - a.startedAt
   );
-  const kept = new Set(ready.slice(0, keep));
-  return replaced.filter((p) => !kept.has(p));
+  const serving = new Set(ready.slice(0, keep));
+  return replaced.filter((p) => !serving.has(p));
 }
 
 export class DaemonGroup implements AppBackend {

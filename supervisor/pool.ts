@@ -339,7 +339,7 @@ export class IsolatePool {
   /**
    * Takes back up to `max` requests that have not started: queued ones, then
    * ones that wait in an isolate behind a running request. They come in the
-   * order they arrived, so that whoever takes them runs the oldest first.
+   * order they arrived, so that the pool that takes them runs the oldest first.
    */
   withdrawWaiting(max: number): Job[] {
     const jobs = this.#queue.splice(0, max);

@@ -1346,7 +1346,7 @@ Deno.test("https with certfile and keyfile", async () => {
   assert.equal(environ.PATH_INFO, "/echo");
   assert.equal(environ.QUERY_STRING, "x=1");
 
-  // Plain HTTP gets no answer on that port.
+  // Plain HTTP gets no response on that port.
   await assert.rejects(fetch(`http://127.0.0.1:${server.port}/echo`));
 });
 
@@ -1389,7 +1389,7 @@ Deno.test("https key of another certificate", async () => {
 });
 
 /**
- * Leaves a socket file at `path` that nobody listens on, as a server killed
+ * Leaves a socket file at `path` without a listener, as a server killed
  * with SIGKILL does: a child process listens there and is killed.
  */
 async function leaveStaleSocket(path: string): Promise<void> {
