@@ -105,8 +105,8 @@ function basicUser(request: Request): string | null {
  */
 const DIRECTIVES: Record<string, Field> = {
   "%": () => "%",
-  a: (r) => r.client || "-",
-  h: (r) => r.remote || "-",
+  a: (r) => escaped(r.client || "-"),
+  h: (r) => escaped(r.remote || "-"),
   l: () => "-",
   u: (r) => escaped(basicUser(r.request)),
   t: (r) => `[${accessLogTime(new Date(r.arrivalWallMs))}]`,
@@ -125,6 +125,9 @@ const DIRECTIVES: Record<string, Field> = {
   P: () => String(Deno.pid),
 };
 
+/** A header name, as RFC 9110 allows it (a token). */
+const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+
 /** What a format may contain, for error messages. */
 export const FORMAT_FORM = "Apache's LogFormat directives %a %h %l %u %t %r %m %U %q %H %s %>s " +
   `%b %B %D %T %L %p %P %{Header}i and %%, or a name: ${Object.keys(NAMED_FORMATS).join(", ")}`;
@@ -136,6 +139,7 @@ export const FORMAT_FORM = "Apache's LogFormat directives %a %h %l %u %t %r %m %
  * @throws {AccessLogFormatError} The format has a directive that is not supported.
  */
 export function compileAccessLogFormat(format: string): AccessFormatter {
+  if (format === "") throw new AccessLogFormatError("an empty format writes empty lines");
   const text = Object.hasOwn(NAMED_FORMATS, format) ? NAMED_FORMATS[format] : format;
   const fields: Field[] = [];
   let literal = "";
@@ -152,14 +156,15 @@ export function compileAccessLogFormat(format: string): AccessFormatter {
     }
     const start = i;
     let argument: string | undefined;
+    // Apache's < and > right after the % pick the original or the final
+    // request; there is only one here.
+    while (text[i + 1] === ">" || text[i + 1] === "<") i++;
     if (text[i + 1] === "{") {
       const end = text.indexOf("}", i + 2);
       if (end < 0) throw unknownDirective(text.slice(start), "has no closing '}'");
       argument = text.slice(i + 2, end);
       i = end;
     }
-    // Apache's < and > pick the original or the final request; there is only one here.
-    while (text[i + 1] === ">" || text[i + 1] === "<") i++;
     const letter = text[i + 1];
     i++;
     const directive = text.slice(start, i + 1);
@@ -167,6 +172,12 @@ export function compileAccessLogFormat(format: string): AccessFormatter {
     if (argument !== undefined) {
       if (letter !== "i" || argument === "") {
         throw unknownDirective(directive, "is not supported: only %{Header}i takes a name");
+      }
+      if (!HEADER_NAME.test(argument)) {
+        throw unknownDirective(
+          directive,
+          `names no valid header: '${argument}' is not a header name`,
+        );
       }
       const name = argument;
       pushLiteral();

@@ -175,6 +175,20 @@ export function buildEnviron(
   return environ;
 }
 
+/**
+ * Returns the host that a request names: its Host header, or over TLS,
+ * where clients speak HTTP/2 and send no Host header, the :authority that
+ * Deno puts in the request's URL.
+ *
+ * NOTE: an HTTP/1.0 request over TLS without a Host header gets Deno's
+ * stand-in "localhost:PORT" in its URL, which then counts as its host.
+ */
+export function requestHost(request: Request, tls: boolean): string | null {
+  const header = request.headers.get("host");
+  if (header !== null || !tls) return header;
+  return new URL(request.url).host;
+}
+
 /** Returns the port of a Host value ("example.test:8443", "[2001:db8::1]:8443"), if it has one. */
 export function hostPort(host: string | null): string | undefined {
   if (host === null) return undefined;

@@ -79,7 +79,11 @@ function parseIpv4(text: string): Address | undefined {
 
 function parseIpv6(text: string): Address | undefined {
   // A zone, such as %eth0, names an interface, not a part of the address.
-  const address = text.replace(/%[^%]*$/, "");
+  // Only the characters of interface names are accepted in it, because the
+  // text goes on to REMOTE_ADDR and the log.
+  const zone = text.indexOf("%");
+  if (zone >= 0 && !/^%[A-Za-z0-9._-]{1,32}$/.test(text.slice(zone))) return undefined;
+  const address = zone >= 0 ? text.slice(0, zone) : text;
   const halves = address.split("::");
   if (halves.length > 2) return undefined;
   const groups: number[][] = [];

@@ -8,7 +8,14 @@ import { type Logger, writeOutput } from "../supervisor/log.ts";
 import { compileAccessLogFormat } from "./access_log.ts";
 import { TrustedProxies } from "./proxy.ts";
 import { type Endpoint, listen, type Peer } from "./listener.ts";
-import { buildEnviron, decodePath, rawTarget, serverName, unixServerPort } from "./environ.ts";
+import {
+  buildEnviron,
+  decodePath,
+  rawTarget,
+  requestHost,
+  serverName,
+  unixServerPort,
+} from "./environ.ts";
 import { MountTable } from "./mounts.ts";
 import type { ServerOptions } from "./options.ts";
 import { matchAlias, serveStatic } from "./static_files.ts";
@@ -118,7 +125,7 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
       requestId,
     };
     const requestLogger = appLogger.child({ request: requestId });
-    const host = request.headers.get("host");
+    const host = requestHost(request, scheme === "https");
     const target = rawTarget(request.url, host, endpoint.port ?? 0, endpoint.urlScheme);
     const remote = peer.address;
     const forwarded = proxies.enabled
@@ -168,6 +175,8 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
         remotePort: peer.port,
         scheme,
       });
+      // HTTP/2 carries the host in :authority, which is no header.
+      if (host !== null && environ.HTTP_HOST === undefined) environ.HTTP_HOST = host;
       if (proxies.enabled) {
         proxies.apply(environ, forwarded, (name) => serverName(name, endpoint.hostname));
       }

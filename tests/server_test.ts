@@ -1346,6 +1346,13 @@ Deno.test("https with certfile and keyfile", async () => {
   assert.equal(environ.PATH_INFO, "/echo");
   assert.equal(environ.QUERY_STRING, "x=1");
 
+  // HTTP/2 sends no Host header: the host comes from its :authority.
+  using http2 = Deno.createHttpClient({ caCerts: [cert], http1: false, http2: true });
+  const overHttp2 = await (await fetch(`${server.origin}/echo`, { client: http2 })).json();
+  assert.equal(overHttp2.HTTP_HOST, `127.0.0.1:${server.port}`);
+  assert.equal(overHttp2.SERVER_NAME, "127.0.0.1");
+  assert.equal(overHttp2["wsgi.url_scheme"], "https");
+
   // Plain HTTP gets no response on that port.
   await assert.rejects(fetch(`http://127.0.0.1:${server.port}/echo`));
 });

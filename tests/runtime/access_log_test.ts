@@ -54,15 +54,23 @@ Deno.test("access log empty parts", () => {
   assert.equal(format(head).split("|").slice(1, 3).join("|"), "-|0");
 });
 
+Deno.test("access log modifiers", () => {
+  // Apache's < and > after the % change nothing here: a request has one status.
+  const line = compileAccessLogFormat("%<s %>s %>{X-Id}i")(record({}, { "X-Id": "7" }));
+  assert.equal(line, "201 201 7");
+});
+
 Deno.test("access log headers and user", () => {
   const headers = {
     "X-Trace": 'a"b\\c',
     Referer: "http://example.test/\u00e9",
     Authorization: "Basic " + btoa("alice:secret:with:colons"),
   };
-  const line = compileAccessLogFormat("%{x-trace}i %{Referer}i %u")(record({}, headers));
+  const line = compileAccessLogFormat("%{x-trace}i %{Referer}i %u %a")(
+    record({ client: 'fe80::1%" x' }, headers),
+  );
   // Quotes and backslashes get a backslash, and bytes outside printable ASCII become \xhh.
-  assert.equal(line, 'a\\"b\\\\c http://example.test/\\xe9 alice');
+  assert.equal(line, 'a\\"b\\\\c http://example.test/\\xe9 alice fe80::1%\\" x');
 
   const bearer = compileAccessLogFormat("%u")(record({}, { Authorization: "Bearer x" }));
   assert.equal(bearer, "-");
@@ -90,6 +98,9 @@ Deno.test("access log format errors", () => {
     ["%{}i", "'%{}i' is not supported: only %{Header}i takes a name"],
     ["%h %{Referer", "'%{Referer' has no closing '}'"],
     ["%h %", "'%' ends the format"],
+    ["%{a b}i", "'%{a b}i' names no valid header: 'a b' is not a header name"],
+    ["%{X-Id}>i", "'%{X-Id}>' is not supported: only %{Header}i takes a name"],
+    ["", "an empty format writes empty lines"],
   ];
   for (const [format, message] of cases) {
     assert.throws(

@@ -38,6 +38,10 @@ Deno.test("proxy address parsing", () => {
   );
   assert.deepEqual(parseAddress("::"), new Uint8Array(16));
   assert.deepEqual(parseAddress("fe80::1%eth0")?.[15], 1);
+  // A zone with other characters would carry them into REMOTE_ADDR.
+  assert.equal(parseAddress("::1%<script>"), undefined);
+  assert.equal(parseAddress('fe80::1%" x'), undefined);
+  assert.equal(parseAddress("fe80::1%"), undefined);
   assert.deepEqual(
     parseAddress("::ffff:10.1.2.3")?.slice(10),
     new Uint8Array([255, 255, 10, 1, 2, 3]),
