@@ -163,6 +163,8 @@ export interface OptionSpec {
 }
 
 const MAX_THREADS = 256;
+/** The longest path of a Unix socket: sun_path holds 108 bytes with the final zero. */
+const MAX_SOCKET_PATH_BYTES = 107;
 const MAX_QUEUE_LIMIT = 100_000;
 /** Options that configure embedded pools only; daemon groups take keys of their own. */
 const EMBEDDED_ONLY_OPTIONS = new Set([
@@ -370,6 +372,15 @@ export const OPTIONS: readonly OptionSpec[] = [
       if (statPathKind(dirname(path)) !== "directory") {
         throw invalidValue("--unix-socket", value, `a path in an existing directory`);
       }
+      const bytes = new TextEncoder().encode(path).length;
+      if (bytes > MAX_SOCKET_PATH_BYTES) {
+        throw invalidValue(
+          "--unix-socket",
+          value,
+          `a path of at most ${MAX_SOCKET_PATH_BYTES} bytes, the limit of Linux, but ` +
+            `${quote(path)} has ${bytes}; choose a shorter folder, such as /run`,
+        );
+      }
       draft.unixSocket = path;
     },
   },
@@ -445,8 +456,9 @@ export const OPTIONS: readonly OptionSpec[] = [
   {
     name: "--access-log-format",
     valueNames: ["FORMAT"],
-    help: "Format of the access log lines, with Apache's LogFormat directives: %h " +
-      "client address, %l and %u ident and Basic-auth user, %t arrival time, %r request " +
+    help: "Format of the access log lines, with Apache's LogFormat directives: %a " +
+      "client address (from a --trusted-proxy's X-Forwarded-For), %h peer address, " +
+      "%l and %u ident and Basic-auth user, %t arrival time, %r request " +
       "line, %m method, %U path, %q query string, %H protocol, %>s status, %b or %B body " +
       "bytes, %D microseconds, %T seconds, %L request id (as request=ID in the error " +
       "log), %p port, %P process id, %{Name}i request header, %% a percent sign. Or " +
@@ -901,7 +913,7 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
     ["--memory-limit", "--memory-max"],
   );
   if (limitProblem) throw new UsageError(limitProblem);
-  checkUnixSocketAlone(uses.map((use) => use.spec.name));
+  settleListenOptions(uses, draft);
 
   const minThreads = draft.minThreads ?? draft.threads;
   if (minThreads > draft.threads) {
@@ -967,15 +979,24 @@ export function parseCommandLine(args: readonly string[], env: ParseEnvironment)
   const ignored = uses.map((use) => use.spec.name).filter((name) =>
     EMBEDDED_ONLY_OPTIONS.has(name)
   );
+  const warnings: string[] = [];
   if (allInGroups && ignored.length > 0) {
-    options.warnings = [
+    warnings.push(
       `${[...new Set(ignored)].join(", ")} ${
         ignored.length === 1 ? "sets" : "set"
       } embedded pools only, and every ` +
-      "application here runs in a daemon group: use the group's keys (threads, maximum-requests, memory-limit, " +
-      "inactivity-timeout, request-timeout, queue-timeout) instead",
-    ];
+        "application here runs in a daemon group: use the group's keys (threads, maximum-requests, memory-limit, memory-max, " +
+        "inactivity-timeout, request-timeout, queue-timeout) instead",
+    );
   }
+  if (options.unixSocket === undefined && draft.trustedProxies.some((r) => r.text === "unix")) {
+    warnings.push(
+      "--trusted-proxy unix trusts the peers of --unix-socket, which is not given: the " +
+        "server listens on TCP, and requests from addresses that no --trusted-proxy names " +
+        "lose their X-Forwarded-* headers",
+    );
+  }
+  if (warnings.length > 0) options.warnings = warnings;
   if (draft.shutdownTimeoutMs !== undefined) options.shutdownTimeoutMs = draft.shutdownTimeoutMs;
   return { kind: "serve", options };
 }
@@ -995,6 +1016,15 @@ function applyUse(
   }
 }
 
+/** Decodes UTF-8 text, and fails on bytes that are not UTF-8 instead of replacing them. */
+function decodeUtf8(bytes: Uint8Array): string {
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  } catch {
+    throw new Error("the file is not UTF-8 text; save it as UTF-8");
+  }
+}
+
 /** Options that a configuration file cannot set, because they act before it is read. */
 const COMMAND_LINE_ONLY = new Set(["--config", "--help", "--version"]);
 
@@ -1007,12 +1037,13 @@ function readConfigUses(
   tokens: Tokens,
   cwd: string,
 ): { uses: OptionUse[]; script?: { value: string; cwd: string } } | undefined {
-  const configUse = tokens.uses.find((use) => use.spec.name === "--config");
+  // As for every option given once, the last one counts.
+  const configUse = tokens.uses.findLast((use) => use.spec.name === "--config");
   if (!configUse) return undefined;
-  const path = resolve(cwd, configUse.values[0]);
+  const path = parseExistingPath("--config", configUse.values[0], cwd, "file");
   let lines: ConfigLine[];
   try {
-    lines = parseConfigText(Deno.readTextFileSync(path));
+    lines = parseConfigText(decodeUtf8(Deno.readFileSync(path)));
   } catch (error) {
     if (error instanceof ConfigSyntaxError) {
       throw new UsageError(`${path} line ${error.line}: ${error.message}`);
@@ -1284,15 +1315,39 @@ function scriptNotFound(value: string, path: string): UsageError {
 // Value checks
 
 /** Rejects --host, --port and --certfile next to --unix-socket, which replaces the TCP socket. */
-function checkUnixSocketAlone(given: string[]): void {
-  if (!given.includes("--unix-socket")) return;
-  const clashing = ["--host", "--port", "--certfile"].filter((name) => given.includes(name));
-  if (clashing.length === 0) return;
-  throw new UsageError(
-    `--unix-socket cannot be combined with ${clashing.join(" or ")}: the server listens ` +
-      "on the Unix socket alone, and the proxy in front of it speaks HTTPS to clients",
-  );
+/**
+ * Settles --unix-socket against --host, --port and --certfile, which it
+ * replaces. Given in the same place, they clash. Given one in the
+ * --config file and the other on the command line, the command line wins,
+ * as it does for every option.
+ */
+function settleListenOptions(uses: readonly OptionUse[], draft: OptionValues): void {
+  const socket = uses.findLast((use) => use.spec.name === "--unix-socket");
+  if (!socket) return;
+  const tcp = uses.filter((use) => TCP_OPTIONS.has(use.spec.name));
+  const fromFile = (use: OptionUse) => use.origin !== undefined;
+  const clashing = tcp.filter((use) => fromFile(use) === fromFile(socket));
+  if (clashing.length > 0) {
+    const names = [...new Set(clashing.map((use) => use.spec.name))];
+    const why = names.includes("--certfile")
+      ? "; the proxy in front of the socket speaks HTTPS to clients"
+      : "";
+    throw new UsageError(
+      `${socket.origin ? `${socket.origin}: ` : ""}--unix-socket cannot be combined with ` +
+        `${names.join(" or ")}: the server listens on the Unix socket alone${why}`,
+    );
+  }
+  if (tcp.length === 0) return;
+  if (fromFile(socket)) {
+    draft.unixSocket = undefined;
+  } else {
+    draft.certFile = undefined;
+    draft.keyFile = undefined;
+  }
 }
+
+/** Options of the TCP socket, which --unix-socket replaces. */
+const TCP_OPTIONS = new Set(["--host", "--port", "--certfile", "--keyfile"]);
 
 /**
  * Reads the PEM files of --certfile and --keyfile, which go together.
@@ -1323,7 +1378,13 @@ function readPem(option: string, path: string, label: string): string {
   }
   if (!new RegExp(`-----BEGIN [A-Z ]*${label}-----`).test(text)) {
     throw new UsageError(
-      `${option} ${quote(path)} is not a PEM file with a '-----BEGIN ${label}-----' line`,
+      `${option} ${quote(path)} is not a PEM file with a '-----BEGIN ...${label}-----' line`,
+    );
+  }
+  if (/-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type: 4,ENCRYPTED/.test(text)) {
+    throw new UsageError(
+      `${option} ${quote(path)} is encrypted, and the server cannot ask for its passphrase; ` +
+        `give it a key without one, such as the output of 'openssl pkey -in ${path}'`,
     );
   }
   return text;

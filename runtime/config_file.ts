@@ -37,7 +37,9 @@ export class ConfigSyntaxError extends Error {
 /** Splits the text of a configuration file into its setting lines, skipping blank lines and comments. */
 export function parseConfigText(text: string): ConfigLine[] {
   const lines: ConfigLine[] = [];
-  for (const [index, raw] of text.split(/\r?\n/).entries()) {
+  // An editor may start the file with a byte order mark, and end lines with CR alone.
+  const body = text.startsWith("\uFEFF") ? text.slice(1) : text;
+  for (const [index, raw] of body.split(/\r\n|\r|\n/).entries()) {
     const words = splitWords(raw, index + 1);
     if (words.length > 0) lines.push({ words, line: index + 1 });
   }

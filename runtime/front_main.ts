@@ -189,6 +189,30 @@ function listenFailure(error: unknown): string | undefined {
 }
 
 /**
+ * Exits with a usage error when the pid file names a running wsgirun, as
+ * gunicorn refuses to start then: the new server would take the file over,
+ * and its removal at exit would leave the other server without one.
+ */
+function refuseLivePidFile(path: string): void {
+  let pid: number;
+  let command: string;
+  try {
+    pid = Number(Deno.readTextFileSync(path).trim());
+    if (!Number.isSafeInteger(pid) || pid <= 0 || pid === Deno.pid) return;
+    command = Deno.readTextFileSync(`/proc/${pid}/cmdline`);
+  } catch {
+    return; // No pid file, or its process has ended.
+  }
+  // A pid that the system gave to another program since is no server's.
+  if (!/deno|wsgirun/.test(command)) return;
+  console.error(
+    `wsgirun: the pid file ${path} names process ${pid}, a server that is still running; ` +
+      "stop it first, or give this server another --pid",
+  );
+  Deno.exit(EXIT_USAGE);
+}
+
+/**
  * Writes the process id to `path` through a temporary file, so that a reader
  * never sees a half-written file, and removes it when the process exits,
  * unless another server wrote its own id there meanwhile.
@@ -229,6 +253,7 @@ export async function runFront(args: string[], mallocNote?: MallocNote): Promise
   );
   if (mallocNote) logger.child({ pid: Deno.pid }).log(mallocNote.level, mallocNote.message);
   for (const warning of options.warnings ?? []) logger.child({ pid: Deno.pid }).warning(warning);
+  if (options.pidFile !== undefined) refuseLivePidFile(options.pidFile);
   const server = await start(options, logger);
   if (options.pidFile !== undefined) writePidFile(options.pidFile, logger.child({ pid: Deno.pid }));
   server.ready.catch((error) => {

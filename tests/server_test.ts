@@ -1204,6 +1204,16 @@ for (const signal of ["SIGTERM", "SIGQUIT"] as const) {
     const server = await startEchoServer(["--pid", path]);
     try {
       assert.equal(await Deno.readTextFile(path), `${server.process.pid}\n`);
+      // A second server does not take over the file of one that runs.
+      const second = await runCli([APP_SCRIPT, "--port", "0", "--pid", path]);
+      assert.equal(second.code, 2);
+      assert.match(
+        second.stderr,
+        new RegExp(
+          `the pid file \\S+ names process ${server.process.pid}, a server that is still running`,
+        ),
+      );
+      assert.equal(await Deno.readTextFile(path), `${server.process.pid}\n`);
     } finally {
       server.process.kill(signal);
       assert.equal((await server.stop()).code, 0);

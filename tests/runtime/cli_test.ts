@@ -528,16 +528,25 @@ Deno.test("certfile and keyfile errors", async () => {
     [["--keyfile", key], "--keyfile needs --certfile: give the certificate and its key together"],
     [
       ["--certfile", key, "--keyfile", key],
-      `--certfile '${key}' is not a PEM file with a '-----BEGIN CERTIFICATE-----' line`,
+      `--certfile '${key}' is not a PEM file with a '-----BEGIN ...CERTIFICATE-----' line`,
     ],
     [
       ["--certfile", cert, "--keyfile", cert],
-      `--keyfile '${cert}' is not a PEM file with a '-----BEGIN PRIVATE KEY-----' line`,
+      `--keyfile '${cert}' is not a PEM file with a '-----BEGIN ...PRIVATE KEY-----' line`,
     ],
   ];
   for (const [args, message] of cases) {
     assert.equal(usageError(["app.wsgi", ...args], fixture.env).message, message);
   }
+  const encrypted = join(fixture.dir, "encrypted.pem");
+  await Deno.writeTextFile(
+    encrypted,
+    "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n",
+  );
+  assert.match(
+    usageError(["app.wsgi", "--certfile", cert, "--keyfile", encrypted], fixture.env).message,
+    /^--keyfile '.*encrypted\.pem' is encrypted, and the server cannot ask for its passphrase; /,
+  );
   const missing = usageError(["app.wsgi", "--certfile", "nope.pem"], fixture.env);
   assert.match(
     missing.message,
@@ -583,8 +592,13 @@ Deno.test("unix socket option", async () => {
   );
   assert.equal(
     clash.message,
-    "--unix-socket cannot be combined with --host or --port: the server listens on the Unix " +
-      "socket alone, and the proxy in front of it speaks HTTPS to clients",
+    "--unix-socket cannot be combined with --port or --host: the server listens on the Unix " +
+      "socket alone",
+  );
+  const long = usageError(["app.wsgi", "--unix-socket", `${"s".repeat(110)}.sock`], fixture.env);
+  assert.match(
+    long.message,
+    /^invalid value for --unix-socket: 's+\.sock' \(expected a path of at most 107 bytes, the limit of Linux, but '.*' has \d+; choose a shorter folder, such as \/run\)$/,
   );
 });
 
@@ -1059,6 +1073,63 @@ Deno.test("config file errors", async () => {
   );
   assert.match(
     usageError(["--config", "nope.conf"], fixture.env).message,
-    /^cannot read --config '.*nope\.conf': /,
+    /^invalid value for --config: 'nope\.conf' \(expected an existing file, but '.*nope\.conf' does not exist\)$/,
   );
+  const latin1 = await writeConfig(fixture, "script ../app.wsgi\n");
+  await Deno.writeFile(latin1, new Uint8Array([...new TextEncoder().encode("env A="), 0xe9, 10]));
+  assert.match(
+    usageError(["--config", latin1], fixture.env).message,
+    /^cannot read --config '.*site\.conf': the file is not UTF-8 text; save it as UTF-8$/,
+  );
+});
+
+Deno.test("config file encodings and line ends", async () => {
+  await using fixture = await makeFixture();
+  // A byte order mark, and lines that end with CR alone, as old editors write them.
+  const path = await writeConfig(fixture, "\uFEFFscript ../app.wsgi\rport 9003\r\nthreads 2\r");
+  const options = serve(["--config", path], fixture.env);
+  assert.equal(options.port, 9003);
+  assert.equal(options.threads, 2);
+  // Of two --config options, the last one counts, as for every option given once.
+  const other = join(fixture.dir, "conf", "other.conf");
+  await Deno.writeTextFile(other, "script ../app.wsgi\nport 9004\n");
+  assert.equal(serve(["--config", path, "--config", other], fixture.env).port, 9004);
+});
+
+Deno.test("config file and unix socket", async () => {
+  await using fixture = await makeFixture();
+  const socket = join(fixture.dir, "site.sock");
+  // The command line replaces the file's TCP socket with a Unix socket, and the reverse.
+  const tcpFile = await writeConfig(fixture, "script ../app.wsgi\nport 9005\n");
+  const onSocket = serve(["--config", tcpFile, "--unix-socket", socket], fixture.env);
+  assert.equal(onSocket.unixSocket, socket);
+  const socketFile = join(fixture.dir, "conf", "socket.conf");
+  await Deno.writeTextFile(socketFile, `script ../app.wsgi\nunix-socket ${socket}\n`);
+  const onPort = serve(["--config", socketFile, "--port", "9006"], fixture.env);
+  assert.equal(onPort.unixSocket, undefined);
+  assert.equal(onPort.port, 9006);
+
+  const both = join(fixture.dir, "conf", "both.conf");
+  await Deno.writeTextFile(both, `script ../app.wsgi\nport 9007\nunix-socket ${socket}\n`);
+  assert.equal(
+    usageError(["--config", both], fixture.env).message,
+    `${both} line 3: --unix-socket cannot be combined with --port: the server listens on the ` +
+      "Unix socket alone",
+  );
+});
+
+Deno.test("trusted proxy unix without a socket warns", async () => {
+  await using fixture = await makeFixture();
+  const options = serve(["app.wsgi", "--trusted-proxy", "unix"], fixture.env);
+  assert.deepEqual(options.warnings, [
+    "--trusted-proxy unix trusts the peers of --unix-socket, which is not given: the server " +
+    "listens on TCP, and requests from addresses that no --trusted-proxy names lose their " +
+    "X-Forwarded-* headers",
+  ]);
+  const socket = join(fixture.dir, "site.sock");
+  const quiet = serve(
+    ["app.wsgi", "--trusted-proxy", "unix", "--unix-socket", socket],
+    fixture.env,
+  );
+  assert.equal(quiet.warnings, undefined);
 });
