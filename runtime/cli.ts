@@ -1016,6 +1016,38 @@ function applyUse(
   }
 }
 
+/**
+ * Makes the use of one line of a configuration file. Its words after the
+ * name are the values as written, even one that starts with "--", which on
+ * the command line would start the next option.
+ */
+function configUse(
+  option: string,
+  words: string[],
+  name: string,
+  origin: string,
+): OptionUse {
+  // "port=8000" as well as "port 8000", as --port=8000 on the command line.
+  const { name: bare, inlineValue } = splitInlineValue(option);
+  const values = inlineValue === undefined ? words : [inlineValue, ...words];
+  const spec = findOption(bare);
+  if (!spec) {
+    throw new UsageError(
+      `${origin}: unknown option ${quote(bare)}; run 'wsgirun --help' for the list`,
+    );
+  }
+  if (values.length < spec.valueNames.length) {
+    throw new UsageError(`${origin}: ${missingValue(spec, values).message}`);
+  }
+  if (values.length > spec.valueNames.length) {
+    throw new UsageError(
+      `${origin}: unexpected value ${quote(values[spec.valueNames.length])} after ${name} ` +
+        `(expected ${optionSynopsis(spec).replace(/^--/, "")}; quote a value that contains spaces)`,
+    );
+  }
+  return { spec, values };
+}
+
 /** Decodes UTF-8 text, and fails on bytes that are not UTF-8 instead of replacing them. */
 function decodeUtf8(bytes: Uint8Array): string {
   try {
@@ -1038,9 +1070,9 @@ function readConfigUses(
   cwd: string,
 ): { uses: OptionUse[]; script?: { value: string; cwd: string } } | undefined {
   // As for every option given once, the last one counts.
-  const configUse = tokens.uses.findLast((use) => use.spec.name === "--config");
-  if (!configUse) return undefined;
-  const path = parseExistingPath("--config", configUse.values[0], cwd, "file");
+  const configOption = tokens.uses.findLast((use) => use.spec.name === "--config");
+  if (!configOption) return undefined;
+  const path = parseExistingPath("--config", configOption.values[0], cwd, "file");
   let lines: ConfigLine[];
   try {
     lines = parseConfigText(decodeUtf8(Deno.readFileSync(path)));
@@ -1068,15 +1100,7 @@ function readConfigUses(
     if (COMMAND_LINE_ONLY.has(option)) {
       throw new UsageError(`${origin}: ${option} works on the command line only`);
     }
-    const lineTokens = tokenize([option, ...values]);
-    if (lineTokens.error) throw new UsageError(`${origin}: ${lineTokens.error.message}`);
-    if (lineTokens.positionals.length > 0) {
-      throw new UsageError(
-        `${origin}: unexpected value ${quote(lineTokens.positionals[0])} after ${name} ` +
-          "(quote a value that contains spaces)",
-      );
-    }
-    uses.push(...lineTokens.uses.map((use) => ({ ...use, cwd: folder, origin })));
+    uses.push({ ...configUse(option, values, name, origin), cwd: folder, origin });
   }
   return { uses, script };
 }

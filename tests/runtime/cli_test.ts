@@ -1016,6 +1016,7 @@ Deno.test("config file settings", async () => {
       "  threads 3   # a comment after the value",
       "url-alias /static ../static",
       `access-log-format '%h "%r" %>s'`,
+      "read-ahead=32K",
       'env GREETING="hello \\"world\\""',
       "mount /other ../app.wsgi",
       "access-log",
@@ -1029,6 +1030,7 @@ Deno.test("config file settings", async () => {
   assert.deepEqual(options.urlAliases, [{ url: "/static", path: join(fixture.dir, "static") }]);
   assert.equal(options.accessLog, true);
   assert.equal(options.accessLogFormat, '%h "%r" %>s');
+  assert.equal(options.readAheadBytes, 32 * 1024);
   assert.deepEqual(options.app.environment, { GREETING: 'hello "world"' });
   assert.equal(options.mounts[0].app.scriptPath, join(fixture.dir, "app.wsgi"));
 });
@@ -1057,6 +1059,7 @@ Deno.test("config file errors", async () => {
     ["env A='open\n", "line 1: a single quote is not closed"],
     ['env A="open\n', "line 1: a double quote is not closed"],
     ["config other.conf\n", "line 1: --config works on the command line only"],
+    ["script ../app.wsgi\nport 1 2\n", "line 2: unexpected value '2' after port (expected port N;"],
     ["script\n", "line 1: script takes one value, the SCRIPT to serve"],
     ["script ../app.wsgi\nwrite ../missing\n", "line 2: invalid value for --write: '../missing'"],
   ];
@@ -1094,6 +1097,9 @@ Deno.test("config file encodings and line ends", async () => {
   const other = join(fixture.dir, "conf", "other.conf");
   await Deno.writeTextFile(other, "script ../app.wsgi\nport 9004\n");
   assert.equal(serve(["--config", path, "--config", other], fixture.env).port, 9004);
+  // A quoted value is a value even when it starts with "--".
+  await Deno.writeTextFile(other, "script ../app.wsgi\naccess-log-format '--%h'\n");
+  assert.equal(serve(["--config", other], fixture.env).accessLogFormat, "--%h");
 });
 
 Deno.test("config file and unix socket", async () => {
