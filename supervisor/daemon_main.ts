@@ -640,11 +640,11 @@ export async function runDaemon(): Promise<number> {
     );
   }
   running.stop();
-  if (cause.kind === "exit") {
-    // The FAILED frame that names the cause must reach the front first.
-    await writer.flushed();
-    return cause.code;
-  }
+  // Frames still wait in the writer's batch: the END of the last requests of
+  // a drain, the FAILED frame that names an exit's cause. Without them the
+  // front would fail requests that were answered.
+  await writer.flushed();
+  if (cause.kind === "exit") return cause.code;
   logger.debug(
     cause.kind === "drained" ? "stopping: drained" : "stopping: the front closed the channel",
   );

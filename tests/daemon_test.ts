@@ -897,6 +897,29 @@ Deno.test("daemon memory max refuses growth past it", async () => {
   }
 });
 
+Deno.test("daemon retirement loses no returned request", async () => {
+  const folder = await copyFixture(SITE_FIXTURE);
+  try {
+    // Each process is replaced after its first request, while requests wait in it.
+    await using server = await startSiteGroup(
+      folder,
+      "group=recycled,user=nobody,processes=1,threads=1,maximum-requests=1",
+    );
+    // 60 requests of 100 ms keep the process busy for longer than its
+    // replacement takes to start, so it retires with requests still waiting.
+    const responses = await Promise.all(
+      Array.from({ length: 60 }, () => getText(`${server.origin}/do/slow?ms=100`)),
+    );
+    const statuses = responses.map((response) => response.status);
+    // A drained process used to exit before its last frames (the requests it
+    // gave back, the end of its last response) reached the front: 502.
+    assert.deepEqual(statuses.filter((status) => status !== 200), [], server.log());
+    assert.match(server.log(), /retiring the daemon process \(\d+ requests? sent to it\)/);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
 /** Starts the site fixture copied to `folder` in the daemon group `spec` and waits until it is ready. */
 async function startSiteGroup(folder: string, spec: string): Promise<TestServer> {
   const server = await startServer(join(folder, "app.wsgi"), ["--daemon", spec], {
