@@ -112,6 +112,12 @@ export class DaemonGroup implements AppBackend {
   #failedReason: string | null = null;
   /** Set when a reload failed while older processes still serve: start no more until the next reload. */
   #holdReason: string | null = null;
+  /**
+   * The reason of a reload that waits for the fresh processes of the one
+   * under way: stopping them for every change would let none of them become
+   * ready while changes keep coming.
+   */
+  #pendingReload: string | null = null;
   #stopping = false;
   /** Set once the server is stopping: no process starts after that, for a reload, a recycle or a crash. */
   #reloadsStopped = false;
@@ -236,6 +242,17 @@ export class DaemonGroup implements AppBackend {
       this.#logger.info(`reload ignored (${reason}): the server is stopping`);
       return;
     }
+    if (this.#freshStarting() && this.#failedStarts === 0 && !this.#failedReason) {
+      if (this.#pendingReload === null) {
+        this.#logger.info(
+          `reload queued (${reason}): the fresh processes of the last reload or start are ` +
+            "still starting, and the reload follows once they are ready",
+        );
+      }
+      this.#pendingReload = reason;
+      return;
+    }
+    this.#pendingReload = null;
     const current = [...this.#processes].filter((p) =>
       p.state === "starting" || p.state === "ready"
     );
@@ -264,8 +281,22 @@ export class DaemonGroup implements AppBackend {
     this.#manage();
   }
 
+  /** Whether a process that no reload has replaced yet is still starting. */
+  #freshStarting(): boolean {
+    return [...this.#processes].some((p) => !p.replaced && p.state === "starting");
+  }
+
+  /** Runs the queued reload once no fresh process is starting any more. */
+  #runPendingReload(): void {
+    if (this.#pendingReload === null || this.#freshStarting()) return;
+    const reason = this.#pendingReload;
+    this.#pendingReload = null;
+    this.reload(reason);
+  }
+
   stopReloads(): void {
     this.#reloadsStopped = true;
+    this.#pendingReload = null;
     clearTimeout(this.#spawnTimer);
     // Processes of a reload under way that are not ready yet would never
     // serve, so they stop; the ones that serve go on until stop().
@@ -410,6 +441,7 @@ export class DaemonGroup implements AppBackend {
     this.#firstReady.resolve();
     this.#manage();
     this.#dispatch();
+    this.#runPendingReload();
   }
 
   #onRequestDone(process: DaemonProcess): void {
@@ -453,6 +485,13 @@ export class DaemonGroup implements AppBackend {
     this.#logExit(process, exit, running, waiting.length, planned);
 
     if (!planned && !this.#failedReason) this.#countCrash(process, exit);
+    // A fresh process that failed to start may have loaded what the queued
+    // reload is for, such as the fixed script: the reload runs at once.
+    if (this.#pendingReload !== null && !process.replaced && process.readyAt === undefined) {
+      const reason = this.#pendingReload;
+      this.#pendingReload = null;
+      this.reload(reason);
+    }
     this.#manage();
     this.#dispatch();
   }
