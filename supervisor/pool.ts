@@ -106,6 +106,9 @@ type ResolvedPoolOptions =
   & Required<Omit<PoolOptions, "onApplicationLoaded">>
   & Pick<PoolOptions, "onApplicationLoaded">;
 
+/** Part of the start error of an isolate whose snapshot is larger than its memory cap (see pyodide_loader.ts). */
+const MEMORY_MAX_TOO_LOW = "more than the memory-max";
+
 /** Orders jobs by the time they arrived, oldest first. Array.sort keeps equal ones in place. */
 function byArrival(a: Job, b: Job): number {
   return (a.queuedAt ?? 0) - (b.queuedAt ?? 0);
@@ -921,17 +924,26 @@ export class IsolatePool {
     const restoreFailed = reason.startsWith("Pyodide failed to start") ||
       reason === "startup timed out";
     if (!path || this.#startedMinimum || !restoreFailed) return false;
-    this.#logger.warning(
-      `the application snapshot ${path} could not be restored; deleting it, and isolates ` +
-        "start from the runtime snapshot (the next server start builds it again)",
-    );
     this.#boot = null;
     this.#failedStarts = 0;
-    Deno.remove(path).catch((error) => {
-      if (!(error instanceof Deno.errors.NotFound)) {
-        this.#logger.warning(`cannot delete ${path}: ${error}; delete it by hand`);
-      }
-    });
+    // A snapshot larger than the memory cap is sound, and a raised cap can use it.
+    if (reason.includes(MEMORY_MAX_TOO_LOW)) {
+      this.#logger.warning(
+        `the application snapshot ${path} needs more wasm memory than the memory cap ` +
+          "allows; isolates start from the runtime snapshot and import the application " +
+          "themselves, within the cap (raise the cap to restore the snapshot)",
+      );
+    } else {
+      this.#logger.warning(
+        `the application snapshot ${path} could not be restored; deleting it, and isolates ` +
+          "start from the runtime snapshot (the next server start builds it again)",
+      );
+      Deno.remove(path).catch((error) => {
+        if (!(error instanceof Deno.errors.NotFound)) {
+          this.#logger.warning(`cannot delete ${path}: ${error}; delete it by hand`);
+        }
+      });
+    }
     this.#prepareBoot({ ...this.app, snapshot: "runtime" }).then(() => {
       if (!this.#stopping && !this.#handOff && this.#isolates.size === 0) this.#spawn();
     });

@@ -229,7 +229,8 @@ export async function loadPyodideFor(options: LoadOptions): Promise<unknown> {
   nextRestorePages = options.snapshot && options.snapshotPages ? options.snapshotPages : null;
   const heapEnd = options.snapshot ? snapshotHeapEnd(options.snapshot) : 0;
   const memoryMax = options.memoryMaxBytes ?? 0;
-  // Pyodide only logs an error thrown while it instantiates the module, and then never settles.
+  // Pyodide only logs an error thrown while it instantiates the module, and
+  // then never settles. The pool keeps the snapshot on this message (MEMORY_MAX_TOO_LOW).
   if (memoryMax > 0 && heapEnd > memoryMax) {
     throw new Error(
       `the snapshot needs ${mebibytes(heapEnd)} of wasm memory at start, more than the ` +
