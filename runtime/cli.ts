@@ -799,7 +799,9 @@ Examples:
       Run four Python 3.12 isolates that can also import modules from ./pylib.
   wsgirun mysite.wsgi:application --url-alias /static ./static
       Serve the callable 'application' of the module mysite/wsgi.py, and the
-      files of ./static at /static without Python.`;
+      files of ./static at /static without Python.
+  wsgirun --config site.conf --port 9000
+      Take the settings, SCRIPT included, from site.conf, with port 9000.`;
 
 /** Full `--help` output, at most 80 columns wide. */
 export const HELP_TEXT: string = [

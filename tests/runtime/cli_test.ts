@@ -972,11 +972,12 @@ Deno.test("help text examples", () => {
 
 Deno.test("help text examples parse", async () => {
   await using fixture = await makeFixture();
+  await Deno.writeTextFile(join(fixture.dir, "site.conf"), "script app.wsgi\n");
   const examples = HELP_TEXT.split("\n")
     .filter((line) => line.startsWith("  wsgirun "))
     .map((line) => line.trim().split(" ").slice(1));
 
-  assert.equal(examples.length, 3);
+  assert.equal(examples.length, 4);
   for (const args of examples) {
     assert.equal(parseCommandLine(args, fixture.env).kind, "serve", args.join(" "));
   }
