@@ -872,6 +872,11 @@ def application(environ, start_response):
       server.log(),
       /WARNING \[group=memory pid=\d+\] the front closed the channel: stopping 1 unfinished request/,
     );
+    // Its FAIL frame for that request reaches the front before the process exits.
+    assert.match(
+      server.log(),
+      /request failed with 503: daemon process \d+: the server is shutting down/,
+    );
   } finally {
     await Deno.remove(folder, { recursive: true });
   }
