@@ -347,13 +347,14 @@ import time
 
 def application(environ, start_response):
     print("START", environ["QUERY_STRING"], flush=True)
-    time.sleep(1.5)
+    time.sleep(1)
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [environ["QUERY_STRING"].encode()]
 `,
   );
-  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "2"]);
-  // Two run, two wait in the isolates behind them and two in the pool's queue.
+  // One isolate, so that the fresh one starts the handed-over requests in the
+  // order of its queue: one runs, one waits in the isolate, four in the queue.
+  await using server = await startServer(`${folder}/app.wsgi`, ["--threads", "1"]);
   const requests: Promise<string>[] = [];
   for (let i = 1; i <= 6; i++) {
     requests.push(fetch(`${server.origin}/?r${i}`).then((response) => response.text()));
@@ -363,10 +364,14 @@ def application(environ, start_response):
   server.process.kill("SIGHUP");
   assert.deepEqual(await Promise.all(requests), ["r1", "r2", "r3", "r4", "r5", "r6"]);
 
-  // The fresh isolates start the four waiting requests in the order they arrived.
-  const afterReload = server.log().slice(server.log().indexOf("SIGHUP: reloading"));
+  // The fresh isolate starts the waiting requests in the order they arrived:
+  // the one that waited in the old isolate first. How many the old isolate
+  // started before the fresh one was ready depends on the machine's speed.
+  const afterReload = server.log().slice(server.log().indexOf("reloaded: fresh isolates"));
   const started = [...afterReload.matchAll(/START (r\d)/g)].map((match) => match[1]);
-  assert.deepEqual(started, ["r3", "r4", "r5", "r6"], server.log());
+  assert.ok(started.length >= 3, server.log());
+  assert.deepEqual(started, [...started].sort(), server.log());
+  assert.equal(started.at(-1), "r6", server.log());
   await Deno.remove(folder, { recursive: true });
 });
 
