@@ -19,6 +19,8 @@ export interface ConnectionInfo {
   remotePort: number | undefined;
   /** "https" when the server has a TLS certificate. */
   scheme: "http" | "https";
+  /** The host the request names (see requestHost), which HTTP/2 sends in no header. */
+  host?: string | null;
 }
 
 /** The request target split into its raw parts, as strings of byte values 0-255. */
@@ -172,6 +174,8 @@ export function buildEnviron(
     if (name.includes("_")) continue;
     environ["HTTP_" + name.toUpperCase().replaceAll("-", "_")] = value;
   }
+  // HTTP/2 carries the host in :authority, which is no header.
+  if (connection.host && environ.HTTP_HOST === undefined) environ.HTTP_HOST = connection.host;
   return environ;
 }
 

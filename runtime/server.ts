@@ -174,9 +174,8 @@ export function startServer(options: ServerOptions, logger: Logger): Promise<Run
         remoteAddr: remote,
         remotePort: peer.port,
         scheme,
+        host,
       });
-      // HTTP/2 carries the host in :authority, which is no header.
-      if (host !== null && environ.HTTP_HOST === undefined) environ.HTTP_HOST = host;
       if (proxies.enabled) {
         proxies.apply(environ, forwarded, (name) => serverName(name, endpoint.hostname));
       }

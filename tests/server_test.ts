@@ -157,6 +157,22 @@ async function pollUntil<T>(
   return value;
 }
 
+/** Reads text from `reader` until it matches `pattern`, the stream ends or `timeoutMs` passes; returns all of it. */
+async function readUntil(
+  reader: ReadableStreamDefaultReader<string>,
+  pattern: RegExp,
+  timeoutMs: number,
+): Promise<string> {
+  let text = "";
+  const deadline = Date.now() + timeoutMs;
+  while (!pattern.test(text) && Date.now() < deadline) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    text += value;
+  }
+  return text;
+}
+
 function randomToken(): string {
   return crypto.randomUUID().replaceAll("-", "");
 }
@@ -1130,12 +1146,7 @@ Deno.test("server IPv6 address in brackets", async () => {
   let log = "";
   try {
     const reader = process.stderr.pipeThrough(new TextDecoderStream()).getReader();
-    const deadline = Date.now() + 30_000;
-    while (!log.includes("listening on") && Date.now() < deadline) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      log += value;
-    }
+    log = await readUntil(reader, /listening on/, 30_000);
     reader.releaseLock();
   } finally {
     process.kill("SIGTERM");
@@ -1165,14 +1176,8 @@ Deno.test("server outlives the reader of its log", async () => {
     stdin: "null",
   }).spawn();
   try {
-    let log = "";
     const reader = process.stderr.pipeThrough(new TextDecoderStream()).getReader();
-    const deadline = Date.now() + 60_000;
-    while (!/isolate ready/.test(log) && Date.now() < deadline) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      log += value;
-    }
+    const log = await readUntil(reader, /isolate ready/, 60_000);
     const port = /listening on http:\/\/127\.0\.0\.1:(\d+)\//.exec(log)?.[1];
     assert.ok(port, log);
     // Like `wsgirun ... 2>&1 | head -1`: both pipes lose their reader.
@@ -1204,7 +1209,7 @@ for (const signal of ["SIGTERM", "SIGQUIT"] as const) {
     const server = await startEchoServer(["--pid", path]);
     try {
       assert.equal(await Deno.readTextFile(path), `${server.process.pid}\n`);
-      // A second server does not take over the file of one that runs.
+      // A second server does not take over the pid file of a running server.
       const second = await runCli([APP_SCRIPT, "--port", "0", "--pid", path]);
       assert.equal(second.code, 2);
       assert.match(
@@ -1449,13 +1454,7 @@ Deno.test("unix socket server", async () => {
   }).spawn();
   const reader = process.stderr.pipeThrough(new TextDecoderStream()).getReader();
   try {
-    let log = "";
-    const deadline = Date.now() + 60_000;
-    while (!/isolate ready/.test(log) && Date.now() < deadline) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      log += value;
-    }
+    const log = await readUntil(reader, /isolate ready/, 60_000);
     assert.match(log, /listening on unix:\S+site\.sock, URL path \/ \(/);
     // As on a loopback port, every local user may connect.
     assert.equal((await Deno.lstat(path)).mode! & 0o777, 0o666);
