@@ -72,7 +72,7 @@ function escaped(value: string | null): string {
   );
 }
 
-/** The body's bytes; a HEAD response sends none, whatever the application returned. */
+/** Returns the body's bytes: none for a HEAD response, whatever the application returned. */
 function bodyBytes({ request, response }: AccessRecord): number {
   return request.method === "HEAD" ? 0 : response.bytes;
 }
@@ -86,7 +86,7 @@ function queryOf(uri: string): string {
   return mark < 0 ? "" : uri.slice(mark);
 }
 
-/** The user name of Basic authentication, as gunicorn logs it; Apache's own users do not exist here. */
+/** Returns the user name of Basic authentication, as gunicorn logs it, or null without one. */
 function basicUser(request: Request): string | null {
   const header = request.headers.get("authorization");
   if (!header || !/^basic /i.test(header)) return null;
@@ -100,8 +100,8 @@ function basicUser(request: Request): string | null {
 }
 
 /**
- * Directives without an argument. Deno's server does not tell the HTTP
- * version of a request, so %H and %r say HTTP/1.1 for every request.
+ * Directives without an argument. Deno's server does not report the HTTP
+ * version of a request, so %H and %r show HTTP/1.1 for every request.
  */
 const DIRECTIVES: Record<string, Field> = {
   "%": () => "%",
@@ -128,7 +128,7 @@ const DIRECTIVES: Record<string, Field> = {
 /** A header name, as RFC 9110 allows it (a token). */
 const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 
-/** What a format may contain, for error messages. */
+/** The accepted form of a format, for error messages. */
 export const FORMAT_FORM = "Apache's LogFormat directives %a %h %l %u %t %r %m %U %q %H %s %>s " +
   `%b %B %D %T %L %p %P %{Header}i and %%, or a name: ${Object.keys(NAMED_FORMATS).join(", ")}`;
 

@@ -163,7 +163,7 @@ export interface OptionSpec {
 }
 
 const MAX_THREADS = 256;
-/** The longest path of a Unix socket: sun_path holds 108 bytes with the final zero. */
+/** The longest path of a Unix socket: sun_path has room for 108 bytes, the final zero included. */
 const MAX_SOCKET_PATH_BYTES = 107;
 const MAX_QUEUE_LIMIT = 100_000;
 /** Options that configure embedded pools only; daemon groups take keys of their own. */
@@ -1355,12 +1355,12 @@ function settleListenOptions(uses: readonly OptionUse[], draft: OptionValues): v
   const clashing = tcp.filter((use) => fromFile(use) === fromFile(socket));
   if (clashing.length > 0) {
     const names = [...new Set(clashing.map((use) => use.spec.name))];
-    const why = names.includes("--certfile")
+    const certificateNote = names.includes("--certfile")
       ? "; the proxy in front of the socket speaks HTTPS to clients"
       : "";
     throw new UsageError(
       `${socket.origin ? `${socket.origin}: ` : ""}--unix-socket cannot be combined with ` +
-        `${names.join(" or ")}: the server listens on the Unix socket alone${why}`,
+        `${names.join(" or ")}: the server listens on the Unix socket alone${certificateNote}`,
     );
   }
   if (tcp.length === 0) return;

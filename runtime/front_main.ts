@@ -193,7 +193,7 @@ function listenFailure(error: unknown): string | undefined {
  * gunicorn refuses to start then: the new server would take the file over,
  * and its removal at exit would leave the other server without one.
  */
-function refuseLivePidFile(path: string): void {
+function exitIfPidFileInUse(path: string): void {
   let pid: number;
   let command: string;
   try {
@@ -253,7 +253,7 @@ export async function runFront(args: string[], mallocNote?: MallocNote): Promise
   );
   if (mallocNote) logger.child({ pid: Deno.pid }).log(mallocNote.level, mallocNote.message);
   for (const warning of options.warnings ?? []) logger.child({ pid: Deno.pid }).warning(warning);
-  if (options.pidFile !== undefined) refuseLivePidFile(options.pidFile);
+  if (options.pidFile !== undefined) exitIfPidFileInUse(options.pidFile);
   const server = await start(options, logger);
   if (options.pidFile !== undefined) writePidFile(options.pidFile, logger.child({ pid: Deno.pid }));
   server.ready.catch((error) => {

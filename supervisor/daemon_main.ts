@@ -640,9 +640,9 @@ export async function runDaemon(): Promise<number> {
     );
   }
   running.stop();
-  // Frames still wait in the writer's batch: the END of the last requests of
-  // a drain, the FAILED frame that names an exit's cause. Without them the
-  // front would fail requests that were answered.
+  // Frames may still wait in the writer's batch, such as the END of the last
+  // requests of a drain or the FAILED frame that names an exit's cause.
+  // Without them the front would fail requests that got their response.
   await writer.flushed();
   if (cause.kind === "exit") return cause.code;
   logger.debug(

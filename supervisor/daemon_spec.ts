@@ -421,7 +421,7 @@ export function parseDaemonSpec(
  * Says what is wrong when a memory limit (replace the isolate after its
  * request) is at or above the memory cap (refuse the allocation). Memory
  * never gets past the cap, so such a limit never acts. Returns undefined
- * when the two fit. The last argument holds the names of the two settings.
+ * when the two fit. The last argument contains the names of the two settings.
  */
 export function memoryLimitProblem(
   limitBytes: number,

@@ -895,7 +895,7 @@ Deno.test("daemon memory max refuses growth past it", async () => {
     assert.equal(await allocate(8), "allocated");
     assert.match(
       server.log(),
-      /WARNING \[group=capped pid=\d+ isolate=1 request=\S+\] the application asked for \d+ MiB of wasm memory, past the memory-max of 96 MiB/,
+      /WARNING \[group=capped pid=\d+ isolate=1 request=\S+\] the application requested \d+ MiB of wasm memory, past the memory-max of 96 MiB/,
     );
   } finally {
     await Deno.remove(folder, { recursive: true });
@@ -941,10 +941,10 @@ Deno.test("daemon reload moves waiting requests", async () => {
       folder,
       "group=moves,user=nobody,processes=1,threads=1,graceful-timeout=2",
     );
-    // One request of 10 s, past graceful-timeout even when the fresh process
-    // takes seconds to build its snapshot (graceful-timeout starts once it is
-    // ready), then five of 1 s: the first of those waits in the isolate behind
-    // the long one, the others in the process's queue. Only the long one may fail. An upload with a streamed
+    // One request of 10 s outlasts graceful-timeout, which starts once the
+    // fresh process is ready, even when that process takes seconds to build
+    // its snapshot. Then five of 1 s: the first of those waits in the isolate
+    // behind the long one, the others in the process's queue. Only the long one may fail. An upload with a streamed
     // body waits in the process's queue too, because its body would start to
     // flow once an isolate has taken it.
     const requests: Promise<{ status: number; body: string }>[] = [];

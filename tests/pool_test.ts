@@ -563,11 +563,11 @@ for (const python of ["3.14", "3.12"]) {
       python,
     ]);
     for (let i = 0; i < 2; i++) {
-      const refused = await fetch(`${server.origin}/?allocate-mib=200`);
-      assert.equal(refused.status, 500);
-      await refused.body?.cancel();
+      const failed = await fetch(`${server.origin}/?allocate-mib=200`);
+      assert.equal(failed.status, 500);
+      await failed.body?.cancel();
     }
-    // The isolate serves on, within the memory it has, and tells its limit.
+    // The isolate serves on, within the memory it has, and reports its limit.
     const response = await fetch(`${server.origin}/?allocate-mib=16`);
     assert.equal(await response.text(), "allocated");
     const limit = await fetch(`${server.origin}/?limit-as=1`);
@@ -577,7 +577,7 @@ for (const python of ["3.14", "3.12"]) {
     assert.equal(
       countMatches(
         server.log(),
-        /isolate=1 request=\S+\] the application asked for \d+ MiB of wasm memory, past the memory-max of 128 MiB/,
+        /isolate=1 request=\S+\] the application requested \d+ MiB of wasm memory, past the memory-max of 128 MiB/,
       ),
       1,
     );

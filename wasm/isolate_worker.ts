@@ -307,10 +307,12 @@ async function loadInterpreter(message: InitMessage): Promise<void> {
     snapshotPages: message.snapshotPages,
     wasmModule: message.wasmModule,
     memoryMaxBytes: message.memoryMaxBytes ?? 0,
-    onMemoryRefused: (wanted) =>
+    onMemoryCapReached: (requestedBytes) =>
       log(
         "warning",
-        `the application asked for ${Math.round(wanted / 1024 / 1024)} MiB of wasm memory, ` +
+        `the application requested ${
+          Math.round(requestedBytes / 1024 / 1024)
+        } MiB of wasm memory, ` +
           `past the memory-max of ${Math.round(message.memoryMaxBytes! / 1024 / 1024)} MiB: ` +
           "the allocation failed with MemoryError (this line comes once per isolate; " +
           "raise memory-max if the application needs more)",

@@ -49,8 +49,8 @@ export interface LoadOptions {
   makeSnapshot?: boolean;
   /** Bytes the interpreter's wasm memory may not grow past; 0 for the 4 GiB of wasm32. */
   memoryMaxBytes?: number;
-  /** Called once, the first time the interpreter is refused more memory by memoryMaxBytes. */
-  onMemoryRefused?: (requestedBytes: number) => void;
+  /** Called once, the first time the interpreter requests memory past memoryMaxBytes. */
+  onMemoryCapReached?: (requestedBytes: number) => void;
   stdout?: (line: string) => void;
   stderr?: (line: string) => void;
 }
@@ -193,7 +193,7 @@ function hookInstantiate(
 
 interface MemoryCap {
   bytes: number;
-  onRefused?: (requestedBytes: number) => void;
+  onCapReached?: (requestedBytes: number) => void;
 }
 
 /**
@@ -205,13 +205,13 @@ interface MemoryCap {
  */
 function capMemory(memory: WebAssembly.Memory, cap: MemoryCap): void {
   const grow = WebAssembly.Memory.prototype.grow;
-  let refused = false;
+  let capReached = false;
   Object.defineProperty(memory, "grow", {
     value: (delta: number) => {
-      const wanted = memory.buffer.byteLength + delta * WASM_PAGE_BYTES;
-      if (wanted > cap.bytes) {
-        if (!refused) cap.onRefused?.(wanted);
-        refused = true;
+      const requestedBytes = memory.buffer.byteLength + delta * WASM_PAGE_BYTES;
+      if (requestedBytes > cap.bytes) {
+        if (!capReached) cap.onCapReached?.(requestedBytes);
+        capReached = true;
         throw new RangeError(`wasm memory may not grow past ${cap.bytes} bytes (memory-max)`);
       }
       return grow.call(memory, delta);
@@ -239,7 +239,7 @@ export async function loadPyodideFor(options: LoadOptions): Promise<unknown> {
   }
   const restore = hookInstantiate(options.wasmModule, heapEnd, {
     bytes: memoryMax,
-    onRefused: options.onMemoryRefused,
+    onCapReached: options.onMemoryCapReached,
   });
   try {
     return await loadPyodide({
